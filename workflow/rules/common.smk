@@ -1,0 +1,56 @@
+# Config validation (JSON schema with defaults), wildcard constraints and input functions.
+import json
+
+from snakemake.utils import validate
+
+from lora_bench.study import study_from_dict
+
+
+validate(config, "../schemas/study.schema.yaml", set_default=True)
+# The library resolves every run now, so a bad variant stops the workflow before any job starts.
+STUDY = study_from_dict(config, source="snakemake config")
+RESULTS = STUDY.results_dir
+REPORT = STUDY.report_dir
+
+
+wildcard_constraints:
+    family=r"[A-Za-z0-9_]+",
+    variant=r"[A-Za-z0-9_.+-]+",
+    seed=r"\d+",
+
+
+def run_record_paths():
+    return [
+        f"{RESULTS}/runs/{family}/{variant}/seed{seed}.json"
+        for family, variant, seed in STUDY.runs()
+    ]
+
+
+def run_config_json(wildcards):
+    """The resolved run config: a params value, so editing a variant re-runs only its jobs."""
+    cfg = STUDY.run_config(wildcards.family, wildcards.variant, int(wildcards.seed))
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def run_labels_json(wildcards):
+    return json.dumps(
+        STUDY.labels(wildcards.family, wildcards.variant, int(wildcards.seed)),
+        sort_keys=True,
+    )
+
+
+def study_json():
+    return json.dumps(config)  # key order matters: grid keys name variants
+
+
+def figure_paths():
+    return [f"{RESULTS}/figures/{family}.png" for family in STUDY.families]
+
+
+def final_targets():
+    return [
+        f"{RESULTS}/tables/tests.parquet",
+        *figure_paths(),
+        f"{REPORT}/report.md",
+        f"{REPORT}/report.html",
+    ]

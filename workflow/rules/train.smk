@@ -1,0 +1,32 @@
+# Data preparation and one training job per (family, variant, seed).
+
+
+rule prepare_data:
+    output:
+        touch(f"{RESULTS}/data/prepared.done"),
+    params:
+        study=study_json(),
+    log:
+        "logs/prepare_data.log",
+    shell:
+        "python -m lora_bench prepare-data --study-json {params.study:q} > {log} 2>&1"
+
+
+rule train:
+    input:
+        f"{RESULTS}/data/prepared.done",
+    output:
+        f"{RESULTS}/runs/{{family}}/{{variant}}/seed{{seed}}.json",
+    params:
+        cfg=run_config_json,
+        labels=run_labels_json,
+    log:
+        "logs/train/{family}/{variant}/seed{seed}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{family}}/{{variant}}/seed{{seed}}.tsv"
+    threads: STUDY.threads
+    resources:
+        gpu=STUDY.gpus_per_job,
+    shell:
+        "python -m lora_bench train --config-json {params.cfg:q} --label {params.labels:q}"
+        " --set train.threads={threads} --out {output} > {log} 2>&1"
