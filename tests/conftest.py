@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny, learnable local sentiment file and a tiny-model run config (CPU, seconds)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+POSITIVE = ["good", "great", "fine", "superb", "lovely", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
+
+
+def write_sentiment_csv(path, n_per_class: int = 48, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    rows = []
+    for label, words in ((1, POSITIVE), (0, NEGATIVE)):
+        for _ in range(n_per_class):
+            filler = rng.choice(["the film was", "a movie so", "it felt", "plot is"])
+            rows.append((f"{filler} {rng.choice(words)} and {rng.choice(words)}", label))
+    rng.shuffle(rows)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("text,label\n")
+        for text, label in rows:
+            handle.write(f'"{text}",{label}\n')
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path):
+    path = tmp_path / "sentiment.csv"
+    write_sentiment_csv(path)
+    return path
+
+
+@pytest.fixture
+def tiny_run(sentiment_csv, tmp_path):
+    """A run config dict: random tiny BERT on the local file, one short epoch."""
+    return {
+        "seed": 0,
+        "model": {"source": "random", "name": "tiny-bert"},
+        "data": {"source": "local", "name": str(sentiment_csv), "max_length": 32,
+                 "cache_dir": str(tmp_path / "cache")},
+        "method": {"name": "lora", "lora": {"rank": 4, "alpha": 8}},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1.0e-2, "device": "cpu", "threads": 1, "progress": "never"},
+    }
