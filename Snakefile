@@ -5,9 +5,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# Only the default when no --configfile/--config is given: Snakemake would otherwise merge the two
-# studies' families into one.
-if not config:
+# The default study only when no --configfile is given: Snakemake would otherwise merge the two
+# studies' families into one. Profile/--config values still apply on top of either.
+if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 
@@ -18,6 +18,6 @@ include: "workflow/rules/analysis.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_targets(),
-    default_target: True

@@ -67,11 +67,40 @@ def _resolve_run(args) -> tuple[RunConfig, dict]:
     return RunConfig.from_dict(overrides, source="--set"), {}
 
 
+def acquire_gpu(gpu_ids: list[int], lock_dir: str | None = None):
+    """Lock the first free GPU of ``gpu_ids`` (waiting if all are busy); returns (index, open lock file).
+
+    Snakemake's ``gpu`` resource caps how many jobs run at once but does not say which GPU each one
+    gets; a per-GPU ``flock`` does, and the lock dies with the process, so a killed job frees its GPU.
+    """
+    import fcntl
+    import tempfile
+
+    lock_dir = lock_dir or tempfile.gettempdir()
+    while True:
+        for index in gpu_ids:
+            handle = open(Path(lock_dir) / f"lora_bench_gpu{index}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            return index, handle
+        time.sleep(1.0)
+
+
 def cmd_train(args) -> int:
+    cfg, labels = _resolve_run(args)
+    gpu_lock = None
+    if args.gpu_ids:
+        index, gpu_lock = acquire_gpu([int(i) for i in args.gpu_ids.split(",")])
+        # Must be set before torch initialises CUDA (train imports torch below).
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+        labels["gpu_index"] = index
+
     from .record import base_record, environment, now_iso, write_json_atomic
     from .train import run_training
 
-    cfg, labels = _resolve_run(args)
     if args.label:
         labels.update(json.loads(args.label))
     out = Path(args.out)
@@ -82,9 +111,9 @@ def cmd_train(args) -> int:
           f"data={cfg.data.source}:{cfg.data.name} seed={cfg.seed}", file=sys.stderr)
     try:
         result = run_training(cfg)
-    except (ConfigError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # any failure while training becomes data in the record
+    except Exception as exc:
+        # Past validation, any failure (a missing model, a bad data file, NaN loss, GPU OOM) is data:
+        # the record says what went wrong and the rest of the study goes on.
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=now_iso(),
                       traceback=traceback.format_exc(limit=20))
         write_json_atomic(record, out)
@@ -234,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=1")
     train.add_argument("--out", required=True, help="path of the JSON record")
     train.add_argument("--strict", action="store_true", help="exit 1 when the run fails")
+    train.add_argument("--gpu-ids", help="comma-separated GPU indices to pick a free one from (file lock)")
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser("plan", help="list the runs of a study")

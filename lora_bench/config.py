@@ -9,12 +9,11 @@ and every error names the file and the dotted key. Cross-field rules that a sche
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
-
-import re
 
 import jsonschema
 import yaml
@@ -204,7 +203,7 @@ class RunConfig:
             raise ConfigError(f"{self.source}: train.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "<dict>") -> "RunConfig":
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> RunConfig:
         cfg = validate(raw, "run", source)
         method = dict(cfg["method"])
         method["lora"] = LoRAConfig(**method["lora"])

@@ -8,7 +8,7 @@ exact trainable-parameter count is simply ``count_parameters(model)``.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -38,6 +38,7 @@ class Study:
     source: str
     results_dir: str = "results"
     report_dir: str = "paper"
+    gpu_ids: tuple[int, ...] = ()
 
     def runs(self) -> list[tuple[str, str, int]]:
         """Every (family, variant, seed) of the enabled families."""
@@ -96,6 +97,12 @@ def _grid_variants(grid: dict) -> dict[str, dict]:
     return variants
 
 
+def _gpu_ids(value) -> tuple[int, ...]:
+    if isinstance(value, str):
+        return tuple(int(part) for part in value.split(","))
+    return tuple(value)
+
+
 def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
     cfg = validate(raw, "study", source)
     if "seed" in cfg["base"]:
@@ -126,7 +133,7 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
     if not families:
         raise ConfigError(f"{source}: every family is disabled")
     study = Study(cfg["name"], tuple(cfg["seeds"]), cfg["threads"], cfg["gpus_per_job"], families, source,
-                  cfg["results_dir"], cfg["report_dir"])
+                  cfg["results_dir"], cfg["report_dir"], _gpu_ids(cfg["gpu_ids"]))
     # Resolve every run now: a typo in one variant should stop the study before any training.
     for family in families.values():
         for variant in family.variants:

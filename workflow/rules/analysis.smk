@@ -11,8 +11,12 @@ rule collect:
         metrics_csv=f"{RESULTS}/tables/metrics.csv",
     log:
         "logs/collect.log",
+    conda:
+        "../../envs/lora-bench.yaml"
+    params:
+        tables=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "python -m lora_bench collect --records {input} --out-dir {RESULTS}/tables > {log} 2>&1"
+        "python -m lora_bench collect --records {input} --out-dir {params.tables} > {log} 2>&1"
 
 
 rule stats:
@@ -25,8 +29,12 @@ rule stats:
         seeds=f"{RESULTS}/tables/seed_consistency.parquet",
     log:
         "logs/stats.log",
+    conda:
+        "../../envs/lora-bench.yaml"
+    params:
+        tables=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "python -m lora_bench stats --tables {RESULTS}/tables > {log} 2>&1"
+        "python -m lora_bench stats --tables {params.tables} > {log} 2>&1"
 
 
 rule figures:
@@ -44,8 +52,13 @@ rule figures:
         ],
     log:
         "logs/figures.log",
+    conda:
+        "../../envs/lora-bench.yaml"
+    params:
+        tables=lambda wildcards, input: os.path.dirname(input[0]),
+        figures=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "python -m lora_bench figures --tables {RESULTS}/tables --out-dir {RESULTS}/figures > {log} 2>&1"
+        "python -m lora_bench figures --tables {params.tables} --out-dir {params.figures} > {log} 2>&1"
 
 
 rule report:
@@ -61,6 +74,12 @@ rule report:
         ),
     log:
         "logs/report.log",
+    conda:
+        "../../envs/lora-bench.yaml"
+    params:
+        tables=lambda wildcards, input: os.path.dirname(input[0]),
+        figures=lambda wildcards, input: os.path.dirname(input[-1]),
+        out=lambda wildcards, output: os.path.dirname(output.md) or ".",
     shell:
-        "python -m lora_bench report --tables {RESULTS}/tables --figures {RESULTS}/figures"
-        " --out-dir {REPORT} > {log} 2>&1"
+        "python -m lora_bench report --tables {params.tables} --figures {params.figures}"
+        " --out-dir {params.out} > {log} 2>&1"

@@ -1,10 +1,10 @@
 # Config validation (JSON schema with defaults), wildcard constraints and input functions.
 import json
+import os
 
 from snakemake.utils import validate
 
 from lora_bench.study import study_from_dict
-
 
 validate(config, "../schemas/study.schema.yaml", set_default=True)
 # The library resolves every run now, so a bad variant stops the workflow before any job starts.
@@ -37,6 +37,10 @@ def run_labels_json(wildcards):
         STUDY.labels(wildcards.family, wildcards.variant, int(wildcards.seed)),
         sort_keys=True,
     )
+
+
+def gpu_flag():
+    return f"--gpu-ids {','.join(map(str, STUDY.gpu_ids))}" if STUDY.gpu_ids else ""
 
 
 def study_json():

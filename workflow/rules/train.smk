@@ -4,10 +4,12 @@
 rule prepare_data:
     output:
         touch(f"{RESULTS}/data/prepared.done"),
-    params:
-        study=study_json(),
     log:
         "logs/prepare_data.log",
+    conda:
+        "../../envs/lora-bench.yaml"
+    params:
+        study=study_json(),
     shell:
         "python -m lora_bench prepare-data --study-json {params.study:q} > {log} 2>&1"
 
@@ -17,16 +19,19 @@ rule train:
         f"{RESULTS}/data/prepared.done",
     output:
         f"{RESULTS}/runs/{{family}}/{{variant}}/seed{{seed}}.json",
-    params:
-        cfg=run_config_json,
-        labels=run_labels_json,
     log:
         "logs/train/{family}/{variant}/seed{seed}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{family}}/{{variant}}/seed{{seed}}.tsv"
+    conda:
+        "../../envs/lora-bench.yaml"
     threads: STUDY.threads
     resources:
         gpu=STUDY.gpus_per_job,
+    params:
+        cfg=run_config_json,
+        labels=run_labels_json,
+        gpu=gpu_flag(),
     shell:
         "python -m lora_bench train --config-json {params.cfg:q} --label {params.labels:q}"
-        " --set train.threads={threads} --out {output} > {log} 2>&1"
+        " --set train.threads={threads} {params.gpu} --out {output} > {log} 2>&1"

@@ -1,0 +1,89 @@
+"""Config schemas: unknown keys and wrong types are errors naming the key and file; shipped configs validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_bench.config import ConfigError, RunConfig, load_run_config, parse_yaml
+from lora_bench.study import load_study, study_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_STUDIES = sorted(ROOT.glob("config/*.yaml")) + [ROOT / ".test" / "config.yaml"]
+
+
+def test_defaults_fill_a_complete_run():
+    cfg = RunConfig.from_dict({})
+    assert cfg.method.lora.rank == 8 and cfg.method.lora.targets == ["query", "value"]
+    assert cfg.model.source == "embedded" and cfg.data.source == "pang_lee"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    message = str(err.value)
+    assert "learning_rate" in message and str(path) in message and "train" in message
+
+
+def test_wrong_type_names_dotted_key():
+    with pytest.raises(ConfigError, match=r"method\.lora\.rank"):
+        RunConfig.from_dict({"method": {"lora": {"rank": "eight"}}}, source="x.yaml")
+
+
+def test_enum_and_cross_field_rules():
+    with pytest.raises(ConfigError, match="scaling"):
+        RunConfig.from_dict({"method": {"lora": {"scaling": "alpha*r"}}})
+    with pytest.raises(ConfigError, match="sum to 1"):
+        RunConfig.from_dict({"data": {"split": {"train": 0.5, "validation": 0.1, "test": 0.1}}})
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        RunConfig.from_dict({"train": {"precision": "fp16", "device": "cpu"}})
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_scientific_notation_is_a_float():
+    assert parse_yaml("lr: 1e-3")["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_study_validates(path):
+    study = load_study(path)
+    assert study.runs()
+    for family in study.families.values():
+        assert family.baseline in family.variants
+
+
+def _study(**families):
+    return {"seeds": [0, 1], "base": {"model": {"source": "random", "name": "tiny-bert"}}, "families": families}
+
+
+def test_study_errors_name_family_and_variant():
+    with pytest.raises(ConfigError, match=r"families\.f\.variants\.v"):
+        study_from_dict(_study(f={"baseline": "v", "variants": {"v": {"train": {"epoch": 2}}}}))
+    with pytest.raises(ConfigError, match="baseline 'x' is not one of its variants"):
+        study_from_dict(_study(f={"baseline": "x", "variants": {"v": {}}}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        study_from_dict({**_study(f={"baseline": "v", "variants": {"v": {}}}), "sedes": [1]})
+    with pytest.raises(ConfigError, match="unknown experiment family"):
+        study_from_dict(_study(f={"baseline": "v", "variants": {"v": {}}})).run_config("g", "v", 0)
+
+
+def test_grid_generates_named_variants_and_a_new_family_needs_no_code():
+    study = study_from_dict(_study(
+        my_new_family={"baseline": "rank2-alpha4", "grid": {"method.lora.rank": [2, 4], "method.lora.alpha": [4]}},
+    ))
+    family = study.families["my_new_family"]
+    assert family.kind == "generic"
+    assert sorted(family.variants) == ["rank2-alpha4", "rank4-alpha4"]
+    assert study.run_config("my_new_family", "rank4-alpha4", 1).method.lora.rank == 4
+    assert len(study.runs()) == 4

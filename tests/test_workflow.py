@@ -1,0 +1,120 @@
+"""The Snakemake DAG: lint, dry runs of every shipped config and profile, and (slow) the whole
+smallest study end to end with its resumability guarantees."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def _env():
+    env = dict(os.environ)
+    # Rules call `python -m lora_bench`: make that the interpreter running the tests.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def snakemake(*args, cwd=ROOT, check=True):
+    result = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, env=_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Job counts per rule from a dry run's 'Job stats' table."""
+    counts = {}
+    table = output.split("Job stats:")[-1]
+    for line in table.splitlines():
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "train_jobs"),
+    [
+        ((), 59),
+        (("--configfile", ".test/config.yaml"), 20),
+        (("--configfile", "config/paper.yaml"), 155),
+        (("--profile", "profiles/workstation-gpu"), 59),
+        (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 155),
+    ],
+    ids=["default", "test", "paper", "workstation-gpu", "slurm"],
+)
+def test_dry_run_of_every_config_and_profile(args, train_jobs):
+    result = snakemake("-n", *args)
+    jobs = planned_jobs(result.stdout)
+    assert jobs["train"] == train_jobs
+    assert jobs["report"] == 1 and jobs["collect"] == 1
+
+
+def test_a_new_family_is_one_config_block(tmp_path):
+    config = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    config["families"]["dropout"] = {
+        "baseline": "p0",
+        "variants": {"p0": {}, "p10": {"method": {"lora": {"dropout": 0.1}}}},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    jobs = planned_jobs(snakemake("-n", "--configfile", str(path)).stdout)
+    assert jobs["train"] == 20 + 2 * 2
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    config = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    config["families"]["methods"]["variants"]["lora"] = {"train": {"learning_rate": 0.1}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = snakemake("-n", "--configfile", str(path), check=False)
+    assert result.returncode != 0
+    assert "learning_rate" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_smallest_study_end_to_end_and_resume(tmp_path):
+    workdir = tmp_path / "run dir"  # a space in the path on purpose
+    workdir.mkdir()
+    shutil.copy(ROOT / ".test/config.yaml", workdir / "study.yaml")
+    common = ("-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(workdir / "study.yaml"))
+    snakemake("--cores", "2", *common)
+
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
+    metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
+    assert len(runs) == 20 and set(runs["status"]) == {"ok"}
+    for column in ("run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
+                   "trainable_params", "git_sha", "cfg.method.lora.rank", "cfg.train.optimizer"):
+        assert column in runs.columns, column
+    for column in ("metric", "split", "epoch", "stage", "value", "unit", "higher_is_better"):
+        assert column in metrics.columns, column
+    assert (workdir / "paper/report.html").stat().st_size > 0
+    assert (workdir / "results/tables/tests.parquet").exists()
+
+    # Nothing to do on a second call.
+    assert "Nothing to be done" in snakemake("-n", *common).stdout + snakemake("-n", *common).stderr
+    # Deleting one record re-trains only that run.
+    (workdir / "results/runs/methods/full/seed1.json").unlink()
+    assert planned_jobs(snakemake("-n", *common).stdout)["train"] == 1
+    snakemake("--cores", "2", *common)
+    # Changing one family's parameters re-runs only its jobs.
+    config = yaml.safe_load((workdir / "study.yaml").read_text())
+    config["families"]["optimizer"]["variants"]["sgd-cosine"]["train"]["lr"] = 0.02
+    (workdir / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert planned_jobs(snakemake("-n", *common).stdout)["train"] == 2
