@@ -1,0 +1,461 @@
+"""Figures of the study, one function per family kind: tables in, matplotlib figure out.
+
+Every function takes the tidy ``runs`` and ``metrics`` tables (``docs/tables.md``) and a family name and
+returns a ``Figure``; ``save_figure`` writes it as PNG and SVG. Means and 95 % intervals come from
+``lora_bench.stats.summarize`` so the figures show the same numbers as the report's tables (seaborn's
+own bootstrap would draw slightly different intervals). Failed runs are left out; a condition with a
+single run is drawn as a point without an interval.
+
+``FIGURES`` maps a family kind to its function; a new kind is one entry there, and the first paragraph
+of the function's docstring becomes the figure's caption. Kinds without an entry get ``plot_generic``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+# Figures are built in workers and CI with no display; Agg needs none.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from lora_bench import stats  # noqa: E402
+
+PNG_DPI = 150
+STYLE = "whitegrid"
+PALETTE = "colorblind"
+LORA_RANK = "cfg.method.lora.rank"
+LORA_ALPHA = "cfg.method.lora.alpha"
+LORA_SCALING = "cfg.method.lora.scaling"
+MEMORY_METRICS = ("peak_cuda_allocated", "peak_rss")  # first one present wins: GPU runs report both
+
+
+# ----------------------------------------------------------------------------------------------------
+# Table helpers
+
+
+def _family_metrics(metrics: pd.DataFrame, family: str) -> pd.DataFrame:
+    return metrics[metrics["family"] == family]
+
+
+def variant_order(runs: pd.DataFrame, family: str) -> list[str]:
+    """Variants in config order, the baseline first so every panel reads 'baseline, then the rest'."""
+    family_runs = runs[runs["family"] == family]
+    variants = list(dict.fromkeys(family_runs["variant"].tolist()))
+    baselines = family_runs.loc[family_runs["is_baseline"].astype(bool), "variant"].unique()
+    if len(baselines):
+        variants.remove(baselines[0])
+        variants.insert(0, baselines[0])
+    return variants
+
+
+def _per_run(
+    metrics: pd.DataFrame, family: str, metric: str, split: str, stage: str = "final"
+) -> pd.DataFrame:
+    rows = stats.select_values(_family_metrics(metrics, family), metric, split, stage)
+    return rows[["variant", "seed", "epoch", "value"]]
+
+
+def _summary(
+    metrics: pd.DataFrame, family: str, metric: str, split: str, variants: list[str]
+) -> pd.DataFrame:
+    summary = stats.summarize(_family_metrics(metrics, family), metric, split)
+    if summary.empty:
+        return summary
+    order = {v: i for i, v in enumerate(variants)}
+    summary = summary[summary["variant"].isin(order)]
+    return summary.sort_values("variant", key=lambda s: s.map(order)).reset_index(drop=True)
+
+
+def _trainable_params(runs: pd.DataFrame, metrics: pd.DataFrame, family: str) -> pd.Series:
+    """Trainable parameters per variant: exact counts from ok runs (identical across seeds)."""
+    family_runs = runs[(runs["family"] == family) & (runs["status"] == "ok")]
+    if "trainable_params" in family_runs.columns and family_runs["trainable_params"].notna().any():
+        return family_runs.groupby("variant", sort=False)["trainable_params"].median().dropna()
+    rows = _per_run(metrics, family, "trainable_params", "none")
+    return rows.groupby("variant", sort=False)["value"].median()
+
+
+def _is_accuracy(metric: str) -> bool:
+    return metric == "accuracy"
+
+
+def _scale(metric: str, unit: str) -> tuple[float, str]:
+    """Factor and axis label so numbers read naturally (accuracy in %, bytes in GiB)."""
+    if _is_accuracy(metric):
+        return 100.0, "%"
+    if unit == "bytes":
+        return 1 / 2**30, "GiB"
+    return 1.0, unit
+
+
+def _label(metric: str, split: str, unit: str) -> str:
+    _, shown_unit = _scale(metric, unit)
+    name = metric.replace("_", " ")
+    prefix = f"{split} " if split not in ("none", "") else ""
+    return f"{prefix}{name} ({shown_unit})" if shown_unit else f"{prefix}{name}"
+
+
+def _message_figure(title: str, message: str) -> Figure:
+    """A figure that says why there is nothing to plot, so the report still has a picture."""
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reusable panels
+
+
+def _means_panel(
+    ax: plt.Axes,
+    runs: pd.DataFrame,
+    metrics: pd.DataFrame,
+    family: str,
+    metric: str = "accuracy",
+    split: str = "test",
+) -> bool:
+    """Mean with 95 % CI per variant (horizontal), each seed as a dot. False when there is no data."""
+    variants = variant_order(runs, family)
+    summary = _summary(metrics, family, metric, split, variants)
+    if summary.empty:
+        return False
+    per_run = _per_run(metrics, family, metric, split)
+    unit = str(summary["unit"].iloc[0])
+    factor, _ = _scale(metric, unit)
+    shown = [v for v in variants if v in set(summary["variant"])]
+    positions = {v: i for i, v in enumerate(shown)}
+    colors = dict(zip(shown, sns.color_palette(PALETTE, len(shown)), strict=True))
+
+    seeds = per_run[per_run["variant"].isin(positions)]
+    jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(seeds))  # fixed: figures are reproducible
+    ax.scatter(
+        seeds["value"] * factor,
+        seeds["variant"].map(positions) + jitter,
+        s=14,
+        color=[colors[v] for v in seeds["variant"]],
+        alpha=0.55,
+        zorder=2,
+        label="single seed",
+    )
+    for row in summary.itertuples():
+        y = positions[row.variant]
+        has_interval = math.isfinite(row.ci_low) and math.isfinite(row.ci_high)
+        xerr = (
+            [[(row.mean - row.ci_low) * factor], [(row.ci_high - row.mean) * factor]]
+            if has_interval
+            else None
+        )
+        ax.errorbar(
+            row.mean * factor,
+            y,
+            xerr=xerr,
+            fmt="D",
+            color=colors[row.variant],
+            markeredgecolor="black",
+            capsize=4,
+            markersize=7,
+            zorder=3,
+        )
+        ax.annotate(
+            f"n={row.n}",
+            (row.mean * factor, y),
+            textcoords="offset points",
+            xytext=(0, 9),
+            ha="center",
+            fontsize=7,
+        )
+    ax.set_yticks(range(len(shown)), shown)
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.set_xlabel(_label(metric, split, unit) + " — mean, 95% CI")
+    ax.set_ylabel("")
+    return True
+
+
+def _bar_panel(ax: plt.Axes, values: pd.Series, variants: list[str], xlabel: str, log: bool) -> None:
+    shown = [v for v in variants if v in values.index]
+    ax.barh(range(len(shown)), [values[v] for v in shown], color=sns.color_palette(PALETTE, len(shown)))
+    ax.set_yticks(range(len(shown)), shown)
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    if log:
+        ax.set_xscale("log")
+    for i, v in enumerate(shown):
+        text = f"{values[v]:,.0f}" if log else f"{values[v]:.3g}"
+        ax.annotate(text, (values[v], i), textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
+    ax.set_xlabel(xlabel)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_methods(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "methods") -> Figure:
+    """Test accuracy per method (mean, 95 % CI, single seeds as dots) and trainable parameters (log scale).
+
+    Compares LoRA with training only the last layers and with full finetuning: how much accuracy each buys,
+    and at what number of trainable parameters.
+    """
+    with sns.axes_style(STYLE):
+        fig, (left, right) = plt.subplots(
+            1, 2, figsize=(11, 0.6 * _n_variants(runs, family) + 2.2), sharey=False
+        )
+        if not _means_panel(left, runs, metrics, family):
+            plt.close(fig)
+            return _message_figure(family, "no successful runs to plot")
+        params = _trainable_params(runs, metrics, family)
+        if len(params):
+            _bar_panel(
+                right, params, variant_order(runs, family), "trainable parameters (log scale)", log=True
+            )
+        else:
+            right.set_axis_off()
+        fig.suptitle(f"{family}: accuracy and trainable parameters")
+        fig.tight_layout()
+    return fig
+
+
+def plot_rank_alpha(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "rank_alpha") -> Figure:
+    """Mean test accuracy (%) over LoRA rank r and alpha, one panel per scaling rule when it varies.
+
+    Reads the grid from the ``cfg.method.lora.rank`` / ``alpha`` / ``scaling`` columns of ``runs``; cells
+    of settings that were not run (or all failed) are blank.
+    """
+    if LORA_RANK not in runs.columns or LORA_ALPHA not in runs.columns:
+        return plot_generic(runs, metrics, family)
+    summary = _summary(metrics, family, "accuracy", "test", variant_order(runs, family))
+    if summary.empty:
+        return _message_figure(family, "no successful runs to plot")
+    family_runs = runs[runs["family"] == family]
+    columns = [LORA_RANK, LORA_ALPHA] + ([LORA_SCALING] if LORA_SCALING in runs.columns else [])
+    settings = family_runs.drop_duplicates("variant").set_index("variant")[columns]
+    grid = summary.join(settings, on="variant").dropna(subset=[LORA_RANK, LORA_ALPHA])
+    if grid.empty:
+        return plot_generic(runs, metrics, family)
+    grid[LORA_RANK] = grid[LORA_RANK].astype(int)
+    grid[LORA_ALPHA] = grid[LORA_ALPHA].astype(float)
+    scalings = (
+        list(dict.fromkeys(grid[LORA_SCALING].fillna("").astype(str)))
+        if LORA_SCALING in grid.columns
+        else [""]
+    )
+    low, high = grid["mean"].min() * 100, grid["mean"].max() * 100
+    if high - low < 0.1:
+        # A single cell (or identical means) would give the colour bar an empty range.
+        low, high = low - 0.5, high + 0.5
+    with sns.axes_style("white"):
+        fig, axes = plt.subplots(1, len(scalings), figsize=(5.2 * len(scalings) + 0.8, 4.2), squeeze=False)
+        for ax, scaling in zip(axes[0], scalings, strict=True):
+            part = grid if scaling == "" else grid[grid[LORA_SCALING].astype(str) == scaling]
+            table = part.pivot_table(index=LORA_RANK, columns=LORA_ALPHA, values="mean", aggfunc="mean") * 100
+            table.columns = [f"{a:g}" for a in table.columns]
+            sns.heatmap(
+                table.sort_index(ascending=False),
+                annot=True,
+                fmt=".1f",
+                cmap="viridis",
+                vmin=low,
+                vmax=high,
+                cbar_kws={"label": "test accuracy (%)"},
+                ax=ax,
+            )
+            ax.set_xlabel("alpha")
+            ax.set_ylabel("rank r")
+            ax.set_title(f"scaling: {scaling}" if scaling else "")
+        fig.suptitle(f"{family}: mean test accuracy (%) over rank and alpha")
+        fig.tight_layout()
+    return fig
+
+
+def plot_coverage(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "coverage") -> Figure:
+    """Mean test accuracy (95 % CI) against trainable parameters (log scale), one labelled point per variant.
+
+    Shows whether covering more layers with LoRA buys accuracy, and at what parameter cost.
+    """
+    variants = variant_order(runs, family)
+    summary = _summary(metrics, family, "accuracy", "test", variants)
+    params = _trainable_params(runs, metrics, family)
+    if summary.empty:
+        return _message_figure(family, "no successful runs to plot")
+    summary = summary[summary["variant"].isin(params.index)]
+    if summary.empty:
+        return plot_generic(runs, metrics, family)
+    with sns.axes_style(STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        colors = sns.color_palette(PALETTE, len(summary))
+        for color, row in zip(colors, summary.itertuples(), strict=True):
+            x = params[row.variant]
+            has_interval = math.isfinite(row.ci_low) and math.isfinite(row.ci_high)
+            yerr = (
+                [[(row.mean - row.ci_low) * 100], [(row.ci_high - row.mean) * 100]] if has_interval else None
+            )
+            ax.errorbar(x, row.mean * 100, yerr=yerr, fmt="o", color=color, capsize=4, markersize=7)
+            ax.annotate(
+                f"{row.variant} (n={row.n})",
+                (x, row.mean * 100),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=8,
+            )
+        ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.2)
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel("test accuracy (%) — mean, 95% CI")
+        ax.set_title(f"{family}: accuracy vs trainable parameters")
+        fig.tight_layout()
+    return fig
+
+
+def plot_epochs(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "epochs") -> Figure:
+    """Validation and test accuracy after each epoch (mean with 95 % band), one line per variant.
+
+    The band is the bootstrap interval over seeds at each epoch; with a single seed only the line is drawn.
+    """
+    family_metrics = _family_metrics(metrics, family)
+    variants = variant_order(runs, family)
+    splits = [
+        s
+        for s in ("validation", "test")
+        if not stats.select_values(family_metrics, "accuracy", s, "epoch").empty
+    ]
+    if not splits:
+        return _message_figure(family, "no per-epoch accuracy of successful runs to plot")
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.2), sharey=True, squeeze=False)
+        colors = dict(zip(variants, sns.color_palette(PALETTE, len(variants)), strict=True))
+        for ax, split in zip(axes[0], splits, strict=True):
+            summary = stats.summarize_epochs(family_metrics, "accuracy", split)
+            for variant in variants:
+                part = summary[summary["variant"] == variant].sort_values("epoch")
+                if part.empty:
+                    continue
+                epochs = part["epoch"].astype(int).to_numpy()
+                ax.plot(epochs, part["mean"] * 100, marker="o", color=colors[variant], label=variant)
+                band = part[["ci_low", "ci_high"]].astype(float)
+                if band.notna().all(axis=None):
+                    ax.fill_between(
+                        epochs, band["ci_low"] * 100, band["ci_high"] * 100, color=colors[variant], alpha=0.2
+                    )
+            ax.set_xlabel("epoch")
+            ax.set_title(f"{split} accuracy")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axes[0][0].set_ylabel("accuracy (%) — mean, 95% band")
+        axes[0][-1].legend(title="variant", fontsize=8)
+        fig.suptitle(f"{family}: accuracy per epoch")
+        fig.tight_layout()
+    return fig
+
+
+def plot_optimizer(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "optimizer") -> Figure:
+    """Test accuracy per optimizer / schedule (mean, 95 % CI, seeds as dots) and peak memory when recorded.
+
+    Memory is ``peak_cuda_allocated`` on GPU runs, else the process's ``peak_rss``.
+    """
+    family_metrics = _family_metrics(metrics, family)
+    memory = next(
+        (m for m in MEMORY_METRICS if not stats.select_values(family_metrics, m, "none").empty),
+        None,
+    )
+    with sns.axes_style(STYLE):
+        panels = 2 if memory else 1
+        height = 0.6 * _n_variants(runs, family) + 2.2
+        fig, axes = plt.subplots(1, panels, figsize=(5.8 * panels, height), squeeze=False)
+        if not _means_panel(axes[0][0], runs, metrics, family):
+            plt.close(fig)
+            return _message_figure(family, "no successful runs to plot")
+        if memory:
+            _means_panel(axes[0][1], runs, metrics, family, memory, "none")
+        fig.suptitle(f"{family}: accuracy" + (" and peak memory" if memory else ""))
+        fig.tight_layout()
+    return fig
+
+
+def plot_generic(
+    runs: pd.DataFrame, metrics: pd.DataFrame, family: str, metric: str = "accuracy", split: str = "test"
+) -> Figure:
+    """The family's primary metric per variant (mean, 95 % CI, single seeds as dots)."""
+    with sns.axes_style(STYLE):
+        fig, ax = plt.subplots(figsize=(7, 0.6 * _n_variants(runs, family) + 2.2))
+        if not _means_panel(ax, runs, metrics, family, metric, split):
+            plt.close(fig)
+            return _message_figure(family, "no successful runs to plot")
+        ax.set_title(f"{family}: {split} {metric.replace('_', ' ')} per variant")
+        fig.tight_layout()
+    return fig
+
+
+def _n_variants(runs: pd.DataFrame, family: str) -> int:
+    return max(1, runs.loc[runs["family"] == family, "variant"].nunique())
+
+
+FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
+    "methods": plot_methods,
+    "rank_alpha": plot_rank_alpha,
+    "coverage": plot_coverage,
+    "epochs": plot_epochs,
+    "optimizer": plot_optimizer,
+    "generic": plot_generic,
+}
+
+
+def figure_function(kind: str) -> Callable[[pd.DataFrame, pd.DataFrame, str], Figure]:
+    """The figure function registered for a family kind (``plot_generic`` for unknown kinds)."""
+    return FIGURES.get(kind, plot_generic)
+
+
+def figure_caption(kind: str) -> str:
+    """Plain-text caption of a kind's figure: the first paragraph of its function's docstring."""
+    doc = figure_function(kind).__doc__ or ""
+    first_paragraph = doc.strip().split("\n\n")[0]
+    return " ".join(first_paragraph.split())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def save_figure(fig: Figure, out_base: str | Path) -> tuple[Path, Path]:
+    """Write ``<out_base>.png`` (150 dpi) and ``<out_base>.svg``; returns both paths.
+
+    Dates and random ids are left out of the files so rebuilding identical tables gives identical figures.
+    """
+    out_base = Path(out_base)
+    out_base.parent.mkdir(parents=True, exist_ok=True)
+    png, svg = out_base.with_name(out_base.name + ".png"), out_base.with_name(out_base.name + ".svg")
+    fig.savefig(png, dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": None})
+    with matplotlib.rc_context({"svg.hashsalt": "lora-bench"}):
+        fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
+    return png, svg
+
+
+def make_all_figures(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path) -> list[dict]:
+    """One figure per family (``<out_dir>/<family>.png`` and ``.svg``), in order of first appearance.
+
+    Returns one dict per family: ``family``, ``kind``, ``png``, ``svg``, ``caption``.
+    """
+    out_dir = Path(out_dir)
+    made = []
+    for family in stats.family_order(runs):
+        kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
+        fig = figure_function(kind)(runs, metrics, family)
+        try:
+            png, svg = save_figure(fig, out_dir / figure_stem(family))
+        finally:
+            plt.close(fig)
+        made.append({"family": family, "kind": kind, "png": png, "svg": svg, "caption": figure_caption(kind)})
+    return made
+
+
+def figure_stem(family: str) -> str:
+    """File name (without suffix) of a family's figure; config keys are kept portable as file names."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in family)

@@ -1,0 +1,840 @@
+"""Statistics over the tidy result tables: summaries with confidence intervals and tests against baselines.
+
+Everything here is tables in, tables out (see ``docs/tables.md`` for ``runs`` and ``metrics``), so the
+figures and the report can be rebuilt from files alone and the numbers can be checked by hand. The
+reference write-ups this suite reproduces report single runs; the point of this module is to say how
+much of a difference between two settings survives seed-to-seed noise.
+
+Choices, and why:
+
+- **Only ``status == "ok"`` runs count.** Failed runs may have left a few per-epoch rows behind; they
+  are dropped, and the tests table says when a condition lost runs.
+- **Summaries** (``summarize``): per (family, variant) the mean, standard deviation, standard error,
+  min, max and a 95 % confidence interval of the mean. The interval is a BCa bootstrap
+  (``scipy.stats.bootstrap``, seeded, so reruns give identical tables) when there are at least three
+  runs, a t interval with two runs (a bootstrap of two values has three possible means), and none
+  with fewer; ``ci_method`` says which. With 3-5 seeds a bootstrap interval is somewhat too narrow,
+  so the t interval is always given too (``t_ci_low`` / ``t_ci_high``).
+- **Tests** (``compare_to_baseline``): each non-baseline variant of a family against the family's
+  baseline (``is_baseline`` in ``runs``). Runs that share a seed share data order and initialisation,
+  so when both conditions have at least two seeds in common the comparison is *paired* on seed (only
+  the common seeds are used): paired t test, with the Wilcoxon signed-rank test as the
+  distribution-free check. Otherwise Welch's t test (no equal-variance assumption) and the
+  Mann-Whitney U test. Holm's step-down correction is applied within each family (per metric and
+  split), separately to the t tests and to the rank tests: a family is one question ("which of these
+  variants differ from the baseline?"), and Holm controls the chance of any false claim in it.
+  For families of kind ``epochs`` every epoch of a variant is compared with epoch 1 of the same
+  variant (paired on seed, ``stage == "epoch"``).
+- **Effect sizes**: Cohen's d (pooled standard deviation) for unpaired comparisons and d_z (mean
+  difference over the standard deviation of the differences) for paired ones. Their 95 % intervals
+  invert the noncentral t distribution (Steiger & Fouladi), which is exact for normal data and
+  behaves far better than a bootstrap with five seeds.
+- **Seed consistency** (``seed_consistency``): how noisy each condition is, and how many seeds per
+  arm a study would need to detect a one-point (0.01) accuracy difference with power 0.8 at
+  alpha 0.05 (``statsmodels.stats.power``), unpaired and, against the baseline, paired.
+
+Columns of the tests table (``tests.parquet``), one row per comparison:
+
+=====================  ===========================================================================
+family, family_kind    the family and its registry kind
+metric, split, stage   what was compared (``stage`` is ``epoch`` for epochs families)
+variant, baseline      the two conditions; for epochs families ``"<variant>@epoch<k>"`` vs
+                       ``"<variant>@epoch1"``
+unit, higher_is_better the metric's unit and direction
+n_variant, n_baseline  ok runs in each condition
+n_pairs                seeds the two share (the pairs used when ``paired``)
+paired                 whether the paired tests were used
+mean_variant,          means over the runs used (the common seeds when paired, so that
+mean_baseline          ``diff == mean_variant - mean_baseline``)
+diff                   variant minus baseline, in the metric's unit (accuracy: fraction, 0.01 = 1 point)
+diff_ci_low/high       95 % t interval of the mean difference (paired or Welch)
+effect_size            Cohen's d_z (paired) or d (unpaired); ``effect_size_kind`` names it
+effect_ci_low/high     95 % interval of the effect size by noncentral-t inversion
+test, p_value          primary test (``"paired t"`` / ``"Welch t"``) and its two-sided p-value
+p_holm                 Holm-adjusted p-value of the primary test within the family
+nonparametric_test     ``"Wilcoxon signed-rank"`` / ``"Mann-Whitney U"``
+p_nonparametric(_holm) its p-value, raw and Holm-adjusted within the family
+significant            ``p_holm < 0.05``
+direction              ``"higher"`` / ``"lower"`` (variant vs baseline) when significant, else ``"n.s."``
+verdict                ``"better"`` / ``"worse"`` / ``"n.s."``: ``direction`` read through
+                       ``higher_is_better``
+note                   why a p-value is missing, which runs were lost, and similar caveats
+=====================  ===========================================================================
+
+With five pairs the exact Wilcoxon test cannot give a two-sided p below 2/32 = 0.0625, so it can
+only confirm a t-test result from about six seeds on; the report says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+from statsmodels.stats.power import TTestIndPower, TTestPower
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+BOOTSTRAP_RESAMPLES = 4999
+# A fixed seed makes the bootstrap intervals, and so the committed tables, reproducible.
+BOOTSTRAP_SEED = 20240607
+# One accuracy point: the smallest difference the reference write-ups discuss.
+ONE_POINT = 0.01
+TARGET_POWER = 0.8
+
+# Metrics whose comparisons ``run_stats`` tests when present, as (metric, split). Test accuracy is the
+# primary endpoint; the others are secondary and are not corrected across metrics.
+TESTED_METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "test"),
+    ("accuracy", "validation"),
+    ("loss", "test"),
+    ("wall_time", "none"),
+    ("median_step_time", "none"),
+    ("examples_per_second", "none"),
+    ("peak_rss", "none"),
+    ("peak_cuda_allocated", "none"),
+)
+EPOCH_METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "train"),
+    ("accuracy", "validation"),
+    ("accuracy", "test"),
+    ("loss", "train"),
+    ("loss", "validation"),
+    ("loss", "test"),
+)
+
+TESTS_COLUMNS = [
+    "family", "family_kind", "metric", "split", "stage", "variant", "baseline", "unit", "higher_is_better",
+    "n_variant", "n_baseline", "n_pairs", "paired", "mean_variant", "mean_baseline", "diff", "diff_ci_low",
+    "diff_ci_high", "effect_size", "effect_size_kind", "effect_ci_low", "effect_ci_high", "test", "p_value",
+    "p_holm", "nonparametric_test", "p_nonparametric", "p_nonparametric_holm", "significant", "direction",
+    "verdict", "note",
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selecting rows
+
+
+def family_order(frame: pd.DataFrame) -> list[str]:
+    """Families in order of first appearance, the order the config lists them in."""
+    return list(dict.fromkeys(frame["family"].tolist()))
+
+
+def _ok(metrics: pd.DataFrame) -> pd.DataFrame:
+    if "status" not in metrics.columns:
+        return metrics
+    return metrics[metrics["status"] == "ok"]
+
+
+def select_values(
+    metrics: pd.DataFrame, metric: str = "accuracy", split: str = "test", stage: str = "final"
+) -> pd.DataFrame:
+    """Rows of ok runs for one metric, split and stage."""
+    ok = _ok(metrics)
+    return ok[(ok["metric"] == metric) & (ok["split"] == split) & (ok["stage"] == stage)]
+
+
+def _metric_meta(rows: pd.DataFrame) -> tuple[str, bool]:
+    unit = str(rows["unit"].iloc[0]) if "unit" in rows.columns and len(rows) else ""
+    higher = (
+        bool(rows["higher_is_better"].iloc[0]) if "higher_is_better" in rows.columns and len(rows) else True
+    )
+    return unit, higher
+
+
+def _by_seed(rows: pd.DataFrame) -> pd.Series:
+    """Values indexed by seed; a duplicated seed (should not happen) keeps its mean."""
+    return rows.groupby("seed")["value"].mean().astype(float)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _mean_interval(values: np.ndarray) -> tuple[float, float, str, float, float]:
+    """(ci_low, ci_high, ci_method, t_low, t_high) for the mean of ``values``."""
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan, "none (n < 2)", math.nan, math.nan
+    mean = float(np.mean(values))
+    sem = float(stats.sem(values))
+    if sem == 0.0:
+        return mean, mean, "constant", mean, mean
+    t_low, t_high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
+    if n == 2:
+        return float(t_low), float(t_high), "t (n = 2)", float(t_low), float(t_high)
+    low, high, method = math.nan, math.nan, "bootstrap BCa"
+    with warnings.catch_warnings():
+        # BCa warns (and returns NaN) on degenerate resamples; we then fall back to percentile.
+        warnings.simplefilter("ignore")
+        for method_name, label in (("BCa", "bootstrap BCa"), ("percentile", "bootstrap percentile")):
+            result = stats.bootstrap(
+                (values,),
+                np.mean,
+                confidence_level=CONFIDENCE,
+                n_resamples=BOOTSTRAP_RESAMPLES,
+                method=method_name,
+                rng=np.random.default_rng(BOOTSTRAP_SEED),
+            )
+            low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+            method = label
+            if np.isfinite(low) and np.isfinite(high):
+                break
+    return low, high, method, float(t_low), float(t_high)
+
+
+def _describe(values: np.ndarray) -> dict:
+    n = len(values)
+    ci_low, ci_high, ci_method, t_low, t_high = _mean_interval(values)
+    return {
+        "n": n,
+        "mean": float(np.mean(values)) if n else math.nan,
+        "std": float(np.std(values, ddof=1)) if n > 1 else math.nan,
+        "sem": float(stats.sem(values)) if n > 1 else math.nan,
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "ci_method": ci_method,
+        "t_ci_low": t_low,
+        "t_ci_high": t_high,
+        "min": float(np.min(values)) if n else math.nan,
+        "max": float(np.max(values)) if n else math.nan,
+    }
+
+
+def _summary_rows(rows: pd.DataFrame, keys: list[str], metric: str, split: str, stage: str) -> list[dict]:
+    unit, higher = _metric_meta(rows)
+    out = []
+    for key, group in rows.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        values = _by_seed(group)
+        record = dict(zip(keys, key, strict=True))
+        record.update(
+            {
+                "family_kind": str(group["family_kind"].iloc[0]),
+                "is_baseline": bool(group["is_baseline"].iloc[0]) if "is_baseline" in group else False,
+                "metric": metric,
+                "split": split,
+                "stage": stage,
+                "unit": unit,
+                "higher_is_better": higher,
+            }
+        )
+        record.update(_describe(values.to_numpy()))
+        record["seeds"] = ",".join(str(int(s)) for s in values.index)
+        out.append(record)
+    return out
+
+
+SUMMARY_COLUMNS = [
+    "family", "family_kind", "variant", "is_baseline", "metric", "split", "stage", "epoch", "unit",
+    "higher_is_better", "n", "mean", "std", "sem", "ci_low", "ci_high", "ci_method", "t_ci_low", "t_ci_high",
+    "min", "max", "seeds",
+]  # fmt: skip
+
+
+def _order_like_input(frame: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
+    """Sort families and variants by first appearance in ``source`` rather than alphabetically."""
+    if frame.empty:
+        return frame
+    family_rank = {f: i for i, f in enumerate(family_order(source))}
+    variant_rank = {
+        v: i for i, v in enumerate(dict.fromkeys(zip(source["family"], source["variant"], strict=True)))
+    }
+    order = frame.apply(
+        lambda r: (family_rank.get(r["family"], 1e9), variant_rank.get((r["family"], r["variant"]), 1e9)),
+        axis=1,
+    )
+    frame = frame.assign(_order=order).sort_values("_order", kind="stable").drop(columns="_order")
+    return frame.reset_index(drop=True)
+
+
+def summarize(
+    metrics: pd.DataFrame, metric: str = "accuracy", split: str = "test", stage: str = "final"
+) -> pd.DataFrame:
+    """Per (family, variant) over ok runs: n, mean, std, sem, 95 % CI (with ``ci_method``), min, max."""
+    rows = select_values(metrics, metric, split, stage)
+    summary = pd.DataFrame(_summary_rows(rows, ["family", "variant"], metric, split, stage))
+    summary = summary.reindex(columns=SUMMARY_COLUMNS)
+    summary["epoch"] = pd.array([pd.NA] * len(summary), dtype="Int64")
+    return _order_like_input(summary, metrics)
+
+
+def summarize_epochs(metrics: pd.DataFrame, metric: str = "accuracy", split: str = "test") -> pd.DataFrame:
+    """Per (family, variant, epoch) over ok runs, from the ``stage == "epoch"`` rows."""
+    rows = select_values(metrics, metric, split, "epoch")
+    summary = pd.DataFrame(_summary_rows(rows, ["family", "variant", "epoch"], metric, split, "epoch"))
+    summary = summary.reindex(columns=SUMMARY_COLUMNS)
+    if summary.empty:
+        return summary
+    summary["epoch"] = summary["epoch"].astype("Int64")
+    summary = _order_like_input(summary, metrics)
+    return summary.sort_values(
+        ["family", "variant", "epoch"], key=_stable_key(summary), kind="stable"
+    ).reset_index(drop=True)
+
+
+def _stable_key(frame: pd.DataFrame):
+    """Sort key that keeps first-appearance order of families/variants and numeric order of epochs."""
+
+    def key(column: pd.Series) -> pd.Series:
+        if column.name == "epoch":
+            return column
+        return column.map({v: i for i, v in enumerate(dict.fromkeys(column.tolist()))})
+
+    return key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Effect sizes
+
+
+def _noncentral_t_interval(t_observed: float, df: float) -> tuple[float, float]:
+    """95 % interval of the noncentrality parameter given an observed t (Steiger & Fouladi 1997)."""
+    if not np.isfinite(t_observed) or df <= 0:
+        return math.nan, math.nan
+    tail = (1 - CONFIDENCE) / 2
+
+    def solve(target: float) -> float:
+        # cdf(t_obs; ncp) falls monotonically in ncp; widen the bracket until it contains the root.
+        def f(ncp: float) -> float:
+            probability = stats.nct.cdf(t_observed, df, ncp)
+            if np.isnan(probability):
+                # scipy's nct.cdf returns NaN far in the tails, where the cdf is 1 (ncp well below t) or 0.
+                probability = 1.0 if ncp < t_observed else 0.0
+            return probability - target
+
+        width = 10.0 + abs(t_observed)
+        low, high = t_observed - width, t_observed + width
+        for _ in range(20):
+            if f(low) > 0 > f(high):
+                return optimize.brentq(f, low, high, xtol=1e-10)
+            width *= 2
+            low, high = t_observed - width, t_observed + width
+        return math.nan
+
+    return solve(1 - tail), solve(tail)
+
+
+def cohens_dz(differences: np.ndarray) -> tuple[float, float, float]:
+    """Paired effect size d_z = mean(d) / sd(d) with its noncentral-t 95 % interval."""
+    n = len(differences)
+    sd = float(np.std(differences, ddof=1)) if n > 1 else math.nan
+    if n < 2 or sd == 0.0 or not np.isfinite(sd):
+        return math.nan, math.nan, math.nan
+    dz = float(np.mean(differences)) / sd
+    low, high = _noncentral_t_interval(dz * math.sqrt(n), n - 1)
+    return dz, low / math.sqrt(n), high / math.sqrt(n)
+
+
+def cohens_d(variant: np.ndarray, baseline: np.ndarray) -> tuple[float, float, float]:
+    """Unpaired effect size d = (mean difference) / pooled sd with its noncentral-t 95 % interval."""
+    n1, n2 = len(variant), len(baseline)
+    if n1 < 2 or n2 < 2:
+        return math.nan, math.nan, math.nan
+    pooled = math.sqrt(
+        ((n1 - 1) * np.var(variant, ddof=1) + (n2 - 1) * np.var(baseline, ddof=1)) / (n1 + n2 - 2)
+    )
+    if pooled == 0.0:
+        return math.nan, math.nan, math.nan
+    d = (float(np.mean(variant)) - float(np.mean(baseline))) / pooled
+    scale = math.sqrt(1 / n1 + 1 / n2)
+    low, high = _noncentral_t_interval(d / scale, n1 + n2 - 2)
+    return d, low * scale, high * scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# One comparison
+
+
+def _nan_comparison() -> dict:
+    return {
+        "n_pairs": 0,
+        "paired": False,
+        "mean_variant": math.nan,
+        "mean_baseline": math.nan,
+        "diff": math.nan,
+        "diff_ci_low": math.nan,
+        "diff_ci_high": math.nan,
+        "effect_size": math.nan,
+        "effect_size_kind": "",
+        "effect_ci_low": math.nan,
+        "effect_ci_high": math.nan,
+        "test": "",
+        "p_value": math.nan,
+        "nonparametric_test": "",
+        "p_nonparametric": math.nan,
+    }
+
+
+def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
+    """Compare two conditions given as values indexed by seed; paired when they share >= 2 seeds."""
+    result = _nan_comparison()
+    notes: list[str] = []
+    common = variant.index.intersection(baseline.index)
+    result["n_pairs"] = len(common)
+    result["mean_variant"] = float(variant.mean()) if len(variant) else math.nan
+    result["mean_baseline"] = float(baseline.mean()) if len(baseline) else math.nan
+    if len(variant) < 2 or len(baseline) < 2:
+        short = [
+            f"{name} has {len(values)} ok run(s)"
+            for name, values in (("variant", variant), ("baseline", baseline))
+            if len(values) < 2
+        ]
+        notes.append(" and ".join(short) + " (a test needs at least 2 of each)")
+        result["diff"] = result["mean_variant"] - result["mean_baseline"]
+        result["note"] = "; ".join(notes)
+        return result
+
+    if len(common) >= 2:
+        v = variant.loc[common].to_numpy()
+        b = baseline.loc[common].to_numpy()
+        dropped = (len(variant) - len(common)) + (len(baseline) - len(common))
+        if dropped:
+            notes.append(f"paired on the {len(common)} common seeds ({dropped} unpaired run(s) left out)")
+        differences = v - b
+        result.update(
+            paired=True,
+            mean_variant=float(v.mean()),
+            mean_baseline=float(b.mean()),
+            diff=float(differences.mean()),
+            test="paired t",
+            nonparametric_test="Wilcoxon signed-rank",
+            effect_size_kind="d_z",
+        )
+        if np.std(differences) == 0.0:
+            # A t statistic of +-inf (p = 0) would claim certainty from a degenerate sample.
+            notes.append("the paired differences have zero variance: t test undefined")
+            result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
+        else:
+            t_result = stats.ttest_rel(v, b)
+            interval = t_result.confidence_interval(CONFIDENCE)
+            result.update(
+                p_value=float(t_result.pvalue),
+                diff_ci_low=float(interval.low),
+                diff_ci_high=float(interval.high),
+            )
+        if np.all(differences == 0):
+            result["p_nonparametric"] = 1.0  # identical results: no evidence of any difference
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result["p_nonparametric"] = float(stats.wilcoxon(v, b).pvalue)
+        result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_dz(differences)
+    else:
+        v, b = variant.to_numpy(), baseline.to_numpy()
+        if len(common):
+            notes.append(f"only {len(common)} common seed: compared unpaired")
+        result.update(
+            paired=False,
+            diff=float(v.mean() - b.mean()),
+            test="Welch t",
+            nonparametric_test="Mann-Whitney U",
+            effect_size_kind="d",
+        )
+        if np.std(v) == 0.0 and np.std(b) == 0.0:
+            notes.append("both conditions have zero variance: t test undefined")
+            result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
+        else:
+            t_result = stats.ttest_ind(v, b, equal_var=False)
+            interval = t_result.confidence_interval(CONFIDENCE)
+            result.update(
+                p_value=float(t_result.pvalue),
+                diff_ci_low=float(interval.low),
+                diff_ci_high=float(interval.high),
+            )
+        result["p_nonparametric"] = float(stats.mannwhitneyu(v, b, alternative="two-sided").pvalue)
+        result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_d(v, b)
+    result["note"] = "; ".join(notes)
+    return result
+
+
+def holm_adjust(p_values: np.ndarray) -> np.ndarray:
+    """Holm step-down adjusted p-values (same numbers as ``multipletests(p, method="holm")[1]``).
+
+    Written out because statsmodels' Holm branch runs a full ``gc.collect()`` on every call, which costs
+    tens of milliseconds in a process holding pandas and matplotlib; the tests check that both agree.
+    """
+    p_values = np.asarray(p_values, dtype=float)
+    m = len(p_values)
+    if m == 0:
+        return p_values
+    order = np.argsort(p_values, kind="stable")
+    stepped = np.maximum.accumulate(p_values[order] * np.arange(m, 0, -1))
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted
+
+
+def _holm(p_values: pd.Series) -> pd.Series:
+    """Holm-adjusted p-values over the non-missing entries; missing stay missing."""
+    adjusted = pd.Series(np.nan, index=p_values.index)
+    present = p_values.dropna()
+    if len(present):
+        adjusted.loc[present.index] = holm_adjust(present.to_numpy())
+    return adjusted
+
+
+def _finish(rows: list[dict]) -> pd.DataFrame:
+    tests = pd.DataFrame(rows).reindex(columns=TESTS_COLUMNS)
+    if tests.empty:
+        return tests
+    # Holm within each family; one call handles one metric and split, so that is the grouping.
+    for index in tests.groupby(["family", "metric", "split"], sort=False).groups.values():
+        tests.loc[index, "p_holm"] = _holm(tests.loc[index, "p_value"]).to_numpy()
+        tests.loc[index, "p_nonparametric_holm"] = _holm(tests.loc[index, "p_nonparametric"]).to_numpy()
+    tests["significant"] = (tests["p_holm"] < ALPHA).fillna(False).astype(bool)
+    higher = np.where(tests["diff"] > 0, "higher", "lower")
+    tests["direction"] = np.where(tests["significant"], higher, "n.s.")
+    better = (tests["diff"] > 0) == tests["higher_is_better"].astype(bool)
+    tests["verdict"] = np.where(tests["significant"], np.where(better, "better", "worse"), "n.s.")
+    tests["paired"] = tests["paired"].astype(bool)
+    tests["higher_is_better"] = tests["higher_is_better"].astype(bool)
+    for column in ("n_variant", "n_baseline", "n_pairs"):
+        tests[column] = tests[column].astype(int)
+    tests["note"] = tests["note"].fillna("")
+    return tests
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tests table
+
+
+def baseline_variant(runs: pd.DataFrame, family: str) -> tuple[str | None, str]:
+    """The family's baseline variant (``is_baseline``) and a note when the flag is missing or repeated."""
+    flagged = runs[(runs["family"] == family) & runs["is_baseline"].astype(bool)]["variant"].unique()
+    if len(flagged) == 1:
+        return str(flagged[0]), ""
+    if len(flagged) == 0:
+        return None, "family has no baseline variant (is_baseline)"
+    return str(flagged[0]), f"family flags {len(flagged)} baselines; using {flagged[0]!r}"
+
+
+def _failed_note(runs: pd.DataFrame, family: str, variant: str) -> str:
+    if "status" not in runs.columns:
+        return ""
+    failed = runs[(runs["family"] == family) & (runs["variant"] == variant) & (runs["status"] != "ok")]
+    return f"{len(failed)} failed run(s) of {variant} excluded" if len(failed) else ""
+
+
+def compare_to_baseline(
+    metrics: pd.DataFrame,
+    runs: pd.DataFrame,
+    metric: str = "accuracy",
+    split: str = "test",
+    stage: str = "final",
+) -> pd.DataFrame:
+    """The tests table for one metric and split: every variant against its family's baseline.
+
+    Families of kind ``epochs`` compare every epoch with epoch 1 of the same variant instead (always on
+    the ``stage == "epoch"`` rows). See the module docstring for the columns.
+    """
+    rows: list[dict] = []
+    for family in family_order(runs):
+        family_runs = runs[runs["family"] == family]
+        kind = str(family_runs["family_kind"].iloc[0])
+        if kind == "epochs":
+            rows.extend(_compare_epochs(metrics, runs, family, kind, metric, split))
+            continue
+        everywhere = select_values(metrics, metric, split, stage)
+        selected = everywhere[everywhere["family"] == family]
+        has_ok_runs = bool((family_runs["status"] == "ok").any()) if "status" in family_runs else True
+        if everywhere.empty or (selected.empty and has_ok_runs):
+            # The metric was not recorded for this family (e.g. GPU memory on a CPU run): nothing to say.
+            # A family whose runs all failed still gets its rows, so the report can say so.
+            continue
+        unit, higher = _metric_meta(everywhere)
+        baseline, baseline_note = baseline_variant(runs, family)
+        variants = list(dict.fromkeys(family_runs["variant"].tolist()))
+        for variant in variants:
+            if variant == baseline:
+                continue
+            values = _by_seed(selected[selected["variant"] == variant])
+            base_values = (
+                _by_seed(selected[selected["variant"] == baseline]) if baseline else pd.Series(dtype=float)
+            )
+            comparison = compare_two(values, base_values) if baseline else _nan_comparison()
+            notes = [baseline_note, comparison.get("note", "")]
+            notes += [
+                _failed_note(runs, family, variant),
+                _failed_note(runs, family, baseline) if baseline else "",
+            ]
+            comparison.update(
+                family=family,
+                family_kind=kind,
+                metric=metric,
+                split=split,
+                stage=stage,
+                variant=variant,
+                baseline=baseline or "",
+                unit=unit,
+                higher_is_better=higher,
+                n_variant=len(values),
+                n_baseline=len(base_values),
+                note="; ".join(n for n in notes if n),
+            )
+            rows.append(comparison)
+    return _finish(rows)
+
+
+def _compare_epochs(
+    metrics: pd.DataFrame, runs: pd.DataFrame, family: str, kind: str, metric: str, split: str
+) -> list[dict]:
+    selected = select_values(metrics, metric, split, "epoch")
+    selected = selected[selected["family"] == family]
+    if selected.empty:
+        return []
+    unit, higher = _metric_meta(selected)
+    rows = []
+    for variant in dict.fromkeys(runs[runs["family"] == family]["variant"].tolist()):
+        per_variant = selected[selected["variant"] == variant]
+        if per_variant.empty:
+            continue
+        first = _by_seed(per_variant[per_variant["epoch"] == 1])
+        for epoch in sorted(int(e) for e in per_variant["epoch"].unique() if int(e) != 1):
+            later = _by_seed(per_variant[per_variant["epoch"] == epoch])
+            comparison = compare_two(later, first)
+            notes = [comparison.get("note", ""), _failed_note(runs, family, variant)]
+            comparison.update(
+                family=family,
+                family_kind=kind,
+                metric=metric,
+                split=split,
+                stage="epoch",
+                variant=f"{variant}@epoch{epoch}",
+                baseline=f"{variant}@epoch1",
+                unit=unit,
+                higher_is_better=higher,
+                n_variant=len(later),
+                n_baseline=len(first),
+                note="; ".join(n for n in notes if n),
+            )
+            rows.append(comparison)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Published numbers
+
+
+def prediction_interval(mean: float, std: float, n: int) -> tuple[float, float]:
+    """95 % interval for one further run, given n runs with this mean and standard deviation.
+
+    This, not the interval of the mean, is the fair yardstick for a published single run: one run
+    scatters by the full seed-to-seed spread, not by the standard error.
+    """
+    if n < 2 or not np.isfinite(std):
+        return math.nan, math.nan
+    half_width = stats.t.ppf(1 - (1 - CONFIDENCE) / 2, n - 1) * std * math.sqrt(1 + 1 / n)
+    return mean - half_width, mean + half_width
+
+
+def welch_from_summary(
+    mean: float, std: float, n: int, other_mean: float, other_std: float, other_n: int
+) -> float:
+    """Two-sided Welch t-test p-value from summary statistics (for references that report mean +- std)."""
+    if n < 2 or other_n < 2 or not (np.isfinite(std) and np.isfinite(other_std)) or std == other_std == 0:
+        return math.nan
+    return float(
+        stats.ttest_ind_from_stats(mean, std, n, other_mean, other_std, other_n, equal_var=False).pvalue
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seed consistency
+
+
+def _seeds_needed(effect_size: float, paired: bool) -> float:
+    """Fewest seeds per arm giving power 0.8 at alpha 0.05 (two-sided); NaN when the effect is undefined.
+
+    Searches the integer seed count on statsmodels' power function (power rises with n) rather than
+    calling ``solve_power``, whose root finder fails to converge for large effects at small n.
+    """
+    if not np.isfinite(effect_size) or effect_size <= 0:
+        return math.nan
+    analysis, size_keyword = (TTestPower(), "nobs") if paired else (TTestIndPower(), "nobs1")
+
+    def enough(n: int) -> bool:
+        power = analysis.power(effect_size=effect_size, alpha=ALPHA, **{size_keyword: n})
+        if not np.isfinite(power):
+            # For large effects scipy's noncentral t returns NaN for the far (wrong-sign) rejection tail,
+            # which is then negligible: the one-sided power at alpha / 2 is the two-sided power.
+            power = analysis.power(
+                effect_size=effect_size, alpha=ALPHA / 2, alternative="larger", **{size_keyword: n}
+            )
+        return power >= TARGET_POWER
+
+    if enough(2):  # two seeds is the least a t test can use
+        return 2.0
+    low, high = 2, 4
+    while not enough(high):
+        low, high = high, high * 2
+        if high > 10**8:
+            return math.nan
+    while high - low > 1:  # invariant: not enough(low), enough(high)
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return float(high)
+
+
+def seed_consistency(
+    metrics: pd.DataFrame,
+    runs: pd.DataFrame | None = None,
+    metric: str = "accuracy",
+    split: str = "test",
+    stage: str = "final",
+    delta: float = ONE_POINT,
+) -> pd.DataFrame:
+    """Per condition: spread across seeds and the seeds per arm needed to detect ``delta``.
+
+    ``seeds_for_1pt`` assumes two independent arms with the observed standard deviation;
+    ``seeds_for_1pt_paired`` uses the standard deviation of the seed-paired differences to the family's
+    baseline (NaN for the baseline itself), which is what a paired design needs. Both are NaN when the
+    standard deviation is zero or there are fewer than two runs. ``delta`` is in the metric's unit
+    (0.01 = one accuracy point).
+    """
+    selected = select_values(metrics, metric, split, stage)
+    unit, _ = _metric_meta(selected)
+    records = []
+    baselines: dict[str, str | None] = {}
+    source = runs if runs is not None else metrics
+    for family in family_order(source):
+        baselines[family] = baseline_variant(source, family)[0]
+    for (family, variant), group in selected.groupby(["family", "variant"], sort=False):
+        values = _by_seed(group)
+        n = len(values)
+        std = float(values.std(ddof=1)) if n > 1 else math.nan
+        unpaired = _seeds_needed(delta / std, paired=False) if n > 1 and std > 0 else math.nan
+        paired_needed, paired_std = math.nan, math.nan
+        baseline = baselines.get(family)
+        if baseline and variant != baseline:
+            base_values = _by_seed(
+                selected[(selected["family"] == family) & (selected["variant"] == baseline)]
+            )
+            common = values.index.intersection(base_values.index)
+            if len(common) >= 2:
+                paired_std = float((values.loc[common] - base_values.loc[common]).std(ddof=1))
+                if paired_std > 0:
+                    paired_needed = _seeds_needed(delta / paired_std, paired=True)
+        records.append(
+            {
+                "family": family,
+                "family_kind": str(group["family_kind"].iloc[0]),
+                "variant": variant,
+                "metric": metric,
+                "split": split,
+                "stage": stage,
+                "unit": unit,
+                "n": n,
+                "mean": float(values.mean()),
+                "std": std,
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "range": float(values.max() - values.min()),
+                "std_paired_diff": paired_std,
+                "delta": delta,
+                "seeds_for_1pt": unpaired,
+                "seeds_for_1pt_paired": paired_needed,
+            }
+        )
+    return _order_like_input(pd.DataFrame(records), source) if records else pd.DataFrame(records)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path`` in one step.
+
+    Readers (Snakemake, a browser reloading the report) never see half a file, and a crash leaves the
+    previous version in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        # mkstemp creates the file private (0600); give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_table_atomically(table: pd.DataFrame, path: str | Path) -> None:
+    """Write ``path`` (``.parquet``, else CSV) atomically."""
+    with atomic_output(path) as temporary:
+        if Path(path).suffix == ".parquet":
+            table.to_parquet(temporary, index=False)
+        else:
+            table.to_csv(temporary, index=False)
+
+
+def _present(metrics: pd.DataFrame, metric: str, split: str, stage: str) -> bool:
+    return bool(
+        ((metrics["metric"] == metric) & (metrics["split"] == split) & (metrics["stage"] == stage)).any()
+    )
+
+
+def all_tests(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The tests table over every metric of ``TESTED_METRICS`` present in ``metrics``."""
+    parts = []
+    for metric, split in TESTED_METRICS:
+        if _present(metrics, metric, split, "final") or _present(metrics, metric, split, "epoch"):
+            parts.append(compare_to_baseline(metrics, runs, metric, split))
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TESTS_COLUMNS)
+
+
+def all_summaries(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Final-stage summaries of every metric and split, plus per-epoch summaries for epochs families."""
+    final = _ok(metrics)
+    final = final[final["stage"] == "final"]
+    parts = [
+        summarize(metrics, metric, split)
+        for metric, split in dict.fromkeys(zip(final["metric"], final["split"], strict=True))
+    ]
+    epochs_families = runs.loc[runs["family_kind"] == "epochs", "family"].unique()
+    if len(epochs_families):
+        per_epoch = metrics[metrics["family"].isin(epochs_families)]
+        for metric, split in EPOCH_METRICS:
+            if _present(per_epoch, metric, split, "epoch"):
+                parts.append(summarize_epochs(per_epoch, metric, split))
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SUMMARY_COLUMNS)
+
+
+def run_stats(metrics_path: str | Path, runs_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Read the tidy tables and write ``tests``, ``summary`` and ``seed_consistency`` (parquet + csv).
+
+    Returns the written paths by table name. This is what ``python -m lora_bench stats`` calls.
+    """
+    metrics = pd.read_parquet(metrics_path)
+    runs = pd.read_parquet(runs_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = {
+        "tests": all_tests(metrics, runs),
+        "summary": all_summaries(metrics, runs),
+        "seed_consistency": seed_consistency(metrics, runs),
+    }
+    written = {}
+    for name, table in tables.items():
+        for suffix in (".parquet", ".csv"):
+            path = out_dir / f"{name}{suffix}"
+            write_table_atomically(table, path)
+        written[name] = out_dir / f"{name}.parquet"
+    return written

@@ -1,0 +1,130 @@
+"""Tests of lora_bench.report: the report builds from tables and figures alone and says what it must."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from synthetic import REALISTIC_EFFECTS, make_tables
+
+from lora_bench import plots, report, stats
+
+FAMILIES = ("methods", "rank_alpha", "coverage", "epochs", "optimizer")
+FAILED_RUN = "methods/full/seed1"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    runs, metrics = make_tables(
+        FAMILIES, n_seeds=3, n_epochs=2, effects=REALISTIC_EFFECTS, failed=[FAILED_RUN]
+    )
+    tables = root / "results" / "tables"
+    tables.mkdir(parents=True)
+    runs.to_parquet(tables / "runs.parquet")
+    metrics.to_parquet(tables / "metrics.parquet")
+    stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
+    figures = root / "results" / "figures"
+    plots.make_all_figures(runs, metrics, figures)
+    paths = report.build_report(tables, figures, root / "paper", meta={"config": "config/test.yaml"})
+    return {
+        "root": root,
+        "paths": paths,
+        "md": paths["markdown"].read_text(encoding="utf-8"),
+        "html": paths["html"].read_text(encoding="utf-8"),
+    }
+
+
+def test_files_exist(built):
+    assert built["paths"]["markdown"] == built["root"] / "paper" / "report.md"
+    assert built["paths"]["markdown"].stat().st_size > 0 and built["paths"]["html"].stat().st_size > 0
+
+
+def test_html_embeds_every_family_figure(built):
+    images = re.findall(r'<img [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', built["html"])
+    assert len(images) == len(FAMILIES)
+    assert "../results/figures" not in built["html"]  # nothing points outside the file
+
+
+def test_markdown_references_figures_by_relative_path(built):
+    for family in FAMILIES:
+        assert f"](../results/figures/{family}.png)" in built["md"]
+
+
+def test_every_section_is_present(built):
+    for family in FAMILIES:
+        assert f"## Family: {family.replace('_', chr(92) + '_')}" in built["md"]
+        assert f">Family: {family}</h2>" in built["html"]
+    for heading in (
+        "Setup",
+        "Methods: how the numbers were computed",
+        "How consistent are seeds",
+        "Failed runs",
+        "Reference results",
+    ):
+        assert f"## {heading}" in built["md"]
+        assert f">{heading}</h2>" in built["html"]
+
+
+def test_failed_run_is_listed_with_its_error(built):
+    failed_section = built["md"].split("## Failed runs", 1)[1].split("## Reference results", 1)[0]
+    assert f"`{FAILED_RUN}`" in failed_section and "CUDA out of memory" in failed_section
+    # The error holds "<...>": escaped, not swallowed as an HTML tag.
+    assert "&lt;synthetic failure&gt;" in built["html"]
+
+
+def test_claims_and_verdicts(built):
+    md = built["md"]
+    assert "**last\\_layers** is worse than **lora**:" in md
+    assert "No significant difference between" in md
+    assert re.search(r"Holm p (=|<) [0-9.<]", md)
+
+
+def test_reference_section_is_honest_about_settings(built):
+    reference_section = built["md"].split("## Reference results", 1)[1]
+    assert "**Setting differs**" in reference_section  # DistilBERT + IMDb vs our MiniLM + Pang & Lee
+    assert "Same model and data source as ours" in reference_section  # the CPU peer measurement
+    assert "89.44\u00a0%" in reference_section and "81.1 ± 1.1 %" in reference_section
+    assert "pooler was never trained" in reference_section
+    assert "inside our 95% CI" in reference_section or "outside our 95% CI" in reference_section
+
+
+def test_epochs_family_has_per_epoch_table(built):
+    epochs_section = built["md"].split("## Family: epochs", 1)[1].split("## Family:", 1)[0]
+    assert "| Variant | Epoch |" in epochs_section and "lora@epoch2" in epochs_section
+
+
+def test_report_refuses_missing_tables(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lora_bench"):
+        report.build_report(tmp_path, tmp_path, tmp_path / "paper")
+
+
+def test_report_from_single_seed_tables(tmp_path):
+    runs, metrics = make_tables(["methods", "epochs"], n_seeds=1, n_epochs=2)
+    runs.to_parquet(tmp_path / "runs.parquet")
+    metrics.to_parquet(tmp_path / "metrics.parquet")
+    stats.run_stats(tmp_path / "metrics.parquet", tmp_path / "runs.parquet", tmp_path)
+    paths = report.build_report(tmp_path, tmp_path / "figures-not-built", tmp_path / "paper")
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert "was not tested" in md and "Figure missing" in md and "None: all" in md
+
+
+@pytest.mark.parametrize(
+    ("p", "text"), [(0.0004, "< 0.001"), (0.01234, "0.0123"), (0.5, "0.5"), (float("nan"), "–")]
+)
+def test_p_value_format(p, text):
+    assert report.fmt_p(p) == text
+
+
+def test_number_formats():
+    assert report.fmt_percent(0.89437) == "89.44"
+    assert report.fmt_points(0.0123) == "+1.23" and report.fmt_points(-0.0123) == "−1.23"
+    assert report.fmt_count(22713986) == "22,713,986"
+
+
+@pytest.mark.parametrize(
+    "kind", ["methods", "rank_alpha", "coverage", "epochs", "optimizer", "generic", "new"]
+)
+def test_snakemake_caption_is_rst(kind):
+    caption = report.snakemake_report_caption(kind)
+    assert caption.startswith("**") and "95 %" in caption and caption.endswith("\n")
