@@ -51,10 +51,10 @@ def test_lint_is_clean():
 @pytest.mark.parametrize(
     ("args", "train_jobs"),
     [
-        ((), 59),
+        ((), 56),
         (("--configfile", ".test/config.yaml"), 20),
         (("--configfile", "config/paper.yaml"), 155),
-        (("--profile", "profiles/workstation-gpu"), 59),
+        (("--profile", "profiles/workstation-gpu"), 56),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 155),
     ],
     ids=["default", "test", "paper", "workstation-gpu", "slurm"],
