@@ -35,6 +35,7 @@ ci-workflow: setup
 	$(RUN) snakefmt --check Snakefile workflow/rules
 	$(RUN) snakemake --lint
 	$(RUN) snakemake -n --configfile config/paper.yaml > /dev/null
+	$(RUN) snakemake -n --configfile config/gpu_memory.yaml > /dev/null
 	$(RUN) snakemake -n --profile profiles/workstation-gpu > /dev/null
 	$(RUN) snakemake -n --profile profiles/slurm --configfile config/paper.yaml > /dev/null
 	rm -rf .test-run && mkdir .test-run

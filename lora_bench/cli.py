@@ -182,7 +182,7 @@ def cmd_fetch_data(args) -> int:
 def cmd_prepare_data(args) -> int:
     """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
     from .data import prepare_splits
-    from .models import load_model
+    from .models import load_tokenizer
     from .study import load_study, study_from_dict
 
     _quiet_libraries()
@@ -191,11 +191,12 @@ def cmd_prepare_data(args) -> int:
     for family, variant, seed in study.runs():
         cfg = study.run_config(family, variant, seed)
         key = (cfg.data, cfg.model.source, cfg.model.name)
-        if repr(key) in seen:
+        # Synthetic token ids are generated in the run itself: nothing to fetch or cache.
+        if repr(key) in seen or cfg.data.source == "synthetic":
             continue
         seen.add(repr(key))
-        loaded = load_model(cfg.model, num_labels=2)
-        _, info = prepare_splits(cfg.data, loaded.tokenizer, f"{cfg.model.source}:{cfg.model.name}")
+        tokenizer = load_tokenizer(cfg.model)
+        _, info = prepare_splits(cfg.data, tokenizer, f"{cfg.model.source}:{cfg.model.name}")
         print(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {info['sizes']} -> {info['cache']}")
     if args.done:
         Path(args.done).parent.mkdir(parents=True, exist_ok=True)

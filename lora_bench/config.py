@@ -140,6 +140,7 @@ class DataConfig:
     split: dict
     split_seed: int
     max_examples: dict
+    synthetic_examples: int
     max_length: int
     cache_dir: str
 
@@ -155,15 +156,25 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    backend: str
+    block_size: int
+    double_quant: bool
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     name: str
     train_classifier: bool
+    quant: QuantConfig
     lora: LoRAConfig
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int
+    max_steps: int | None
+    evaluate: bool
     batch_size: int
     grad_accum: int
     lr: float
@@ -207,6 +218,7 @@ class RunConfig:
         cfg = validate(raw, "run", source)
         method = dict(cfg["method"])
         method["lora"] = LoRAConfig(**method["lora"])
+        method["quant"] = QuantConfig(**method["quant"])
         return cls(
             seed=cfg["seed"],
             model=ModelConfig(**cfg["model"]),

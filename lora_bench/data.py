@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -210,6 +212,27 @@ def subsample_stratified(indices: np.ndarray, labels: list[int], limit: int | No
     return np.sort(np.concatenate(keep))
 
 
+def synthetic_splits(spec: DataConfig, tokenizer):
+    """Random token ids of exactly ``max_length`` tokens with random labels (seeded by ``split_seed``).
+
+    For memory and time measurements, which depend on shapes, not on what the tokens say.
+    """
+    import datasets
+
+    rng = np.random.default_rng(spec.split_seed)
+    low = len(getattr(tokenizer, "all_special_ids", [])) or 1
+    high = len(tokenizer)
+    sizes = {"train": spec.synthetic_examples, "validation": 16, "test": 16}
+    splits = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict({
+            "input_ids": rng.integers(low, high, size=(n, spec.max_length)).tolist(),
+            "labels": rng.integers(0, 2, size=n).tolist(),
+        })
+        for name, n in sizes.items()
+    })
+    return splits, {"origin": f"synthetic:{spec.max_length} tokens", "label_names": ["0", "1"], "cached": False}
+
+
 def load_examples(spec: DataConfig) -> Examples:
     if spec.source not in DATA_SOURCES:
         raise DataError(f"unknown data source {spec.source!r}; choose one of {sorted(DATA_SOURCES)}")
@@ -231,6 +254,9 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
     """Load, split and tokenize; returns (``datasets.DatasetDict``, info). Tokenized splits are cached on disk."""
     import datasets
 
+    if spec.source == "synthetic":
+        splits, info = synthetic_splits(spec, tokenizer)
+        return splits, _describe_splits(splits, info)
     examples = load_examples(spec)
     key = _cache_key(spec, examples, tokenizer_id)
     cache = Path(spec.cache_dir) / "tokenized" / key
@@ -251,11 +277,19 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
                 "labels": [examples.labels[i] for i in chosen],
             })
         splits = datasets.DatasetDict(splits)
-        tmp = cache.with_name(cache.name + ".tmp")
+        # A per-process temporary folder renamed into place: parallel jobs never see half a cache.
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         splits.save_to_disk(str(tmp))
-        tmp.replace(cache) if not cache.exists() else None
+        try:
+            tmp.rename(cache)
+        except OSError:  # another job finished the same cache first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
         info["cached"] = False
+    return splits, _describe_splits(splits, info)
+
+
+def _describe_splits(splits, info: dict) -> dict:
     info["sizes"] = {name: len(splits[name]) for name in SPLITS}
     info["class_counts"] = {name: np.bincount(splits[name]["labels"], minlength=2).tolist() for name in SPLITS}
     info["mean_tokens"] = {name: float(np.mean([len(x) for x in splits[name]["input_ids"]])) for name in SPLITS}
-    return splits, info
+    return info

@@ -288,8 +288,9 @@ def apply_lora(
     return names
 
 
-def lora_modules(model: nn.Module) -> Iterable[LinearWithLoRA]:
-    return (m for m in model.modules() if isinstance(m, LinearWithLoRA))
+def lora_modules(model: nn.Module) -> Iterable[nn.Module]:
+    """Every module carrying a ``LoRALayer`` (16-bit ``LinearWithLoRA`` and the 4-bit QLoRA layers)."""
+    return (m for m in model.modules() if isinstance(getattr(m, "lora", None), LoRALayer))
 
 
 def merge_lora(model: nn.Module) -> None:

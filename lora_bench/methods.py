@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from .config import MethodConfig
 from .lora import LoRASpec, apply_lora, architecture_of
+from .quant import nf4_wrap_for, quantize_remaining_linears, select_backend
 
 
 def lora_spec(method: MethodConfig) -> LoRASpec:
@@ -55,12 +57,31 @@ def _with_lora(model: nn.Module, method: MethodConfig, wrap=None) -> dict:
     return {"lora_modules": wrapped, "fully_trained": unfrozen, "architecture": arch.name}
 
 
-def prepare_lora(model: nn.Module, method: MethodConfig) -> dict:
+def prepare_lora(model: nn.Module, method: MethodConfig, device: torch.device) -> dict:
     """Frozen base, LoRA on the covered layers; the final classifier trains if ``train_classifier``."""
     return _with_lora(model, method)
 
 
-def prepare_last_layers(model: nn.Module, method: MethodConfig) -> dict:
+def prepare_qlora(model: nn.Module, method: MethodConfig, device: torch.device) -> dict:
+    """QLoRA: every linear layer of the base model stored in 4-bit NF4, LoRA on the covered ones.
+
+    The classification head stays in full precision (bitsandbytes' loaders skip it too); the backend
+    is bitsandbytes on CUDA when installed, else lora_bench's own NF4 (``method.quant.backend``).
+    """
+    arch = architecture_of(model)
+    quant = method.quant
+    backend = select_backend(device, None if quant.backend == "auto" else quant.backend).name
+    layout = {"block_size": quant.block_size, "double_quant": quant.double_quant}
+    info = _with_lora(model, method, wrap=nf4_wrap_for(device, backend, **layout))
+    head = re.compile(arch.kinds["head"])
+    info["quantized_frozen"] = quantize_remaining_linears(
+        model, lambda name: bool(head.fullmatch(name)), device, backend, **layout
+    )
+    info["quant_backend"] = backend
+    return info
+
+
+def prepare_last_layers(model: nn.Module, method: MethodConfig, device: torch.device) -> dict:
     """Everything frozen except the classification head's linear layers (e.g. pre_classifier + classifier)."""
     arch = architecture_of(model)
     freeze_all(model)
@@ -70,22 +91,23 @@ def prepare_last_layers(model: nn.Module, method: MethodConfig) -> dict:
     return {"fully_trained": unfrozen, "architecture": arch.name}
 
 
-def prepare_full(model: nn.Module, method: MethodConfig) -> dict:
+def prepare_full(model: nn.Module, method: MethodConfig, device: torch.device) -> dict:
     """Every parameter trains."""
     for p in model.parameters():
         p.requires_grad_(True)
     return {"fully_trained": ["<all>"]}
 
 
-METHODS: dict[str, Callable[[nn.Module, MethodConfig], dict]] = {
+METHODS: dict[str, Callable[[nn.Module, MethodConfig, torch.device], dict]] = {
     "lora": prepare_lora,
+    "qlora": prepare_qlora,
     "last_layers": prepare_last_layers,
     "full": prepare_full,
 }
 
 
-def prepare_model(model: nn.Module, method: MethodConfig) -> dict:
-    """Apply ``method`` to ``model`` in place; returns what it did, for the run record."""
+def prepare_model(model: nn.Module, method: MethodConfig, device: torch.device | str = "cpu") -> dict:
+    """Apply ``method`` to ``model`` (already on ``device``) in place; returns what it did, for the record."""
     if method.name not in METHODS:
         raise ValueError(f"unknown method {method.name!r}; registered: {sorted(METHODS)}")
-    return METHODS[method.name](model, method)
+    return METHODS[method.name](model, method, torch.device(device))

@@ -159,6 +159,16 @@ MODEL_SOURCES: dict[str, Callable[[ModelConfig, int, object], LoadedModel]] = {
 }
 
 
+def load_tokenizer(spec: ModelConfig):
+    """Only the tokenizer of ``spec`` (for preparing data without building the model)."""
+    from transformers import AutoTokenizer
+
+    if spec.source == "random":
+        return tiny_tokenizer()
+    folder = {"embedded": lambda: _embedded_path(spec.name), "local": lambda: Path(spec.name).expanduser()}
+    return AutoTokenizer.from_pretrained(folder[spec.source]() if spec.source in folder else spec.name)
+
+
 def load_model(spec: ModelConfig, num_labels: int) -> LoadedModel:
     """Load the model named by ``spec`` with a freshly initialised ``num_labels``-way head."""
     import torch

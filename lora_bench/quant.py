@@ -276,38 +276,31 @@ class _NF4Linear(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-class LinearNF4WithLoRA(nn.Module):
-    """QLoRA's layer: a frozen NF4 copy of an ``nn.Linear`` plus a trainable ``LoRALayer``.
+class LinearNF4(nn.Module):
+    """A frozen NF4 copy of an ``nn.Linear``: QLoRA's base layer, also used for the linear layers
+    that get no adapter (QLoRA stores every linear layer of the base model in 4 bits).
 
     The packed weight and its scales are buffers (so ``state_dict`` and ``.to()`` carry them and
     optimizers never see them); the original floating-point weight is not kept. Each forward
     decodes the weight to ``compute_dtype`` (default: the original weight's dtype), as bitsandbytes
     does outside its inference kernels, and backward decodes it again rather than keeping the
-    dense copy; only the LoRA factors receive gradients.
+    dense copy.
     """
 
     def __init__(
         self,
         linear: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        scaling: str = "alpha/r",
         compute_dtype: torch.dtype | None = None,
         block_size: int = 64,
         double_quant: bool = True,
     ):
         super().__init__()
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LinearNF4WithLoRA wraps an nn.Linear, got {type(linear).__name__}")
-        if scaling not in SCALING_RULES:
-            raise ValueError(f"unknown LoRA scaling rule {scaling!r}; choose one of {sorted(SCALING_RULES)}")
+            raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
         q = quantize_nf4(weight, block_size=block_size, double_quant=double_quant)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.scaling = scaling
-        self.alpha = alpha
         self.weight_dtype = weight.dtype
         self.compute_dtype = compute_dtype or weight.dtype
         self.block_size = block_size
@@ -322,14 +315,6 @@ class LinearNF4WithLoRA(nn.Module):
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.lora = LoRALayer(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            SCALING_RULES[scaling](alpha, rank),
-            dropout,
-        ).to(device=weight.device)
-        self.merged = False
 
     @property
     def nf4(self) -> NF4Tensor:
@@ -354,9 +339,52 @@ class LinearNF4WithLoRA(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.nf4.dequantize(dtype or self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = _NF4Linear.apply(x.to(self.compute_dtype), self.nf4, bias, self.compute_dtype)
+        return _NF4Linear.apply(x.to(self.compute_dtype), self.nf4, bias, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_forward(x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        q = "nf4+dq" if self.absmax_scale is not None else "nf4"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {q}, "
+            f"block_size={self.block_size}, compute_dtype={self.compute_dtype}"
+        )
+
+
+class LinearNF4WithLoRA(LinearNF4):
+    """QLoRA's layer: a frozen NF4 copy of an ``nn.Linear`` plus a trainable ``LoRALayer``;
+    only the LoRA factors receive gradients."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        scaling: str = "alpha/r",
+        compute_dtype: torch.dtype | None = None,
+        block_size: int = 64,
+        double_quant: bool = True,
+    ):
+        if scaling not in SCALING_RULES:
+            raise ValueError(f"unknown LoRA scaling rule {scaling!r}; choose one of {sorted(SCALING_RULES)}")
+        super().__init__(linear, compute_dtype, block_size, double_quant)
+        self.scaling = scaling
+        self.alpha = alpha
+        self.lora = LoRALayer(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            SCALING_RULES[scaling](alpha, rank),
+            dropout,
+        ).to(device=linear.weight.device)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
         out = out + self.lora(x).to(out.dtype)
         return out.to(x.dtype)
 
@@ -385,13 +413,6 @@ class LinearNF4WithLoRA(nn.Module):
     def unmerge(self) -> None:
         """Nothing to undo: an NF4 layer is never merged in place."""
 
-    def extra_repr(self) -> str:
-        q = "nf4+dq" if self.absmax_scale is not None else "nf4"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, {q}, "
-            f"block_size={self.block_size}, compute_dtype={self.compute_dtype}"
-        )
-
 
 def nf4_wrap(linear: nn.Linear, spec: LoRASpec) -> LinearNF4WithLoRA:
     """``wrap`` for ``apply_lora(model, spec, wrap=nf4_wrap)``: QLoRA with our NF4."""
@@ -416,23 +437,9 @@ class LinearBnb4bitWithLoRA(nn.Module):
         device: torch.device | str = "cuda",
     ):
         super().__init__()
-        import bitsandbytes as bnb
-
         if scaling not in SCALING_RULES:
             raise ValueError(f"unknown LoRA scaling rule {scaling!r}; choose one of {sorted(SCALING_RULES)}")
-        base = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            compute_dtype=compute_dtype or linear.weight.dtype,
-            compress_statistics=True,
-            quant_type="nf4",
-        )
-        # The documented bitsandbytes path: load the dense weights, then quantize by moving to CUDA.
-        base.load_state_dict({k: v.detach().cpu() for k, v in linear.state_dict().items()})
-        self.base_layer = base.to(device)
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
+        self.base_layer = bnb_linear4bit(linear, device, compute_dtype)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.scaling = scaling
@@ -456,7 +463,10 @@ class QuantBackend:
 
     name: str
     why_unavailable: Callable[[torch.device], str | None]
-    make_wrap: Callable[[torch.device], Wrap]
+    # Both factories take (device, block_size, double_quant); make_frozen builds the 4-bit layer for
+    # a linear layer that gets no adapter.
+    make_wrap: Callable[[torch.device, int, bool], Wrap]
+    make_frozen: Callable[[torch.device, int, bool], Callable[[nn.Linear], nn.Module]]
 
     def is_available(self, device: torch.device | str) -> bool:
         return self.why_unavailable(torch.device(device)) is None
@@ -477,15 +487,56 @@ def _bitsandbytes_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _bitsandbytes_wrap(device: torch.device) -> Wrap:
+def bnb_linear4bit(linear: nn.Linear, device: torch.device | str, compute_dtype: torch.dtype | None = None):
+    """bitsandbytes' frozen NF4 ``Linear4bit`` (double-quantized) holding ``linear``'s weights."""
+    import bitsandbytes as bnb
+
+    base = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype or linear.weight.dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+    )
+    # The documented bitsandbytes path: load the dense weights, then quantize by moving to CUDA.
+    base.load_state_dict({k: v.detach().cpu() for k, v in linear.state_dict().items()})
+    base = base.to(device)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def _bnb_layout(block_size: int, double_quant: bool) -> None:
+    if block_size != 64 or not double_quant:
+        raise ValueError("the bitsandbytes backend is used with QLoRA's layout only: block_size 64, double_quant")
+
+
+def _bitsandbytes_wrap(device: torch.device, block_size: int = 64, double_quant: bool = True) -> Wrap:
+    _bnb_layout(block_size, double_quant)
     return lambda linear, spec: LinearBnb4bitWithLoRA(
         linear, spec.rank, spec.alpha, spec.dropout, spec.scaling, device=device
     )
 
 
+def _bitsandbytes_frozen(device: torch.device, block_size: int = 64, double_quant: bool = True):
+    _bnb_layout(block_size, double_quant)
+    return lambda linear: bnb_linear4bit(linear, device)
+
+
+def _torch_wrap(device: torch.device, block_size: int = 64, double_quant: bool = True) -> Wrap:
+    return lambda linear, spec: LinearNF4WithLoRA(
+        linear, spec.rank, spec.alpha, spec.dropout, spec.scaling, block_size=block_size, double_quant=double_quant
+    )
+
+
+def _torch_frozen(device: torch.device, block_size: int = 64, double_quant: bool = True):
+    return lambda linear: LinearNF4(linear, block_size=block_size, double_quant=double_quant)
+
+
 QUANT_BACKENDS: list[QuantBackend] = [
-    QuantBackend("bitsandbytes", _bitsandbytes_unavailable, _bitsandbytes_wrap),
-    QuantBackend("torch", lambda device: None, lambda device: nf4_wrap),
+    QuantBackend("bitsandbytes", _bitsandbytes_unavailable, _bitsandbytes_wrap, _bitsandbytes_frozen),
+    QuantBackend("torch", lambda device: None, _torch_wrap, _torch_frozen),
 ]
 
 
@@ -506,10 +557,35 @@ def select_backend(device: torch.device | str, force: str | None = None) -> Quan
     raise RuntimeError(f"no quantization backend available on {device}")  # unreachable: torch always is
 
 
-def nf4_wrap_for(device: torch.device | str, force: str | None = None) -> Wrap:
+def nf4_wrap_for(
+    device: torch.device | str, force: str | None = None, block_size: int = 64, double_quant: bool = True
+) -> Wrap:
     """The ``apply_lora`` wrap callable of the selected backend for ``device``."""
     device = torch.device(device)
-    return select_backend(device, force).make_wrap(device)
+    return select_backend(device, force).make_wrap(device, block_size, double_quant)
+
+
+def quantize_remaining_linears(
+    model: nn.Module,
+    keep: Callable[[str], bool],
+    device: torch.device | str,
+    force: str | None = None,
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> list[str]:
+    """Replace every plain ``nn.Linear`` not kept by ``keep(name)`` with a frozen 4-bit layer.
+
+    QLoRA stores the whole base model in 4 bits, not only the layers that carry adapters; the
+    classification head (which ``keep`` names) stays in 16/32 bits, as bitsandbytes' loaders do.
+    """
+    device = torch.device(device)
+    make = select_backend(device, force).make_frozen(device, block_size, double_quant)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not keep(n)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(getattr(parent, child)))
+    return names
 
 
 __all__ = [
@@ -518,12 +594,14 @@ __all__ = [
     "NF4_QUANTILE_OFFSET",
     "QUANT_BACKENDS",
     "LinearBnb4bitWithLoRA",
+    "LinearNF4",
     "LinearNF4WithLoRA",
     "NF4Tensor",
     "QuantBackend",
     "nf4_codebook_from_quantiles",
     "nf4_wrap",
     "nf4_wrap_for",
+    "quantize_remaining_linears",
     "quantize_nf4",
     "select_backend",
 ]

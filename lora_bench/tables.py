@@ -33,6 +33,8 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     "weights_bytes": ("bytes", False),
     "gradients_bytes": ("bytes", False),
     "optimizer_state_bytes": ("bytes", False),
+    "state_bytes": ("bytes", False),
+    "base_weight_bytes": ("bytes", False),
 }
 
 LABEL_COLUMNS = ["run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method"]
@@ -52,6 +54,8 @@ RUN_LEVEL = [
     ("weights_bytes", "memory", "weights"),
     ("gradients_bytes", "memory", "gradients"),
     ("optimizer_state_bytes", "memory", "optimizer_state"),
+    ("state_bytes", "memory", "state"),
+    ("base_weight_bytes", "memory", "base_weights"),
 ]
 
 

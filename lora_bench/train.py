@@ -118,16 +118,24 @@ def evaluate(model, loader, device, precision) -> dict:
     return {"accuracy": correct / total, "loss": loss_sum / total}
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Exact bytes of weights (parameters + buffers), gradients and optimizer state."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    """Exact bytes of weights (parameters + buffers, incl. 4-bit packed codes and scales), gradients,
+    optimizer state, their sum, and the stored base weights (everything but the LoRA factors).
+
+    On CPU this is the memory figure that does not depend on the allocator; activations are not in it.
+    """
+    weights = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
+    adapters = sum(_nbytes(p) for name, p in model.named_parameters() if ".lora." in f".{name}")
+    grads = sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
     opt_state = sum(
-        v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-        if torch.is_tensor(v)
+        _nbytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
     )
-    return {"weights": weights, "gradients": grads, "optimizer_state": opt_state}
+    return {"weights": weights, "gradients": grads, "optimizer_state": opt_state,
+            "state": weights + grads + opt_state, "base_weights": weights - adapters}
 
 
 def peak_rss_bytes() -> int:
@@ -175,8 +183,9 @@ def run_training(cfg: RunConfig) -> RunResult:
     # Re-seed after loading so the LoRA init and data order do not depend on how many random
     # draws the model constructor happened to make.
     seed_everything(cfg.seed)
-    method_info = prepare_model(model, cfg.method)
+    # Move first, then adapt: QLoRA quantizes on the target device, and bitsandbytes only on CUDA.
     model.to(device)
+    method_info = prepare_model(model, cfg.method, device)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise TrainingFailed(f"method {cfg.method.name!r} left no trainable parameter")
@@ -198,13 +207,18 @@ def run_training(cfg: RunConfig) -> RunResult:
     scheduler = build_schedule(optimizer, cfg.train, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     if device.type == "cuda":
+        # Peak memory of training, not of loading the dense model before quantizing it.
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
     epochs, step_times = [], []
     examples_seen = tokens_seen = 0
     train_seconds = 0.0
     step = 0
+    max_steps = cfg.train.max_steps or total_steps
     for epoch in range(1, cfg.train.epochs + 1):
+        if step >= max_steps:
+            break
         model.train()
         loss_sum, loss_count = 0.0, 0
         epoch_start = time.perf_counter()
@@ -237,17 +251,22 @@ def run_training(cfg: RunConfig) -> RunResult:
             now = time.perf_counter()
             step_times.append(now - step_start)
             step_start = now
+            if step >= max_steps:
+                break
         train_seconds += time.perf_counter() - epoch_start
         record = {"epoch": epoch, "train_loss": loss_sum / loss_count}
         for name in SPLITS:
-            if name == "train" and not cfg.train.eval_train:
+            if not cfg.train.evaluate or (name == "train" and not cfg.train.eval_train):
                 continue
             result = evaluate(model, eval_loaders[name], device, cfg.train.precision)
             record[f"{name}_accuracy"] = result["accuracy"]
             record[f"{name}_loss"] = result["loss"]
         epochs.append(record)
 
-    best = max(epochs, key=lambda r: (r["validation_accuracy"], -r["epoch"]))
+    if cfg.train.evaluate:
+        best = max(epochs, key=lambda r: (r["validation_accuracy"], -r["epoch"]))
+    else:
+        best = epochs[-1]
     memory = {"peak_rss": peak_rss_bytes(), **state_bytes(model, optimizer)}
     if device.type == "cuda":
         memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated(device)

@@ -334,7 +334,8 @@ def test_backend_selection_on_cpu():
     assert [b.name for b in QUANT_BACKENDS] == ["bitsandbytes", "torch"]
     assert select_backend("cpu").name == "torch"
     assert select_backend("cpu", force="torch").name == "torch"
-    assert nf4_wrap_for("cpu") is nf4_wrap
+    layer = nf4_wrap_for("cpu", block_size=32, double_quant=False)(nn.Linear(64, 8), LoRASpec(rank=2, alpha=4))
+    assert isinstance(layer, LinearNF4WithLoRA) and layer.block_size == 32 and layer.absmax_scale is None
     with pytest.raises(RuntimeError, match="bitsandbytes.*unavailable on cpu.*CUDA"):
         select_backend("cpu", force="bitsandbytes")
     with pytest.raises(ValueError, match="unknown quantization backend"):

@@ -36,10 +36,10 @@ def test_exact_trainable_counts_on_distilbert_shape():
     assert _distilbert_count("lora", rank=4, targets=["mlp"], layers=[4, 5]) == 2 * 4 * ((768 + 3072) * 2)
 
 
-def test_methods_registry_has_the_three_methods():
-    assert {"lora", "last_layers", "full"} <= set(METHODS)
+def test_methods_registry_has_the_methods():
+    assert {"lora", "qlora", "last_layers", "full"} <= set(METHODS)
     with pytest.raises(ValueError, match="unknown method"):
-        prepare_model(None, MethodConfig("prompt_tuning", True, None))
+        prepare_model(None, MethodConfig("prompt_tuning", True, None, None))
 
 
 def test_same_seed_same_metrics_and_training_learns(tiny_run):

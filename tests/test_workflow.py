@@ -51,13 +51,14 @@ def test_lint_is_clean():
 @pytest.mark.parametrize(
     ("args", "train_jobs"),
     [
-        ((), 56),
-        (("--configfile", ".test/config.yaml"), 20),
+        ((), 77),
+        (("--configfile", ".test/config.yaml"), 24),
         (("--configfile", "config/paper.yaml"), 155),
-        (("--profile", "profiles/workstation-gpu"), 56),
+        (("--configfile", "config/gpu_memory.yaml"), 27),
+        (("--profile", "profiles/workstation-gpu"), 77),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 155),
     ],
-    ids=["default", "test", "paper", "workstation-gpu", "slurm"],
+    ids=["default", "test", "paper", "gpu-memory", "workstation-gpu", "slurm"],
 )
 def test_dry_run_of_every_config_and_profile(args, train_jobs):
     result = snakemake("-n", *args)
@@ -75,7 +76,7 @@ def test_a_new_family_is_one_config_block(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake("-n", "--configfile", str(path)).stdout)
-    assert jobs["train"] == 20 + 2 * 2
+    assert jobs["train"] == 24 + 2 * 2
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -98,7 +99,7 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
 
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
-    assert len(runs) == 20 and set(runs["status"]) == {"ok"}
+    assert len(runs) == 24 and set(runs["status"]) == {"ok"}
     for column in ("run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
                    "trainable_params", "git_sha", "cfg.method.lora.rank", "cfg.train.optimizer"):
         assert column in runs.columns, column
