@@ -33,6 +33,10 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     "weights_bytes": ("bytes", False),
     "gradients_bytes": ("bytes", False),
     "optimizer_state_bytes": ("bytes", False),
+    # weights + gradients + optimizer state, exact (memory_time families use it when there is no GPU)
+    "state_bytes": ("bytes", False),
+    # the stored frozen base weights, including 4-bit packed codes and their quantization scales
+    "base_weight_bytes": ("bytes", False),
 }
 
 LABEL_COLUMNS = ["run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method"]
