@@ -380,6 +380,107 @@ def plot_optimizer(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "opt
     return fig
 
 
+def _method_of(runs: pd.DataFrame, family: str) -> dict[str, str]:
+    """Method per variant (``cfg.method.name``, else ``method``), for colouring by method."""
+    family_runs = runs[runs["family"] == family]
+    column = next((c for c in ("cfg.method.name", "method") if c in family_runs.columns), None)
+    if column is None:
+        return {}
+    named = family_runs.dropna(subset=[column])
+    return {str(v): str(m) for v, m in zip(named["variant"], named[column], strict=True)}
+
+
+def _error_bar(summary_row: pd.Series, factor: float) -> list[list[float]] | None:
+    """Error-bar extents (below, above) of a summary row, scaled by ``factor``; None without an interval."""
+    mean, low, high = (float(summary_row[c]) for c in ("mean", "ci_low", "ci_high"))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return [[(mean - low) * factor], [(high - mean) * factor]]
+
+
+# Spread (largest / smallest) of base weight bytes beyond which the bar panel switches to a log scale.
+LOG_SPREAD = 20.0
+
+
+def plot_memory_time(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "memory_time") -> Figure:
+    """Memory (GiB) against median step time (ms) per variant, 95 % CIs both ways, coloured by method.
+
+    Memory is ``peak_cuda_allocated`` on GPU runs, else the exact bytes of weights + gradients + optimizer
+    state (``state_bytes``); the second panel shows the bytes of the stored frozen base weights per variant
+    (4-bit codes and their scales for QLoRA), on a log scale when they span more than a factor of 20.
+    """
+    variants = variant_order(runs, family)
+    memory = stats.memory_metric(metrics, family)
+    time = _summary(metrics, family, stats.MEMORY_TIME_TIME_METRIC, "none", variants)
+    if memory is None or time.empty:
+        # Without both axes there is no scatter; show what there is rather than nothing.
+        metric = stats.MEMORY_TIME_TIME_METRIC if not time.empty else memory
+        if metric is None:
+            return _message_figure(family, "no memory or time measurements of successful runs to plot")
+        return plot_generic(runs, metrics, family, metric, "none")
+    mem = _summary(metrics, family, memory, "none", variants).set_index("variant")
+    time = time.set_index("variant")
+    shown = [v for v in variants if v in mem.index and v in time.index]
+    methods = _method_of(runs, family)
+    method_names = list(dict.fromkeys(methods.get(v, "?") for v in shown))
+    colors = dict(zip(method_names, sns.color_palette(PALETTE, len(method_names)), strict=True))
+    base = _summary(metrics, family, "base_weight_bytes", "none", variants)
+    gib, ms, mib = 1 / 2**30, 1000.0, 1 / 2**20
+    with sns.axes_style(STYLE):
+        panels = 2 if not base.empty else 1
+        fig, axes = plt.subplots(
+            1, panels, figsize=(6.2 + 4.2 * (panels - 1), 4.4), squeeze=False,
+            gridspec_kw={"width_ratios": [1.5, 1][:panels]},
+        )  # fmt: skip
+        ax = axes[0][0]
+        for variant in shown:
+            m, t = mem.loc[variant], time.loc[variant]
+            color = colors[methods.get(variant, "?")]
+            ax.errorbar(
+                m["mean"] * gib,
+                t["mean"] * ms,
+                xerr=_error_bar(m, gib),
+                yerr=_error_bar(t, ms),
+                fmt="o",
+                color=color,
+                markeredgecolor="black",
+                capsize=4,
+                markersize=8,
+                zorder=3,
+            )
+            ax.annotate(
+                f"{variant} (n={int(t['n'])})",
+                (m["mean"] * gib, t["mean"] * ms),
+                textcoords="offset points",
+                xytext=(7, 6),
+                fontsize=8,
+            )
+        handles = [
+            matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=colors[name], markeredgecolor="black",
+                                    label=name)
+            for name in method_names
+        ]  # fmt: skip
+        ax.legend(handles=handles, title="method", fontsize=8, title_fontsize=8, loc="best")
+        ax.margins(x=0.25, y=0.2)
+        memory_label = "peak CUDA allocated" if memory == "peak_cuda_allocated" else "weights + grads + optimizer"
+        ax.set_xlabel(f"memory: {memory_label} (GiB) — mean, 95% CI")
+        ax.set_ylabel("median step time (ms) — mean, 95% CI")
+        ax.set_title("memory vs time per step")
+        if panels == 2:
+            values = base.set_index("variant")["mean"] * mib
+            positive = values[values > 0]
+            log = len(positive) > 1 and positive.max() / positive.min() > LOG_SPREAD
+            _bar_panel(
+                axes[0][1], values, variants, "base weights (MiB" + (", log scale)" if log else ")"), log=log
+            )
+            for patch, variant in zip(axes[0][1].patches, [v for v in variants if v in values.index], strict=True):
+                patch.set_color(colors.get(methods.get(variant, "?"), patch.get_facecolor()))
+            axes[0][1].set_title("stored frozen base weights")
+        fig.suptitle(f"{family}: memory and time per step")
+        fig.tight_layout()
+    return fig
+
+
 def plot_generic(
     runs: pd.DataFrame, metrics: pd.DataFrame, family: str, metric: str = "accuracy", split: str = "test"
 ) -> Figure:
@@ -404,6 +505,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "coverage": plot_coverage,
     "epochs": plot_epochs,
     "optimizer": plot_optimizer,
+    "memory_time": plot_memory_time,
     "generic": plot_generic,
 }
 

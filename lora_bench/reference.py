@@ -8,8 +8,15 @@ accuracies are context rather than a target.
 Each ``ReferenceResult`` names the condition of ours it corresponds to by family kind, variant name and
 method (``ours_kind`` / ``ours_variant`` / ``ours_method``); the report matches on the variant name
 first and falls back to the family's single variant with that method. ``model_keys`` / ``data_keys``
-are lowercase fragments that identify the setting in our ``cfg.model.name`` and ``cfg.data.name``.
-Accuracies are fractions (0..1), as in the metrics table; ``relative`` values are ratios minus one.
+are lowercase fragments that identify the setting in our ``cfg.model.name`` and ``cfg.data.name``
+(no ``data_keys``: the data do not matter, as for memory and time on synthetic tokens), and
+``device_keys`` fragments our ``device`` must contain (``cuda`` for GPU measurements). Accuracies are
+fractions (0..1), as in the metrics table; ``relative`` values are ratios minus one (-0.33 = 33 % less)
+and ``ratio`` values plain ratios (0.44 = 0.44x), both of ``ours_variant`` to ``ours_versus``.
+
+Memory and time depend on the model's size, sequence length, batch and hardware, so the absolute numbers
+of a setting with ``absolute_needs_same_setting`` are compared only when our runs are in that setting
+(the Llama-2-7B config on CUDA); otherwise only the ratios (QLoRA vs LoRA) are.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ class Setting:
     data_keys: tuple[str, ...]
     hardware: str
     runs: str  # how many runs stand behind each number
+    device_keys: tuple[str, ...] = ()  # fragments every one of our devices must contain; () = any device
+    absolute_needs_same_setting: bool = False  # compare absolute values only when the setting matches
+    details: str = ""  # what else our runs would need to match (shown when the model and device do)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class ReferenceResult:
     ours_kind: str  # family kind of ours this maps to ("" when there is no counterpart)
     ours_variant: str
     ours_method: str = ""
+    ours_versus: str = ""  # for relative / ratio values: the variant ours is compared with ("" = baseline)
     std: float | None = None  # standard deviation across seeds, when the source gives one
     n_runs: int = 1
     label: str = ""
@@ -81,20 +92,25 @@ SETTINGS: dict[str, Setting] = {
         title="Llama-2-7B on Alpaca",
         model="Llama-2-7B (lit-gpt)",
         data="Alpaca, 50k instructions",
-        model_keys=("llama",),
+        model_keys=("llama-2-7b", "llama2-7b"),
         data_keys=("alpaca",),
         hardware="one A100",
         runs="single runs",
+        device_keys=("cuda",),
+        details="lit-gpt, A100, micro-batch 1 with gradient accumulation to 128, paged optimizer",
     ),
     "llama2_shape_h100": Setting(
         key="llama2_shape_h100",
         title="Llama-2-7B-shaped model, random bf16 weights, on one H100",
         model="Llama-2-7B shape, random bf16 weights",
         data="synthetic, micro-batch 1, sequence 512",
-        model_keys=("llama",),
-        data_keys=("synthetic", "random"),
+        model_keys=("llama-2-7b", "llama2-7b"),
+        data_keys=(),
         hardware="one H100 (80 GB), peft 0.21 + bitsandbytes 0.50.2",
         runs="single measurements",
+        device_keys=("cuda",),
+        absolute_needs_same_setting=True,
+        details="micro-batch 1, sequence length 512, AdamW, r=8, alpha=16, bf16 weights",
     ),
 }
 
@@ -155,7 +171,9 @@ def _cpu_peer(
     )
 
 
-def _gpu_peer(metric: str, value: float, unit: str, variant: str, method: str, label: str) -> ReferenceResult:
+def _gpu_peer(
+    metric: str, value: float, unit: str, variant: str, method: str, label: str, versus: str = "", note: str = ""
+) -> ReferenceResult:
     return ReferenceResult(
         GPU_PEER,
         "llama2_shape_h100",
@@ -166,8 +184,20 @@ def _gpu_peer(metric: str, value: float, unit: str, variant: str, method: str, l
         ours_kind="memory_time",
         ours_variant=variant,
         ours_method=method,
+        ours_versus=versus,
         label=label,
+        note=note,
     )
+
+
+# The peer's H100 table (REFERENCE.md, "Peer measurement on this project's GPU kind"):
+# setting -> (peak allocated GiB, median step s).
+GPU_PEER_TABLE: dict[str, tuple[float, float]] = {
+    "lora": (15.73, 0.115),  # peft LoRA, query+value
+    "qlora": (6.85, 0.139),  # peft + bnb QLoRA, query+value
+    "lora_all": (18.04, 0.174),  # peft LoRA, all linear layers
+    "qlora_all": (9.14, 0.241),  # peft + bnb QLoRA, all linear layers
+}
 
 
 _PAGED_QLORA = "QLoRA (NF4 base weights, paged optimizer) vs 16-bit LoRA"
@@ -281,6 +311,7 @@ REFERENCE_RESULTS: tuple[ReferenceResult, ...] = (
         ours_kind="memory_time",
         ours_variant="qlora",
         ours_method="qlora",
+        ours_versus="lora",
         label=f"{_PAGED_QLORA}: peak memory (21.33 GB → 14.18 GB)",
     ),
     ReferenceResult(
@@ -293,6 +324,7 @@ REFERENCE_RESULTS: tuple[ReferenceResult, ...] = (
         ours_kind="memory_time",
         ours_variant="qlora",
         ours_method="qlora",
+        ours_versus="lora",
         label=f"{_PAGED_QLORA}: training time, as the write-up states it",
         note="the reported hours (1.85 h → 2.79 h) give +51 %",
     ),
@@ -306,6 +338,7 @@ REFERENCE_RESULTS: tuple[ReferenceResult, ...] = (
         ours_kind="memory_time",
         ours_variant="qlora",
         ours_method="qlora",
+        ours_versus="lora",
         label=f"{_PAGED_QLORA}: training time, from the reported hours",
         note="2.79 h / 1.85 h; the write-up's own figure is +39 %",
     ),
@@ -318,6 +351,43 @@ REFERENCE_RESULTS: tuple[ReferenceResult, ...] = (
     _gpu_peer("median_step_time", 0.139, "s", "qlora", "qlora", "peft + bnb QLoRA, query+value"),
     _gpu_peer("median_step_time", 0.174, "s", "lora_all", "", "peft LoRA, all linear layers"),
     _gpu_peer("median_step_time", 0.241, "s", "qlora_all", "", "peft + bnb QLoRA, all linear layers"),
+    # The same table as QLoRA / LoRA ratios: comparable (as context) even where the setting differs.
+    _gpu_peer(
+        "memory_ratio",
+        GPU_PEER_TABLE["qlora"][0] / GPU_PEER_TABLE["lora"][0],
+        "ratio",
+        "qlora",
+        "qlora",
+        "QLoRA / LoRA, query+value: peak allocated (6.85 / 15.73 GiB)",
+        versus="lora",
+    ),
+    _gpu_peer(
+        "step_time_ratio",
+        GPU_PEER_TABLE["qlora"][1] / GPU_PEER_TABLE["lora"][1],
+        "ratio",
+        "qlora",
+        "qlora",
+        "QLoRA / LoRA, query+value: median step (0.139 / 0.115 s)",
+        versus="lora",
+    ),
+    _gpu_peer(
+        "memory_ratio",
+        GPU_PEER_TABLE["qlora_all"][0] / GPU_PEER_TABLE["lora_all"][0],
+        "ratio",
+        "qlora_all",
+        "",
+        "QLoRA / LoRA, all linear layers: peak allocated (9.14 / 18.04 GiB)",
+        versus="lora_all",
+    ),
+    _gpu_peer(
+        "step_time_ratio",
+        GPU_PEER_TABLE["qlora_all"][1] / GPU_PEER_TABLE["lora_all"][1],
+        "ratio",
+        "qlora_all",
+        "",
+        "QLoRA / LoRA, all linear layers: median step (0.241 / 0.174 s)",
+        versus="lora_all",
+    ),
 )
 
 CAVEATS: tuple[str, ...] = (

@@ -10,6 +10,13 @@ test, Holm-adjusted p-value and number of seeds, and "no significant difference"
 as a win. The reference section puts each published number (``lora_bench.reference``) beside ours and
 says whether it lies inside our 95 % interval and whether the setting is the same at all.
 
+Families of kind ``memory_time`` (QLoRA vs LoRA vs full: memory and time) get their own table from
+``cost_summary`` and the tests table instead of an accuracy table (they usually evaluate no accuracy):
+per variant the setting, memory, step time, throughput and base-weight bytes, and the memory and time
+ratios to the baseline with Fieller intervals and Holm p-values, plus one generated sentence per variant
+("qlora uses 0.62× the memory of lora ... and takes 1.31× the time per step"). A study without any
+accuracy rows says so in its headline rather than claiming that no comparison could be tested.
+
 The HTML is the Markdown converted with the ``markdown`` package and wrapped in
 ``templates/report.html.j2``; figures are embedded as base64 PNG data URIs so the file can be mailed.
 """
@@ -37,6 +44,9 @@ COST_KINDS = ("methods", "coverage", "optimizer", "memory_time", "generic")
 ERROR_CHARS = 400
 DEFAULT_TITLE = "lora-bench: LoRA finetuning with seeds and error bars"
 REQUIRED_TABLES = ("runs", "metrics", "tests", "summary", "seed_consistency")
+# ``cost_summary`` (from ``stats`` too) is read when present and required only by a memory_time study.
+MEMORY_TIME = stats.MEMORY_TIME_KIND
+GIB, MIB = 2.0**30, 2.0**20
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,13 +143,23 @@ def _read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
             )
             raise FileNotFoundError(f"{path} is missing; the report reads only tables: run `{hint}` first")
         tables[name] = pd.read_parquet(path)
+    path = tables_dir / "cost_summary.parquet"
+    if path.exists():
+        tables["cost_summary"] = pd.read_parquet(path)
+    elif (tables["runs"]["family_kind"] == MEMORY_TIME).any():
+        raise FileNotFoundError(
+            f"{path} is missing and the study has a memory_time family: run `python -m lora_bench stats` first"
+        )
+    else:
+        tables["cost_summary"] = pd.DataFrame(columns=stats.COST_SUMMARY_COLUMNS)
     return tables
 
 
 def _unique_text(runs: pd.DataFrame, column: str) -> list[str]:
     if column not in runs.columns:
         return []
-    values = runs[column].dropna().astype(str)
+    # A column that only some families set holds NaN elsewhere, which turns its integers into floats.
+    values = runs[column].dropna().map(stats.as_text)
     return [v for v in dict.fromkeys(values) if v]
 
 
@@ -406,9 +426,10 @@ def _relative(x) -> str:
     return fmt_value(x, "relative")
 
 
-def _cost_rows(family: str, tests: pd.DataFrame) -> list[dict]:
+def _cost_rows(family: str, tests: pd.DataFrame, shown: tuple[str, ...] = ()) -> list[dict]:
+    """Relative cost changes vs the baseline, leaving out the metrics in ``shown`` (already reported)."""
     rows = []
-    costs = tests[(tests["family"] == family) & tests["metric"].isin(COST_METRICS)]
+    costs = tests[(tests["family"] == family) & tests["metric"].isin(COST_METRICS) & ~tests["metric"].isin(shown)]
     costs = costs[costs["mean_variant"].notna() & costs["mean_baseline"].notna()]
     for t in costs.itertuples():
         relative = t.diff / t.mean_baseline if _finite(t.mean_baseline) and t.mean_baseline else math.nan
@@ -428,6 +449,178 @@ def _cost_rows(family: str, tests: pd.DataFrame) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------
+# Memory and time families
+
+MEMORY_LABELS = {
+    "peak_cuda_allocated": "peak CUDA memory allocated",
+    "state_bytes": "weights + gradients + optimizer state",
+}
+
+
+def fmt_ratio(x) -> str:
+    """A ratio as a multiple: 0.6021 -> '0.60×', 0.0042 -> '0.0042×'."""
+    if not _finite(x):
+        return "–"
+    x = float(x)
+    return f"{x:.2f}×" if abs(x) >= 0.1 else f"{x:.2g}×"
+
+
+def _fmt_scaled(value, scale: float) -> str:
+    """``value / scale`` with three significant digits (whole numbers from 100 on)."""
+    if not _finite(value):
+        return "–"
+    x = float(value) / scale
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _mean_and_interval(mean, low, high, scale: float) -> str:
+    text = _fmt_scaled(mean, scale)
+    if _finite(low) and _finite(high) and float(low) == float(high):
+        return text  # identical in every run: an interval [x, x] says nothing
+    interval = fmt_interval(low, high, lambda x: _fmt_scaled(x, scale))
+    return f"{text} {interval}" if interval != "–" else text
+
+
+def _cost_summary(tables: dict) -> pd.DataFrame:
+    cost = tables.get("cost_summary")
+    return cost if cost is not None else pd.DataFrame(columns=stats.COST_SUMMARY_COLUMNS)
+
+
+def _cost_test(tests: pd.DataFrame, family: str, variant: str, metric: str, baseline: str | None = None):
+    """The tests row of one cost comparison (split ``none``), or None."""
+    rows = tests[
+        (tests["family"] == family)
+        & (tests["variant"] == variant)
+        & (tests["metric"] == metric)
+        & (tests["split"] == "none")
+    ]
+    if baseline is not None:
+        rows = rows[rows["baseline"] == baseline]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _is_exact(test) -> bool:
+    return bool(test.get("exact", False)) if test is not None else False
+
+
+def _ratio_cells(test) -> tuple[str, str]:
+    """(ratio with its 95 % interval, Holm p) of a cost comparison, for the table."""
+    if test is None:
+        return "–", "–"
+    ratio = fmt_ratio(test.get("ratio"))
+    if _is_exact(test):
+        return f"{ratio} (exact)", "exact"
+    interval = fmt_interval(test.get("ratio_ci_low"), test.get("ratio_ci_high"), fmt_ratio)
+    return (f"{ratio} {interval}" if interval != "–" else ratio), fmt_p(test["p_holm"])
+
+
+def _ratio_phrase(test, what: str, baseline: str, label: str = "") -> str | None:
+    """'uses 0.60× the memory of **lora** (...)' and the like, with the evidence; None without a test row."""
+    if test is None or not _finite(test.get("ratio")):
+        return None
+    exact = _is_exact(test)
+    lead = what.format(ratio=("exactly " if exact else "") + fmt_ratio(test["ratio"]), baseline=baseline)
+    details = [label] if label else []
+    if exact:
+        details.append("identical in every run of both")
+        return f"{lead} ({'; '.join(details)})"
+    if not _finite(test["p_value"]):
+        details.append(f"not tested: {md_text(test['note']) or 'no p-value'}")
+        return f"{lead} ({'; '.join(details)})"
+    low, high = test.get("ratio_ci_low"), test.get("ratio_ci_high")
+    if _finite(low) and _finite(high):
+        details.append(f"95% CI {fmt_ratio(low)} to {fmt_ratio(high)}")
+    evidence = f"{test['test']}, Holm {p_phrase(test['p_holm'])}"
+    details.append(evidence + ("" if bool(test["significant"]) else ": no significant difference"))
+    return f"{lead} ({'; '.join(details)})"
+
+
+def _memory_time_claim(family: str, variant: str, baseline: str, tests: pd.DataFrame, memory: str) -> str:
+    """One sentence per variant: its memory and time per step as multiples of the baseline's."""
+    name, base = f"**{md_text(variant)}**", f"**{md_text(baseline)}**"
+    memory_test = _cost_test(tests, family, variant, memory) if memory else None
+    time_test = _cost_test(tests, family, variant, stats.MEMORY_TIME_TIME_METRIC)
+    time_what = "takes {ratio} the time per step" + ("" if memory_test is not None else " of {baseline}")
+    parts = [
+        _ratio_phrase(memory_test, "uses {ratio} the memory of {baseline}", base, MEMORY_LABELS.get(memory, memory)),
+        _ratio_phrase(time_test, time_what, base),
+    ]
+    parts = [part for part in parts if part]
+    if not parts:
+        reason = "too few finished runs" if memory_test is None and time_test is None else "no ratio"
+        return f"{name} vs {base}: memory and time were not compared ({reason})."
+    reference_test = time_test if time_test is not None else memory_test
+    if bool(reference_test["paired"]):
+        n = f"n = {int(reference_test['n_pairs'])} seed pairs"
+    else:
+        n = f"n = {int(reference_test['n_variant'])} vs {int(reference_test['n_baseline'])} runs"
+    return f"{name} {' and '.join(parts)}; {n}."
+
+
+def _memory_time_section(family: str, tables: dict) -> dict:
+    """Table rows, sentences and notes of a memory_time family, from ``cost_summary`` and ``tests``."""
+    runs, tests = tables["runs"], tables["tests"]
+    cost = _cost_summary(tables)
+    cost = cost[cost["family"] == family].set_index("variant")
+    baseline = stats.baseline_variant(runs, family)[0]
+    memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
+    rows, claims = [], []
+    for variant in plots.variant_order(runs, family):
+        if variant not in cost.index:
+            continue
+        c = cost.loc[variant]
+        method = str(c["method"] or "")
+        n = str(int(c["n"])) + (f" ({int(c['n_failed'])} failed)" if int(c["n_failed"]) else "")
+        row = {
+            "variant": md_text(variant),
+            "method": md_text(method or "–"),
+            "model": md_text(c["model"] or "–"),
+            "optimizer": md_text(c["optimizer"] or "–"),
+            "targets": "all weights" if method == "full" else md_text(c["targets"] or "–"),
+            "seq_length": md_text(c["seq_length"] or "–"),
+            "n": n,
+            "memory": _mean_and_interval(c["memory_mean"], c["memory_ci_low"], c["memory_ci_high"], GIB),
+            "time": _mean_and_interval(
+                c["median_step_time_mean"], c["median_step_time_ci_low"], c["median_step_time_ci_high"], 1e-3
+            ),
+            "tokens": fmt_count(c["tokens_per_second_mean"]),
+            "base_weights": _fmt_scaled(c["base_weight_bytes_mean"], MIB),
+        }
+        if variant == baseline:
+            row.update(memory_ratio="baseline", memory_p="", time_ratio="baseline", time_p="")
+        else:
+            memory_test = _cost_test(tests, family, variant, memory) if memory else None
+            time_test = _cost_test(tests, family, variant, stats.MEMORY_TIME_TIME_METRIC)
+            row["memory_ratio"], row["memory_p"] = _ratio_cells(memory_test)
+            row["time_ratio"], row["time_p"] = _ratio_cells(time_test)
+            if baseline:
+                claims.append(_memory_time_claim(family, variant, baseline, tests, memory))
+        rows.append(row)
+    settings = []
+    for label, column in (("device", "device"), ("precision", "precision")):
+        values = [str(v) for v in dict.fromkeys(cost[column]) if v] if len(cost) else []
+        if values:
+            settings.append(f"{label}: {md_text(', '.join(values))}")
+    return {
+        "rows": rows,
+        "claims": claims,
+        "memory_label": md_text(MEMORY_LABELS.get(memory, memory or "not recorded")),
+        "memory_metric": memory,
+        "settings": "; ".join(settings),
+    }
+
+
+# Metrics the memory_time table already reports; the generic cost table leaves them out for these families.
+MEMORY_TIME_SHOWN = ("median_step_time", *stats.MEMORY_TIME_MEMORY_METRICS, *stats.MEMORY_TIME_OTHER_METRICS)
+
+
+def _has_primary(summary: pd.DataFrame, family: str) -> bool:
+    """Whether the family has any test accuracy from finished runs."""
+    primary = (summary["metric"] == PRIMARY_METRIC) & (summary["split"] == PRIMARY_SPLIT)
+    return bool((primary & (summary["family"] == family)).any())
+
+
 def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dict]:
     runs, summary, tests = tables["runs"], tables["summary"], tables["tests"]
     sections = []
@@ -439,6 +632,9 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
             & (tests["metric"] == PRIMARY_METRIC)
             & (tests["split"] == PRIMARY_SPLIT)
         ]
+        memory_time = kind == MEMORY_TIME
+        # A memory_time family usually evaluates no accuracy: no accuracy table of dashes for it.
+        show_accuracy = not memory_time or _has_primary(summary, family)
         sections.append(
             {
                 "name": md_text(family),
@@ -447,14 +643,18 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
                 "caption": md_text(plots.figure_caption(kind)),
                 "figure": _relative_url(png, out_dir) if png.exists() else None,
                 "figure_path": png,
-                "rows": _condition_rows(family, runs, summary, tests) if kind != "epochs" else [],
+                "show_accuracy": show_accuracy,
+                "rows": _condition_rows(family, runs, summary, tests) if kind != "epochs" and show_accuracy else [],
                 "final_rows": _condition_rows(family, runs, summary, tests.iloc[0:0])
                 if kind == "epochs"
                 else [],
                 "epoch_rows": _epoch_rows(family, runs, summary, tests) if kind == "epochs" else [],
                 "claims": [{"text": _claim(t), "verdict": t["verdict"]} for _, t in primary_tests.iterrows()],
                 "rank_note": _rank_note(primary_tests[primary_tests["p_value"].notna()]),
-                "cost_rows": _cost_rows(family, tests) if kind in COST_KINDS else [],
+                "cost_rows": (
+                    _cost_rows(family, tests, MEMORY_TIME_SHOWN if memory_time else ()) if kind in COST_KINDS else []
+                ),
+                "memory_time": _memory_time_section(family, tables) if memory_time else None,
                 "baseline": md_text(stats.baseline_variant(runs, family)[0] or "none"),
             }
         )
@@ -503,23 +703,45 @@ def _normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
+def _relevant_runs(runs: pd.DataFrame, refs: list[reference.ReferenceResult]) -> pd.DataFrame:
+    """Our runs of the family kinds a setting's numbers map to (all runs when the study has none of those)."""
+    kinds = {r.ours_kind for r in refs if r.ours_kind}
+    relevant = runs[runs["family_kind"].isin(kinds)]
+    return relevant if len(relevant) else runs
+
+
 def _setting_matches(setting: reference.Setting, runs: pd.DataFrame) -> bool | None:
-    """Whether our runs used the setting's model and data; None when the runs table cannot tell."""
-    models = _unique_text(runs, "cfg.model.name") + _unique_text(runs, "cfg.model.source")
+    """Whether our runs used the setting's model, data and device; None when the runs table cannot tell.
+
+    Every model name of ours must be the setting's (a study mixing a tiny and a 7B model is not "the
+    same setting"); the data need to match only when the setting names data (``data_keys``), and the
+    device only when it names devices (``device_keys``, e.g. CUDA for GPU memory and time).
+    """
+    models = _unique_text(runs, "cfg.model.name") or _unique_text(runs, "cfg.model.source")
     datasets = _unique_text(runs, "cfg.data.name") + _unique_text(runs, "cfg.data.source")
-    if not models or not datasets:
+    devices = _unique_text(runs, "device")
+    if not models or (setting.data_keys and not datasets) or (setting.device_keys and not devices):
         return None
-    model_text, data_text = _normalise(" ".join(models)), _normalise(" ".join(datasets))
-    return any(_normalise(k) in model_text for k in setting.model_keys) and any(
-        _normalise(k) in data_text for k in setting.data_keys
-    )
+    model_keys = [_normalise(k) for k in setting.model_keys]
+    same_model = all(any(k in _normalise(m) for k in model_keys) for m in models)
+    data_text = _normalise(" ".join(datasets))
+    same_data = not setting.data_keys or any(_normalise(k) in data_text for k in setting.data_keys)
+    same_device = not setting.device_keys or all(any(k in d.lower() for k in setting.device_keys) for d in devices)
+    return same_model and same_data and same_device
 
 
 # Relative-change references are computed from these metrics of ours (first present wins).
 CHANGE_METRICS = {
     "peak_memory_change": ("peak_cuda_allocated", "peak_rss"),
     "wall_time_change": ("wall_time",),
+    "memory_ratio": ("peak_cuda_allocated", "peak_rss"),
+    "step_time_ratio": ("median_step_time",),
 }
+# In memory_time families the memory references use the family's memory metric and the time references the
+# median step time (setup and evaluation would blur a wall-clock ratio).
+MEMORY_REFERENCES = ("peak_memory_change", "memory_ratio")
+TIME_REFERENCES = ("wall_time_change", "step_time_ratio")
+RATIO_UNITS = ("relative", "ratio")
 
 
 def _our_condition(ref: reference.ReferenceResult, runs: pd.DataFrame) -> tuple[str, str] | None:
@@ -542,8 +764,13 @@ def _our_condition(ref: reference.ReferenceResult, runs: pd.DataFrame) -> tuple[
     return None
 
 
-def _reference_row(ref: reference.ReferenceResult, tables: dict) -> dict:
-    runs, summary, tests = tables["runs"], tables["summary"], tables["tests"]
+def _reference_row(ref: reference.ReferenceResult, tables: dict, same_setting: bool | None = None) -> dict:
+    """One row of a reference table: the published number, ours, and whether they agree.
+
+    ``same_setting`` (from ``_setting_matches``) matters for settings whose absolute numbers are
+    comparable only in the same setting: elsewhere they are shown but not compared.
+    """
+    runs, summary = tables["runs"], tables["summary"]
     row = {
         "label": md_text(ref.label),
         "what": md_text(
@@ -562,8 +789,8 @@ def _reference_row(ref: reference.ReferenceResult, tables: dict) -> dict:
         return row
     family, variant = condition
     row["condition"] = md_text(f"{family}/{variant}")
-    if ref.unit == "relative":
-        return _relative_reference_row(ref, row, family, variant, summary, tests)
+    if ref.unit in RATIO_UNITS:
+        return _ratio_reference_row(ref, row, family, variant, tables)
     ours = summary[
         (summary["family"] == family)
         & (summary["variant"] == variant)
@@ -576,6 +803,10 @@ def _reference_row(ref: reference.ReferenceResult, tables: dict) -> dict:
         row["verdict"] = "our runs did not record this metric"
         return row
     s = ours.iloc[0]
+    if reference.SETTINGS[ref.setting].absolute_needs_same_setting and same_setting is not True:
+        row["ours"] = fmt_value(s["mean"], str(s["unit"])) + f", n = {int(s['n'])}"
+        row["verdict"] = "setting differs: absolute values not compared (see the ratios)"
+        return row
     scale = UNIT_CONVERSIONS.get((ref.unit, str(s["unit"])))
     if scale is None:
         row["ours"] = fmt_value(s["mean"], str(s["unit"]))
@@ -640,46 +871,91 @@ def _show(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
-def _relative_reference_row(
-    ref: reference.ReferenceResult,
-    row: dict,
-    family: str,
-    variant: str,
-    summary: pd.DataFrame,
-    tests: pd.DataFrame,
+def _ratio_metrics(ref: reference.ReferenceResult, family: str, kind: str, tables: dict) -> list[str]:
+    """Our metrics a relative / ratio reference may be computed from, first choice first."""
+    if kind == MEMORY_TIME and ref.metric in MEMORY_REFERENCES:
+        cost = _cost_summary(tables)
+        memory = next((str(m) for m in cost.loc[cost["family"] == family, "memory_metric"] if m), "")
+        return [memory] if memory else list(stats.MEMORY_TIME_MEMORY_METRICS)
+    if kind == MEMORY_TIME and ref.metric in TIME_REFERENCES:
+        return [stats.MEMORY_TIME_TIME_METRIC]
+    return list(CHANGE_METRICS.get(ref.metric, ()))
+
+
+def _cost_means(tables: dict, family: str, variant: str, versus: str, metric: str) -> tuple[float, float]:
+    """Means of ``metric`` for two variants of a memory_time family from ``cost_summary`` (NaN if absent)."""
+    cost = _cost_summary(tables)
+    cost = cost[cost["family"] == family].set_index("variant")
+    if variant not in cost.index or versus not in cost.index:
+        return math.nan, math.nan
+    prefix = "memory" if metric == cost.loc[variant, "memory_metric"] else metric
+    column = f"{prefix}_mean"
+    if column not in cost.columns:
+        return math.nan, math.nan
+    return float(cost.loc[variant, column]), float(cost.loc[versus, column])
+
+
+def _ratio_reference_row(
+    ref: reference.ReferenceResult, row: dict, family: str, variant: str, tables: dict
 ) -> dict:
-    for metric in CHANGE_METRICS.get(ref.metric, ()):
-        test = tests[
-            (tests["family"] == family) & (tests["variant"] == variant) & (tests["metric"] == metric)
-        ]
-        if test.empty:
-            continue
-        t = test.iloc[0]
-        if not (_finite(t["mean_baseline"]) and t["mean_baseline"]):
-            continue
-        ratio = t["diff"] / t["mean_baseline"]
-        low, high = t["diff_ci_low"] / t["mean_baseline"], t["diff_ci_high"] / t["mean_baseline"]
-        row["matched"] = True
-        row["condition"] = md_text(f"{family}/{variant} vs {t['baseline']} ({metric.replace('_', ' ')})")
-        row["ours"] = (
-            f"{fmt_value(ratio, 'relative')} {fmt_interval(low, high, lambda x: fmt_value(x, 'relative'))}"
-        )
-        if _finite(low) and _finite(high):
-            # The interval is the difference's t interval over the baseline mean: approximate.
-            row["verdict"] = (
-                "inside our approx. 95% CI" if low <= ref.value <= high else "outside our approx. 95% CI"
-            )
-        else:
-            row["verdict"] = "ours has no interval"
-        return row
+    """A relative change or ratio of the reference (e.g. QLoRA vs LoRA memory) beside ours, as ratios.
+
+    Ours is the tests table's ratio with its Fieller interval when ``ours_versus`` is the family's baseline;
+    otherwise the ratio of the two means from ``cost_summary``, without an interval.
+    """
+    runs, tests = tables["runs"], tables["tests"]
+    kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
+    versus = ref.ours_versus or stats.baseline_variant(runs, family)[0] or ""
+    theirs = ref.value + 1 if ref.unit == "relative" else ref.value
+    for metric in _ratio_metrics(ref, family, kind, tables):
+        condition = md_text(f"{family}/{variant} vs {versus} ({metric.replace('_', ' ')})")
+        t = _cost_test(tests, family, variant, metric, versus)
+        if t is not None and _finite(t["mean_baseline"]) and t["mean_baseline"]:
+            if _finite(t.get("ratio")):
+                ratio, low, high, approx = t["ratio"], t.get("ratio_ci_low"), t.get("ratio_ci_high"), ""
+            else:  # a tests table from before the ratio columns: the difference's interval over the baseline
+                base = t["mean_baseline"]
+                ratio, low, high = 1 + t["diff"] / base, 1 + t["diff_ci_low"] / base, 1 + t["diff_ci_high"] / base
+                approx = "approx. "
+            row.update(matched=True, condition=condition)
+            interval = "" if _is_exact(t) else fmt_interval(low, high, fmt_ratio)
+            relative = fmt_value(float(ratio) - 1, "relative")
+            row["ours"] = " ".join(x for x in (fmt_ratio(ratio), interval, f"({relative})") if x and x != "–")
+            if _is_exact(t):
+                same = math.isclose(float(ratio), theirs, rel_tol=5e-3)
+                row["verdict"] = "ours is exact (identical in every run): " + (
+                    "the same" if same else f"ours {'higher' if ratio > theirs else 'lower'}"
+                )
+            elif _finite(low) and _finite(high):
+                inside = float(low) <= theirs <= float(high)
+                row["verdict"] = (
+                    f"inside our {approx}95% CI"
+                    if inside
+                    else f"outside our {approx}95% CI (ours {'higher' if ratio > theirs else 'lower'})"
+                )
+            else:
+                row["verdict"] = "ours has no interval"
+            if ref.metric == "wall_time_change" and metric == stats.MEMORY_TIME_TIME_METRIC:
+                row["verdict"] += "; ours is time per step, theirs total training time"
+            if metric == "state_bytes":
+                row["verdict"] += "; ours counts weights, gradients and optimizer state, theirs peak memory"
+            return row
+        mean, mean_versus = _cost_means(tables, family, variant, versus, metric)
+        if _finite(mean) and _finite(mean_versus) and mean_versus:
+            row.update(matched=True, condition=condition)
+            row["ours"] = f"{fmt_ratio(mean / mean_versus)} ({fmt_value(mean / mean_versus - 1, 'relative')})"
+            row["verdict"] = f"ours has no interval: {md_text(versus)} is not this family's baseline, so not tested"
+            return row
     row["ours"] = "not measured"
-    row["verdict"] = "our runs did not record this metric"
+    row["verdict"] = "our runs did not record this metric, or not for both variants"
     return row
 
 
 def _format_reference(ref: reference.ReferenceResult) -> str:
     if ref.unit == "relative":
-        return fmt_value(ref.value, "relative")
+        return f"{fmt_value(ref.value, 'relative')} ({fmt_ratio(ref.value + 1)})"
+    if ref.unit == "ratio":
+        return fmt_ratio(ref.value)
     if ref.std is None:
         return _show(ref.value, ref.unit)
     if ref.unit == "fraction":
@@ -687,35 +963,57 @@ def _format_reference(ref: reference.ReferenceResult) -> str:
     return f"{_show(ref.value, ref.unit)} ± {ref.std:.3g} (n = {ref.n_runs})"
 
 
+def _setting_verdict(
+    setting: reference.Setting, refs: list[reference.ReferenceResult], runs: pd.DataFrame, match: bool | None
+) -> str:
+    """Whether the reference's setting is ours, in words, and what that means for the comparison."""
+    ours_model = ", ".join(_unique_text(runs, "cfg.model.name")) or "unknown model"
+    ours_where = _data_description(runs)
+    if setting.device_keys:
+        ours_where += f", on {', '.join(_unique_text(runs, 'device')) or 'an unknown device'}"
+    only_ratios = setting.absolute_needs_same_setting or all(r.unit in RATIO_UNITS for r in refs)
+    details = f" (theirs: {md_text(setting.details)})" if setting.details else ""
+    if match is True and setting.device_keys and not setting.data_keys:
+        return (
+            f"Same model config as ours ({md_text(setting.model)}) on a CUDA device, so the absolute numbers are a "
+            f"check; the GPU model, sequence length, batch, precision and library versions may still differ"
+            f"{details}: ours are in the Setup section and the family's memory and time table."
+        )
+    if match is True:
+        return (
+            "Same model and data source as ours, so these numbers are a direct check; data size, "
+            "sequence length, recipe, hardware and library versions may still differ (ours are in "
+            f"the Setup section){details}."
+        )
+    if match is False:
+        tail = (
+            " Absolute memory and time depend on the model's size, sequence length, batch and hardware, so only "
+            "the ratios (QLoRA vs LoRA) are compared, and even those are context, not a replication test."
+            if only_ratios
+            else " The comparison gives context, it is not a replication test, and a reference value outside "
+            "our interval is expected."
+        )
+        return (
+            f"**Setting differs**: the reference used {md_text(setting.model)} on {md_text(setting.data)} "
+            f"({md_text(setting.hardware)}); we ran {md_text(ours_model)} on {md_text(ours_where)}.{tail}"
+        )
+    return (
+        "Our runs table does not record the model, data or device, so whether the setting matches is unknown."
+        + (" Only the ratios are compared." if only_ratios else "")
+    )
+
+
 def _reference_sections(tables: dict) -> list[dict]:
     runs = tables["runs"]
-    ours_model = ", ".join(_unique_text(runs, "cfg.model.name")) or "unknown model"
-    ours_data = _data_description(runs)
     sections = []
     for setting in reference.SETTINGS.values():
         refs = reference.results_for(setting.key)
         if not refs:
             continue
-        match = _setting_matches(setting, runs)
-        if match is True:
-            verdict = (
-                "Same model and data source as ours, so these numbers are a direct check; data size, "
-                "sequence length, recipe, hardware and library versions may still differ (ours are in "
-                "the Setup section)."
-            )
-        elif match is False:
-            verdict = (
-                f"**Setting differs**: the reference used {md_text(setting.model)} on "
-                f"{md_text(setting.data)}; we ran {md_text(ours_model)} on {md_text(ours_data)}. The "
-                "comparison gives context, it is not a replication test, and a reference value outside our "
-                "interval is expected."
-            )
-        else:
-            verdict = (
-                "Our runs table does not record the model or data name, so whether the setting matches is "
-                "unknown."
-            )
-        rows = [_reference_row(ref, tables) for ref in refs]
+        relevant = _relevant_runs(runs, refs)
+        match = _setting_matches(setting, relevant)
+        verdict = _setting_verdict(setting, refs, relevant, match)
+        rows = [_reference_row(ref, tables, match) for ref in refs]
         sections.append(
             {
                 "title": md_text(setting.title),
@@ -767,7 +1065,14 @@ def render_markdown(
     meta = dict(meta or {})
     runs = tables["runs"]
     families = _family_sections(tables, Path(figures_dir), Path(out_dir))
+    summary = tables["summary"]
+    kinds = {f["kind"] for f in families}
     context = {
+        # A study of memory_time families only may have no accuracy anywhere; the prose then says so.
+        "has_accuracy": bool(((summary["metric"] == PRIMARY_METRIC) & (summary["split"] == PRIMARY_SPLIT)).any()),
+        "has_memory_time": MEMORY_TIME in kinds,
+        "cost_only": kinds == {MEMORY_TIME},
+        "cost_claims": [claim for f in families if f["memory_time"] for claim in f["memory_time"]["claims"]],
         "title": md_text(meta.get("title") or DEFAULT_TITLE),
         "overview": _overview(runs, meta),
         "setup": _setup_rows(runs, meta),

@@ -29,6 +29,24 @@ Choices, and why:
   difference over the standard deviation of the differences) for paired ones. Their 95 % intervals
   invert the noncentral t distribution (Steiger & Fouladi), which is exact for normal data and
   behaves far better than a bootstrap with five seeds.
+- **Ratios** (``ratio``): every comparison also gives mean_variant / mean_baseline, the natural scale for
+  costs ("QLoRA uses 0.6x the memory of LoRA"). Its 95 % interval is **Fieller's**: the set of ratios
+  rho for which the t test of ``variant - rho * baseline`` does not reject at 5 %. Paired, that is the
+  paired t test of ``v_i - rho * b_i`` (exact for normal data, and it uses the seed-to-seed correlation
+  the way the paired difference test does); unpaired, Welch's test with the Welch-Satterthwaite degrees
+  of freedom taken at the estimated ratio (approximate). Unlike the delta method it is not forced to be
+  symmetric, and unlike a bootstrap it works with three seeds. When the baseline mean is not clearly
+  nonzero the set is unbounded and the interval is NaN, with a note; when neither condition varies
+  across seeds (exact byte counts) the interval is the ratio itself.
+- **Memory and time families** (kind ``memory_time``: QLoRA vs LoRA vs full finetuning) measure cost,
+  not accuracy, and may have no accuracy rows at all. Besides the metrics every family gets, each
+  variant is compared with the baseline on the family's *memory metric* (``peak_cuda_allocated`` when
+  the family recorded it, i.e. ran on a GPU, else the exact ``state_bytes``: weights + gradients +
+  optimizer state), on ``median_step_time``, ``tokens_per_second`` and ``base_weight_bytes``, with the
+  same machinery (paired when seeds are shared, Holm within family and metric). ``cost_summary``
+  gives their means and intervals per variant, beside the method, model, optimizer, LoRA targets,
+  sequence length, precision and device of each variant. In these families a metric without rows
+  from finished runs (accuracy, typically) simply gets no comparison, instead of rows of NaN.
 - **Seed consistency** (``seed_consistency``): how noisy each condition is, and how many seeds per
   arm a study would need to detect a one-point (0.01) accuracy difference with power 0.8 at
   alpha 0.05 (``statsmodels.stats.power``), unpaired and, against the baseline, paired.
@@ -48,13 +66,19 @@ mean_variant,          means over the runs used (the common seeds when paired, s
 mean_baseline          ``diff == mean_variant - mean_baseline``)
 diff                   variant minus baseline, in the metric's unit (accuracy: fraction, 0.01 = 1 point)
 diff_ci_low/high       95 % t interval of the mean difference (paired or Welch)
+ratio                  ``mean_variant / mean_baseline`` (NaN when the baseline mean is 0)
+ratio_ci_low/high      95 % Fieller interval of the ratio (paired or Welch; see "Ratios" above)
 effect_size            Cohen's d_z (paired) or d (unpaired); ``effect_size_kind`` names it
 effect_ci_low/high     95 % interval of the effect size by noncentral-t inversion
 test, p_value          primary test (``"paired t"`` / ``"Welch t"``) and its two-sided p-value
 p_holm                 Holm-adjusted p-value of the primary test within the family
 nonparametric_test     ``"Wilcoxon signed-rank"`` / ``"Mann-Whitney U"``
 p_nonparametric(_holm) its p-value, raw and Holm-adjusted within the family
-significant            ``p_holm < 0.05``
+exact                  a byte or count metric (unit ``bytes`` / ``count``) on which every run of each
+                       condition gave the same value (>= 2 runs each) and the two differ: a deterministic
+                       difference, e.g. the bytes of 4-bit vs 16-bit base weights. There is no noise to
+                       test against, so the p-values are NaN and the difference is taken as established
+significant            ``p_holm < 0.05``, or ``exact``
 direction              ``"higher"`` / ``"lower"`` (variant vs baseline) when significant, else ``"n.s."``
 verdict                ``"better"`` / ``"worse"`` / ``"n.s."``: ``direction`` read through
                        ``higher_is_better``
@@ -88,6 +112,16 @@ BOOTSTRAP_SEED = 20240607
 # One accuracy point: the smallest difference the reference write-ups discuss.
 ONE_POINT = 0.01
 TARGET_POWER = 0.8
+# Units whose values are deterministic by construction, so that identical runs mean an exact value.
+EXACT_UNITS = ("bytes", "count")
+
+MEMORY_TIME_KIND = "memory_time"
+# The memory metric of a memory_time family: the first one the family recorded. Peak allocated CUDA memory
+# is what a GPU user pays; without a GPU, the exact bytes of weights + gradients + optimizer state are the
+# part of memory that the method decides (the process's peak RSS is mostly the Python runtime).
+MEMORY_TIME_MEMORY_METRICS = ("peak_cuda_allocated", "state_bytes")
+MEMORY_TIME_TIME_METRIC = "median_step_time"
+MEMORY_TIME_OTHER_METRICS = ("tokens_per_second", "base_weight_bytes")
 
 # Metrics whose comparisons ``run_stats`` tests when present, as (metric, split). Test accuracy is the
 # primary endpoint; the others are secondary and are not corrected across metrics.
@@ -113,9 +147,9 @@ EPOCH_METRICS: tuple[tuple[str, str], ...] = (
 TESTS_COLUMNS = [
     "family", "family_kind", "metric", "split", "stage", "variant", "baseline", "unit", "higher_is_better",
     "n_variant", "n_baseline", "n_pairs", "paired", "mean_variant", "mean_baseline", "diff", "diff_ci_low",
-    "diff_ci_high", "effect_size", "effect_size_kind", "effect_ci_low", "effect_ci_high", "test", "p_value",
-    "p_holm", "nonparametric_test", "p_nonparametric", "p_nonparametric_holm", "significant", "direction",
-    "verdict", "note",
+    "diff_ci_high", "ratio", "ratio_ci_low", "ratio_ci_high", "effect_size", "effect_size_kind", "effect_ci_low",
+    "effect_ci_high", "test", "p_value", "p_holm", "nonparametric_test", "p_nonparametric", "p_nonparametric_holm",
+    "exact", "significant", "direction", "verdict", "note",
 ]  # fmt: skip
 
 
@@ -351,6 +385,56 @@ def cohens_d(variant: np.ndarray, baseline: np.ndarray) -> tuple[float, float, f
 
 
 # ----------------------------------------------------------------------------------------------------
+# Ratios
+
+
+def ratio_interval(variant: np.ndarray, baseline: np.ndarray, paired: bool) -> tuple[float, float, float, str]:
+    """``mean(variant) / mean(baseline)`` with its 95 % Fieller interval: ``(ratio, low, high, note)``.
+
+    The interval holds every rho for which the t test of ``variant - rho * baseline`` has p >= 0.05:
+    paired (arrays aligned by seed), the one-sample t test of ``v_i - rho * b_i`` with n - 1 degrees of
+    freedom; unpaired, Welch's test, with the Welch-Satterthwaite degrees of freedom evaluated at the
+    estimated ratio. Solving ``(a - rho c)^2 = t^2 (s_aa - 2 rho s_ac + rho^2 s_cc)`` (a, c the means;
+    s the variances and covariance of the means) gives the two ends. When the baseline mean is not
+    clearly nonzero (``c^2 <= t^2 s_cc``) the set is unbounded: NaN ends and a note.
+    """
+    variant, baseline = np.asarray(variant, dtype=float), np.asarray(baseline, dtype=float)
+    n1, n2 = len(variant), len(baseline)
+    if n1 == 0 or n2 == 0:
+        return math.nan, math.nan, math.nan, ""
+    if np.mean(baseline) == 0.0:
+        return math.nan, math.nan, math.nan, "the baseline mean is zero: no ratio"
+    # Work in units of the baseline mean: the ratio is unchanged and the quadratic is well conditioned.
+    scale = abs(float(np.mean(baseline)))
+    variant, baseline = variant / scale, baseline / scale
+    a, c = float(np.mean(variant)), float(np.mean(baseline))
+    ratio = a / c
+    if n1 < 2 or n2 < 2:
+        return ratio, math.nan, math.nan, ""
+    if paired:
+        if n1 != n2:
+            raise ValueError("a paired ratio needs values aligned by seed")
+        covariance = np.cov(variant, baseline, ddof=1) / n1
+        s_aa, s_cc, s_ac = float(covariance[0, 0]), float(covariance[1, 1]), float(covariance[0, 1])
+        df = n1 - 1.0
+    else:
+        s_aa, s_cc, s_ac = float(np.var(variant, ddof=1)) / n1, float(np.var(baseline, ddof=1)) / n2, 0.0
+        numerator = (s_aa + ratio**2 * s_cc) ** 2
+        denominator = s_aa**2 / (n1 - 1) + (ratio**2 * s_cc) ** 2 / (n2 - 1)
+        df = numerator / denominator if denominator > 0 else math.inf
+    if s_aa == 0.0 and s_cc == 0.0:
+        return ratio, ratio, ratio, ""  # neither condition varies across seeds: the ratio is exact
+    t_squared = float(stats.t.ppf(1 - (1 - CONFIDENCE) / 2, df)) ** 2
+    quadratic = c * c - t_squared * s_cc
+    if quadratic <= 0:
+        return ratio, math.nan, math.nan, "ratio interval unbounded: the baseline mean is not clearly nonzero"
+    half_linear = a * c - t_squared * s_ac
+    constant = a * a - t_squared * s_aa
+    root = math.sqrt(max(half_linear**2 - quadratic * constant, 0.0))
+    return ratio, (half_linear - root) / quadratic, (half_linear + root) / quadratic, ""
+
+
+# ----------------------------------------------------------------------------------------------------
 # One comparison
 
 
@@ -363,6 +447,9 @@ def _nan_comparison() -> dict:
         "diff": math.nan,
         "diff_ci_low": math.nan,
         "diff_ci_high": math.nan,
+        "ratio": math.nan,
+        "ratio_ci_low": math.nan,
+        "ratio_ci_high": math.nan,
         "effect_size": math.nan,
         "effect_size_kind": "",
         "effect_ci_low": math.nan,
@@ -390,7 +477,10 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
         ]
         notes.append(" and ".join(short) + " (a test needs at least 2 of each)")
         result["diff"] = result["mean_variant"] - result["mean_baseline"]
-        result["note"] = "; ".join(notes)
+        if len(variant) and len(baseline):
+            result["ratio"], _, _, ratio_note = ratio_interval(variant.to_numpy(), baseline.to_numpy(), False)
+            notes.append(ratio_note)
+        result["note"] = "; ".join(n for n in notes if n)
         return result
 
     if len(common) >= 2:
@@ -428,6 +518,7 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
                 warnings.simplefilter("ignore")
                 result["p_nonparametric"] = float(stats.wilcoxon(v, b).pvalue)
         result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_dz(differences)
+        ratio = ratio_interval(v, b, paired=True)
     else:
         v, b = variant.to_numpy(), baseline.to_numpy()
         if len(common):
@@ -452,7 +543,10 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
             )
         result["p_nonparametric"] = float(stats.mannwhitneyu(v, b, alternative="two-sided").pvalue)
         result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_d(v, b)
-    result["note"] = "; ".join(notes)
+        ratio = ratio_interval(v, b, paired=False)
+    result["ratio"], result["ratio_ci_low"], result["ratio_ci_high"] = ratio[:3]
+    notes.append(ratio[3])
+    result["note"] = "; ".join(n for n in notes if n)
     return result
 
 
@@ -490,7 +584,8 @@ def _finish(rows: list[dict]) -> pd.DataFrame:
     for index in tests.groupby(["family", "metric", "split"], sort=False).groups.values():
         tests.loc[index, "p_holm"] = _holm(tests.loc[index, "p_value"]).to_numpy()
         tests.loc[index, "p_nonparametric_holm"] = _holm(tests.loc[index, "p_nonparametric"]).to_numpy()
-    tests["significant"] = (tests["p_holm"] < ALPHA).fillna(False).astype(bool)
+    tests["exact"] = tests["exact"].fillna(False).astype(bool)
+    tests["significant"] = ((tests["p_holm"] < ALPHA).fillna(False) | tests["exact"]).astype(bool)
     higher = np.where(tests["diff"] > 0, "higher", "lower")
     tests["direction"] = np.where(tests["significant"], higher, "n.s.")
     better = (tests["diff"] > 0) == tests["higher_is_better"].astype(bool)
@@ -515,6 +610,13 @@ def baseline_variant(runs: pd.DataFrame, family: str) -> tuple[str | None, str]:
     if len(flagged) == 0:
         return None, "family has no baseline variant (is_baseline)"
     return str(flagged[0]), f"family flags {len(flagged)} baselines; using {flagged[0]!r}"
+
+
+def _exact_difference(variant: pd.Series, baseline: pd.Series) -> bool:
+    """Whether both conditions gave one value in every run (>= 2 runs each) and the two values differ."""
+    if len(variant) < 2 or len(baseline) < 2 or variant.nunique() != 1 or baseline.nunique() != 1:
+        return False
+    return bool(variant.iloc[0] != baseline.iloc[0])
 
 
 def _failed_note(runs: pd.DataFrame, family: str, variant: str) -> str:
@@ -546,9 +648,10 @@ def compare_to_baseline(
         everywhere = select_values(metrics, metric, split, stage)
         selected = everywhere[everywhere["family"] == family]
         has_ok_runs = bool((family_runs["status"] == "ok").any()) if "status" in family_runs else True
-        if everywhere.empty or (selected.empty and has_ok_runs):
+        if everywhere.empty or (selected.empty and (has_ok_runs or kind == MEMORY_TIME_KIND)):
             # The metric was not recorded for this family (e.g. GPU memory on a CPU run): nothing to say.
-            # A family whose runs all failed still gets its rows, so the report can say so.
+            # A family whose runs all failed still gets its rows, so the report can say so; not a memory
+            # and time family, which may never evaluate accuracy: its cost summary lists the failures.
             continue
         unit, higher = _metric_meta(everywhere)
         baseline, baseline_note = baseline_variant(runs, family)
@@ -561,7 +664,10 @@ def compare_to_baseline(
                 _by_seed(selected[selected["variant"] == baseline]) if baseline else pd.Series(dtype=float)
             )
             comparison = compare_two(values, base_values) if baseline else _nan_comparison()
+            exact = unit in EXACT_UNITS and _exact_difference(values, base_values)
             notes = [baseline_note, comparison.get("note", "")]
+            if exact:
+                notes.append("exact: every run of both conditions gave the same value, so there is nothing to test")
             notes += [
                 _failed_note(runs, family, variant),
                 _failed_note(runs, family, baseline) if baseline else "",
@@ -578,6 +684,7 @@ def compare_to_baseline(
                 higher_is_better=higher,
                 n_variant=len(values),
                 n_baseline=len(base_values),
+                exact=exact,
                 note="; ".join(n for n in notes if n),
             )
             rows.append(comparison)
@@ -744,7 +851,150 @@ def seed_consistency(
                 "seeds_for_1pt_paired": paired_needed,
             }
         )
-    return _order_like_input(pd.DataFrame(records), source) if records else pd.DataFrame(records)
+    if not records:
+        return pd.DataFrame(columns=SEED_CONSISTENCY_COLUMNS)  # e.g. a study of memory and time only
+    return _order_like_input(pd.DataFrame(records), source).reindex(columns=SEED_CONSISTENCY_COLUMNS)
+
+
+SEED_CONSISTENCY_COLUMNS = [
+    "family", "family_kind", "variant", "metric", "split", "stage", "unit", "n", "mean", "std", "min", "max",
+    "range", "std_paired_diff", "delta", "seeds_for_1pt", "seeds_for_1pt_paired",
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory and time families
+
+
+def memory_metric(metrics: pd.DataFrame, family: str) -> str | None:
+    """The memory metric of a family: the first of ``MEMORY_TIME_MEMORY_METRICS`` with ok-run rows."""
+    rows = _ok(metrics)
+    rows = rows[(rows["family"] == family) & (rows["split"] == "none") & (rows["stage"] == "final")]
+    recorded = set(rows["metric"])
+    return next((m for m in MEMORY_TIME_MEMORY_METRICS if m in recorded), None)
+
+
+def cost_metrics(metrics: pd.DataFrame, family: str) -> list[str]:
+    """The cost metrics compared in a memory_time family: memory metric, step time, tokens/s, base weights."""
+    memory = memory_metric(metrics, family)
+    return ([memory] if memory else []) + [MEMORY_TIME_TIME_METRIC, *MEMORY_TIME_OTHER_METRICS]
+
+
+def _memory_time_tests(
+    metrics: pd.DataFrame, runs: pd.DataFrame, done: set[tuple[str, str]]
+) -> list[pd.DataFrame]:
+    """Cost comparisons of memory_time families that ``TESTED_METRICS`` (``done``) did not already cover."""
+    parts = []
+    for family in family_order(runs[runs["family_kind"] == MEMORY_TIME_KIND]):
+        family_metrics = metrics[metrics["family"] == family]
+        for metric in cost_metrics(metrics, family):
+            if (metric, "none") not in done and _present(family_metrics, metric, "none", "final"):
+                parts.append(compare_to_baseline(metrics, runs[runs["family"] == family], metric, "none"))
+    return parts
+
+
+# Run-table columns described in the cost summary: (output column, runs columns, first present wins).
+COST_DESCRIPTION = (
+    ("method", ("cfg.method.name", "method")),
+    ("model", ("cfg.model.name",)),
+    ("model_source", ("cfg.model.source",)),
+    ("optimizer", ("cfg.train.optimizer",)),
+    ("targets", ("cfg.method.lora.targets",)),
+    ("seq_length", ("cfg.data.max_length",)),
+    ("precision", ("cfg.train.precision",)),
+    ("device", ("device",)),
+)
+# Metric blocks of the cost summary: (column prefix, metric); the memory block's metric is per family.
+COST_BLOCKS = (
+    ("memory", None),
+    ("median_step_time", "median_step_time"),
+    ("tokens_per_second", "tokens_per_second"),
+    ("base_weight_bytes", "base_weight_bytes"),
+    ("state_bytes", "state_bytes"),
+)
+COST_SUMMARY_COLUMNS = [
+    "family", "family_kind", "variant", "is_baseline", *(name for name, _ in COST_DESCRIPTION), "n", "n_failed",
+    "memory_metric",
+    *(f"{prefix}_{part}" for prefix, _ in COST_BLOCKS for part in ("mean", "ci_low", "ci_high", "ci_method")),
+    "seeds",
+]  # fmt: skip
+
+
+def _describe_setting(variant_runs: pd.DataFrame, columns: tuple[str, ...]):
+    """The variant's value of the first present column; several distinct values are joined with ', '."""
+    for column in columns:
+        if column in variant_runs.columns:
+            values = [v for v in variant_runs[column].tolist() if v is not None and not pd.isna(v) and v != ""]
+            distinct = list(dict.fromkeys(values))
+            if len(distinct) == 1:
+                return distinct[0]
+            if distinct:
+                return ", ".join(str(v) for v in distinct)
+    return None
+
+
+def cost_summary(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per (family, variant) of the memory_time families: what was run and what it cost.
+
+    One row per variant (baseline first is not enforced: config order), with the method, model, model
+    source, optimizer, LoRA targets, sequence length (``cfg.data.max_length``), precision and device from
+    ``runs`` (ok runs preferred), the number of ok and failed runs, and for each cost metric the mean over
+    ok runs with the 95 % interval of ``summarize`` (same numbers as the summary table) and its method:
+    ``memory_*`` is the family's memory metric (named in ``memory_metric``), then ``median_step_time_*``
+    (s), ``tokens_per_second_*``, ``base_weight_bytes_*`` and ``state_bytes_*`` (bytes). Metrics a run did
+    not record are NaN. Without memory_time families the table is empty, with these columns.
+    """
+    rows = []
+    families = family_order(runs[runs["family_kind"] == MEMORY_TIME_KIND]) if "family_kind" in runs else []
+    for family in families:
+        family_runs = runs[runs["family"] == family]
+        family_metrics = metrics[metrics["family"] == family]
+        memory = memory_metric(metrics, family)
+        summaries = {}
+        for prefix, metric in COST_BLOCKS:
+            metric = memory if prefix == "memory" else metric
+            summaries[prefix] = (
+                summarize(family_metrics, metric, "none").set_index("variant") if metric else pd.DataFrame()
+            )
+        for variant in dict.fromkeys(family_runs["variant"].tolist()):
+            variant_runs = family_runs[family_runs["variant"] == variant]
+            ok_runs = variant_runs[variant_runs["status"] == "ok"]
+            described = ok_runs if len(ok_runs) else variant_runs
+            record = {
+                "family": family,
+                "family_kind": MEMORY_TIME_KIND,
+                "variant": variant,
+                "is_baseline": bool(variant_runs["is_baseline"].astype(bool).any()),
+                **{name: _describe_setting(described, columns) for name, columns in COST_DESCRIPTION},
+                "n": len(ok_runs),
+                "n_failed": len(variant_runs) - len(ok_runs),
+                "memory_metric": memory or "",
+                "seeds": ",".join(str(int(s)) for s in sorted(ok_runs["seed"].dropna().unique())),
+            }
+            for prefix, _ in COST_BLOCKS:
+                summary = summaries[prefix]
+                found = variant in summary.index
+                for part in ("mean", "ci_low", "ci_high"):
+                    record[f"{prefix}_{part}"] = float(summary.loc[variant, part]) if found else math.nan
+                record[f"{prefix}_ci_method"] = str(summary.loc[variant, "ci_method"]) if found else ""
+            rows.append(record)
+    table = pd.DataFrame(rows, columns=COST_SUMMARY_COLUMNS)
+    for column in ("n", "n_failed"):
+        table[column] = table[column].astype(int)
+    table["is_baseline"] = table["is_baseline"].astype(bool)
+    # Setting columns mix numbers and text across families; as text they survive parquet and CSV alike.
+    for name, _ in COST_DESCRIPTION:
+        table[name] = table[name].map(as_text)
+    return table
+
+
+def as_text(value) -> str:
+    """A setting as text: '' when missing, whole floats without '.0' (a NaN-padded int column: 512.0)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -790,11 +1040,13 @@ def _present(metrics: pd.DataFrame, metric: str, split: str, stage: str) -> bool
 
 
 def all_tests(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """The tests table over every metric of ``TESTED_METRICS`` present in ``metrics``."""
+    """The tests table over every metric of ``TESTED_METRICS`` present in ``metrics``, plus the cost metrics
+    of memory_time families (``cost_metrics``)."""
     parts = []
     for metric, split in TESTED_METRICS:
         if _present(metrics, metric, split, "final") or _present(metrics, metric, split, "epoch"):
             parts.append(compare_to_baseline(metrics, runs, metric, split))
+    parts += _memory_time_tests(metrics, runs, set(TESTED_METRICS))
     parts = [p for p in parts if not p.empty]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TESTS_COLUMNS)
 
@@ -818,7 +1070,10 @@ def all_summaries(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_stats(metrics_path: str | Path, runs_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Read the tidy tables and write ``tests``, ``summary`` and ``seed_consistency`` (parquet + csv).
+    """Read the tidy tables and write ``tests``, ``summary``, ``seed_consistency`` and ``cost_summary``.
+
+    Each as parquet + csv; ``cost_summary`` is written (empty, with its columns) even when the study has
+    no memory_time family, so the workflow's outputs do not depend on the config.
 
     Returns the written paths by table name. This is what ``python -m lora_bench stats`` calls.
     """
@@ -830,6 +1085,7 @@ def run_stats(metrics_path: str | Path, runs_path: str | Path, out_dir: str | Pa
         "tests": all_tests(metrics, runs),
         "summary": all_summaries(metrics, runs),
         "seed_consistency": seed_consistency(metrics, runs),
+        "cost_summary": cost_summary(runs, metrics),
     }
     written = {}
     for name, table in tables.items():

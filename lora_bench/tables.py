@@ -33,7 +33,9 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     "weights_bytes": ("bytes", False),
     "gradients_bytes": ("bytes", False),
     "optimizer_state_bytes": ("bytes", False),
+    # weights + gradients + optimizer state, exact (memory_time families use it when there is no GPU)
     "state_bytes": ("bytes", False),
+    # the stored frozen base weights, including 4-bit packed codes and their quantization scales
     "base_weight_bytes": ("bytes", False),
 }
 

@@ -9,6 +9,12 @@ Real tables come from training; these come from a small generative model so test
 what makes the paired tests more powerful than unpaired ones, as on real runs. The ``final`` stage takes
 the epoch with the best validation accuracy, as the reference recipe does. With ``effects=None`` every
 variant of a family has the same true mean (a null data set).
+
+Families of kind ``memory_time`` (``"memory_time"`` in ``FAMILIES``, or ``memory_time_family(...)``) measure
+cost only, as real ones do: no accuracy or loss rows, just run-level rows, with planted ratios to the ``lora``
+variant (``MEMORY_TIME_PLANTED``: QLoRA 0.6x the memory and 1.3x the time per step, full finetuning 3x the
+memory). ``peak_cuda_allocated`` (noisy, as a real allocator is) exists only when ``device`` names CUDA;
+``state_bytes`` and ``base_weight_bytes`` are exact byte counts, identical across seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from lora_bench.tables import METRIC_INFO
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,44 @@ def _lora_params(rank: int, n_targets: int = 2, head: bool = True) -> int:
 
 
 RANK_ALPHA = [(r, a) for r in (4, 8, 16) for a in (8, 16, 32)]
+
+# memory_time families: variant -> (memory, time per step, base weight bytes) relative to the lora variant.
+MEMORY_TIME_PLANTED: dict[str, tuple[float, float, float]] = {
+    "lora": (1.0, 1.0, 1.0),
+    "qlora": (0.6, 1.3, 0.28),  # 4-bit codes plus scales: about 4.5 of 16 bits per weight
+    "full": (3.0, 1.15, 1.0),
+}
+LORA_STATE_BYTES = 1_000_000_000  # weights + gradients + optimizer state of the lora variant
+LORA_PEAK_CUDA = 2.0e9
+LORA_BASE_WEIGHT_BYTES = 900_000_000
+LORA_STEP_TIME = 0.1  # s
+MEMORY_TIME_BATCH, MEMORY_TIME_SEQ = 8, 128
+
+
+def memory_time_family(
+    name: str = "memory_time",
+    model: str = "tiny-llama",
+    variants: tuple[str, ...] = ("lora", "qlora", "full"),
+    targets: str = "query+value",
+    seq_length: int = MEMORY_TIME_SEQ,
+    precision: str = "bf16",
+) -> FamilySpec:
+    """A QLoRA vs LoRA vs full family of kind ``memory_time`` (baseline: the first variant)."""
+    methods = {v: ("qlora" if v.startswith("qlora") else "full" if v == "full" else "lora") for v in variants}
+    cfg = {
+        v: {
+            **(_lora_cfg(8, 16, targets) if methods[v] != "full" else {}),
+            "cfg.model.name": model,
+            "cfg.model.source": "random",
+            "cfg.data.max_length": seq_length,
+            "cfg.train.precision": precision,
+        }
+        for v in variants
+    }
+    trainable = {v: (4_194_304 if methods[v] != "full" else 6_738_415_616) for v in variants}
+    return FamilySpec(
+        name=name, kind="memory_time", variants=variants, methods=methods, trainable_params=trainable, cfg=cfg
+    )
 
 FAMILIES: dict[str, FamilySpec] = {
     "methods": FamilySpec(
@@ -106,6 +152,7 @@ FAMILIES: dict[str, FamilySpec] = {
         trainable_params={"lora": 74_498, "full": TOTAL_PARAMS},
         cfg={"lora": _lora_cfg(8, 16)},
     ),
+    "memory_time": memory_time_family(),
     "optimizer": FamilySpec(
         name="optimizer",
         kind="optimizer",
@@ -167,6 +214,9 @@ def make_tables(
     model_name: str = "all-MiniLM-L6-v2",
     data_name: str = "pang_lee_sentences",
     device: str = "cpu",
+    memory_time_planted: Mapping[str, tuple[float, float, float]] | None = None,
+    memory_noise: float = 0.005,
+    time_noise: float = 0.01,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build ``(runs, metrics)`` following ``docs/tables.md``.
 
@@ -174,6 +224,9 @@ def make_tables(
     (family, variant), the planted effect; missing entries are 0. ``failed``: run ids (``"family/variant/
     seed{k}"``) that fail after epoch 1 (their epoch-1 rows stay in ``metrics``, as a crash would leave
     them). ``variant_seeds``: seeds of particular (family, variant) conditions, e.g. to make them unpaired.
+    ``memory_time_planted``: (memory, time, base weight) factors per variant of memory_time families (default
+    ``MEMORY_TIME_PLANTED``; unlisted variants get 1); ``memory_noise`` / ``time_noise``: relative standard
+    deviations of peak CUDA memory and step time from run to run.
     """
     rng = np.random.default_rng(rng_seed)
     effects = effects or {}
@@ -231,6 +284,13 @@ def make_tables(
                         **spec.cfg.get(variant, {}),
                     }
                 )
+                if spec.kind == "memory_time":
+                    planted = (memory_time_planted or MEMORY_TIME_PLANTED).get(variant, (1.0, 1.0, 1.0))
+                    if not is_failed:  # a crash during the timed steps leaves no cost rows
+                        metric_rows.extend(
+                            _memory_time_metrics(common, rng, planted, trainable, device, memory_noise, time_noise)
+                        )
+                    continue
                 mean = base_accuracy + effects.get((spec.name, variant), 0.0) + seed_effects[seed]
                 mean += float(rng.normal(0.0, noise_std))
                 metric_rows.extend(
@@ -322,6 +382,55 @@ def _run_metrics(
                 "epoch": n_epochs,
                 "stage": "final",
                 "value": run_level[metric],
+                "unit": unit,
+                "higher_is_better": higher,
+            }
+        )
+    return rows
+
+
+def _memory_time_metrics(
+    common: dict,
+    rng: np.random.Generator,
+    planted: tuple[float, float, float],
+    trainable: int,
+    device: str,
+    memory_noise: float,
+    time_noise: float,
+) -> list[dict]:
+    """Run-level cost rows of one memory_time run (no accuracy: evaluation is skipped)."""
+    memory, time, base_weights = planted
+    state = round(memory * LORA_STATE_BYTES)
+    weights, gradients = state // 2, state // 5
+    step_time = LORA_STEP_TIME * time * (1 + float(rng.normal(0.0, time_noise)))
+    values = {
+        "trainable_params": float(trainable),
+        "total_params": float(TOTAL_PARAMS),
+        "wall_time": 50 * step_time + 5.0,
+        "median_step_time": step_time,
+        "examples_per_second": MEMORY_TIME_BATCH / step_time,
+        "tokens_per_second": MEMORY_TIME_BATCH * MEMORY_TIME_SEQ / step_time,
+        "peak_rss": 1.2e9 + 0.5 * state + float(rng.normal(0.0, 1e7)),
+        "weights_bytes": float(weights),
+        "gradients_bytes": float(gradients),
+        "optimizer_state_bytes": float(state - weights - gradients),
+        "state_bytes": float(state),
+        "base_weight_bytes": float(round(base_weights * LORA_BASE_WEIGHT_BYTES)),
+    }
+    if device.startswith("cuda"):
+        allocated = memory * LORA_PEAK_CUDA * (1 + float(rng.normal(0.0, memory_noise)))
+        values.update(peak_cuda_allocated=allocated, peak_cuda_reserved=1.1 * allocated)
+    rows = []
+    for metric, value in values.items():
+        unit, higher = METRIC_INFO[metric]
+        rows.append(
+            {
+                **common,
+                "metric": metric,
+                "split": "none",
+                "epoch": 1,
+                "stage": "final",
+                "value": value,
                 "unit": unit,
                 "higher_is_better": higher,
             }

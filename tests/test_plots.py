@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import pytest
-from synthetic import FamilySpec, make_tables
+from synthetic import FamilySpec, make_tables, memory_time_family
 
 from lora_bench import plots
 
-KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer")
+KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time")
+GPU = "cuda:0 (NVIDIA H100 80GB HBM3)"
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,47 @@ def test_rank_alpha_facets_by_scaling(tmp_path):
     finally:
         plt.close(fig)
     assert len(heatmaps) == 2
+
+
+def _render(fig, path):
+    try:
+        png, svg = plots.save_figure(fig, path)
+        labels = [ax.get_xlabel() for ax in fig.axes]
+    finally:
+        plt.close(fig)
+    assert png.stat().st_size > 1000 and svg.stat().st_size > 1000
+    return labels
+
+
+@pytest.mark.parametrize("n_seeds", [1, 3])
+@pytest.mark.parametrize("device", ["cpu", GPU])
+def test_memory_time_figure(tmp_path, n_seeds, device):
+    assert plots.FIGURES["memory_time"] is plots.plot_memory_time
+    runs, metrics = make_tables(["memory_time"], n_seeds=n_seeds, device=device)
+    labels = _render(plots.plot_memory_time(runs, metrics, "memory_time"), tmp_path / "memory_time")
+    memory = "peak CUDA allocated" if device == GPU else "weights + grads + optimizer"
+    assert labels[0].startswith(f"memory: {memory} (GiB)")
+    assert labels[1].startswith("base weights (MiB")
+
+
+def test_memory_time_figure_points_and_log_scale(tmp_path):
+    runs, metrics = make_tables(["memory_time"], n_seeds=3, device=GPU, memory_time_planted={
+        "lora": (1.0, 1.0, 1.0), "qlora": (0.6, 1.3, 0.01), "full": (3.0, 1.15, 1.0)})  # fmt: skip
+    fig = plots.plot_memory_time(runs, metrics, "memory_time")
+    try:
+        scatter, bars = fig.axes[:2]
+        annotations = [t.get_text() for t in scatter.texts]
+        scale = bars.get_xscale()
+        legend = [t.get_text() for t in scatter.get_legend().get_texts()]
+    finally:
+        plt.close(fig)
+    assert annotations == ["lora (n=3)", "qlora (n=3)", "full (n=3)"]
+    assert legend == ["lora", "qlora", "full"]
+    assert scale == "log"  # base weights span a factor of 100
+
+
+def test_memory_time_figure_without_successful_runs(tmp_path):
+    spec = memory_time_family()
+    failed = [f"memory_time/{v}/seed0" for v in spec.variants]
+    runs, metrics = make_tables([spec, "methods"], n_seeds=1, failed=failed)
+    _render(plots.plot_memory_time(runs, metrics, "memory_time"), tmp_path / "memory_time")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from synthetic import REALISTIC_EFFECTS, make_tables
+from synthetic import REALISTIC_EFFECTS, make_tables, memory_time_family
 
 from lora_bench import plots, report, stats
 
-FAMILIES = ("methods", "rank_alpha", "coverage", "epochs", "optimizer")
+FAMILIES = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time")
+GPU = "cuda:0 (NVIDIA H100 80GB HBM3)"
 FAILED_RUN = "methods/full/seed1"
 
 
@@ -128,3 +129,87 @@ def test_number_formats():
 def test_snakemake_caption_is_rst(kind):
     caption = report.snakemake_report_caption(kind)
     assert caption.startswith("**") and "95 %" in caption and caption.endswith("\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# memory_time families
+
+
+def _section(md: str, heading: str) -> str:
+    return md.split(heading, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+
+
+def test_memory_time_section(built):
+    section = _section(built["md"], "## Family: memory\\_time")
+    assert "| Variant | Method | Model | Optimizer | LoRA targets | Seq length |" in section
+    assert "Test accuracy" not in section and "No comparison of test accuracy" not in section
+    assert "| qlora | qlora | tiny-llama | adamw | query+value | 128 | 3 |" in section
+    assert "all weights" in section  # full finetuning has no LoRA targets
+    # On CPU the memory is the exact state bytes: planted 0.6x and 3x, identical in every run.
+    assert "**qlora** uses exactly 0.60× the memory of **lora**" in section
+    assert "**full** uses exactly 3.00× the memory of **lora**" in section
+    assert re.search(r"takes 1\.[23]\d× the time per step \(95% CI 1\.\d\d× to 1\.\d\d×; paired t, Holm p", section)
+    assert "](../results/figures/memory_time.png)" in section
+    # The headline carries the memory and time sentences too, and no table shows NaN.
+    assert "**Memory and time**" in built["md"].split("## Setup", 1)[0]
+    assert not re.search(r"\bnan\b", built["md"], flags=re.IGNORECASE)
+
+
+def test_memory_time_references_compare_only_ratios_in_another_setting(built):
+    h100 = _section(built["md"], "### Llama-2-7B-shaped model")
+    # A tiny Llama on CPU is not the peer's Llama-2-7B on an H100: only the ratios are compared.
+    assert "**Setting differs**" in h100 and "only the ratios" in h100
+    assert "absolute values not compared" in h100
+    assert "| 0.44× | memory\\_time/qlora vs lora (state bytes) | 0.60×" in h100
+    assert "| 1.21× | memory\\_time/qlora vs lora (median step time) | 1." in h100
+    alpaca = _section(built["md"], "### Llama-2-7B on Alpaca")
+    assert "−33.0 % (0.67×)" in alpaca and "+39.0 % (1.39×)" in alpaca and "+50.8 % (1.51×)" in alpaca
+    assert "ours is time per step, theirs total training time" in alpaca
+
+
+def _build(tmp_path, families, n_seeds=3, device="cpu", figures=True):
+    runs, metrics = make_tables(families, n_seeds=n_seeds, device=device)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    runs.to_parquet(tables / "runs.parquet")
+    metrics.to_parquet(tables / "metrics.parquet")
+    stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
+    if figures:
+        plots.make_all_figures(runs, metrics, tmp_path / "figures")
+    paths = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")
+    return paths["markdown"].read_text(encoding="utf-8"), paths["html"].read_text(encoding="utf-8")
+
+
+def test_report_of_a_study_without_accuracy(tmp_path):
+    md, html = _build(tmp_path, ["memory_time"])
+    headline = md.split("## Setup", 1)[0]
+    assert "No accuracy was evaluated" in headline and "this study evaluated no accuracy" in headline
+    assert "could be tested" not in headline and "**qlora** uses" in headline
+    assert "Not applicable: this study evaluated no accuracy." in md
+    assert "| Variant | n | Test accuracy" not in md and not re.search(r"\bnan\b", md, flags=re.IGNORECASE)
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 1
+
+
+def test_report_compares_absolute_numbers_only_in_the_same_setting(tmp_path):
+    md, _ = _build(tmp_path, [memory_time_family(model="llama-2-7b")], device=GPU, figures=False)
+    h100 = _section(md, "### Llama-2-7B-shaped model")
+    assert "Same model config as ours" in h100 and "Setting differs" not in h100
+    assert "absolute values not compared" not in h100
+    assert re.search(r"peak cuda allocated \| 15\.73 GiB \| memory\\_time/lora \| 1\.\d\d GiB", h100)
+    assert "outside our 95% CI" in h100  # a synthetic 1.9 GiB is not 15.73 GiB
+    alpaca = _section(md, "### Llama-2-7B on Alpaca")
+    assert "**Setting differs**" in alpaca  # the same model on CUDA, but not lit-gpt on Alpaca on an A100
+    assert "(peak cuda allocated)" in alpaca
+
+
+def test_report_same_model_on_cpu_is_a_different_setting(tmp_path):
+    md, _ = _build(tmp_path, [memory_time_family(model="llama-2-7b")], n_seeds=2, figures=False)
+    h100 = _section(md, "### Llama-2-7B-shaped model")
+    assert "**Setting differs**" in h100 and "on cpu" in h100 and "absolute values not compared" in h100
+
+
+def test_report_requires_cost_summary_for_memory_time(tmp_path):
+    _build(tmp_path, ["memory_time"], n_seeds=1, figures=False)
+    (tmp_path / "tables" / "cost_summary.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="lora_bench stats"):
+        report.build_report(tmp_path / "tables", tmp_path, tmp_path / "paper")

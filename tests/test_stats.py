@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
-from synthetic import FamilySpec, make_tables
+from synthetic import MEMORY_TIME_PLANTED, FamilySpec, make_tables, memory_time_family
 
 from lora_bench import stats
 
@@ -220,7 +220,7 @@ def test_run_stats_writes_all_tables(tmp_path):
     metrics.to_parquet(tmp_path / "metrics.parquet")
     out = tmp_path / "stats"
     written = stats.run_stats(tmp_path / "metrics.parquet", tmp_path / "runs.parquet", out)
-    for name in ("tests", "summary", "seed_consistency"):
+    for name in ("tests", "summary", "seed_consistency", "cost_summary"):
         assert (out / f"{name}.parquet").stat().st_size > 0 and (out / f"{name}.csv").stat().st_size > 0
         assert written[name] == out / f"{name}.parquet"
     tests = pd.read_parquet(out / "tests.parquet")
@@ -228,6 +228,9 @@ def test_run_stats_writes_all_tables(tmp_path):
     assert {"accuracy", "wall_time", "peak_rss"} <= set(tests["metric"])
     summary = pd.read_parquet(out / "summary.parquet")
     assert {"final", "epoch"} == set(summary["stage"])
+    # No memory_time family: the cost summary is empty but has its columns, so the outputs are stable.
+    cost = pd.read_parquet(out / "cost_summary.parquet")
+    assert cost.empty and list(cost.columns) == stats.COST_SUMMARY_COLUMNS
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -243,3 +246,151 @@ def test_family_whose_runs_all_failed_still_gets_rows():
     assert len(methods) == 3 and methods["p_value"].isna().all()
     assert methods["note"].str.contains("0 ok run").all()
     assert tests.loc[tests["family"] == "coverage", "p_value"].notna().all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ratios and memory_time families
+
+GPU = "cuda:0 (NVIDIA H100 80GB HBM3)"
+
+
+def test_ratio_interval_inverts_the_paired_t_test():
+    """Fieller's ends are exactly where the paired t test of v - rho * b crosses p = 0.05."""
+    rng = np.random.default_rng(5)
+    b = rng.normal(10.0, 1.0, 5)
+    v = 0.6 * b + rng.normal(0.0, 0.3, 5)
+    ratio, low, high, note = stats.ratio_interval(v, b, paired=True)
+    assert ratio == pytest.approx(v.mean() / b.mean()) and low < ratio < high and note == ""
+    for end in (low, high):
+        assert scipy_stats.ttest_1samp(v - end * b, 0.0).pvalue == pytest.approx(0.05, abs=1e-9)
+    # Unpaired: Welch's t statistic at the ends is the critical value, with Welch-Satterthwaite degrees of
+    # freedom taken at the estimated ratio (so Welch's own p at the ends is only near 0.05).
+    w = b + 1.0
+    ratio, low, high, _ = stats.ratio_interval(v, w, paired=False)
+    s_v, s_w = v.var(ddof=1) / 5, w.var(ddof=1) / 5
+    df = (s_v + ratio**2 * s_w) ** 2 / ((s_v**2 + (ratio**2 * s_w) ** 2) / 4)
+    for end in (low, high):
+        t = abs(v.mean() - end * w.mean()) / math.sqrt(s_v + end**2 * s_w)
+        assert t == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-9)
+        assert scipy_stats.ttest_ind(v, end * w, equal_var=False).pvalue == pytest.approx(0.05, abs=0.01)
+
+
+def test_ratio_interval_edge_cases():
+    exact = stats.ratio_interval(np.array([6.0, 6.0, 6.0]), np.array([10.0, 10.0, 10.0]), paired=True)
+    assert exact[:3] == pytest.approx((0.6, 0.6, 0.6))
+    unbounded = stats.ratio_interval(np.array([1.0, 2.0, 3.0]), np.array([-1.0, 1.0, 0.5]), paired=True)
+    assert math.isnan(unbounded[1]) and math.isnan(unbounded[2]) and "unbounded" in unbounded[3]
+    single = stats.ratio_interval(np.array([3.0]), np.array([2.0]), paired=False)
+    assert single[0] == 1.5 and math.isnan(single[1])
+    assert "zero" in stats.ratio_interval(np.array([1.0, 2.0]), np.array([0.0, 0.0]), paired=True)[3]
+
+
+def _memory_time_tests(**kwargs) -> pd.DataFrame:
+    runs, metrics = make_tables(["memory_time"], **kwargs)
+    return stats.all_tests(metrics, runs)
+
+
+def test_memory_time_ratios_recover_the_planted_ones_on_gpu():
+    tests = _memory_time_tests(n_seeds=3, device=GPU, rng_seed=11)
+    assert not (tests["metric"].isin(["accuracy", "loss"])).any()  # no accuracy rows: no NaN rows either
+    assert {"peak_cuda_allocated", "median_step_time", "tokens_per_second", "base_weight_bytes"} <= set(
+        tests["metric"]
+    )
+    assert "state_bytes" not in set(tests["metric"])  # the GPU's peak allocated memory is the memory metric
+    by = tests.set_index(["variant", "metric"])
+    for variant, metric, planted in (
+        ("qlora", "peak_cuda_allocated", MEMORY_TIME_PLANTED["qlora"][0]),
+        ("qlora", "median_step_time", MEMORY_TIME_PLANTED["qlora"][1]),
+        ("full", "peak_cuda_allocated", MEMORY_TIME_PLANTED["full"][0]),
+        ("full", "median_step_time", MEMORY_TIME_PLANTED["full"][1]),
+    ):
+        row = by.loc[(variant, metric)]
+        assert row["paired"] and row["test"] == "paired t" and row["n_pairs"] == 3
+        assert row["ratio"] == pytest.approx(row["mean_variant"] / row["mean_baseline"])
+        assert row["ratio"] == pytest.approx(planted, rel=0.05)
+        assert row["ratio_ci_low"] < planted < row["ratio_ci_high"], (variant, metric)
+        assert row["significant"] and row["p_holm"] < 0.05 and not row["exact"]
+    assert by.loc[("qlora", "peak_cuda_allocated"), "verdict"] == "better"
+    assert by.loc[("qlora", "median_step_time"), "verdict"] == "worse"
+    assert by.loc[("qlora", "tokens_per_second"), "direction"] == "lower"
+    # Holm within family and metric: two comparisons per metric.
+    for _, group in tests.groupby("metric"):
+        assert len(group) == 2 and (group["p_holm"].fillna(1) >= group["p_value"].fillna(1) - 1e-15).all()
+
+
+def test_memory_time_on_cpu_uses_exact_state_bytes():
+    runs, metrics = make_tables(["memory_time"], n_seeds=3, device="cpu")
+    assert stats.memory_metric(metrics, "memory_time") == "state_bytes"
+    assert stats.cost_metrics(metrics, "memory_time") == [
+        "state_bytes", "median_step_time", "tokens_per_second", "base_weight_bytes"
+    ]  # fmt: skip
+    tests = stats.all_tests(metrics, runs).set_index(["variant", "metric"])
+    memory = tests.loc[("qlora", "state_bytes")]
+    assert memory["ratio"] == pytest.approx(0.6) and memory["ratio_ci_low"] == memory["ratio_ci_high"]
+    # Byte counts identical in every run: exact, no p-value, and the difference counts as established.
+    assert memory["exact"] and math.isnan(memory["p_value"]) and memory["significant"]
+    assert memory["verdict"] == "better" and "exact" in memory["note"]
+    assert tests.loc[("full", "state_bytes"), "verdict"] == "worse"
+    base = tests.loc[("full", "base_weight_bytes")]
+    assert not base["exact"] and not base["significant"]  # same bytes: no difference at all
+    assert tests.loc[("qlora", "base_weight_bytes"), "ratio"] == pytest.approx(MEMORY_TIME_PLANTED["qlora"][2])
+
+
+def test_exact_applies_only_to_deterministic_units():
+    # Constant accuracies (a small test set can do that) are not "exact": the t test stays undefined.
+    runs, metrics = _tables_from_values({"base": {0: 0.8, 1: 0.8}, "other": {0: 0.9, 1: 0.9}})
+    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    assert not row["exact"] and not row["significant"] and row["verdict"] == "n.s."
+
+
+def test_memory_time_unpaired_ratio():
+    tests = _memory_time_tests(n_seeds=3, device=GPU, variant_seeds={("memory_time", "qlora"): [10, 11, 12]})
+    row = tests.set_index(["variant", "metric"]).loc[("qlora", "median_step_time")]
+    assert not row["paired"] and row["test"] == "Welch t"
+    assert row["ratio_ci_low"] < MEMORY_TIME_PLANTED["qlora"][1] < row["ratio_ci_high"]
+
+
+def test_cost_summary_per_variant():
+    runs, metrics = make_tables(["methods", "memory_time"], n_seeds=3, device=GPU, failed=["memory_time/full/seed2"])
+    cost = stats.cost_summary(runs, metrics)
+    assert list(cost.columns) == stats.COST_SUMMARY_COLUMNS
+    assert list(cost["variant"]) == ["lora", "qlora", "full"] and set(cost["family"]) == {"memory_time"}
+    by = cost.set_index("variant")
+    assert list(by["method"]) == ["lora", "qlora", "full"]
+    assert by.loc["qlora", "model"] == "tiny-llama" and by.loc["qlora", "targets"] == "query+value"
+    assert by.loc["qlora", "seq_length"] == "128" and by.loc["qlora", "optimizer"] == "adamw"
+    assert (by["memory_metric"] == "peak_cuda_allocated").all() and by.loc["lora", "is_baseline"]
+    assert by.loc["full", "n"] == 2 and by.loc["full", "n_failed"] == 1
+    # The same numbers as the summary table.
+    summary = stats.summarize(metrics, "peak_cuda_allocated", "none").set_index("variant")
+    for column in ("mean", "ci_low", "ci_high"):
+        assert by.loc["qlora", f"memory_{column}"] == pytest.approx(summary.loc["qlora", column])
+    assert by.loc["qlora", "memory_ci_low"] < by.loc["qlora", "memory_mean"] < by.loc["qlora", "memory_ci_high"]
+    assert by.loc["qlora", "state_bytes_mean"] == pytest.approx(6e8)
+    assert (by["median_step_time_mean"] > 0).all() and (by["tokens_per_second_mean"] > 0).all()
+
+
+def test_study_without_any_accuracy(tmp_path):
+    """Only a memory_time family: stats run, the accuracy-based tables are empty but well-formed."""
+    runs, metrics = make_tables(["memory_time"], n_seeds=3)
+    assert not (metrics["metric"] == "accuracy").any()
+    runs.to_parquet(tmp_path / "runs.parquet")
+    metrics.to_parquet(tmp_path / "metrics.parquet")
+    stats.run_stats(tmp_path / "metrics.parquet", tmp_path / "runs.parquet", tmp_path)
+    seeds = pd.read_parquet(tmp_path / "seed_consistency.parquet")
+    assert seeds.empty and list(seeds.columns) == stats.SEED_CONSISTENCY_COLUMNS
+    tests = pd.read_parquet(tmp_path / "tests.parquet")
+    assert len(tests) and tests["ratio"].notna().all() and not tests["metric"].isin(["accuracy", "loss"]).any()
+    summary = pd.read_parquet(tmp_path / "summary.parquet")
+    assert "accuracy" not in set(summary["metric"]) and summary["mean"].notna().all()
+    assert len(pd.read_parquet(tmp_path / "cost_summary.parquet")) == 3
+
+
+def test_memory_time_family_whose_runs_all_failed():
+    spec = memory_time_family()
+    failed = [f"memory_time/{v}/seed{s}" for v in spec.variants for s in (0, 1)]
+    runs, metrics = make_tables(["methods", spec], n_seeds=2, failed=failed)
+    tests = stats.all_tests(metrics, runs)
+    assert not (tests["family"] == "memory_time").any()  # no rows of NaN for a family that measured nothing
+    cost = stats.cost_summary(runs, metrics)
+    assert (cost["n"] == 0).all() and (cost["n_failed"] == 2).all() and cost["memory_mean"].isna().all()

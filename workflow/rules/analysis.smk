@@ -27,6 +27,8 @@ rule stats:
         tests=f"{RESULTS}/tables/tests.parquet",
         summary=f"{RESULTS}/tables/summary.parquet",
         seeds=f"{RESULTS}/tables/seed_consistency.parquet",
+        # Written (empty) even without a memory_time family, so the outputs do not depend on the config.
+        cost=f"{RESULTS}/tables/cost_summary.parquet",
     log:
         "logs/stats.log",
     conda:
