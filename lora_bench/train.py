@@ -99,6 +99,11 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
+def _by_length(split):
+    lengths = [len(ids) for ids in split["input_ids"]]
+    return split.select(sorted(range(len(lengths)), key=lengths.__getitem__))
+
+
 def _model_inputs(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
 
@@ -196,8 +201,10 @@ def run_training(cfg: RunConfig) -> RunResult:
     micro_batch = cfg.train.batch_size
     train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=micro_batch, shuffle=True,
                                                generator=generator, collate_fn=collate)
+    # Evaluation order does not change accuracy, so sort by length: batches of similar lengths pad less.
     eval_loaders = {
-        name: torch.utils.data.DataLoader(splits[name], batch_size=cfg.train.eval_batch_size, collate_fn=collate)
+        name: torch.utils.data.DataLoader(_by_length(splits[name]), batch_size=cfg.train.eval_batch_size,
+                                          collate_fn=collate)
         for name in SPLITS
     }
     params = [p for p in model.parameters() if p.requires_grad]

@@ -70,6 +70,23 @@ def test_qlora_trains_and_stores_less(tiny_run):
         "optimizer_state"]
 
 
+def test_memory_time_run_through_the_cli(tiny_run, tmp_path):
+    import json
+
+    from lora_bench.cli import main
+
+    tiny_run["data"] = {"source": "synthetic", "max_length": 16, "synthetic_examples": 16}
+    tiny_run["train"].update(evaluate=False, max_steps=2)
+    tiny_run["method"]["name"] = "qlora"
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(tiny_run))
+    out = tmp_path / "mem.json"
+    assert main(["train", "--config", str(config), "--out", str(out), "--strict"]) == 0
+    record = json.loads(out.read_text())
+    assert record["status"] == "ok" and record["memory"]["base_weights"] > 0
+    assert record["method"]["quant_backend"] == "torch"
+
+
 def test_memory_time_run_on_synthetic_tokens_without_evaluation(tiny_run):
     tiny_run["data"] = {"source": "synthetic", "max_length": 24, "synthetic_examples": 40}
     tiny_run["train"].update(evaluate=False, max_steps=3, epochs=2)

@@ -51,11 +51,11 @@ def test_lint_is_clean():
 @pytest.mark.parametrize(
     ("args", "train_jobs"),
     [
-        ((), 77),
+        ((), 72),
         (("--configfile", ".test/config.yaml"), 24),
         (("--configfile", "config/paper.yaml"), 155),
         (("--configfile", "config/gpu_memory.yaml"), 27),
-        (("--profile", "profiles/workstation-gpu"), 77),
+        (("--profile", "profiles/workstation-gpu"), 72),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 155),
     ],
     ids=["default", "test", "paper", "gpu-memory", "workstation-gpu", "slurm"],
