@@ -61,6 +61,22 @@ class LoRALayer(nn.Module):
         return self.scale * (self.A @ self.B).T
 
 
+def make_lora(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    scaling: str = "alpha/r",
+    device: torch.device | str | None = None,
+) -> LoRALayer:
+    """The adapter for an (in -> out) linear map, scaled by the named rule; shared by every LoRA layer kind."""
+    if scaling not in SCALING_RULES:
+        raise ValueError(f"unknown LoRA scaling rule {scaling!r}; choose one of {sorted(SCALING_RULES)}")
+    layer = LoRALayer(in_features, out_features, rank, SCALING_RULES[scaling](alpha, rank), dropout)
+    return layer.to(device=device) if device is not None else layer
+
+
 class LinearWithLoRA(nn.Module):
     """A frozen ``nn.Linear`` (kept as ``base_layer``, as peft does) plus a trainable ``LoRALayer``."""
 
@@ -73,20 +89,13 @@ class LinearWithLoRA(nn.Module):
         scaling: str = "alpha/r",
     ):
         super().__init__()
-        if scaling not in SCALING_RULES:
-            raise ValueError(f"unknown LoRA scaling rule {scaling!r}; choose one of {sorted(SCALING_RULES)}")
+        self.lora = make_lora(linear.in_features, linear.out_features, rank, alpha, dropout, scaling,
+                              linear.weight.device)
         self.base_layer = linear
         self.scaling = scaling
         self.alpha = alpha
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
-        self.lora = LoRALayer(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            SCALING_RULES[scaling](alpha, rank),
-            dropout,
-        ).to(device=linear.weight.device)
         self.merged = False
 
     @property
@@ -330,6 +339,7 @@ __all__ = [
     "count_parameters",
     "find_targets",
     "lora_modules",
+    "make_lora",
     "merge_lora",
     "unmerge_lora",
 ]

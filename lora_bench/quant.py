@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_bench.lora import SCALING_RULES, LoRALayer, LoRASpec
+from lora_bench.lora import LoRASpec, make_lora
 
 # The 16 NF4 values exactly as bitsandbytes ships them (functional.py) and QLoRA's appendix lists
 # them: the source of truth. ``nf4_codebook_from_quantiles`` re-derives them.
@@ -369,18 +369,12 @@ class LinearNF4WithLoRA(LinearNF4):
         block_size: int = 64,
         double_quant: bool = True,
     ):
-        if scaling not in SCALING_RULES:
-            raise ValueError(f"unknown LoRA scaling rule {scaling!r}; choose one of {sorted(SCALING_RULES)}")
+        # The adapter first: a bad scaling rule fails before the (slow) quantization.
+        lora = make_lora(linear.in_features, linear.out_features, rank, alpha, dropout, scaling, linear.weight.device)
         super().__init__(linear, compute_dtype, block_size, double_quant)
+        self.lora = lora
         self.scaling = scaling
         self.alpha = alpha
-        self.lora = LoRALayer(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            SCALING_RULES[scaling](alpha, rank),
-            dropout,
-        ).to(device=linear.weight.device)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -437,16 +431,12 @@ class LinearBnb4bitWithLoRA(nn.Module):
         device: torch.device | str = "cuda",
     ):
         super().__init__()
-        if scaling not in SCALING_RULES:
-            raise ValueError(f"unknown LoRA scaling rule {scaling!r}; choose one of {sorted(SCALING_RULES)}")
+        self.lora = make_lora(linear.in_features, linear.out_features, rank, alpha, dropout, scaling, device)
         self.base_layer = bnb_linear4bit(linear, device, compute_dtype)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.scaling = scaling
         self.alpha = alpha
-        self.lora = LoRALayer(
-            linear.in_features, linear.out_features, rank, SCALING_RULES[scaling](alpha, rank), dropout
-        ).to(device=device)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
