@@ -137,6 +137,9 @@ class DataConfig:
     name: str
     text_column: str
     label_column: str
+    text_pair_column: str | None
+    split_column: str | None
+    labels: list | None
     split: dict
     split_seed: int
     max_examples: dict
@@ -153,6 +156,7 @@ class LoRAConfig:
     scaling: str
     targets: list
     layers: list | None
+    target_patterns: list | None
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ class MethodConfig:
     train_classifier: bool
     quant: QuantConfig
     lora: LoRAConfig
+    head_patterns: list | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,17 @@ class RunConfig:
             )
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ConfigError(f"{self.source}: train.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+        patterns = {"method.lora.target_patterns": self.method.lora.target_patterns,
+                    "method.head_patterns": self.method.head_patterns}
+        for key, values in patterns.items():
+            for pattern in values or ():
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{self.source}: {key}: {pattern!r} is not a regular expression ({exc})") from exc
+        labels = self.data.labels
+        if labels is not None and len({str(label) for label in labels}) != len(labels):
+            raise ConfigError(f"{self.source}: data.labels lists a label twice: {labels}")
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>") -> RunConfig:

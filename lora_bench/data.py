@@ -8,7 +8,12 @@ CSV/TSV/Parquet/JSON/JSONL files load through ``datasets``.
 
 Every source is pooled and re-split by ``split_stratified`` with a fixed ``split_seed``: sources
 are often sorted by class (Pang & Lee is), so an unshuffled split would be meaningless, and pooling
-lets IMDb follow the reference recipe (50k reviews -> 35k / 5k / 10k).
+lets IMDb follow the reference recipe (50k reviews -> 35k / 5k / 10k). A file that already says
+which split each row belongs to names that column in ``data.split_column`` instead.
+
+Labels may be strings or integers, with any number of classes: the label set comes from the
+training data (or ``data.labels``), its order fixes the class indices, and both are recorded with
+the per-class counts of every split.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ class Examples:
     labels: list[int]
     origin: str
     label_names: list[str]
+    # Second texts of sentence pairs (data.text_pair_column), else None.
+    pairs: list[str] | None = None
+    # Split name of each example when the source gives one (data.split_column), else None.
+    split_of: list[str] | None = None
 
 
 def fetch_pang_lee(cache_dir: str | Path) -> Path:
@@ -103,36 +112,79 @@ def _load_pang_lee(spec: DataConfig) -> Examples:
     return read_pang_lee_csv(fetch_pang_lee(spec.cache_dir) / PANG_LEE_FILES[spec.name])
 
 
-def _labels_to_ints(raw_labels: list, origin: str) -> tuple[list[int], list[str]]:
-    if any(label is None or (isinstance(label, float) and np.isnan(label)) for label in raw_labels):
-        raise DataError(f"{origin}: the label column has empty values")
-    values = sorted({str(label) for label in raw_labels})
-    if len(values) != 2:
-        raise DataError(f"{origin}: expected exactly two label values (binary sentiment), found {len(values)}: "
-                        f"{values[:10]}")
-    # -1/1 and 0/1 both map so that the larger value is the positive class.
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _label_order(values: set[str]) -> list[str]:
+    # Numeric labels sort as numbers, so -1/1 and 0/1 both make the larger value class 1 ("positive").
     try:
-        values = sorted(values, key=float)
+        return sorted(values, key=float)
     except ValueError:
-        pass
-    index = {value: i for i, value in enumerate(values)}
-    return [index[str(label)] for label in raw_labels], values
+        return sorted(values)
+
+
+def _labels_to_ints(raw_labels: list, origin: str, given: list | None = None,
+                    infer_from: list | None = None) -> tuple[list[int], list[str]]:
+    """Class indices and the label names in index order: ``given`` (data.labels) or inferred from ``infer_from``."""
+    missing = [i for i, label in enumerate(raw_labels) if _is_missing(label)]
+    if missing:
+        raise DataError(f"{origin}: {len(missing)} row(s) have an empty label, first at row {missing[0]}")
+    as_text = [str(label) for label in raw_labels]
+    if given is not None:
+        names = [str(label) for label in given]
+        unknown = sorted(set(as_text) - set(names))
+        if unknown:
+            raise DataError(f"{origin}: label value(s) {unknown[:10]} are not in data.labels {names}; "
+                            "add them there or drop those rows")
+    else:
+        names = _label_order({str(label) for label in (infer_from if infer_from is not None else raw_labels)})
+        unseen = sorted(set(as_text) - set(names))
+        if unseen:
+            raise DataError(f"{origin}: label value(s) {unseen[:10]} occur outside the train split but not in it; "
+                            "list every label in data.labels or move examples into the train split")
+    if len(names) < 2:
+        raise DataError(f"{origin}: found a single label value {names}; classification needs at least two")
+    index = {name: i for i, name in enumerate(names)}
+    return [index[label] for label in as_text], names
+
+
+def _text_column(table, column: str, key: str, origin: str) -> list[str]:
+    texts = table[column]
+    empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise DataError(f"{origin}: {len(empty)} row(s) have empty or non-text {column!r} (data.{key}), "
+                        f"first at row {empty[0]}; remove or fill those rows")
+    return list(texts)
 
 
 def _from_columns(table, spec: DataConfig, origin: str) -> Examples:
     columns = list(table.column_names)
-    for key, column in (("text_column", spec.text_column), ("label_column", spec.label_column)):
-        if column not in columns:
+    named = [("text_column", spec.text_column), ("label_column", spec.label_column),
+             ("text_pair_column", spec.text_pair_column), ("split_column", spec.split_column)]
+    for key, column in named:
+        if column is not None and column not in columns:
             raise DataError(f"{origin}: no column {column!r} (data.{key}); the columns are {columns}")
     if len(table) == 0:
         raise DataError(f"{origin} has no rows")
-    texts = table[spec.text_column]
-    empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if empty:
-        raise DataError(f"{origin}: {len(empty)} row(s) have empty or non-text {spec.text_column!r}, "
-                        f"first at row {empty[0]}")
-    labels, names = _labels_to_ints(list(table[spec.label_column]), origin)
-    return Examples(list(texts), labels, origin, names)
+    texts = _text_column(table, spec.text_column, "text_column", origin)
+    pairs = _text_column(table, spec.text_pair_column, "text_pair_column", origin) if spec.text_pair_column else None
+    raw_labels = list(table[spec.label_column])
+    split_of = None
+    infer_from = None
+    if spec.split_column:
+        split_of = [str(value).strip().lower() for value in table[spec.split_column]]
+        unknown = sorted(set(split_of) - set(SPLITS))
+        if unknown:
+            raise DataError(f"{origin}: column {spec.split_column!r} (data.split_column) has value(s) "
+                            f"{unknown[:10]}; every row must say one of {list(SPLITS)}")
+        for name in SPLITS:
+            if name not in split_of:
+                raise DataError(f"{origin}: no row has {spec.split_column!r} = {name!r} (data.split_column); "
+                                "each of train, validation and test needs examples")
+        infer_from = [label for label, split in zip(raw_labels, split_of) if split == "train"]
+    labels, names = _labels_to_ints(raw_labels, origin, spec.labels, infer_from)
+    return Examples(texts, labels, origin, names, pairs, split_of)
 
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
@@ -179,23 +231,46 @@ DATA_SOURCES: dict[str, Callable[[DataConfig], Examples]] = {
 }
 
 
-def split_stratified(labels: list[int], fractions: dict, seed: int) -> dict[str, np.ndarray]:
-    """Seeded stratified split: each class is shuffled and cut by ``fractions`` separately."""
+def _split_sizes(n: int, fractions: dict) -> tuple[int, int, int]:
+    n_train = int(round(fractions["train"] * n))
+    n_val = int(round(fractions["validation"] * n))
+    return n_train, n_val, n - n_train - n_val
+
+
+def split_stratified(labels: list[int], fractions: dict, seed: int,
+                     label_names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Seeded stratified split: each class is shuffled and cut by ``fractions`` separately.
+
+    Every class must reach every split (or its test accuracy and F1 would be undefined); a class too
+    small for that is a named error, not a silently missing class.
+    """
     rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for label in np.unique(labels_arr):
         idx = rng.permutation(np.flatnonzero(labels_arr == label))
-        n_train = int(round(fractions["train"] * len(idx)))
-        n_val = int(round(fractions["validation"] * len(idx)))
+        sizes = _split_sizes(len(idx), fractions)
+        if min(sizes) < 1:
+            need = next(n for n in range(len(idx) + 1, 10_000) if min(_split_sizes(n, fractions)) >= 1)
+            name = label_names[label] if label_names else label
+            raise DataError(
+                f"class {name!r} has {len(idx)} example(s), too few to put at least one in each of train, "
+                f"validation and test with data.split {fractions} (train/validation/test would get "
+                f"{'/'.join(map(str, sizes))}); it needs at least {need}: add examples, drop or merge the class, "
+                "or give the split yourself in data.split_column"
+            )
+        n_train, n_val, _ = sizes
         parts["train"].append(idx[:n_train])
         parts["validation"].append(idx[n_train:n_train + n_val])
         parts["test"].append(idx[n_train + n_val:])
-    out = {s: rng.permutation(np.concatenate(parts[s])) for s in SPLITS}
-    for split, idx in out.items():
-        if len(idx) == 0:
-            raise DataError(f"split {split!r} is empty: too few examples for fractions {fractions}")
-    return out
+    return {s: rng.permutation(np.concatenate(parts[s])) for s in SPLITS}
+
+
+def given_splits(split_of: list[str], seed: int) -> dict[str, np.ndarray]:
+    """Indices of the rows the source assigns to each split, shuffled (files are often sorted by class)."""
+    rng = np.random.default_rng(seed)
+    names = np.asarray(split_of)
+    return {s: rng.permutation(np.flatnonzero(names == s)) for s in SPLITS}
 
 
 def subsample_stratified(indices: np.ndarray, labels: list[int], limit: int | None, seed: int) -> np.ndarray:
@@ -230,7 +305,8 @@ def synthetic_splits(spec: DataConfig, tokenizer):
         })
         for name, n in sizes.items()
     })
-    return splits, {"origin": f"synthetic:{spec.max_length} tokens", "label_names": ["0", "1"], "cached": False}
+    info = {"origin": f"synthetic:{spec.max_length} tokens", "label_names": ["0", "1"], "cached": False}
+    return splits, info
 
 
 def load_examples(spec: DataConfig) -> Examples:
@@ -241,12 +317,17 @@ def load_examples(spec: DataConfig) -> Examples:
 
 def _cache_key(spec: DataConfig, examples: Examples, tokenizer_id: str) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([spec.source, spec.name, spec.text_column, spec.label_column, spec.split,
-                              spec.split_seed, spec.max_examples, spec.max_length, tokenizer_id],
+    digest.update(json.dumps([spec.source, spec.name, spec.text_column, spec.label_column, spec.text_pair_column,
+                              spec.split_column, spec.labels, spec.split, spec.split_seed, spec.max_examples,
+                              spec.max_length, tokenizer_id, examples.label_names],
                              sort_keys=True, default=str).encode())
-    for text, label in zip(examples.texts, examples.labels):
+    for i, (text, label) in enumerate(zip(examples.texts, examples.labels)):
         digest.update(text.encode())
-        digest.update(bytes([label % 256]))
+        digest.update(label.to_bytes(4, "little"))
+        if examples.pairs is not None:
+            digest.update(b"\x00" + examples.pairs[i].encode())
+        if examples.split_of is not None:
+            digest.update(b"\x01" + examples.split_of[i].encode())
     return digest.hexdigest()[:16]
 
 
@@ -265,15 +346,26 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
         splits = datasets.load_from_disk(str(cache))
         info["cached"] = True
     else:
-        indices = split_stratified(examples.labels, spec.split, spec.split_seed)
+        if examples.split_of is not None:
+            indices = given_splits(examples.split_of, spec.split_seed)
+        else:
+            indices = split_stratified(examples.labels, spec.split, spec.split_seed, examples.label_names)
         splits = {}
         for offset, name in enumerate(SPLITS):
             chosen = subsample_stratified(indices[name], examples.labels, spec.max_examples[name],
                                           spec.split_seed + 1 + offset)
             texts = [examples.texts[i] for i in chosen]
-            encoded = tokenizer(texts, truncation=True, max_length=spec.max_length)
+            columns = {}
+            if examples.pairs is not None:
+                encoded = tokenizer(texts, [examples.pairs[i] for i in chosen], truncation=True,
+                                    max_length=spec.max_length)
+                if "token_type_ids" in encoded:
+                    columns["token_type_ids"] = encoded["token_type_ids"]
+            else:
+                encoded = tokenizer(texts, truncation=True, max_length=spec.max_length)
             splits[name] = datasets.Dataset.from_dict({
                 "input_ids": encoded["input_ids"],
+                **columns,
                 "labels": [examples.labels[i] for i in chosen],
             })
         splits = datasets.DatasetDict(splits)
@@ -290,6 +382,8 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
 
 def _describe_splits(splits, info: dict) -> dict:
     info["sizes"] = {name: len(splits[name]) for name in SPLITS}
-    info["class_counts"] = {name: np.bincount(splits[name]["labels"], minlength=2).tolist() for name in SPLITS}
+    k = len(info["label_names"])
+    # Per split, examples of each class in label_names order (class index order).
+    info["class_counts"] = {name: np.bincount(splits[name]["labels"], minlength=k).tolist() for name in SPLITS}
     info["mean_tokens"] = {name: float(np.mean([len(x) for x in splits[name]["input_ids"]])) for name in SPLITS}
     return info

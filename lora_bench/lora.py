@@ -13,7 +13,10 @@ Three scaling rules are supported because the literature uses all three and they
 
 ``apply_lora`` replaces the covered ``nn.Linear`` modules of a model, located through a
 per-architecture name map (``ARCHITECTURES``), so one coverage spec means the same thing on
-DistilBERT, BERT and Llama-style models.
+BERT, DistilBERT, RoBERTa/XLM-R, DeBERTa-v2, ELECTRA, ALBERT, MPNet and Llama-style models. For any
+other architecture a config gives the module names as regular expressions instead
+(``method.lora.target_patterns``, ``method.head_patterns``); ``architecture_of`` then builds the map
+from them, and without them its error lists the model's linear layers and shows how to write them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -154,10 +157,15 @@ class Architecture:
     name: str
     model_types: tuple[str, ...]
     kinds: dict[str, str]
-    classifier: str
+    classifier: str | None
+    # ALBERT-style models run one set of block weights at every depth: there is no block to pick.
+    shared_layers: bool = False
 
 
 _BERT_LAYER = r"(?:.*\.)?encoder\.layer\.(?P<layer>\d+)\."
+_ALBERT_LAYER = r"(?:.*\.)?encoder\.albert_layer_groups\.\d+\.albert_layers\.\d+\."
+# RoBERTa, XLM-R, ELECTRA and MPNet share this head: dense (hidden -> hidden) then out_proj (-> labels).
+_DENSE_OUT_HEAD = r"classifier\.(?:dense|out_proj)"
 _DISTILBERT_LAYER = r"(?:.*\.)?transformer\.layer\.(?P<layer>\d+)\."
 _LLAMA_LAYER = r"(?:.*\.)?layers\.(?P<layer>\d+)\."
 
@@ -191,6 +199,73 @@ ARCHITECTURES: dict[str, Architecture] = {
             classifier="classifier",
         ),
         Architecture(
+            name="roberta",
+            model_types=("roberta", "xlm-roberta", "camembert"),
+            kinds={
+                "query": _BERT_LAYER + r"attention\.self\.query",
+                "key": _BERT_LAYER + r"attention\.self\.key",
+                "value": _BERT_LAYER + r"attention\.self\.value",
+                "projection": _BERT_LAYER + r"attention\.output\.dense",
+                "mlp": _BERT_LAYER + r"(?:intermediate\.dense|output\.dense)",
+                "head": _DENSE_OUT_HEAD,
+            },
+            classifier=r"classifier\.out_proj",
+        ),
+        Architecture(
+            name="electra",
+            model_types=("electra",),
+            kinds={
+                "query": _BERT_LAYER + r"attention\.self\.query",
+                "key": _BERT_LAYER + r"attention\.self\.key",
+                "value": _BERT_LAYER + r"attention\.self\.value",
+                "projection": _BERT_LAYER + r"attention\.output\.dense",
+                "mlp": _BERT_LAYER + r"(?:intermediate\.dense|output\.dense)",
+                "head": _DENSE_OUT_HEAD,
+            },
+            classifier=r"classifier\.out_proj",
+        ),
+        Architecture(
+            name="deberta-v2",
+            model_types=("deberta-v2",),
+            kinds={
+                # Never pos_key_proj / pos_query_proj: those project relative positions, not the tokens.
+                "query": _BERT_LAYER + r"attention\.self\.query_proj",
+                "key": _BERT_LAYER + r"attention\.self\.key_proj",
+                "value": _BERT_LAYER + r"attention\.self\.value_proj",
+                "projection": _BERT_LAYER + r"attention\.output\.dense",
+                "mlp": _BERT_LAYER + r"(?:intermediate\.dense|output\.dense)",
+                "head": r"(?:pooler\.dense|classifier)",
+            },
+            classifier="classifier",
+        ),
+        Architecture(
+            name="albert",
+            model_types=("albert",),
+            kinds={
+                "query": _ALBERT_LAYER + r"attention\.query",
+                "key": _ALBERT_LAYER + r"attention\.key",
+                "value": _ALBERT_LAYER + r"attention\.value",
+                "projection": _ALBERT_LAYER + r"attention\.dense",
+                "mlp": _ALBERT_LAYER + r"(?:ffn|ffn_output)",
+                "head": r"(?:albert\.pooler|classifier)",
+            },
+            classifier="classifier",
+            shared_layers=True,
+        ),
+        Architecture(
+            name="mpnet",
+            model_types=("mpnet",),
+            kinds={
+                "query": _BERT_LAYER + r"attention\.attn\.q",
+                "key": _BERT_LAYER + r"attention\.attn\.k",
+                "value": _BERT_LAYER + r"attention\.attn\.v",
+                "projection": _BERT_LAYER + r"attention\.attn\.o",
+                "mlp": _BERT_LAYER + r"(?:intermediate\.dense|output\.dense)",
+                "head": _DENSE_OUT_HEAD,
+            },
+            classifier=r"classifier\.out_proj",
+        ),
+        Architecture(
             name="llama",
             model_types=("llama", "mistral", "qwen2"),
             kinds={
@@ -207,18 +282,60 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def architecture_of(model: nn.Module) -> Architecture:
-    """The name map for ``model``, found from its Hugging Face ``config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for arch in ARCHITECTURES.values():
-        if model_type in arch.model_types:
-            return arch
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    raise ValueError(
-        f"no LoRA name map for model_type {model_type!r}; known: "
-        f"{sorted(t for a in ARCHITECTURES.values() for t in a.model_types)}. "
-        f"Its linear layers are: {', '.join(linears[:40])}{' ...' if len(linears) > 40 else ''}"
+def linear_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _pattern_help(model_type, linears: list[str]) -> str:
+    """How to write the patterns for an unknown architecture, with this model's own layer names."""
+    shown = ", ".join(linears[:60]) + (f" ... ({len(linears)} in all)" if len(linears) > 60 else "")
+    return (
+        f"Its linear layers are: {shown}. Give their names as regular expressions (re.fullmatch) in the run "
+        "config, for example:\n"
+        "  method:\n"
+        "    head_patterns: ['classifier(\\..*)?']  # every linear layer of the classification head\n"
+        "    lora:\n"
+        "      target_patterns: ['.*\\.layer\\.(?P<layer>\\d+)\\.attention\\.(query|value)']\n"
+        f"or add an Architecture for model_type {model_type!r} to ARCHITECTURES in lora_bench/lora.py."
     )
+
+
+def _either(patterns) -> str:
+    return "|".join(f"(?:{p})" for p in patterns)
+
+
+def architecture_of(model: nn.Module, head_patterns=None, target_patterns=None) -> Architecture:
+    """The name map for ``model``, found from its Hugging Face ``config.model_type``.
+
+    ``head_patterns`` (regexes) replace the map's ``head`` kind; the last matching linear layer in
+    model order becomes the ``classifier``. With patterns, an architecture the map does not know gets
+    a map holding only what the patterns say.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = next((a for a in ARCHITECTURES.values() if model_type in a.model_types), None)
+    if arch is None and not (head_patterns or target_patterns):
+        raise ValueError(
+            f"no LoRA name map for model_type {model_type!r}; known: "
+            f"{sorted(t for a in ARCHITECTURES.values() for t in a.model_types)}. "
+            + _pattern_help(model_type, linear_layer_names(model))
+        )
+    if arch is None:
+        arch = Architecture(name=f"custom:{model_type}", model_types=(model_type,), kinds={}, classifier=None)
+    if head_patterns:
+        head = _either(head_patterns)
+        matched = [name for name in linear_layer_names(model) if re.fullmatch(head, name)]
+        if not matched:
+            raise ValueError(f"method.head_patterns {list(head_patterns)} match no linear layer. "
+                             + _pattern_help(model_type, linear_layer_names(model)))
+        arch = replace(arch, kinds={**arch.kinds, "head": head}, classifier=re.escape(matched[-1]))
+    return arch
+
+
+def head_pattern(arch: Architecture) -> str:
+    """The regex of the classification head's linear layers, or a named error when nobody said which."""
+    if "head" not in arch.kinds:
+        raise ValueError(f"the {arch.name} model has no known classification head; give method.head_patterns")
+    return arch.kinds["head"]
 
 
 @dataclass(frozen=True)
@@ -235,6 +352,8 @@ class LoRASpec:
     scaling: str = "alpha/r"
     targets: tuple[str, ...] = ("query", "value")
     layers: tuple[int, ...] | None = None
+    # Regexes of module names, used instead of ``targets`` when given.
+    patterns: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.targets) - set(COVERAGE_KINDS)
@@ -250,15 +369,32 @@ class LoRASpec:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
+def _kind_patterns(spec: LoRASpec, arch: Architecture) -> list[tuple[str, re.Pattern]]:
+    if spec.patterns:
+        return [("pattern", re.compile(p)) for p in spec.patterns]
+    missing = [kind for kind in spec.targets if kind not in arch.kinds]
+    if missing:
+        raise ValueError(f"the {arch.name} name map has no LoRA target kind(s) {missing}; "
+                         "give method.lora.target_patterns")
+    return [(kind, re.compile(arch.kinds[kind])) for kind in spec.targets]
+
+
 def find_targets(model: nn.Module, spec: LoRASpec, arch: Architecture | None = None) -> list[str]:
     """Names of the ``nn.Linear`` modules that ``spec`` covers, in model order."""
-    arch = arch or architecture_of(model)
-    patterns = [(kind, re.compile(arch.kinds[kind])) for kind in spec.targets]
+    if arch is None:
+        arch = architecture_of(model, target_patterns=spec.patterns)
+    patterns = _kind_patterns(spec, arch)
     layers = set(spec.layers) if spec.layers is not None else None
+    if layers is not None and arch.shared_layers:
+        raise ValueError(f"{arch.name} shares one set of block weights across all layers, so "
+                         "method.lora.layers cannot pick blocks; set it to null")
+    if layers is not None and spec.patterns:
+        unrestricted = [p for _, p in patterns if "layer" not in p.groupindex]
+        if unrestricted:
+            raise ValueError(f"method.lora.layers needs a named group (?P<layer>\\d+) in every target pattern; "
+                             f"{[p.pattern for p in unrestricted]} have none")
     names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
+    for name in linear_layer_names(model):
         for kind, pattern in patterns:
             match = pattern.fullmatch(name)
             if match is None:
@@ -268,7 +404,8 @@ def find_targets(model: nn.Module, spec: LoRASpec, arch: Architecture | None = N
             names.append(name)
             break
     if not names:
-        raise ValueError(f"LoRA spec {spec} matched no linear layer of this {arch.name} model")
+        raise ValueError(f"LoRA spec {spec} matched no linear layer of this {arch.name} model. "
+                         + _pattern_help(arch.model_types[0] if arch.model_types else None, linear_layer_names(model)))
     return names
 
 
@@ -282,6 +419,7 @@ def apply_lora(
     model: nn.Module,
     spec: LoRASpec,
     wrap: Callable[[nn.Linear, LoRASpec], nn.Module] | None = None,
+    arch: Architecture | None = None,
 ) -> list[str]:
     """Freeze ``model`` and wrap every covered linear layer; returns the wrapped names.
 
@@ -289,7 +427,7 @@ def apply_lora(
     its own so the 4-bit layer sits beside the 16-bit one without branching here.
     """
     wrap = wrap or (lambda linear, s: LinearWithLoRA(linear, s.rank, s.alpha, s.dropout, s.scaling))
-    names = find_targets(model, spec)
+    names = find_targets(model, spec, arch)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -338,6 +476,8 @@ __all__ = [
     "architecture_of",
     "count_parameters",
     "find_targets",
+    "head_pattern",
+    "linear_layer_names",
     "lora_modules",
     "make_lora",
     "merge_lora",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import MethodConfig
-from .lora import LoRASpec, apply_lora, architecture_of
+from .lora import Architecture, LoRASpec, apply_lora, architecture_of, head_pattern
 from .quant import nf4_wrap_for, quantize_remaining_linears, select_backend
 
 
@@ -27,7 +27,13 @@ def lora_spec(method: MethodConfig) -> LoRASpec:
         scaling=lora.scaling,
         targets=tuple(lora.targets),
         layers=tuple(lora.layers) if lora.layers is not None else None,
+        patterns=tuple(lora.target_patterns) if lora.target_patterns else None,
     )
+
+
+def method_architecture(model: nn.Module, method: MethodConfig) -> Architecture:
+    """The model's name map, with the config's explicit head / LoRA target patterns taken into account."""
+    return architecture_of(model, head_patterns=method.head_patterns, target_patterns=method.lora.target_patterns)
 
 
 def _set_trainable_by_pattern(model: nn.Module, pattern: str) -> list[str]:
@@ -48,11 +54,14 @@ def freeze_all(model: nn.Module) -> None:
 
 
 def _with_lora(model: nn.Module, method: MethodConfig, wrap=None) -> dict:
-    arch = architecture_of(model)
+    arch = method_architecture(model, method)
     spec = lora_spec(method)
-    wrapped = apply_lora(model, spec, wrap=wrap)
+    wrapped = apply_lora(model, spec, wrap=wrap, arch=arch)
     unfrozen = []
     if method.train_classifier:
+        if arch.classifier is None:
+            raise ValueError(f"method.train_classifier is true but the {arch.name} model has no known "
+                             "classification layer; give method.head_patterns or set train_classifier: false")
         unfrozen = _set_trainable_by_pattern(model, rf"{arch.classifier}(?:\.base_layer)?")
     return {"lora_modules": wrapped, "fully_trained": unfrozen, "architecture": arch.name}
 
@@ -68,12 +77,12 @@ def prepare_qlora(model: nn.Module, method: MethodConfig, device: torch.device) 
     The classification head stays in full precision (bitsandbytes' loaders skip it too); the backend
     is bitsandbytes on CUDA when installed, else lora_bench's own NF4 (``method.quant.backend``).
     """
-    arch = architecture_of(model)
+    arch = method_architecture(model, method)
     quant = method.quant
     backend = select_backend(device, None if quant.backend == "auto" else quant.backend).name
     layout = {"block_size": quant.block_size, "double_quant": quant.double_quant}
     info = _with_lora(model, method, wrap=nf4_wrap_for(device, backend, **layout))
-    head = re.compile(arch.kinds["head"])
+    head = re.compile(head_pattern(arch))
     info["quantized_frozen"] = quantize_remaining_linears(
         model, lambda name: bool(head.fullmatch(name)), device, backend, **layout
     )
@@ -82,10 +91,11 @@ def prepare_qlora(model: nn.Module, method: MethodConfig, device: torch.device) 
 
 
 def prepare_last_layers(model: nn.Module, method: MethodConfig, device: torch.device) -> dict:
-    """Everything frozen except the classification head's linear layers (e.g. pre_classifier + classifier)."""
-    arch = architecture_of(model)
+    """Everything frozen except all the classification head's linear layers, whatever its shape
+    (pre_classifier + classifier, dense + out_proj, pooler + classifier)."""
+    arch = method_architecture(model, method)
     freeze_all(model)
-    unfrozen = _set_trainable_by_pattern(model, arch.kinds["head"])
+    unfrozen = _set_trainable_by_pattern(model, head_pattern(arch))
     if not unfrozen:
         raise ValueError(f"last_layers found no head layers in this {arch.name} model")
     return {"fully_trained": unfrozen, "architecture": arch.name}

@@ -55,13 +55,33 @@ def _minilm_path() -> Path:
 EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {"minilm-l6": _minilm_path}
 
 
+def check_model_folder(folder: Path) -> Path:
+    """``folder`` if it holds a Hugging Face model; else a ``ConfigError`` saying what is wrong and how to fix it."""
+    if not folder.exists():
+        raise ConfigError(f"model.name: no such folder {folder}; give the path of a folder saved with "
+                          "save_pretrained (config.json, weights, tokenizer files)")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ConfigError(f"model.name: {folder} is not a Hugging Face model folder (no config.json in it); "
+                          "point it at a folder written by model.save_pretrained(...) and tokenizer.save_pretrained(...)")
+    return folder
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else that names a place on disk is a path.
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
+
+
+def _hub_name(name: str) -> str:
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model.name: no such folder {name} (it is a path, not a Hub id); fix the path, or use "
+                          "model.source: local for a folder on disk")
+    return name
+
+
 def _from_folder(folder: Path, num_labels: int, dtype, label: str) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if not folder.exists():
-        raise ConfigError(f"model folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{folder} is not a Hugging Face model folder (no config.json in it)")
+    check_model_folder(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype)
     return LoadedModel(model, tokenizer, {"path": str(folder), "pretrained": True, "label": label})
@@ -78,6 +98,7 @@ def _load_local(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
 def _load_hub(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    _hub_name(spec.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.name)
         model = AutoModelForSequenceClassification.from_pretrained(spec.name, num_labels=num_labels, dtype=dtype)
@@ -116,7 +137,7 @@ def tiny_tokenizer(max_length: int = 512):
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return PreTrainedTokenizerFast(
@@ -164,9 +185,26 @@ def load_tokenizer(spec: ModelConfig):
     from transformers import AutoTokenizer
 
     if spec.source == "random":
+        random_config_path(spec.name)  # a misspelt config name fails here, before the data is tokenized
         return tiny_tokenizer()
-    folder = {"embedded": lambda: _embedded_path(spec.name), "local": lambda: Path(spec.name).expanduser()}
-    return AutoTokenizer.from_pretrained(folder[spec.source]() if spec.source in folder else spec.name)
+    folder = {"embedded": lambda: _embedded_path(spec.name),
+              "local": lambda: check_model_folder(Path(spec.name).expanduser())}
+    return AutoTokenizer.from_pretrained(folder[spec.source]() if spec.source in folder else _hub_name(spec.name))
+
+
+# Model types whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids),
+# so pad_token_id + 1 of the position embeddings are never used by tokens.
+_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "mpnet"}
+
+
+def max_positions(config) -> int | None:
+    """The longest input in tokens the model's position embeddings allow (None when unbounded, e.g. RoPE)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None
+    if getattr(config, "model_type", None) in _POSITIONS_AFTER_PADDING:
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions
 
 
 def load_model(spec: ModelConfig, num_labels: int) -> LoadedModel:

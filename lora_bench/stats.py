@@ -128,6 +128,7 @@ MEMORY_TIME_OTHER_METRICS = ("tokens_per_second", "base_weight_bytes")
 TESTED_METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "test"),
     ("accuracy", "validation"),
+    ("macro_f1", "test"),
     ("loss", "test"),
     ("wall_time", "none"),
     ("median_step_time", "none"),

@@ -19,6 +19,8 @@ from .record import read_record
 # metric name -> (unit, higher_is_better)
 METRIC_INFO: dict[str, tuple[str, bool]] = {
     "accuracy": ("fraction", True),
+    # mean of the per-class F1 scores (scikit-learn, average="macro"): every class counts alike
+    "macro_f1": ("fraction", True),
     "loss": ("nats", False),
     "trainable_params": ("count", False),
     "total_params": ("count", False),
@@ -112,15 +114,17 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         epoch = entry["epoch"]
         rows.append(_metric_row(labels, "loss", "train", epoch, "epoch", entry["train_loss"]))
         for split in ("train", "validation", "test"):
-            if f"{split}_accuracy" in entry:
-                rows.append(_metric_row(labels, "accuracy", split, epoch, "epoch", entry[f"{split}_accuracy"]))
+            for metric in ("accuracy", "macro_f1"):
+                if f"{split}_{metric}" in entry:
+                    rows.append(_metric_row(labels, metric, split, epoch, "epoch", entry[f"{split}_{metric}"]))
             if f"{split}_loss" in entry and split != "train":
                 rows.append(_metric_row(labels, "loss", split, epoch, "epoch", entry[f"{split}_loss"]))
     final = metrics.get("final") or {}
     selected = metrics.get("selected_epoch")
     for split in ("train", "validation", "test"):
-        if f"{split}_accuracy" in final:
-            rows.append(_metric_row(labels, "accuracy", split, selected, "final", final[f"{split}_accuracy"]))
+        for metric in ("accuracy", "macro_f1"):
+            if f"{split}_{metric}" in final:
+                rows.append(_metric_row(labels, metric, split, selected, "final", final[f"{split}_{metric}"]))
     last_epoch = epochs[-1]["epoch"] if epochs else None
     for metric, section, key in RUN_LEVEL:
         value = (record.get(section) or {}).get(key)

@@ -2,13 +2,14 @@
 
 One seed controls everything that is random in a run (head and LoRA initialisation, data order,
 dropout) so that, on CPU, the same config and seed give identical metrics. Validation and test
-accuracy are measured after every epoch; the run's reported ("final") numbers are those of the
+accuracy and macro-F1 are measured after every epoch; the run's reported ("final") numbers are those of the
 epoch with the best validation accuracy, which is what evaluating the best-validation checkpoint
 on test (the reference recipe) gives, without storing checkpoints.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import resource
@@ -21,11 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import RunConfig, TrainConfig
+from sklearn.metrics import f1_score
+
+from .config import ConfigError, RunConfig, TrainConfig
 from .data import SPLITS, prepare_splits
 from .lora import count_parameters
 from .methods import prepare_model
-from .models import load_model
+from .models import load_model, load_tokenizer, max_positions
 
 # Steps excluded from the median step time: the first ones pay for allocator warm-up and lazy init.
 WARMUP_STEPS = 3
@@ -60,7 +63,14 @@ def make_collate(pad_id: int):
             input_ids[row, : len(ids)] = torch.as_tensor(ids)
             attention_mask[row, : len(ids)] = 1
         labels = torch.as_tensor([example["labels"] for example in batch], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "token_type_ids" in batch[0]:
+            # Sentence pairs: segment ids, padded with 0 like the first segment.
+            token_types = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, example in enumerate(batch):
+                token_types[row, : len(example["token_type_ids"])] = torch.as_tensor(example["token_type_ids"])
+            out["token_type_ids"] = token_types
+        return out
 
     return collate
 
@@ -104,23 +114,45 @@ def _by_length(split):
     return split.select(sorted(range(len(lengths)), key=lengths.__getitem__))
 
 
-def _model_inputs(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+def accepted_inputs(model: nn.Module) -> frozenset[str]:
+    """The batch keys ``model.forward`` takes: DistilBERT, MPNet and Llama have no ``token_type_ids``, and
+    RoBERTa/DeBERTa take them but have fewer than two segment embeddings, so segment 1 would not exist."""
+    names = set(inspect.signature(model.forward).parameters)
+    if getattr(model.config, "type_vocab_size", 2) < 2:
+        names.discard("token_type_ids")
+    return frozenset(names & {"input_ids", "attention_mask", "token_type_ids"})
+
+
+def _model_inputs(batch: dict, device: torch.device, accepted: frozenset[str] | None = None) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k != "labels" and (accepted is None or k in accepted)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, precision) -> dict:
+def evaluate(model, loader, device, precision, accepted: frozenset[str] | None = None) -> dict:
+    """Accuracy, mean loss and macro-F1 (scikit-learn; the mean of per-class F1, so every class counts alike)."""
     model.eval()
-    correct = total = 0
     loss_sum = 0.0
+    predictions, truth = [], []
     for batch in loader:
         with _autocast(device, precision):
-            logits = model(**_model_inputs(batch, device)).logits.float()
+            logits = model(**_model_inputs(batch, device, accepted)).logits.float()
         labels = batch["labels"].to(device)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        total += len(labels)
-    return {"accuracy": correct / total, "loss": loss_sum / total}
+        predictions.append(logits.argmax(-1).cpu())
+        truth.append(labels.cpu())
+    predicted, actual = torch.cat(predictions).numpy(), torch.cat(truth).numpy()
+    return {"accuracy": float((predicted == actual).mean()), "loss": loss_sum / len(actual),
+            "macro_f1": float(f1_score(actual, predicted, average="macro", zero_division=0))}
+
+
+def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
+    """``data.max_length`` must fit the model's position embeddings, or long inputs would index past them."""
+    limit = max_positions(model.config)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ConfigError(
+            f"{cfg.source}: data.max_length {cfg.data.max_length} is longer than model {cfg.model.name!r} "
+            f"accepts ({limit} positions, from its max_position_embeddings); set data.max_length <= {limit}"
+        )
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -180,11 +212,13 @@ def run_training(cfg: RunConfig) -> RunResult:
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     seed_everything(cfg.seed)
 
-    # The data loaders accept binary labels only, so the head is always 2-way.
-    loaded = load_model(cfg.model, num_labels=2)
+    # The label set comes from the data, so the data is prepared first and the head sized to it.
     tokenizer_id = f"{cfg.model.source}:{cfg.model.name}"
-    splits, data_info = prepare_splits(cfg.data, loaded.tokenizer, tokenizer_id)
+    splits, data_info = prepare_splits(cfg.data, load_tokenizer(cfg.model), tokenizer_id)
+    loaded = load_model(cfg.model, num_labels=len(data_info["label_names"]))
     model = loaded.model
+    check_max_length(cfg, model)
+    accepted = accepted_inputs(model)
     # Re-seed after loading so the LoRA init and data order do not depend on how many random
     # draws the model constructor happened to make.
     seed_everything(cfg.seed)
@@ -233,7 +267,7 @@ def run_training(cfg: RunConfig) -> RunResult:
         for micro_step, batch in enumerate(_progress(train_loader, cfg.train, f"epoch {epoch}", len(train_loader))):
             labels = batch["labels"].to(device)
             with _autocast(device, cfg.train.precision):
-                logits = model(**_model_inputs(batch, device)).logits.float()
+                logits = model(**_model_inputs(batch, device, accepted)).logits.float()
             loss = nn.functional.cross_entropy(logits, labels)
             if not torch.isfinite(loss):
                 raise TrainingFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
@@ -265,9 +299,10 @@ def run_training(cfg: RunConfig) -> RunResult:
         for name in SPLITS:
             if not cfg.train.evaluate or (name == "train" and not cfg.train.eval_train):
                 continue
-            result = evaluate(model, eval_loaders[name], device, cfg.train.precision)
+            result = evaluate(model, eval_loaders[name], device, cfg.train.precision, accepted)
             record[f"{name}_accuracy"] = result["accuracy"]
             record[f"{name}_loss"] = result["loss"]
+            record[f"{name}_macro_f1"] = result["macro_f1"]
         epochs.append(record)
 
     if cfg.train.evaluate:

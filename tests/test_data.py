@@ -59,7 +59,8 @@ def test_local_csv_loads_and_caches_tokenized(sentiment_csv, tmp_path):
     [
         ("", ".csv", "is empty"),
         ("words,label\nhi,1\nho,0\n", ".csv", r"no column 'text'.*\['words', 'label'\]"),
-        ("text,label\na,1\nb,0\nc,2\n", ".csv", "expected exactly two label values"),
+        ("text,label\na,1\nb,1\n", ".csv", "a single label value"),
+        ("text,label\na,1\nb,\n", ".csv", "empty label"),
         ("text,label\n,1\nb,0\n", ".csv", "empty or non-text"),
         ("text\tlabel\n", ".xlsx", "unsupported file type"),
     ],
