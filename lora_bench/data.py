@@ -357,8 +357,10 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
             texts = [examples.texts[i] for i in chosen]
             columns = {}
             if examples.pairs is not None:
+                # Segment ids are kept whatever the tokenizer's default; train passes them only to models
+                # that have a second segment embedding.
                 encoded = tokenizer(texts, [examples.pairs[i] for i in chosen], truncation=True,
-                                    max_length=spec.max_length)
+                                    max_length=spec.max_length, return_token_type_ids=True)
                 if "token_type_ids" in encoded:
                     columns["token_type_ids"] = encoded["token_type_ids"]
             else:

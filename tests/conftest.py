@@ -42,3 +42,27 @@ def tiny_run(sentiment_csv, tmp_path):
         "method": {"name": "lora", "lora": {"rank": 4, "alpha": 8}},
         "train": {"epochs": 2, "batch_size": 8, "lr": 1.0e-2, "device": "cpu", "threads": 1, "progress": "never"},
     }
+
+
+TOPICS = {
+    "sport": ["match", "goal", "team", "score", "coach"],
+    "science": ["atom", "cell", "theory", "lab", "gene"],
+    "cooking": ["oven", "salt", "recipe", "pasta", "sauce"],
+}
+
+
+def write_topics_csv(path, n_per_class: int = 30, seed: int = 0, sep: str = ",") -> None:
+    """A 3-class file with string labels, sorted by class as real exports often are (no shuffling)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"sentence{sep}topic\n")
+        for topic, words in TOPICS.items():
+            for _ in range(n_per_class):
+                handle.write(f'"the {rng.choice(words)} and {rng.choice(words)} today"{sep}{topic}\n')
+
+
+@pytest.fixture
+def topics_csv(tmp_path):
+    path = tmp_path / "topics.csv"
+    write_topics_csv(path)
+    return path
