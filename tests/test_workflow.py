@@ -119,3 +119,30 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
     config["families"]["optimizer"]["variants"]["sgd-cosine"]["train"]["lr"] = 0.02
     (workdir / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     assert planned_jobs(snakemake("-n", *common).stdout)["train"] == 2
+
+
+@pytest.mark.slow
+def test_own_three_class_csv_through_the_workflow_to_the_report(tmp_path):
+    from conftest import write_topics_csv
+
+    workdir = tmp_path / "byo"
+    workdir.mkdir()
+    # String labels, sorted by class: the study must infer the 3 labels and split with shuffling.
+    write_topics_csv(workdir / "topics.csv", n_per_class=40)
+    config = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    config["base"]["model"] = {"source": "random", "name": "tiny-bert"}
+    config["base"]["data"] = {"source": "local", "name": str(workdir / "topics.csv"), "text_column": "sentence",
+                              "label_column": "topic", "max_length": 32}
+    (workdir / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake("--cores", "2", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+              "--configfile", str(workdir / "study.yaml"))
+
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
+    metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
+    assert len(runs) == 24 and set(runs["status"]) == {"ok"}
+    assert {"accuracy", "macro_f1"} <= set(metrics["metric"])
+    record = yaml.safe_load((workdir / "results/runs/methods/lora/seed0.json").read_text())
+    assert record["data"]["label_names"] == ["cooking", "science", "sport"]
+    assert record["data"]["class_counts"]["test"] == [8, 8, 8]
+    assert record["model"]["num_labels"] == 3
+    assert (workdir / "paper/report.html").stat().st_size > 0
