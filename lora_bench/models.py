@@ -62,7 +62,8 @@ def check_model_folder(folder: Path) -> Path:
                           "save_pretrained (config.json, weights, tokenizer files)")
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ConfigError(f"model.name: {folder} is not a Hugging Face model folder (no config.json in it); "
-                          "point it at a folder written by model.save_pretrained(...) and tokenizer.save_pretrained(...)")
+                          "point it at a folder written by model.save_pretrained(...) and "
+                          "tokenizer.save_pretrained(...)")
     return folder
 
 

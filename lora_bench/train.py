@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
-
 from sklearn.metrics import f1_score
+from torch import nn
 
 from .config import ConfigError, RunConfig, TrainConfig
 from .data import SPLITS, prepare_splits

@@ -269,3 +269,30 @@ def test_split_fractions_keep_every_class_everywhere():
     parts = split_stratified(labels, {"train": 0.7, "validation": 0.1, "test": 0.2}, 0)
     for idx in parts.values():
         assert len(set(np.asarray(labels)[idx].tolist())) == 40
+
+
+def test_readme_example_study_and_pattern_snippet_validate():
+    from pathlib import Path
+
+    from lora_bench.config import parse_yaml
+    from lora_bench.study import study_from_dict
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Run the study on your own data and model")[1].split("\n## ")[0]
+    blocks = [b.split("```")[0] for b in section.split("```yaml\n")[1:]]
+    study = study_from_dict(parse_yaml(blocks[0]), "README.md")
+    assert study.run_config("methods", "lora", 0).data.label_column == "queue"
+    snippet = RunConfig.from_dict(parse_yaml(blocks[1]), "README.md").method
+    assert snippet.lora.target_patterns and snippet.head_patterns
+
+
+def test_bert_pair_run_passes_segment_ids(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("a,b,label\n" + "".join(f"cat {i},sat {i % 2},{i % 2}\n" for i in range(40)))
+    result = run_training(RunConfig.from_dict({
+        "model": {"source": "random", "name": "tiny-bert"},
+        "data": {"source": "local", "name": str(path), "text_column": "a", "text_pair_column": "b",
+                 "max_length": 16, "cache_dir": str(tmp_path / "cache")},
+        "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "threads": 1, "progress": "never"},
+    }))
+    assert result.data_info["label_names"] == ["0", "1"]
