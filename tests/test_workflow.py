@@ -43,6 +43,16 @@ def planned_jobs(output: str) -> dict[str, int]:
     return counts
 
 
+@pytest.fixture
+def clean_checkout(tmp_path):
+    """The workflow's files without any results: what the working tree has computed must not hide jobs."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("Snakefile", "workflow", "config", ".test", "profiles", "envs"):
+        (checkout / name).symlink_to(ROOT / name)
+    return checkout
+
+
 def test_lint_is_clean():
     result = snakemake("--lint")
     assert "Congratulations" in result.stdout + result.stderr
@@ -60,14 +70,14 @@ def test_lint_is_clean():
     ],
     ids=["default", "test", "paper", "gpu-memory", "workstation-gpu", "slurm"],
 )
-def test_dry_run_of_every_config_and_profile(args, train_jobs):
-    result = snakemake("-n", *args)
+def test_dry_run_of_every_config_and_profile(args, train_jobs, clean_checkout):
+    result = snakemake("-n", *args, cwd=clean_checkout)
     jobs = planned_jobs(result.stdout)
     assert jobs["train"] == train_jobs
     assert jobs["report"] == 1 and jobs["collect"] == 1
 
 
-def test_a_new_family_is_one_config_block(tmp_path):
+def test_a_new_family_is_one_config_block(tmp_path, clean_checkout):
     config = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
     config["families"]["dropout"] = {
         "baseline": "p0",
@@ -75,7 +85,7 @@ def test_a_new_family_is_one_config_block(tmp_path):
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    jobs = planned_jobs(snakemake("-n", "--configfile", str(path)).stdout)
+    jobs = planned_jobs(snakemake("-n", "--configfile", str(path), cwd=clean_checkout).stdout)
     assert jobs["train"] == 24 + 2 * 2
 
 

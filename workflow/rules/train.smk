@@ -16,7 +16,9 @@ rule prepare_data:
 
 rule train:
     input:
-        f"{RESULTS}/data/prepared.done",
+        # ancient: re-preparing data (e.g. after a new family) must not re-train finished runs; a run
+        # re-trains when its own resolved config (params.cfg) changes.
+        ancient(f"{RESULTS}/data/prepared.done"),
     output:
         f"{RESULTS}/runs/{{family}}/{{variant}}/seed{{seed}}.json",
     log:
