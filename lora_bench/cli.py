@@ -184,18 +184,12 @@ def cmd_prepare_data(args) -> int:
     """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
     from .data import prepare_splits
     from .models import load_tokenizer
-    from .study import load_study, study_from_dict
+    from .study import load_study
 
     _quiet_libraries()
-    study = study_from_dict(json.loads(args.study_json), "--study-json") if args.study_json else load_study(args.study)
-    seen = set()
-    for family, variant, seed in study.runs():
-        cfg = study.run_config(family, variant, seed)
-        key = (cfg.data, cfg.model.source, cfg.model.name)
-        # Synthetic token ids are generated in the run itself: nothing to fetch or cache.
-        if repr(key) in seen or cfg.data.source == "synthetic":
-            continue
-        seen.add(repr(key))
+    specs = json.loads(args.specs_json) if args.specs_json else load_study(args.study).data_preparations()
+    for spec in specs:
+        cfg = RunConfig.from_dict(spec, source="prepare-data")
         tokenizer = load_tokenizer(cfg.model)
         _, info = prepare_splits(cfg.data, tokenizer, f"{cfg.model.source}:{cfg.model.name}")
         print(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {info['sizes']} -> {info['cache']}")
@@ -289,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare-data", help="fetch and tokenize a study's data once")
     prepare_source = prepare.add_mutually_exclusive_group(required=True)
     prepare_source.add_argument("--study", help="study config YAML")
-    prepare_source.add_argument("--study-json", help="study config as a JSON string")
+    prepare_source.add_argument("--specs-json", help="JSON list of {data, model} partial run configs")
     prepare.add_argument("--done", help="file to touch when finished (a workflow marker)")
     prepare.set_defaults(func=cmd_prepare_data)
 

@@ -54,6 +54,20 @@ class Study:
             raw = deep_merge(raw, {"train": {"threads": self.threads}})
         return RunConfig.from_dict(raw, source=f"{self.source} [families.{family}.variants.{variant}]")
 
+    def data_preparations(self) -> list[dict]:
+        """The distinct (data, model) pairs whose data must be fetched and tokenized, as partial run configs.
+
+        Only these, not the whole study, decide whether data preparation re-runs: a new learning
+        rate must not re-prepare data. Synthetic token ids are generated in the run itself.
+        """
+        specs: list[dict] = []
+        for family, variant, seed in self.runs():
+            cfg = self.run_config(family, variant, seed).to_dict()
+            spec = {"data": cfg["data"], "model": cfg["model"]}
+            if cfg["data"]["source"] != "synthetic" and spec not in specs:
+                specs.append(spec)
+        return specs
+
     def labels(self, family: str, variant: str, seed: int) -> dict:
         fam = self._family(family)
         return {"family": family, "family_kind": fam.kind, "variant": variant, "seed": seed,

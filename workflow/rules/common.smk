@@ -43,8 +43,8 @@ def gpu_flag():
     return f"--gpu-ids {','.join(map(str, STUDY.gpu_ids))}" if STUDY.gpu_ids else ""
 
 
-def study_json():
-    return json.dumps(config)  # key order matters: grid keys name variants
+def data_specs_json():
+    return json.dumps(STUDY.data_preparations(), sort_keys=True)
 
 
 def figure_paths():
@@ -52,7 +52,10 @@ def figure_paths():
 
 
 def final_targets():
+    # Run records are targets themselves: Snakemake would otherwise accept a deleted record as long as
+    # the tables built from it are newer, and never re-train that run.
     return [
+        *run_record_paths(),
         f"{RESULTS}/tables/tests.parquet",
         *figure_paths(),
         f"{REPORT}/report.md",

@@ -9,9 +9,9 @@ rule prepare_data:
     conda:
         "../../envs/lora-bench.yaml"
     params:
-        study=study_json(),
+        specs=data_specs_json(),
     shell:
-        "python -m lora_bench prepare-data --study-json {params.study:q} > {log} 2>&1"
+        "python -m lora_bench prepare-data --specs-json {params.specs:q} > {log} 2>&1"
 
 
 rule train:
