@@ -169,6 +169,15 @@ _DENSE_OUT_HEAD = r"classifier\.(?:dense|out_proj)"
 _DISTILBERT_LAYER = r"(?:.*\.)?transformer\.layer\.(?P<layer>\d+)\."
 _LLAMA_LAYER = r"(?:.*\.)?layers\.(?P<layer>\d+)\."
 
+# BERT's per-block layer names, reused unchanged by RoBERTa/XLM-R and ELECTRA (only their heads differ).
+_BERT_BLOCK_KINDS = {
+    "query": _BERT_LAYER + r"attention\.self\.query",
+    "key": _BERT_LAYER + r"attention\.self\.key",
+    "value": _BERT_LAYER + r"attention\.self\.value",
+    "projection": _BERT_LAYER + r"attention\.output\.dense",
+    "mlp": _BERT_LAYER + r"(?:intermediate\.dense|output\.dense)",
+}
+
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
@@ -176,11 +185,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             name="bert",
             model_types=("bert",),
             kinds={
-                "query": _BERT_LAYER + r"attention\.self\.query",
-                "key": _BERT_LAYER + r"attention\.self\.key",
-                "value": _BERT_LAYER + r"attention\.self\.value",
-                "projection": _BERT_LAYER + r"attention\.output\.dense",
-                "mlp": _BERT_LAYER + r"(?:intermediate\.dense|output\.dense)",
+                **_BERT_BLOCK_KINDS,
                 "head": r"(?:.*\.)?(?:pooler\.dense|classifier)",
             },
             classifier="classifier",
@@ -202,11 +207,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             name="roberta",
             model_types=("roberta", "xlm-roberta", "camembert"),
             kinds={
-                "query": _BERT_LAYER + r"attention\.self\.query",
-                "key": _BERT_LAYER + r"attention\.self\.key",
-                "value": _BERT_LAYER + r"attention\.self\.value",
-                "projection": _BERT_LAYER + r"attention\.output\.dense",
-                "mlp": _BERT_LAYER + r"(?:intermediate\.dense|output\.dense)",
+                **_BERT_BLOCK_KINDS,
                 "head": _DENSE_OUT_HEAD,
             },
             classifier=r"classifier\.out_proj",
@@ -215,11 +216,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             name="electra",
             model_types=("electra",),
             kinds={
-                "query": _BERT_LAYER + r"attention\.self\.query",
-                "key": _BERT_LAYER + r"attention\.self\.key",
-                "value": _BERT_LAYER + r"attention\.self\.value",
-                "projection": _BERT_LAYER + r"attention\.output\.dense",
-                "mlp": _BERT_LAYER + r"(?:intermediate\.dense|output\.dense)",
+                **_BERT_BLOCK_KINDS,
                 "head": _DENSE_OUT_HEAD,
             },
             classifier=r"classifier\.out_proj",
