@@ -14,6 +14,7 @@ if not workflow.overwrite_configfiles:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/analysis.smk"
 
 
@@ -21,3 +22,4 @@ rule all:
     default_target: True
     input:
         final_targets(),
+        rerun_record_paths,

@@ -103,6 +103,9 @@ def cmd_train(args) -> int:
 
     if args.label:
         labels.update(json.loads(args.label))
+    # Recorded here rather than passed in by the workflow: a new label there would re-run finished runs.
+    labels.setdefault("data_seed", cfg.data.split_seed)
+    labels.setdefault("train_seed", cfg.seed)
     out = Path(args.out)
     _quiet_libraries()
     record = base_record(cfg.to_dict(), labels)
@@ -217,9 +220,28 @@ def cmd_collect(args) -> int:
 
 def cmd_stats(args) -> int:
     from .stats import run_stats
+    from .variance import run_variance_stats
 
     tables = Path(args.tables)
     run_stats(tables / "metrics.parquet", tables / "runs.parquet", args.out_dir or tables)
+    run_variance_stats(tables / "runs.parquet", tables / "metrics.parquet", args.out_dir or tables)
+    return 0
+
+
+def cmd_select_sweep(args) -> int:
+    """Pick a sweep's winner and top k from its sweep-stage records; the workflow re-runs those."""
+    from .record import write_json_atomic
+    from .tables import collect
+    from .variance import select_sweep
+
+    paths = list(args.records)
+    if not paths:
+        raise ConfigError("select-sweep: no run records given (--records)")
+    runs, metrics = collect(paths)
+    selection = select_sweep(runs, metrics, args.family, args.top_k)
+    write_json_atomic(selection, args.out)
+    print(f"{args.family}: winner {selection['winner']}, re-running {selection['selected']} "
+          f"({len(selection['failed_runs'])} failed sweep runs)", file=sys.stderr)
     return 0
 
 
@@ -297,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--tables", default="results/tables")
     stats.add_argument("--out-dir")
     stats.set_defaults(func=cmd_stats)
+
+    select = sub.add_parser("select-sweep", help="sweep records -> selection JSON (winner and top k to re-run)")
+    select.add_argument("--family", required=True)
+    select.add_argument("--records", nargs="*", default=[])
+    select.add_argument("--top-k", type=int, required=True)
+    select.add_argument("--out", required=True)
+    select.set_defaults(func=cmd_select_sweep)
 
     figures = sub.add_parser("figures", help="tables -> figures")
     figures.add_argument("--tables", default="results/tables")

@@ -116,6 +116,9 @@ TARGET_POWER = 0.8
 EXACT_UNITS = ("bytes", "count")
 
 MEMORY_TIME_KIND = "memory_time"
+# Kinds whose runs cross data seeds (variance) or run once per configuration and re-run the best (sweep):
+# their variants are not tested against a baseline here; lora_bench.variance analyses them.
+SEED_CROSSING_KINDS = ("variance", "sweep")
 # The memory metric of a memory_time family: the first one the family recorded. Peak allocated CUDA memory
 # is what a GPU user pays; without a GPU, the exact bytes of weights + gradients + optimizer state are the
 # part of memory that the method decides (the process's peak RSS is mostly the Python runtime).
@@ -646,6 +649,8 @@ def compare_to_baseline(
         if kind == "epochs":
             rows.extend(_compare_epochs(metrics, runs, family, kind, metric, split))
             continue
+        if kind in SEED_CROSSING_KINDS:
+            continue
         everywhere = select_values(metrics, metric, split, stage)
         selected = everywhere[everywhere["family"] == family]
         has_ok_runs = bool((family_runs["status"] == "ok").any()) if "status" in family_runs else True
@@ -816,6 +821,8 @@ def seed_consistency(
     for family in family_order(source):
         baselines[family] = baseline_variant(source, family)[0]
     for (family, variant), group in selected.groupby(["family", "variant"], sort=False):
+        if str(group["family_kind"].iloc[0]) in SEED_CROSSING_KINDS:
+            continue
         values = _by_seed(group)
         n = len(values)
         std = float(values.std(ddof=1)) if n > 1 else math.nan

@@ -4,18 +4,31 @@ The Snakemake workflow and the CLI both use this module, so "which runs exist an
 each one does" has a single answer. Families are config blocks (see ``study.schema.yaml``); a
 family's ``kind`` picks its figure and analysis from ``FAMILY_KINDS``, and a family of an
 unregistered kind still runs and is analysed generically, so adding one needs no code edit.
+
+Two seeds make a run: the *data seed* (``data.split_seed``: the train/validation/test split and any
+subsampling) and the *train seed* (``seed``: LoRA and head initialisation, data order, dropout). A family
+with ``data_seeds`` crosses them: each variant ``v`` becomes ``v-data<d>`` per data seed, so run records
+keep the path ``runs/{family}/{variant}/seed{seed}.json`` and families without ``data_seeds`` keep their
+variant names and resolved configs (and so do not re-run).
+
+A family of kind ``sweep`` runs its grid once per seed in ``seeds``; which configurations are then
+re-run (the top ``k`` by validation accuracy, with fresh train and data seeds) depends on the results,
+so those runs are not in ``runs()``: ``rerun_runs(family, configs)`` lists them once a selection exists
+(the workflow's ``select_sweep`` checkpoint), and ``run_config`` resolves every possible re-run up front.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, deep_merge, load_yaml, validate
 
 # Kinds with a dedicated figure and report section; anything else is analysed as "generic".
-FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "generic")
+FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "variance", "sweep",
+                "generic")
+SWEEP_KIND, VARIANCE_KIND = "sweep", "variance"
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,12 @@ class Family:
     baseline: str
     seeds: tuple[int, ...]
     variants: dict  # variant name -> partial run config (base and family base already merged)
+    # Families with data_seeds (and sweeps): variant name -> (setting = variant before expansion, data seed).
+    settings: dict = field(default_factory=dict)
+    # Sweep families: the `sweep` block (top_k, rerun_seeds, rerun_data_seeds) and every possible re-run
+    # variant (<config>-data<d>) -> partial run config.
+    sweep: dict | None = None
+    rerun_variants: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,10 +65,11 @@ class Study:
 
     def run_config(self, family: str, variant: str, seed: int) -> RunConfig:
         fam = self._family(family)
-        if variant not in fam.variants:
+        if variant not in fam.variants and variant not in fam.rerun_variants:
             raise ConfigError(f"{self.source}: family {family!r} has no variant {variant!r}; "
                               f"it has {sorted(fam.variants)}")
-        raw = deep_merge(fam.variants[variant], {"seed": seed})
+        partial = fam.variants[variant] if variant in fam.variants else fam.rerun_variants[variant]
+        raw = deep_merge(partial, {"seed": seed})
         if self.threads and "threads" not in raw.get("train", {}):
             raw = deep_merge(raw, {"train": {"threads": self.threads}})
         return RunConfig.from_dict(raw, source=f"{self.source} [families.{family}.variants.{variant}]")
@@ -61,7 +81,9 @@ class Study:
         rate must not re-prepare data. Synthetic token ids are generated in the run itself.
         """
         specs: list[dict] = []
-        for family, variant, seed in self.runs():
+        # A sweep's possible re-runs too: they differ from its configurations only in the data seed.
+        reruns = [(f.name, v, f.sweep["rerun_seeds"][0]) for f in self.families.values() for v in f.rerun_variants]
+        for family, variant, seed in self.runs() + reruns:
             cfg = self.run_config(family, variant, seed).to_dict()
             spec = {"data": cfg["data"], "model": cfg["model"]}
             if cfg["data"]["source"] != "synthetic" and spec not in specs:
@@ -70,14 +92,105 @@ class Study:
 
     def labels(self, family: str, variant: str, seed: int) -> dict:
         fam = self._family(family)
-        return {"family": family, "family_kind": fam.kind, "variant": variant, "seed": seed,
-                "is_baseline": variant == fam.baseline, "study": self.name}
+        labels = {"family": family, "family_kind": fam.kind, "variant": variant, "seed": seed,
+                  "is_baseline": variant == fam.baseline, "study": self.name}
+        # Only families that cross seeds get the extra labels: the labels are a workflow parameter, and a
+        # changed parameter would re-run every finished run of the older families.
+        if variant in fam.settings or variant in fam.rerun_variants:
+            setting, data_seed = (fam.settings.get(variant) or _rerun_setting(fam, variant))
+            labels.update(setting=setting, data_seed=data_seed, train_seed=seed)
+            if fam.kind == SWEEP_KIND:
+                labels["sweep_stage"] = "sweep" if variant in fam.variants else "rerun"
+        return labels
+
+    def sweep_families(self) -> list[str]:
+        return [f.name for f in self.families.values() if f.kind == SWEEP_KIND]
+
+    def rerun_runs(self, family: str, configs: list[str]) -> list[tuple[str, str, int]]:
+        """The re-runs of the selected sweep ``configs``: every rerun data seed x rerun train seed."""
+        fam = self._family(family)
+        if fam.sweep is None:
+            raise ConfigError(f"{self.source}: family {family!r} is not a sweep (kind {fam.kind!r})")
+        unknown = [c for c in configs if c not in fam.variants]
+        if unknown:
+            raise ConfigError(f"{self.source}: sweep {family!r} has no configuration(s) {unknown}")
+        return [(family, rerun_variant(c, d), s) for c in configs for d in fam.sweep["rerun_data_seeds"]
+                for s in fam.sweep["rerun_seeds"]]
 
     def _family(self, family: str) -> Family:
         if family not in self.families:
             raise ConfigError(f"{self.source}: unknown experiment family {family!r}; "
                               f"the study has {sorted(self.families)}")
         return self.families[family]
+
+
+def data_variant(variant: str, data_seed: int) -> str:
+    """Name of a variant on data seed ``data_seed`` (families with ``data_seeds``)."""
+    return f"{variant}-data{data_seed}"
+
+
+def rerun_variant(config: str, data_seed: int) -> str:
+    """Name of a sweep configuration's re-run on data seed ``data_seed``."""
+    return data_variant(config, data_seed)
+
+
+def _rerun_setting(fam: Family, variant: str) -> tuple[str, int]:
+    config, _, data_seed = variant.rpartition("-data")
+    return config, int(data_seed)
+
+
+def _with_data_seed(partial: dict, data_seed: int) -> dict:
+    return deep_merge(partial, {"data": {"split_seed": data_seed}})
+
+
+def _base_data_seed(partial: dict) -> int:
+    # The run schema's default split seed when neither the base nor the variant sets one.
+    return int((partial.get("data") or {}).get("split_seed", 0))
+
+
+def _cross_seeds(where: str, kind: str, block: dict, variants: dict, baseline: str, seeds: tuple[int, ...]):
+    """Expand a family's variants over its data seeds and set up a sweep's re-runs.
+
+    Returns (variants, baseline, settings, sweep, rerun_variants).
+    """
+    data_seeds = block.get("data_seeds")
+    sweep = block.get("sweep")
+    if sweep is not None and kind != SWEEP_KIND:
+        raise ConfigError(f"{where}: `sweep` is only allowed in families of kind {SWEEP_KIND!r} (this one is {kind!r})")
+    if kind == SWEEP_KIND:
+        if sweep is None:
+            raise ConfigError(f"{where}: a family of kind {SWEEP_KIND!r} needs a `sweep` block "
+                              "(top_k, rerun_seeds, rerun_data_seeds)")
+        if data_seeds:
+            raise ConfigError(f"{where}: a sweep runs on the base data seed; give its re-runs' data seeds in "
+                              "sweep.rerun_data_seeds, not data_seeds")
+        if sweep["top_k"] > len(variants):
+            raise ConfigError(f"{where}: sweep.top_k = {sweep['top_k']} but the sweep has only {len(variants)} "
+                              "configuration(s)")
+        reused = sorted(set(sweep["rerun_seeds"]) & set(seeds))
+        if reused:
+            raise ConfigError(f"{where}: sweep.rerun_seeds {reused} are also sweep seeds; re-runs need fresh seeds")
+        settings, reruns = {}, {}
+        for name, partial in variants.items():
+            base_seed = _base_data_seed(partial)
+            if base_seed in sweep["rerun_data_seeds"]:
+                raise ConfigError(f"{where}: sweep.rerun_data_seeds contains {base_seed}, the data seed the sweep "
+                                  f"itself runs on (variant {name!r}); re-runs need fresh data seeds")
+            settings[name] = (name, base_seed)
+            for d in sweep["rerun_data_seeds"]:
+                reruns[rerun_variant(name, d)] = _with_data_seed(partial, d)
+        return variants, baseline, settings, dict(sweep), reruns
+    if kind == VARIANCE_KIND and (not data_seeds or len(data_seeds) < 2 or len(seeds) < 2):
+        raise ConfigError(f"{where}: a family of kind {VARIANCE_KIND!r} needs at least two data_seeds and two "
+                          "seeds, or the two sources of variance cannot be told apart")
+    if not data_seeds:
+        return variants, baseline, {}, None, {}
+    expanded, settings = {}, {}
+    for name, partial in variants.items():
+        for d in data_seeds:
+            expanded[data_variant(name, d)] = _with_data_seed(partial, d)
+            settings[data_variant(name, d)] = (name, d)
+    return expanded, data_variant(baseline, data_seeds[0]), settings, None, {}
 
 
 def _set_dotted(mapping: dict, dotted: str, value) -> dict:
@@ -142,8 +255,10 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
         kind = block.get("kind") or (name if name in FAMILY_KINDS else "generic")
         if kind not in FAMILY_KINDS:
             raise ConfigError(f"{where}: unknown kind {kind!r}; choose one of {list(FAMILY_KINDS)}")
-        families[name] = Family(name, kind, block["description"], block["baseline"],
-                                tuple(block.get("seeds") or cfg["seeds"]), variants)
+        seeds = tuple(block.get("seeds") or cfg["seeds"])
+        variants, baseline, settings, sweep, reruns = _cross_seeds(where, kind, block, variants, block["baseline"],
+                                                                   seeds)
+        families[name] = Family(name, kind, block["description"], baseline, seeds, variants, settings, sweep, reruns)
     if not families:
         raise ConfigError(f"{source}: every family is disabled")
     study = Study(cfg["name"], tuple(cfg["seeds"]), cfg["threads"], cfg["gpus_per_job"], families, source,
@@ -152,6 +267,8 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
     for family in families.values():
         for variant in family.variants:
             study.run_config(family.name, variant, family.seeds[0])
+        for variant in itertools.islice(family.rerun_variants, 1):
+            study.run_config(family.name, variant, family.sweep["rerun_seeds"][0])
     return study
 
 

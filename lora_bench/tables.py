@@ -41,7 +41,8 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     "base_weight_bytes": ("bytes", False),
 }
 
-LABEL_COLUMNS = ["run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method"]
+LABEL_COLUMNS = ["run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
+                 "data_seed", "train_seed", "setting", "sweep_stage"]
 
 # Run-level metrics: (metric name, section of the record, key in that section).
 RUN_LEVEL = [
@@ -67,7 +68,10 @@ def _labels(record: dict, path: Path) -> dict:
     run = record.get("run") or {}
     family = run.get("family", "adhoc")
     variant = run.get("variant", path.stem)
-    seed = run.get("seed", (record.get("config") or {}).get("seed"))
+    config = record.get("config") or {}
+    seed = run.get("seed", config.get("seed"))
+    # Records written before data and train seeds were labelled: both are in the resolved config.
+    data_seed = run.get("data_seed", (config.get("data") or {}).get("split_seed"))
     return {
         "run_id": f"{family}/{variant}/seed{seed}",
         "family": family,
@@ -77,6 +81,12 @@ def _labels(record: dict, path: Path) -> dict:
         "is_baseline": bool(run.get("is_baseline", False)),
         "status": record.get("status"),
         "method": (record.get("config") or {}).get("method", {}).get("name"),
+        "data_seed": data_seed,
+        "train_seed": run.get("train_seed", seed),
+        # the variant before data-seed expansion (families with data_seeds, sweeps), else the variant
+        "setting": run.get("setting", variant),
+        # sweep families: "sweep" (the one-run-per-configuration stage) or "rerun"; else empty
+        "sweep_stage": run.get("sweep_stage", ""),
     }
 
 

@@ -4,6 +4,7 @@
 rule collect:
     input:
         run_record_paths(),
+        rerun_record_paths,
     output:
         runs=f"{RESULTS}/tables/runs.parquet",
         metrics=f"{RESULTS}/tables/metrics.parquet",
@@ -29,6 +30,10 @@ rule stats:
         seeds=f"{RESULTS}/tables/seed_consistency.parquet",
         # Written (empty) even without a memory_time family, so the outputs do not depend on the config.
         cost=f"{RESULTS}/tables/cost_summary.parquet",
+        # lora_bench.variance: written (empty) without variance or sweep families too.
+        variance=f"{RESULTS}/tables/variance_components.parquet",
+        sweep=f"{RESULTS}/tables/sweep_reeval.parquet",
+        sweep_summary=f"{RESULTS}/tables/sweep_summary.parquet",
     log:
         "logs/stats.log",
     conda:

@@ -26,6 +26,31 @@ def run_record_paths():
     ]
 
 
+def record_path(family, variant, seed):
+    return f"{RESULTS}/runs/{family}/{variant}/seed{seed}.json"
+
+
+def sweep_stage_record_paths(wildcards):
+    """The records a sweep's selection is made from: every configuration x sweep seed."""
+    family = STUDY.families[wildcards.family]
+    return [record_path(family.name, v, s) for v in family.variants for s in family.seeds]
+
+
+def rerun_record_paths(wildcards=None):
+    """Re-runs of every sweep's selected configurations: known only once its select_sweep checkpoint ran.
+
+    An input function of its own, beside the static inputs: until the checkpoint has run, Snakemake stands
+    its output in for this function's files only, so the rest of the DAG stays planned.
+    """
+    paths = []
+    for family in STUDY.sweep_families():
+        selection = checkpoints.select_sweep.get(family=family).output[0]
+        with open(selection) as handle:
+            configs = json.load(handle)["selected"]
+        paths += [record_path(*run) for run in STUDY.rerun_runs(family, configs)]
+    return paths
+
+
 def run_config_json(wildcards):
     """The resolved run config: a params value, so editing a variant re-runs only its jobs."""
     cfg = STUDY.run_config(wildcards.family, wildcards.variant, int(wildcards.seed))
@@ -53,7 +78,7 @@ def figure_paths():
 
 def final_targets():
     # Run records are targets themselves: Snakemake would otherwise accept a deleted record as long as
-    # the tables built from it are newer, and never re-train that run.
+    # the tables built from it are newer, and never re-train that run (sweep re-runs: rerun_record_paths).
     return [
         *run_record_paths(),
         f"{RESULTS}/tables/tests.parquet",
