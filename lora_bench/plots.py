@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from lora_bench import stats  # noqa: E402
+from lora_bench import stats, variance  # noqa: E402
 
 PNG_DPI = 150
 STYLE = "whitegrid"
@@ -499,6 +499,105 @@ def _n_variants(runs: pd.DataFrame, family: str) -> int:
     return max(1, runs.loc[runs["family"] == family, "variant"].nunique())
 
 
+# ----------------------------------------------------------------------------------------------------
+# How much to trust a single run (lora_bench.variance)
+
+
+def _short(setting: str, width: int = 28) -> str:
+    return setting if len(setting) <= width else setting[: width - 1] + "…"
+
+
+def plot_variance(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "variance") -> Figure:
+    """Test accuracy of every run by data seed (which examples are in train, validation and test) and train
+    seed (initialisation, data order, dropout), one panel per setting: the spread between the columns is the
+    data split's share of the variance, the spread within a column the training seed's.
+
+    Short lines are the mean of each data seed; the variance-components table gives the shares with intervals.
+    """
+    runs, metrics = variance.with_seed_columns(runs), variance.with_seed_columns(metrics)
+    rows = stats.select_values(metrics[metrics["family"] == family], "accuracy", "test", "final")
+    settings = [s for s in dict.fromkeys(runs.loc[runs["family"] == family, "setting"]) if s in set(rows["setting"])]
+    if not settings:
+        return _message_figure(family, "no successful runs with test accuracy to plot")
+    train_seeds = sorted(rows["train_seed"].unique())
+    colors = dict(zip(train_seeds, sns.color_palette(PALETTE, len(train_seeds)), strict=True))
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(1, len(settings), figsize=(3.4 * len(settings) + 1.2, 3.6), sharey=True,
+                                 squeeze=False)
+        for ax, setting in zip(axes[0], settings, strict=True):
+            part = rows[rows["setting"] == setting]
+            data_seeds = sorted(part["data_seed"].unique())
+            where = {d: i for i, d in enumerate(data_seeds)}
+            for (d, t), group in part.groupby(["data_seed", "train_seed"]):
+                offset = (train_seeds.index(t) - (len(train_seeds) - 1) / 2) * 0.08
+                ax.scatter(where[d] + offset, group["value"].mean() * 100, color=colors[t], s=22, zorder=3,
+                           label=f"train seed {t}")
+            for d, group in part.groupby("data_seed"):
+                ax.hlines(group["value"].mean() * 100, where[d] - 0.3, where[d] + 0.3, color="black", lw=1.2)
+            ax.set_xticks(range(len(data_seeds)), [str(d) for d in data_seeds])
+            ax.set_xlim(-0.6, len(data_seeds) - 0.4)
+            ax.set_xlabel("data seed (split)")
+            ax.set_title(_short(setting), fontsize=9)
+        axes[0][0].set_ylabel("test accuracy (%)")
+        handles, labels = axes[0][-1].get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        axes[0][-1].legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+        fig.suptitle(f"{family}: data split vs training seed", fontsize=10)
+        fig.tight_layout()
+    return fig
+
+
+def plot_sweep(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "sweep") -> Figure:
+    """A sweep checks its own winner: every configuration's single-run validation accuracy (left, best first;
+    the top k re-run), and for the re-run ones the sweep score against the mean of the re-runs on fresh train
+    and data seeds (95 % t CI), on validation (the selection metric) and test, with the identity line.
+
+    Points below the line were luckier in the sweep than on average: the winner's distance below it is the
+    optimism of picking the best of many single runs.
+    """
+    runs, metrics = variance.with_seed_columns(runs), variance.with_seed_columns(metrics)
+    family_runs = runs[runs["family"] == family]
+    reeval, _ = variance.sweep_tables(family_runs, metrics[metrics["family"] == family], resamples=999)
+    if reeval.empty:
+        return _message_figure(family, "no finished sweep runs to plot")
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), gridspec_kw={"width_ratios": [1.2, 1, 1]})
+        ranking = reeval[reeval["split"] == "validation"].sort_values("sweep_rank")
+        colors = np.where(ranking["is_winner"], "C3", np.where(ranking["in_top_k"], "C0", "0.6"))
+        axes[0].scatter(ranking["sweep_rank"], ranking["sweep_score"] * 100, c=list(colors), s=18, zorder=3)
+        axes[0].set_xlabel("sweep rank (validation accuracy, one run each)")
+        axes[0].set_ylabel("validation accuracy (%)")
+        axes[0].set_title(f"{len(ranking)} configurations; red = winner, blue = re-run", fontsize=9)
+        for ax, split in zip(axes[1:], variance.SWEEP_SPLITS, strict=True):
+            part = reeval[(reeval["split"] == split) & reeval["in_top_k"]]
+            if part.empty:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, "no finished re-runs", ha="center", va="center", transform=ax.transAxes)
+                continue
+            for row in part.itertuples():
+                has_ci = math.isfinite(row.rerun_ci_low) and math.isfinite(row.rerun_ci_high)
+                yerr = [[(row.rerun_mean - row.rerun_ci_low) * 100], [(row.rerun_ci_high - row.rerun_mean) * 100]]
+                ax.errorbar(row.sweep_score * 100, row.rerun_mean * 100, yerr=yerr if has_ci else None, fmt="o",
+                            color="C3" if row.is_winner else "C0", capsize=3, markersize=6, zorder=3)
+                ax.annotate(f"#{row.sweep_rank} {_short(row.setting, 22)}", (row.sweep_score * 100,
+                            row.rerun_mean * 100), textcoords="offset points", xytext=(4, 4), fontsize=6)
+            values = np.concatenate([part["sweep_score"], part["rerun_ci_low"].dropna(),
+                                     part["rerun_ci_high"].dropna(), part["rerun_mean"]]) * 100
+            low, high = float(np.nanmin(values)), float(np.nanmax(values))
+            pad = max(0.5, 0.08 * (high - low))
+            ax.plot([low - pad, high + pad], [low - pad, high + pad], ls="--", color="0.4", lw=1, label="identity")
+            ax.set_xlim(low - pad, high + pad)
+            ax.set_ylim(low - pad, high + pad)
+            ax.set_aspect("equal", adjustable="box")
+            ax.set_xlabel(f"sweep {split} accuracy (%), single run")
+            ax.set_ylabel(f"re-run mean {split} accuracy (%), 95% CI")
+            ax.set_title(f"{split}: sweep score vs re-runs", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"{family}: does the sweep's winner hold up?", fontsize=10)
+        fig.tight_layout()
+    return fig
+
+
 FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "methods": plot_methods,
     "rank_alpha": plot_rank_alpha,
@@ -506,6 +605,8 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "epochs": plot_epochs,
     "optimizer": plot_optimizer,
     "memory_time": plot_memory_time,
+    "variance": plot_variance,
+    "sweep": plot_sweep,
     "generic": plot_generic,
 }
 

@@ -34,7 +34,7 @@ import jinja2
 import markdown
 import pandas as pd
 
-from lora_bench import plots, reference, stats
+from lora_bench import plots, reference, stats, variance
 
 TEMPLATES = Path(__file__).parent / "templates"
 PRIMARY_METRIC, PRIMARY_SPLIT = "accuracy", "test"
@@ -152,6 +152,7 @@ def _read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
         )
     else:
         tables["cost_summary"] = pd.DataFrame(columns=stats.COST_SUMMARY_COLUMNS)
+    _read_trust_tables(tables_dir, tables)
     return tables
 
 
@@ -626,6 +627,8 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
     sections = []
     for family in stats.family_order(runs):
         kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
+        if kind in TRUST_KINDS:
+            continue  # shown in "How much to trust a single run"
         png = figures_dir / f"{plots.figure_stem(family)}.png"
         primary_tests = tests[
             (tests["family"] == family)
@@ -659,6 +662,148 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
             }
         )
     return sections
+
+
+# ----------------------------------------------------------------------------------------------------
+# How much to trust a single run (variance and sweep families; lora_bench.variance)
+
+TRUST_KINDS = (variance.VARIANCE_KIND, variance.SWEEP_KIND)
+TRUST_TABLES = {
+    "variance_components": variance.VARIANCE_COLUMNS,
+    "sweep_reeval": variance.REEVAL_COLUMNS,
+    "sweep_summary": variance.SUMMARY_COLUMNS,
+}
+
+
+def _read_trust_tables(tables_dir: Path, tables: dict) -> None:
+    has_trust = tables["runs"]["family_kind"].isin(TRUST_KINDS).any()
+    for name, columns in TRUST_TABLES.items():
+        path = tables_dir / f"{name}.parquet"
+        if path.exists():
+            tables[name] = pd.read_parquet(path)
+        elif has_trust:
+            raise FileNotFoundError(
+                f"{path} is missing and the study has a variance or sweep family: run `python -m lora_bench stats`"
+            )
+        else:
+            tables[name] = pd.DataFrame(columns=columns)
+
+
+def _pct_ci(value, low, high, decimals: int = 2) -> str:
+    shown = fmt_percent(value, decimals)
+    interval = fmt_interval(low, high, lambda x: fmt_percent(x, decimals))
+    return shown if interval == "–" else f"{shown} {interval}"
+
+
+def _points_ci(value, low, high) -> str:
+    interval = fmt_interval(low, high, fmt_points)
+    return fmt_points(value) if interval == "–" else f"{fmt_points(value)} {interval}"
+
+
+def _variance_rows(components: pd.DataFrame) -> list[dict]:
+    rows = []
+    for c in components.itertuples():
+        rows.append({
+            "family": md_text(c.family),
+            "setting": md_text(c.setting),
+            "design": f"{int(c.n_data_seeds)} × {int(c.n_train_seeds)} ({int(c.n_runs)} runs)",
+            "mean": fmt_percent(c.mean),
+            "sd_data": _pct_ci(c.sd_data, c.sd_data_ci_low, c.sd_data_ci_high),
+            "sd_train": _pct_ci(c.sd_train, c.sd_train_ci_low, c.sd_train_ci_high),
+            "sd_residual": _pct_ci(c.sd_residual, c.sd_residual_ci_low, c.sd_residual_ci_high),
+            "share_data": _pct_ci(c.share_data, c.share_data_ci_low, c.share_data_ci_high, 0),
+            "share_train": _pct_ci(c.share_train, c.share_train_ci_low, c.share_train_ci_high, 0),
+            "note": md_text(c.note) if isinstance(c.note, str) else "",
+        })
+    return rows
+
+
+def _sweep_sentences(summary: pd.DataFrame, family: str) -> list[str]:
+    by_split = {r.split: r for r in summary[summary["family"] == family].itertuples()}
+    val, test = by_split.get("validation"), by_split.get("test")
+    if val is None:
+        return []
+    winner = f"**{md_text(val.winner)}**"
+    out = [f"The sweep ran {int(val.n_configs)} configurations once each; its winner by validation accuracy, "
+           f"{winner}, scored {fmt_percent(val.winner_sweep_score)} % on validation"
+           + (f" and {fmt_percent(test.winner_sweep_score)} % on test." if test is not None else ".")]
+    if not _finite(val.winner_rerun_mean):
+        out.append("The winner has no finished re-runs, so its optimism cannot be measured.")
+        return out
+    per = int(val.n_reruns / max(1, val.top_k))
+    rerun_val = _pct_ci(val.winner_rerun_mean, val.winner_rerun_ci_low, val.winner_rerun_ci_high)
+    text = (f"Re-run about {per} times on fresh train and data seeds it averages {rerun_val} % on validation: "
+            f"the **optimism** of the single-run pick is "
+            f"{_points_ci(val.optimism, val.optimism_ci_low, val.optimism_ci_high)} points")
+    if test is not None and _finite(test.optimism):
+        rerun_test = _pct_ci(test.winner_rerun_mean, test.winner_rerun_ci_low, test.winner_rerun_ci_high)
+        text += (f" on validation and {_points_ci(test.optimism, test.optimism_ci_low, test.optimism_ci_high)} "
+                 f"points on test (re-run test mean {rerun_test} %)")
+    out.append(text + " (95% t intervals over the re-runs).")
+    still = bool(val.winner_still_best) if not pd.isna(val.winner_still_best) else False
+    out.append(
+        (f"After re-running, the winner is **still the best** of the top {int(val.top_k)} on validation"
+         if still else f"After re-running, the winner is **no longer the best** of the top {int(val.top_k)} on "
+         f"validation (best: **{md_text(val.rerun_best)}**)")
+        + f"; it has the highest re-run mean in {fmt_percent(val.p_winner_best, 0)} % of bootstrap resamples of "
+        "the re-runs."
+    )
+    differ = ("the re-runs show a significant difference among them" if bool(val.differ)
+              else "the re-runs show no significant difference among them")
+    out.append(
+        f"Across the top {int(val.top_k)}, sweep scores average {fmt_percent(val.topk_sweep_mean)} % and their re-runs "
+        f"{fmt_percent(val.topk_rerun_mean)} %: a regression toward the mean of "
+        f"{_points_ci(val.topk_optimism, val.topk_optimism_ci_low, val.topk_optimism_ci_high)} points"
+        + (f" (slope of re-run mean on sweep score {val.slope:.2f})" if _finite(val.slope) else "")
+        + f"; {differ} (F test of configuration, blocked on data and train seed, {p_phrase(val.differ_p)})."
+    )
+    return out
+
+
+def _sweep_rows(reeval: pd.DataFrame, family: str) -> list[dict]:
+    part = reeval[(reeval["family"] == family) & reeval["in_top_k"].astype(bool)]
+    rows = []
+    for r in part[part["split"] == "validation"].itertuples():
+        t = part[(part["split"] == "test") & (part["setting"] == r.setting)]
+        t = next(t.itertuples(), None)
+        rows.append({
+            "rank": str(int(r.sweep_rank)),
+            "setting": md_text(r.setting) + (" (winner)" if r.is_winner else ""),
+            "n": str(int(r.n_rerun)),
+            "sweep_val": fmt_percent(r.sweep_score),
+            "rerun_val": _pct_ci(r.rerun_mean, r.rerun_ci_low, r.rerun_ci_high),
+            "optimism_val": _points_ci(r.optimism, r.optimism_ci_low, r.optimism_ci_high),
+            "sweep_test": fmt_percent(t.sweep_score) if t is not None else "–",
+            "rerun_test": _pct_ci(t.rerun_mean, t.rerun_ci_low, t.rerun_ci_high) if t is not None else "–",
+            "p_best": fmt_percent(r.p_best, 0),
+        })
+    return rows
+
+
+def _trust_section(tables: dict, figures_dir: Path, out_dir: Path) -> dict | None:
+    runs = tables["runs"]
+    families = [f for f in stats.family_order(runs)
+                if str(runs.loc[runs["family"] == f, "family_kind"].iloc[0]) in TRUST_KINDS]
+    if not families:
+        return None
+    entries = []
+    for family in families:
+        kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
+        png = figures_dir / f"{plots.figure_stem(family)}.png"
+        entries.append({
+            "name": md_text(family),
+            "kind": kind,
+            "caption": md_text(plots.figure_caption(kind)),
+            "figure": _relative_url(png, out_dir) if png.exists() else None,
+            "figure_path": png,
+            "sentences": _sweep_sentences(tables["sweep_summary"], family) if kind == variance.SWEEP_KIND else [],
+            "rows": _sweep_rows(tables["sweep_reeval"], family) if kind == variance.SWEEP_KIND else [],
+        })
+    return {
+        "families": entries,
+        "variance_rows": _variance_rows(tables["variance_components"]),
+        "resamples": variance.VC_RESAMPLES,
+    }
 
 
 def _seed_rows(seed_consistency: pd.DataFrame) -> list[dict]:
@@ -1065,6 +1210,7 @@ def render_markdown(
     meta = dict(meta or {})
     runs = tables["runs"]
     families = _family_sections(tables, Path(figures_dir), Path(out_dir))
+    trust = _trust_section(tables, Path(figures_dir), Path(out_dir))
     summary = tables["summary"]
     kinds = {f["kind"] for f in families}
     context = {
@@ -1077,6 +1223,7 @@ def render_markdown(
         "overview": _overview(runs, meta),
         "setup": _setup_rows(runs, meta),
         "families": families,
+        "trust": trust,
         "main_claims": [
             claim["text"]
             for family in families
@@ -1100,7 +1247,8 @@ def render_markdown(
         "resamples": stats.BOOTSTRAP_RESAMPLES,
         "power": stats.TARGET_POWER,
     }
-    return _environment().get_template("report.md.j2").render(**context), families
+    # Figures of the trust section are embedded like the families' own.
+    return _environment().get_template("report.md.j2").render(**context), families + (trust or {}).get("families", [])
 
 
 def _embed_figures(body: str, families: list[dict]) -> str:

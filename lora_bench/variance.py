@@ -130,7 +130,7 @@ def _reml(frame: pd.DataFrame) -> tuple[float, float, float, float, bool]:
 
 
 def fit_variance_components(
-    values: pd.DataFrame, resamples: int = VC_RESAMPLES, seed: int = stats.BOOTSTRAP_SEED
+    values: pd.DataFrame, resamples: int | None = None, seed: int = stats.BOOTSTRAP_SEED
 ) -> dict:
     """REML variance components of ``value`` by ``data_seed`` x ``train_seed``, with bootstrap intervals.
 
@@ -138,6 +138,7 @@ def fit_variance_components(
     deviations (in the unit of ``value``), shares of the total variance and their 95 % parametric
     bootstrap percentile intervals; see the module docstring for the model.
     """
+    resamples = resamples or VC_RESAMPLES
     frame = values[["value", "data_seed", "train_seed"]].dropna().reset_index(drop=True)
     n_data, n_train = frame["data_seed"].nunique(), frame["train_seed"].nunique()
     out: dict = {"n_runs": len(frame), "n_data_seeds": n_data, "n_train_seeds": n_train,
@@ -199,7 +200,7 @@ def fit_variance_components(
 
 def variance_components(
     runs: pd.DataFrame, metrics: pd.DataFrame, metric: str = "accuracy", split: str = "test",
-    resamples: int = VC_RESAMPLES,
+    resamples: int | None = None,
 ) -> pd.DataFrame:
     """One row per (variance family, setting): see ``fit_variance_components`` and ``VARIANCE_COLUMNS``."""
     rows = []
@@ -395,19 +396,25 @@ def _summary_row(family: str, split: str, rows: list[dict], values: dict, reruns
 # Files
 
 
+def with_seed_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``setting`` and ``sweep_stage`` (tables collected before they existed: each run its own
+    setting, no sweep stage)."""
+    frame = frame.copy()
+    if "setting" not in frame.columns:
+        frame["setting"] = frame["variant"]
+    if "sweep_stage" not in frame.columns:
+        frame["sweep_stage"] = ""
+    return frame
+
+
 def run_variance_stats(runs_path: str | Path, metrics_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Write ``variance_components``, ``sweep_reeval`` and ``sweep_summary`` (parquet + CSV) to ``out_dir``.
 
     Always all three, empty with their columns when the study has no variance or sweep family, so the
     workflow's outputs do not depend on the config.
     """
-    runs, metrics = pd.read_parquet(runs_path), pd.read_parquet(metrics_path)
-    for frame in (runs, metrics):
-        # Tables collected before these labels existed: every run is its own setting, no sweep stage.
-        if "setting" not in frame.columns:
-            frame["setting"] = frame["variant"]
-        if "sweep_stage" not in frame.columns:
-            frame["sweep_stage"] = ""
+    runs = with_seed_columns(pd.read_parquet(runs_path))
+    metrics = with_seed_columns(pd.read_parquet(metrics_path))
     reeval, summary = sweep_tables(runs, metrics)
     tables = {"variance_components": variance_components(runs, metrics), "sweep_reeval": reeval,
               "sweep_summary": summary}

@@ -61,12 +61,12 @@ def test_lint_is_clean():
 @pytest.mark.parametrize(
     ("args", "train_jobs"),
     [
-        ((), 72),
-        (("--configfile", ".test/config.yaml"), 24),
-        (("--configfile", "config/paper.yaml"), 155),
+        ((), 89),
+        (("--configfile", ".test/config.yaml"), 32),
+        (("--configfile", "config/paper.yaml"), 398),
         (("--configfile", "config/gpu_memory.yaml"), 27),
-        (("--profile", "profiles/workstation-gpu"), 72),
-        (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 155),
+        (("--profile", "profiles/workstation-gpu"), 89),
+        (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 398),
     ],
     ids=["default", "test", "paper", "gpu-memory", "workstation-gpu", "slurm"],
 )
@@ -86,7 +86,7 @@ def test_a_new_family_is_one_config_block(tmp_path, clean_checkout):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake("-n", "--configfile", str(path), cwd=clean_checkout).stdout)
-    assert jobs["train"] == 24 + 2 * 2
+    assert jobs["train"] == 32 + 2 * 2
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -109,8 +109,13 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
 
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
-    assert len(runs) == 24 and set(runs["status"]) == {"ok"}
+    # 32 planned runs plus the sweep's top 2 re-run on 2 data seeds (derived from the select_sweep checkpoint)
+    assert len(runs) == 32 + 4 and set(runs["status"]) == {"ok"}
+    assert (runs["sweep_stage"] == "rerun").sum() == 4
+    for table in ("variance_components", "sweep_reeval", "sweep_summary"):
+        assert (workdir / f"results/tables/{table}.parquet").exists(), table
     for column in ("run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
+                   "data_seed", "train_seed", "setting", "sweep_stage",
                    "trainable_params", "git_sha", "cfg.method.lora.rank", "cfg.train.optimizer"):
         assert column in runs.columns, column
     for column in ("metric", "split", "epoch", "stage", "value", "unit", "higher_is_better"):
@@ -149,7 +154,7 @@ def test_own_three_class_csv_through_the_workflow_to_the_report(tmp_path):
 
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
-    assert len(runs) == 24 and set(runs["status"]) == {"ok"}
+    assert len(runs) == 32 + 4 and set(runs["status"]) == {"ok"}
     assert {"accuracy", "macro_f1"} <= set(metrics["metric"])
     record = yaml.safe_load((workdir / "results/runs/methods/lora/seed0.json").read_text())
     assert record["data"]["label_names"] == ["cooking", "science", "sport"]

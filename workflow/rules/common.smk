@@ -33,7 +33,9 @@ def record_path(family, variant, seed):
 def sweep_stage_record_paths(wildcards):
     """The records a sweep's selection is made from: every configuration x sweep seed."""
     family = STUDY.families[wildcards.family]
-    return [record_path(family.name, v, s) for v in family.variants for s in family.seeds]
+    return [
+        record_path(family.name, v, s) for v in family.variants for s in family.seeds
+    ]
 
 
 def rerun_record_paths(wildcards=None):
