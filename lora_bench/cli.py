@@ -150,6 +150,10 @@ def cmd_plan(args) -> int:
     for family, variant, seed in study.runs():
         print(f"{family}\t{variant}\t{seed}")
     print(f"{len(study.runs())} runs in {len(study.families)} families", file=sys.stderr)
+    for name in study.sweep_families():
+        sweep = study.families[name].sweep
+        n = sweep["top_k"] * len(sweep["rerun_seeds"]) * len(sweep["rerun_data_seeds"])
+        print(f"+ {n} re-runs of sweep {name!r}, once its top {sweep['top_k']} are selected", file=sys.stderr)
     return 0
 
 

@@ -81,13 +81,15 @@ class Study:
         rate must not re-prepare data. Synthetic token ids are generated in the run itself.
         """
         specs: list[dict] = []
-        # A sweep's possible re-runs too: they differ from its configurations only in the data seed.
-        reruns = [(f.name, v, f.sweep["rerun_seeds"][0]) for f in self.families.values() for v in f.rerun_variants]
-        for family, variant, seed in self.runs() + reruns:
+        for family, variant, seed in self.runs():
             cfg = self.run_config(family, variant, seed).to_dict()
             spec = {"data": cfg["data"], "model": cfg["model"]}
-            if cfg["data"]["source"] != "synthetic" and spec not in specs:
-                specs.append(spec)
+            sweep = self.families[family].sweep
+            # A sweep's possible re-runs too: they differ from its configurations only in the data seed.
+            rerun_seeds = sweep["rerun_data_seeds"] if sweep else []
+            for candidate in [spec] + [deep_merge(spec, {"data": {"split_seed": d}}) for d in rerun_seeds]:
+                if cfg["data"]["source"] != "synthetic" and candidate not in specs:
+                    specs.append(candidate)
         return specs
 
     def labels(self, family: str, variant: str, seed: int) -> dict:
@@ -97,7 +99,7 @@ class Study:
         # Only families that cross seeds get the extra labels: the labels are a workflow parameter, and a
         # changed parameter would re-run every finished run of the older families.
         if variant in fam.settings or variant in fam.rerun_variants:
-            setting, data_seed = (fam.settings.get(variant) or _rerun_setting(fam, variant))
+            setting, data_seed = fam.settings.get(variant) or _rerun_setting(variant)
             labels.update(setting=setting, data_seed=data_seed, train_seed=seed)
             if fam.kind == SWEEP_KIND:
                 labels["sweep_stage"] = "sweep" if variant in fam.variants else "rerun"
@@ -134,7 +136,7 @@ def rerun_variant(config: str, data_seed: int) -> str:
     return data_variant(config, data_seed)
 
 
-def _rerun_setting(fam: Family, variant: str) -> tuple[str, int]:
+def _rerun_setting(variant: str) -> tuple[str, int]:
     config, _, data_seed = variant.rpartition("-data")
     return config, int(data_seed)
 
