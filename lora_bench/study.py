@@ -39,7 +39,8 @@ class Family:
     baseline: str
     seeds: tuple[int, ...]
     variants: dict  # variant name -> partial run config (base and family base already merged)
-    # Families with data_seeds (and sweeps): variant name -> (setting = variant before expansion, data seed).
+    # Families with data_seeds and sweeps (their re-runs too): variant -> (setting = the variant before
+    # expansion or the re-run's configuration, data seed).
     settings: dict = field(default_factory=dict)
     # Sweep families: the `sweep` block (top_k, rerun_seeds, rerun_data_seeds) and every possible re-run
     # variant (<config>-data<d>) -> partial run config.
@@ -98,8 +99,8 @@ class Study:
                   "is_baseline": variant == fam.baseline, "study": self.name}
         # Only families that cross seeds get the extra labels: the labels are a workflow parameter, and a
         # changed parameter would re-run every finished run of the older families.
-        if variant in fam.settings or variant in fam.rerun_variants:
-            setting, data_seed = fam.settings.get(variant) or _rerun_setting(variant)
+        if variant in fam.settings:
+            setting, data_seed = fam.settings[variant]
             labels.update(setting=setting, data_seed=data_seed, train_seed=seed)
             if fam.kind == SWEEP_KIND:
                 labels["sweep_stage"] = "sweep" if variant in fam.variants else "rerun"
@@ -116,7 +117,7 @@ class Study:
         unknown = [c for c in configs if c not in fam.variants]
         if unknown:
             raise ConfigError(f"{self.source}: sweep {family!r} has no configuration(s) {unknown}")
-        return [(family, rerun_variant(c, d), s) for c in configs for d in fam.sweep["rerun_data_seeds"]
+        return [(family, data_variant(c, d), s) for c in configs for d in fam.sweep["rerun_data_seeds"]
                 for s in fam.sweep["rerun_seeds"]]
 
     def _family(self, family: str) -> Family:
@@ -127,18 +128,8 @@ class Study:
 
 
 def data_variant(variant: str, data_seed: int) -> str:
-    """Name of a variant on data seed ``data_seed`` (families with ``data_seeds``)."""
+    """Name of a variant on data seed ``data_seed`` (families with ``data_seeds``, a sweep's re-runs)."""
     return f"{variant}-data{data_seed}"
-
-
-def rerun_variant(config: str, data_seed: int) -> str:
-    """Name of a sweep configuration's re-run on data seed ``data_seed``."""
-    return data_variant(config, data_seed)
-
-
-def _rerun_setting(variant: str) -> tuple[str, int]:
-    config, _, data_seed = variant.rpartition("-data")
-    return config, int(data_seed)
 
 
 def _with_data_seed(partial: dict, data_seed: int) -> dict:
@@ -180,7 +171,8 @@ def _cross_seeds(where: str, kind: str, block: dict, variants: dict, baseline: s
                                   f"itself runs on (variant {name!r}); re-runs need fresh data seeds")
             settings[name] = (name, base_seed)
             for d in sweep["rerun_data_seeds"]:
-                reruns[rerun_variant(name, d)] = _with_data_seed(partial, d)
+                reruns[data_variant(name, d)] = _with_data_seed(partial, d)
+                settings[data_variant(name, d)] = (name, d)
         return variants, baseline, settings, dict(sweep), reruns
     if kind == VARIANCE_KIND and (not data_seeds or len(data_seeds) < 2 or len(seeds) < 2):
         raise ConfigError(f"{where}: a family of kind {VARIANCE_KIND!r} needs at least two data_seeds and two "
