@@ -553,7 +553,7 @@ def plot_sweep(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "sweep")
     and data seeds (95 % t CI), on validation (the selection metric) and test, with the identity line.
 
     Points below the line were luckier in the sweep than on average: the winner's distance below it is the
-    optimism of picking the best of many single runs.
+    optimism of picking the best of many single runs. Small grey dots are the single re-runs.
     """
     runs, metrics = variance.with_seed_columns(runs), variance.with_seed_columns(metrics)
     family_runs = runs[runs["family"] == family]
@@ -568,12 +568,18 @@ def plot_sweep(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "sweep")
         axes[0].set_xlabel("sweep rank (validation accuracy, one run each)")
         axes[0].set_ylabel("validation accuracy (%)")
         axes[0].set_title(f"{len(ranking)} configurations; red = winner, blue = re-run", fontsize=9)
+        rerun_ids = set(family_runs.loc[family_runs["sweep_stage"] == "rerun", "run_id"])
         for ax, split in zip(axes[1:], variance.SWEEP_SPLITS, strict=True):
             part = reeval[(reeval["split"] == split) & reeval["in_top_k"]]
             if part.empty:
                 ax.set_axis_off()
                 ax.text(0.5, 0.5, "no finished re-runs", ha="center", va="center", transform=ax.transAxes)
                 continue
+            # Single re-runs as small dots at their configuration's sweep score.
+            singles = stats.select_values(metrics[metrics["run_id"].isin(rerun_ids)], "accuracy", split, "final")
+            x = singles["setting"].map(part.set_index("setting")["sweep_score"])
+            ax.scatter(x * 100, singles["value"] * 100, s=10, color="0.35", alpha=0.6, zorder=2,
+                       label="single re-run")
             for row in part.itertuples():
                 has_ci = math.isfinite(row.rerun_ci_low) and math.isfinite(row.rerun_ci_high)
                 yerr = [[(row.rerun_mean - row.rerun_ci_low) * 100], [(row.rerun_ci_high - row.rerun_mean) * 100]]
