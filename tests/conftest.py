@@ -66,3 +66,14 @@ def topics_csv(tmp_path):
     path = tmp_path / "topics.csv"
     write_topics_csv(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def mini_reference(tmp_path_factory):
+    """The smaller .test study (tests/reliability_helpers.py) run once, uninterrupted, with --cores 2, to its tables."""
+    from reliability_helpers import TABLE_TARGETS, mini_study, snakemake
+
+    workdir = tmp_path_factory.mktemp("reference")
+    mini_study(workdir)
+    snakemake(workdir, "--cores", "2", *TABLE_TARGETS)
+    return workdir
