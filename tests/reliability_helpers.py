@@ -78,7 +78,7 @@ def jobs_run(result: subprocess.CompletedProcess) -> dict[str, int]:
     if "Job stats:" not in text:
         return {}
     counts = {}
-    for line in text.split("Job stats:")[1].split("\n\n", 2)[1].splitlines():
+    for line in text.split("Job stats:")[1].split("\n\n", 1)[0].splitlines():
         match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
         if match and match.group(1) != "total":
             counts[match.group(1)] = int(match.group(2))
