@@ -63,7 +63,22 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def check_method(cfg: RunConfig) -> RunConfig:
+    """``method.name`` must be registered (the schema leaves it open so a new method needs no schema edit)."""
+    from .methods import METHODS
+
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"{cfg.source}: method.name {cfg.method.name!r} is not a registered method; "
+                          f"choose one of {sorted(METHODS)}")
+    return cfg
+
+
 def _resolve_run(args) -> tuple[RunConfig, dict]:
+    cfg, labels = _resolve_run_config(args)
+    return check_method(cfg), labels
+
+
+def _resolve_run_config(args) -> tuple[RunConfig, dict]:
     from .study import load_study
 
     overrides = _parse_sets(args.set)
@@ -197,9 +212,11 @@ def cmd_validate(args) -> int:
         raw = load_yaml(path)
         if isinstance(raw, dict) and "families" in raw:
             study = study_from_dict(raw, source=path)
+            for family, variant, seed in study.runs():
+                check_method(study.run_config(family, variant, seed))
             print(f"{path}: valid study, {len(study.runs())} runs in {len(study.families)} families")
         else:
-            RunConfig.from_dict(raw, source=path)
+            check_method(RunConfig.from_dict(raw, source=path))
             print(f"{path}: valid run config")
     return 0
 

@@ -265,6 +265,10 @@ class RunConfig:
                     re.compile(pattern)
                 except re.error as exc:
                     raise ConfigError(f"{self.source}: {key}: {pattern!r} is not a regular expression ({exc})") from exc
+        columns = {key: getattr(self.data, key) for key in ("text_column", "label_column", "text_pair_column",
+                                                             "split_column") if getattr(self.data, key) is not None}
+        if len(set(columns.values())) != len(columns):
+            raise ConfigError(f"{self.source}: data columns must differ, got {columns}")
         labels = self.data.labels
         if labels is not None and len({str(label) for label in labels}) != len(labels):
             raise ConfigError(f"{self.source}: data.labels lists a label twice: {labels}")

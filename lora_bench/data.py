@@ -243,8 +243,14 @@ def _load_local(spec: DataConfig) -> Examples:
         table = datasets.load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train",
                                       **kwargs)
     except Exception as exc:  # datasets wraps parser errors in many types; name the file instead.
+        if "corresponds to no data" in str(exc):
+            raise DataError(f"{path} has no rows (only a header, or nothing a {path.suffix} reader finds)") from exc
+        # The parser's own message is at the end of the chain ("An error occurred while generating ..." is not).
+        root = exc
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
         raise DataError(f"could not read {path} as {LOCAL_FORMATS[path.suffix.lower()]}: "
-                        f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+                        f"{type(root).__name__}: {str(root)[:300]}") from exc
     return _from_columns(table, spec, str(path))
 
 

@@ -124,10 +124,11 @@ def _grid_variants(grid: dict, where: str = "") -> dict[str, dict]:
     return variants
 
 
-def _gpu_ids(value) -> tuple[int, ...]:
-    if isinstance(value, str):
-        return tuple(int(part) for part in value.split(","))
-    return tuple(value)
+def _gpu_ids(value, source: str = "<dict>") -> tuple[int, ...]:
+    ids = tuple(int(part) for part in value.split(",")) if isinstance(value, str) else tuple(value)
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{source}: gpu_ids {value!r} names a GPU twice")
+    return ids
 
 
 def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
@@ -154,6 +155,10 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
         if block["baseline"] not in variants_raw:
             raise ConfigError(f"{where}: baseline {block['baseline']!r} is not one of its variants "
                               f"{sorted(variants_raw)}")
+        seeded = [v for v, o in variants_raw.items() if "seed" in o] + (["base"] if "seed" in block["base"] else [])
+        if seeded:
+            # The run's seed replaces it silently otherwise: a variant would not run with the seed it names.
+            raise ConfigError(f"{where}: seed is set in {sorted(seeded)}; seeds come from the `seeds` list")
         family_base = deep_merge(cfg["base"], block["base"])
         variants = {v: deep_merge(family_base, o) for v, o in variants_raw.items()}
         kind = block.get("kind") or (name if name in FAMILY_KINDS else "generic")
@@ -164,7 +169,7 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
     if not families:
         raise ConfigError(f"{source}: every family is disabled")
     study = Study(cfg["name"], tuple(cfg["seeds"]), cfg["threads"], cfg["gpus_per_job"], families, source,
-                  cfg["results_dir"], cfg["report_dir"], _gpu_ids(cfg["gpu_ids"]))
+                  cfg["results_dir"], cfg["report_dir"], _gpu_ids(cfg["gpu_ids"], source))
     # Resolve every run now: a typo in one variant should stop the study before any training.
     for family in families.values():
         for variant in family.variants:
