@@ -236,11 +236,21 @@ def cmd_prepare_data(args) -> int:
 
     _quiet_libraries()
     specs = json.loads(args.specs_json) if args.specs_json else load_study(args.study).data_preparations()
+    failures = []
     for spec in specs:
         cfg = RunConfig.from_dict(spec, source="prepare-data")
-        tokenizer = load_tokenizer(cfg.model)
-        _, info = prepare_splits(cfg.data, tokenizer, f"{cfg.model.source}:{cfg.model.name}")
+        try:
+            tokenizer = load_tokenizer(cfg.model)
+            _, info = prepare_splits(cfg.data, tokenizer, f"{cfg.model.source}:{cfg.model.name}")
+        except ValueError as exc:  # ConfigError (a missing model) or DataError, naming the file or key
+            failures.append(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {exc}")
+            print(f"lora-bench: could not prepare {failures[-1]}", file=sys.stderr)
+            continue
         print(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {info['sizes']} -> {info['cache']}")
+    if failures and len(failures) == len(specs):
+        # Nothing could train: stop the study here, before any training, with the reasons above.
+        raise ConfigError(f"no data could be prepared ({len(failures)} of {len(specs)} failed); see above")
+    # Otherwise the runs of a failed (data, model) pair fail on their own and are recorded as failed runs.
     if args.done:
         Path(args.done).parent.mkdir(parents=True, exist_ok=True)
         Path(args.done).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
