@@ -258,8 +258,10 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_collect(args) -> int:
+    from .record import ensure_writable
     from .tables import collect, write_tables
 
+    ensure_writable(args.out_dir)
     paths = list(args.records)
     for folder in args.records_dir or []:
         paths += [str(p) for p in Path(folder).rglob("*.json")]
@@ -274,11 +276,13 @@ def cmd_collect(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    from .record import ensure_writable
     from .stats import run_stats
     from .tables import check_tables
 
     tables = Path(args.tables)
     check_tables(tables)
+    ensure_writable(args.out_dir or tables)
     run_stats(tables / "metrics.parquet", tables / "runs.parquet", args.out_dir or tables)
     return 0
 
@@ -287,10 +291,12 @@ def cmd_figures(args) -> int:
     import pandas as pd
 
     from .plots import make_all_figures
+    from .record import ensure_writable
     from .tables import check_tables
 
     tables = Path(args.tables)
     check_tables(tables)
+    ensure_writable(args.out_dir)
     made = make_all_figures(pd.read_parquet(tables / "runs.parquet"), pd.read_parquet(tables / "metrics.parquet"),
                             args.out_dir)
     for entry in made:
@@ -299,10 +305,12 @@ def cmd_figures(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .record import ensure_writable
     from .report import build_report
     from .tables import check_tables
 
     check_tables(args.tables)
+    ensure_writable(args.out_dir)
     build_report(args.tables, args.figures, args.out_dir)
     return 0
 

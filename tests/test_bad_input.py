@@ -144,7 +144,13 @@ def _write(tmp_path, name: str, data) -> str:
 
 
 def _cli(argv, capsys) -> tuple[int, str]:
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors: exit 2 with "usage: ... error: ..."
+        code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and "error:" in err, err
+        return code, err
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     if code == 2:
@@ -205,7 +211,7 @@ def test_any_command_line_fails_with_exit_2_before_training(tmp_path_factory, mo
     out = tmp_path_factory.mktemp("cli") / "record.json"
     argv = ["train", "--out", str(out), "--label", label]
     for key, value in sets:
-        argv += ["--set", f"{key}={value}"]
+        argv.append(f"--set={key}={value}")
     code, err = _cli(argv, capsys)
     if code == 2:
         assert not out.exists(), "a refused run left a record"
