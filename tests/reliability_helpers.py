@@ -48,7 +48,8 @@ def mini_study(workdir: Path, **top) -> Path:
             "train": {"epochs": 1, "batch_size": 16, "lr": 1.0e-2, "device": "cpu"},
         },
         "families": {
-            "methods": {"baseline": "lora", "variants": {"lora": {}, "last_layers": {"method": {"name": "last_layers"}}}},
+            "methods": {"baseline": "lora",
+                        "variants": {"lora": {}, "last_layers": {"method": {"name": "last_layers"}}}},
         },
         **top,
     }

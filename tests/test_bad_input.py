@@ -366,7 +366,8 @@ def _record(tmp_path, name: str, content) -> str:
     ("content", "message"),
     [
         ({"schema_version": 0, "status": "ok"}, "schema_version 0, written by an older lora-bench"),
-        ({"schema_version": SCHEMA_VERSION + 1, "status": "ok"}, f"schema_version {SCHEMA_VERSION + 1}, written by a newer"),
+        ({"schema_version": SCHEMA_VERSION + 1, "status": "ok"},
+         f"schema_version {SCHEMA_VERSION + 1}, written by a newer"),
         ({"status": "ok"}, "has no schema_version"),
         ({"schema_version": "1", "status": "ok"}, "schema_version '1'"),
         ({"schema_version": SCHEMA_VERSION, "status": "running"}, "status 'running'"),

@@ -62,3 +62,21 @@ def test_the_test_workflow_is_bit_identical_across_runs_and_core_counts(tmp_path
         snakemake(workdir, "--cores", cores)
         workdirs.append(workdir)
     assert_same_tables(workdirs[0] / "results/tables", workdirs[1] / "results/tables")
+
+
+def test_the_report_says_when_gpu_runs_are_not_bitwise_reproducible(tmp_path):
+    from synthetic import make_tables
+
+    from lora_bench import report, stats
+
+    runs, metrics = make_tables(("methods",), n_seeds=3, n_epochs=1)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for not_bitwise in (0, 2):
+        runs["bitwise_reproducible"] = [i >= not_bitwise for i in range(len(runs))]
+        runs.to_parquet(tables / "runs.parquet")
+        metrics.to_parquet(tables / "metrics.parquet")
+        stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
+        text, _ = report.render_markdown(report._read_tables(tables), tmp_path / "figures", tmp_path / "paper")
+        sentence = "2 finished\n  runs used GPU kernels that are not bitwise deterministic"
+        assert (sentence in text) == bool(not_bitwise), text[:3000]
