@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, settings
 
 # Property tests (tests/test_bad_input.py): few examples by default so `make test` stays fast; set
 # HYPOTHESIS_PROFILE=thorough for a long search. No deadline: the shared CI machine's timing varies.
-settings.register_profile("default", max_examples=25, deadline=None,
+settings.register_profile("fast", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("thorough", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
