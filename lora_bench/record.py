@@ -144,6 +144,7 @@ def write_json_atomic(data: dict, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fault_point("record_written", str(path))
 
 
 def determinism_state(device: str) -> dict:

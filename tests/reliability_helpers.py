@@ -67,7 +67,8 @@ def snakemake(workdir: Path, *args, env: dict | None = None, check: bool = True,
     full_env.update(env or {})
     command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
                "--configfile", str(workdir / configfile), *args]
-    result = subprocess.run(command, env=full_env, capture_output=True, text=True)
+    # Its own session: a `killgroup` fault kills Snakemake and its jobs, never the test runner.
+    result = subprocess.run(command, env=full_env, capture_output=True, text=True, start_new_session=True)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

@@ -412,3 +412,18 @@ def test_tables_written_now_carry_the_version(tmp_path):
     write_tables(runs, metrics, tmp_path / "tables")
     assert pd.read_parquet(tmp_path / "tables/runs.parquet")["schema_version"].tolist() == [SCHEMA_VERSION]
     check_tables(tmp_path / "tables")
+
+
+@pytest.mark.parametrize("content", [b'"1","' + b"x" * 200_000 + b'"\n', b'"1","caf\xe9"\n'],
+                         ids=["field over the csv limit", "not UTF-8"])
+def test_a_corrupted_pang_lee_download_is_named(tmp_path, content):
+    from lora_bench.data import PANG_LEE_FILES
+
+    folder = tmp_path / "pang_lee"
+    folder.mkdir()
+    for name in PANG_LEE_FILES.values():
+        (folder / name).write_bytes(content)
+    spec = RunConfig.from_dict({"data": {"source": "pang_lee", "name": "sentences", "cache_dir": str(tmp_path)}}).data
+    with pytest.raises(DataError, match="delete it to download it again") as err:
+        load_examples(spec)
+    assert str(folder) in str(err.value)

@@ -66,3 +66,27 @@ def test_sigkill_in_training_in_record_writing_and_in_collection_then_resume(min
     assert_same_tables(mini_reference / "results/tables", results / "tables")
     assert "Nothing to be done" in (snakemake(workdir, "-n", *TABLE_TARGETS).stdout
                                     + snakemake(workdir, "-n", *TABLE_TARGETS).stderr)
+
+
+@pytest.mark.slow
+def test_power_cut_of_snakemake_and_every_job_then_resume(mini_reference, tmp_path):
+    """SIGKILL to Snakemake and all its jobs at once, in the worst moment: just after a record was renamed into
+    place, before Snakemake learnt that its job finished. Nothing on disk is partial; Snakemake then refuses
+    to trust that record (it is marked incomplete) until asked to re-run it, as the shipped profiles do."""
+    workdir = tmp_path / "power cut"
+    mini_study(workdir)
+    results = workdir / "results"
+    cut = snakemake(workdir, "--cores", "2", *TABLE_TARGETS, check=False,
+                    env={"LORA_BENCH_FAULT": f"record_written:killgroup@{KILLED_IN_TRAINING}"})
+    assert cut.returncode == -9  # Snakemake itself was killed
+    _assert_only_whole_records(results)
+    assert (results / f"runs/{KILLED_IN_TRAINING}.json").exists()
+
+    refused = snakemake(workdir, "--cores", "2", *TABLE_TARGETS, check=False)
+    assert refused.returncode != 0 and "incomplete" in (refused.stdout + refused.stderr).lower()
+    assert f"{KILLED_IN_TRAINING}.json" in refused.stdout + refused.stderr
+
+    resumed = snakemake(workdir, "--cores", "2", "--rerun-incomplete", *TABLE_TARGETS)
+    assert 1 <= jobs_run(resumed)["train"] <= 4
+    _assert_only_whole_records(results)
+    assert_same_tables(mini_reference / "results/tables", results / "tables")
