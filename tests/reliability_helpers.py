@@ -2,7 +2,8 @@
 comparison that leaves out the columns a clock or the host decides.
 
 What is left out when two runs' tables are compared, and why (README, "Guarantees"):
-- runs table: ``wall_time_s`` and ``started_at`` (clock time);
+- runs table: ``wall_time_s`` and ``started_at`` (clock time) and ``git_sha`` (the checkout's commit and
+  dirtiness: editing the code between two runs changes it without changing a number);
 - metrics, summary and tests tables: the rows of ``TIMING_METRICS`` (wall, train and median step time,
   examples/s and tokens/s: clock time; ``peak_rss``: the process's allocator history, not the run).
 Everything else, every accuracy, loss, macro-F1, parameter and byte count and every statistic built
@@ -25,10 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TIMING_METRICS = ("wall_time", "train_time", "median_step_time", "examples_per_second", "tokens_per_second",
                   "peak_rss")
-TIMING_RUN_COLUMNS = ("wall_time_s", "started_at")
+TIMING_RUN_COLUMNS = ("wall_time_s", "started_at", "git_sha")
 TABLES = ("runs", "metrics", "summary", "tests")
-# collect and stats only: figures and the report add minutes of imports and nothing to compare.
-TABLE_TARGETS = ("results/tables/tests.parquet",)
+# The default suite runs the smaller study to `collect` only (runs and metrics tables): each further step
+# is another process of imports. The slow test of the whole .test study compares the statistics too.
+TABLE_TARGETS = ("results/tables/runs.parquet",)
+RUN_TABLES = ("runs", "metrics")
 
 
 def mini_study(workdir: Path, **top) -> Path:
