@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import platform
+import socket
 import subprocess
 import tempfile
 from datetime import UTC, datetime
@@ -104,11 +105,19 @@ def ensure_writable(folder: str | Path) -> Path:
     return folder
 
 
+def temporary_prefix(path: Path) -> str:
+    """``.<name>.<host>-<pid>.``: tells a later writer whose temporary file it finds (a process id means
+    nothing on another node of a cluster sharing the folder)."""
+    host = socket.gethostname().replace(".", "_") or "host"
+    return f".{path.name}.{host}-{os.getpid()}."
+
+
 def remove_stale_temporaries(path: str | Path) -> None:
-    """Delete temporary files of ``path`` left by writers that were killed (their process is gone)."""
+    """Delete temporary files of ``path`` left by writers on this machine that were killed (process gone)."""
     path = Path(path)
-    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+    host = socket.gethostname().replace(".", "_") or "host"
+    for tmp in path.parent.glob(glob.escape(f".{path.name}.{host}-") + "*.tmp"):
+        pid = tmp.name[len(path.name) + len(host) + 3:].split(".", 1)[0]
         if not pid.isdigit():
             continue
         try:
@@ -129,8 +138,7 @@ def write_json_atomic(data: dict, path: str | Path) -> None:
     ensure_writable(path.parent)
     remove_stale_temporaries(path)
     text = json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=True) + "\n"
-    # The writer's pid in the name tells a later writer whether this temporary file is abandoned.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             half = len(text) // 2

@@ -16,7 +16,14 @@ import pandas as pd
 from . import SCHEMA_VERSION
 from .config import flatten
 from .faults import fault_point
-from .record import READABLE_RECORD_VERSIONS, RecordError, check_version, read_record, remove_stale_temporaries
+from .record import (
+    READABLE_RECORD_VERSIONS,
+    RecordError,
+    check_version,
+    read_record,
+    remove_stale_temporaries,
+    temporary_prefix,
+)
 
 # metric name -> (unit, higher_is_better)
 METRIC_INFO: dict[str, tuple[str, bool]] = {
@@ -159,7 +166,7 @@ def collect(record_paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]
 
 def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         if path.suffix == ".parquet":

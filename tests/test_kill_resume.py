@@ -98,3 +98,23 @@ def test_power_cut_of_snakemake_and_every_job_then_resume(mini_reference, tmp_pa
     assert 1 <= jobs_run(resumed)["train"] <= 4
     _assert_only_whole_records(results)
     assert_same_tables(mini_reference / "results/tables", results / "tables", RUN_TABLES)
+
+
+def test_only_temporary_files_of_dead_writers_on_this_host_are_cleaned(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from lora_bench.record import write_json_atomic
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, host = int(finished.stdout), socket.gethostname().replace(".", "_")
+    folder = tmp_path / "odd [name] ü"
+    folder.mkdir()
+    for writer in (f"{host}-{dead}", f"{host}-{os.getpid()}", f"node7-{dead}"):
+        (folder / f".seed0.json.{writer}.x1.tmp").write_text("half a record")
+    write_json_atomic({"schema_version": 1, "status": "ok"}, folder / "seed0.json")
+    left = sorted(p.name for p in folder.iterdir())
+    # The killed local writer's file is gone; a live writer's and another node's are not ours to judge.
+    assert left == sorted([f".seed0.json.{host}-{os.getpid()}.x1.tmp", f".seed0.json.node7-{dead}.x1.tmp", "seed0.json"])
