@@ -117,4 +117,5 @@ def test_only_temporary_files_of_dead_writers_on_this_host_are_cleaned(tmp_path)
     write_json_atomic({"schema_version": 1, "status": "ok"}, folder / "seed0.json")
     left = sorted(p.name for p in folder.iterdir())
     # The killed local writer's file is gone; a live writer's and another node's are not ours to judge.
-    assert left == sorted([f".seed0.json.{host}-{os.getpid()}.x1.tmp", f".seed0.json.node7-{dead}.x1.tmp", "seed0.json"])
+    expected = [f".seed0.json.{host}-{os.getpid()}.x1.tmp", f".seed0.json.node7-{dead}.x1.tmp", "seed0.json"]
+    assert left == sorted(expected)
