@@ -80,7 +80,8 @@ def test_sigkill_in_training_in_record_writing_and_in_collection_then_resume(min
 def test_power_cut_of_snakemake_and_every_job_then_resume(mini_reference, tmp_path):
     """SIGKILL to Snakemake and all its jobs at once, in the worst moment: just after a record was renamed into
     place, before Snakemake learnt that its job finished. Nothing on disk is partial; Snakemake then refuses
-    to trust that record (it is marked incomplete) until asked to re-run it, as the shipped profiles do."""
+    to trust that record (it is marked incomplete) until asked to re-run it, as the shipped profiles do, and
+    keeps its lock until `snakemake --unlock`."""
     workdir = tmp_path / "power cut"
     mini_study(workdir)
     results = workdir / "results"
@@ -94,6 +95,10 @@ def test_power_cut_of_snakemake_and_every_job_then_resume(mini_reference, tmp_pa
     assert refused.returncode != 0 and "incomplete" in (refused.stdout + refused.stderr).lower()
     assert f"{KILLED_IN_TRAINING}.json" in refused.stdout + refused.stderr
 
+    # Snakemake's lock outlives it too: a dead Snakemake is told apart from a running one only by a person.
+    locked = snakemake(workdir, "--cores", "2", "--rerun-incomplete", *TABLE_TARGETS, check=False)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    snakemake(workdir, "--unlock")
     resumed = snakemake(workdir, "--cores", "2", "--rerun-incomplete", *TABLE_TARGETS)
     assert 1 <= jobs_run(resumed)["train"] <= 4
     _assert_only_whole_records(results)
