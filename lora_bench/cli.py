@@ -17,7 +17,20 @@ import time
 import traceback
 from pathlib import Path
 
+import yaml
+
 from .config import ConfigError, RunConfig, deep_merge, load_yaml, parse_yaml
+
+
+def _json_mapping(text: str, flag: str) -> dict:
+    """A JSON object given on the command line, or a ConfigError naming the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -29,9 +42,14 @@ def _parse_sets(pairs: list[str]) -> dict:
         node: dict = {}
         root = node
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {pair!r}: {key!r} is not a dotted key such as train.epochs")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = parse_yaml(value)
+        try:
+            node[parts[-1]] = parse_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML: {exc}") from exc
         overrides = deep_merge(overrides, root)
     return overrides
 
@@ -45,7 +63,22 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def check_method(cfg: RunConfig) -> RunConfig:
+    """``method.name`` must be registered (the schema leaves it open so a new method needs no schema edit)."""
+    from .methods import METHODS
+
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"{cfg.source}: method.name {cfg.method.name!r} is not a registered method; "
+                          f"choose one of {sorted(METHODS)}")
+    return cfg
+
+
 def _resolve_run(args) -> tuple[RunConfig, dict]:
+    cfg, labels = _resolve_run_config(args)
+    return check_method(cfg), labels
+
+
+def _resolve_run_config(args) -> tuple[RunConfig, dict]:
     from .study import load_study
 
     overrides = _parse_sets(args.set)
@@ -59,10 +92,13 @@ def _resolve_run(args) -> tuple[RunConfig, dict]:
             cfg = RunConfig.from_dict(deep_merge(cfg.to_dict(), overrides), source=f"{args.study} + --set")
         return cfg, labels
     if args.config_json:
-        raw = deep_merge(json.loads(args.config_json), overrides)
+        raw = deep_merge(_json_mapping(args.config_json, "--config-json"), overrides)
         return RunConfig.from_dict(raw, source="--config-json"), {}
     if args.config:
-        raw = deep_merge(load_yaml(args.config) or {}, overrides)
+        raw = load_yaml(args.config) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{args.config}: expected a mapping at the top level, got {type(raw).__name__}")
+        raw = deep_merge(raw, overrides)
         return RunConfig.from_dict(raw, source=args.config), {}
     return RunConfig.from_dict(overrides, source="--set"), {}
 
@@ -90,7 +126,18 @@ def acquire_gpu(gpu_ids: list[int], lock_dir: str | None = None):
 
 
 def cmd_train(args) -> int:
+    from .faults import arm_training_faults
+    from .record import ensure_writable
+
     cfg, labels = _resolve_run(args)
+    if args.label:
+        labels.update(_json_mapping(args.label, "--label"))
+    # Recorded here rather than passed in by the workflow: a new label there would re-run finished runs.
+    labels.setdefault("data_seed", cfg.data.split_seed)
+    labels.setdefault("train_seed", cfg.seed)
+    out = Path(args.out)
+    # Before any training: a read-only results folder must cost a second, not a finished run.
+    ensure_writable(out.parent)
     gpu_lock = None
     if args.gpu_ids:
         index, gpu_lock = acquire_gpu([int(i) for i in args.gpu_ids.split(",")])
@@ -98,30 +145,28 @@ def cmd_train(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
         labels["gpu_index"] = index
 
-    from .record import base_record, environment, now_iso, write_json_atomic
+    from .record import base_record, determinism_state, environment, failure_kind, now_iso, write_json_atomic
     from .train import run_training
 
-    if args.label:
-        labels.update(json.loads(args.label))
-    # Recorded here rather than passed in by the workflow: a new label there would re-run finished runs.
-    labels.setdefault("data_seed", cfg.data.split_seed)
-    labels.setdefault("train_seed", cfg.seed)
-    out = Path(args.out)
     _quiet_libraries()
     record = base_record(cfg.to_dict(), labels)
     record["environment"] = environment()
     print(f"lora-bench train: {labels or ''} method={cfg.method.name} model={cfg.model.source}:{cfg.model.name} "
           f"data={cfg.data.source}:{cfg.data.name} seed={cfg.seed}", file=sys.stderr)
+    fault_hook = arm_training_faults(str(out))
     try:
         result = run_training(cfg)
     except Exception as exc:
         # Past validation, any failure (a missing model, a bad data file, NaN loss, GPU OOM) is data:
         # the record says what went wrong and the rest of the study goes on.
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=now_iso(),
-                      traceback=traceback.format_exc(limit=20))
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", error_kind=failure_kind(exc),
+                      finished_at=now_iso(), traceback=traceback.format_exc(limit=20))
         write_json_atomic(record, out)
         print(f"run failed: {record['error']}\n(recorded in {out})", file=sys.stderr)
         return 1 if args.strict else 0
+    finally:
+        if fault_hook is not None:
+            fault_hook.remove()
     record.update(
         status="ok",
         finished_at=now_iso(),
@@ -133,6 +178,7 @@ def cmd_train(args) -> int:
         model=result.model_info,
         data=result.data_info,
         method=result.method_info,
+        determinism=determinism_state(result.device),
     )
     write_json_atomic(record, out)
     final = result.metrics["final"]
@@ -173,9 +219,11 @@ def cmd_validate(args) -> int:
         raw = load_yaml(path)
         if isinstance(raw, dict) and "families" in raw:
             study = study_from_dict(raw, source=path)
+            for family, variant, seed in study.runs():
+                check_method(study.run_config(family, variant, seed))
             print(f"{path}: valid study, {len(study.runs())} runs in {len(study.families)} families")
         else:
-            RunConfig.from_dict(raw, source=path)
+            check_method(RunConfig.from_dict(raw, source=path))
             print(f"{path}: valid run config")
     return 0
 
@@ -195,11 +243,21 @@ def cmd_prepare_data(args) -> int:
 
     _quiet_libraries()
     specs = json.loads(args.specs_json) if args.specs_json else load_study(args.study).data_preparations()
+    failures = []
     for spec in specs:
         cfg = RunConfig.from_dict(spec, source="prepare-data")
-        tokenizer = load_tokenizer(cfg.model)
-        _, info = prepare_splits(cfg.data, tokenizer, f"{cfg.model.source}:{cfg.model.name}")
+        try:
+            tokenizer = load_tokenizer(cfg.model)
+            _, info = prepare_splits(cfg.data, tokenizer, f"{cfg.model.source}:{cfg.model.name}")
+        except ValueError as exc:  # ConfigError (a missing model) or DataError, naming the file or key
+            failures.append(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {exc}")
+            print(f"lora-bench: could not prepare {failures[-1]}", file=sys.stderr)
+            continue
         print(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {info['sizes']} -> {info['cache']}")
+    if failures and len(failures) == len(specs):
+        # Nothing could train: stop the study here, before any training, with the reasons above.
+        raise ConfigError(f"no data could be prepared ({len(failures)} of {len(specs)} failed); see above")
+    # Otherwise the runs of a failed (data, model) pair fail on their own and are recorded as failed runs.
     if args.done:
         Path(args.done).parent.mkdir(parents=True, exist_ok=True)
         Path(args.done).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
@@ -207,8 +265,10 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_collect(args) -> int:
+    from .record import ensure_writable
     from .tables import collect, write_tables
 
+    ensure_writable(args.out_dir)
     paths = list(args.records)
     for folder in args.records_dir or []:
         paths += [str(p) for p in Path(folder).rglob("*.json")]
@@ -223,10 +283,14 @@ def cmd_collect(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    from .record import ensure_writable
     from .stats import run_stats
+    from .tables import check_tables
     from .variance import run_variance_stats
 
     tables = Path(args.tables)
+    check_tables(tables)
+    ensure_writable(args.out_dir or tables)
     run_stats(tables / "metrics.parquet", tables / "runs.parquet", args.out_dir or tables)
     run_variance_stats(tables / "runs.parquet", tables / "metrics.parquet", args.out_dir or tables)
     return 0
@@ -253,8 +317,12 @@ def cmd_figures(args) -> int:
     import pandas as pd
 
     from .plots import make_all_figures
+    from .record import ensure_writable
+    from .tables import check_tables
 
     tables = Path(args.tables)
+    check_tables(tables)
+    ensure_writable(args.out_dir)
     made = make_all_figures(pd.read_parquet(tables / "runs.parquet"), pd.read_parquet(tables / "metrics.parquet"),
                             args.out_dir)
     for entry in made:
@@ -263,8 +331,12 @@ def cmd_figures(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .record import ensure_writable
     from .report import build_report
+    from .tables import check_tables
 
+    check_tables(args.tables)
+    ensure_writable(args.out_dir)
     build_report(args.tables, args.figures, args.out_dir)
     return 0
 
@@ -356,3 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         # Data errors (DataError) and refused records are ValueErrors with a message naming the file.
         print(f"lora-bench: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A read-only results folder (NotWritable, before any work: exit 2) or a full disk while writing
+        # (the previous file is left intact by the atomic writes: exit 1).
+        from .record import NotWritable
+
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
+        print(f"lora-bench: error: {exc}{where}", file=sys.stderr)
+        return 2 if isinstance(exc, NotWritable) else 1

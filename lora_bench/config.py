@@ -9,6 +9,7 @@ and every error names the file and the dotted key. Cross-field rules that a sche
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -22,7 +23,26 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
 class YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-3`` as a float: YAML 1.1 wants ``1.0e-3`` and would give a string."""
+    """SafeLoader that reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3`` and would give a string) and
+    refuses a key given twice in one mapping: PyYAML keeps the last silently, so two variants with one
+    name would quietly become one."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key; the base class raises its own error for it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 YamlLoader.add_implicit_resolver(
@@ -79,7 +99,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed))
+        # Keys may be numbers or booleans in YAML (1: x, yes: y); sort them as text.
+        extra = sorted(set(error.instance) - set(allowed), key=repr)
         return f"unknown key(s) {extra} under {where}; allowed: {allowed}"
     return f"{where}: {error.message}"
 
@@ -91,12 +112,31 @@ def validate(instance: Any, schema_name: str, source: str) -> dict:
     if not isinstance(instance, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(instance).__name__}")
     schema = load_schema(schema_name)
+    problems = list(_non_finite_or_odd_keys(instance))
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
     filled = _fill_defaults(schema, copy.deepcopy(instance))
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
     return filled
+
+
+def _non_finite_or_odd_keys(value: Any, where: str = "") -> Any:
+    """What a JSON schema does not catch: NaN/infinite numbers (.nan and .inf are valid YAML and pass
+    ``minimum``) and keys that are not text (YAML reads ``1:`` or ``yes:`` as a number or a boolean)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield f"{where or '<top level>'}: {value} is not a finite number"
+    elif isinstance(value, dict):
+        for key, sub in value.items():
+            if not isinstance(key, str):
+                yield f"{where or '<top level>'}: key {key!r} is a {type(key).__name__}, not text"
+                continue
+            yield from _non_finite_or_odd_keys(sub, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            yield from _non_finite_or_odd_keys(sub, f"{where}.{i}" if where else str(i))
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -225,6 +265,10 @@ class RunConfig:
                     re.compile(pattern)
                 except re.error as exc:
                     raise ConfigError(f"{self.source}: {key}: {pattern!r} is not a regular expression ({exc})") from exc
+        columns = {key: getattr(self.data, key) for key in ("text_column", "label_column", "text_pair_column",
+                                                             "split_column") if getattr(self.data, key) is not None}
+        if len(set(columns.values())) != len(columns):
+            raise ConfigError(f"{self.source}: data columns must differ, got {columns}")
         labels = self.data.labels
         if labels is not None and len({str(label) for label in labels}) != len(labels):
             raise ConfigError(f"{self.source}: data.labels lists a label twice: {labels}")

@@ -18,6 +18,7 @@ the per-class counts of every split.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -109,7 +110,11 @@ def read_pang_lee_csv(path: Path) -> Examples:
 def _load_pang_lee(spec: DataConfig) -> Examples:
     if spec.name not in PANG_LEE_FILES:
         raise DataError(f"unknown pang_lee corpus {spec.name!r}; choose one of {sorted(PANG_LEE_FILES)}")
-    return read_pang_lee_csv(fetch_pang_lee(spec.cache_dir) / PANG_LEE_FILES[spec.name])
+    path = fetch_pang_lee(spec.cache_dir) / PANG_LEE_FILES[spec.name]
+    try:
+        return read_pang_lee_csv(path)
+    except (UnicodeDecodeError, csv.Error) as exc:  # a corrupted download: name it, not the csv module's internals
+        raise DataError(f"{path} is unreadable ({type(exc).__name__}: {exc}); delete it to download it again") from exc
 
 
 def _is_missing(value) -> bool:
@@ -190,6 +195,35 @@ def _from_columns(table, spec: DataConfig, origin: str) -> Examples:
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 
+def check_utf8_text(path: Path) -> None:
+    """Text formats must be UTF-8 without NUL bytes; anything else is named here, not deep in a parser.
+
+    Read in 1 MiB chunks, so a large file costs one pass of disk reads and no memory.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            raise DataError(f"{path} is UTF-16 text; re-save it as UTF-8")
+        handle.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        while chunk := handle.read(1 << 20):
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                raise DataError(f"{path} has a NUL byte at offset {offset + nul}: it is binary, not "
+                                f"{path.suffix[1:].upper()} text")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} is not UTF-8 text: byte {chunk[exc.start:exc.start + 1]!r} at offset "
+                                f"{offset + exc.start}; re-save it as UTF-8") from exc
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not UTF-8 text: it ends inside a multi-byte character") from exc
+
+
 def _load_local(spec: DataConfig) -> Examples:
     import datasets
 
@@ -200,13 +234,21 @@ def _load_local(spec: DataConfig) -> Examples:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}")
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
+    if LOCAL_FORMATS[path.suffix.lower()] != "parquet":
+        check_utf8_text(path)
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         table = datasets.load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train",
                                       **kwargs)
     except Exception as exc:  # datasets wraps parser errors in many types; name the file instead.
+        if "corresponds to no data" in str(exc):
+            raise DataError(f"{path} has no rows (only a header, or nothing a {path.suffix} reader finds)") from exc
+        # The parser's own message is at the end of the chain ("An error occurred while generating ..." is not).
+        root = exc
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
         raise DataError(f"could not read {path} as {LOCAL_FORMATS[path.suffix.lower()]}: "
-                        f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+                        f"{type(root).__name__}: {str(root)[:300]}") from exc
     return _from_columns(table, spec, str(path))
 
 

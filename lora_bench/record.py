@@ -8,9 +8,12 @@ versions read or refuse old records by name.
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import platform
+import socket
 import subprocess
 import tempfile
 from datetime import UTC, datetime
@@ -18,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import SCHEMA_VERSION, __version__
+from .faults import fault_point
 
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "peft", "bitsandbytes", "numpy", "snakemake")
 
@@ -78,29 +82,150 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+class NotWritable(OSError):
+    """A results folder that cannot be written (read-only checkout, permissions); the message names it."""
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, or raise ``NotWritable`` naming it.
+
+    Called before training, so a read-only results folder costs a second, not a finished run.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise NotWritable(exc.errno or errno.EACCES,
+                          f"cannot write to the results directory {folder}: {exc.strerror or exc} "
+                          f"({exc.filename or folder}); make it writable or write the results elsewhere "
+                          "(results_dir in the study, --out on the command line)") from exc
+    return folder
+
+
+def temporary_prefix(path: Path) -> str:
+    """``.<name>.<host>-<pid>.``: tells a later writer whose temporary file it finds (a process id means
+    nothing on another node of a cluster sharing the folder)."""
+    host = socket.gethostname().replace(".", "_") or "host"
+    return f".{path.name}.{host}-{os.getpid()}."
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Delete temporary files of ``path`` left by writers on this machine that were killed (process gone)."""
+    path = Path(path)
+    host = socket.gethostname().replace(".", "_") or "host"
+    for tmp in path.parent.glob(glob.escape(f".{path.name}.{host}-") + "*.tmp"):
+        pid = tmp.name[len(path.name) + len(host) + 3:].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def write_json_atomic(data: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash or a full disk mid-write leaves the previous file (or none) in place, never half a file.
+    A crash, a kill or a full disk mid-write leaves the previous file (or none) in place, never half a
+    file; the temporary file of a killed writer is removed by the next write of the same path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    ensure_writable(path.parent)
+    remove_stale_temporaries(path)
+    text = json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=True) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, default=str, allow_nan=True)
-            handle.write("\n")
+            half = len(text) // 2
+            handle.write(text[:half])
+            handle.flush()
+            fault_point("record_write", str(path))
+            handle.write(text[half:])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fault_point("record_written", str(path))
+
+
+def determinism_state(device: str) -> dict:
+    """Whether this run's numbers are expected to repeat bit for bit, and the torch flags that decide it.
+
+    Read after training (the flags are process-wide). On CPU, ``train`` enforces deterministic
+    algorithms and the same config, seed and thread count give identical metrics. CUDA runs keep the
+    fast kernels, some of which (atomic-add reductions, e.g. in the embedding backward) are not
+    bitwise deterministic: such a record says so, and its seed-to-seed spread includes that noise.
+    """
+    import torch
+
+    cuda = str(device).startswith("cuda")
+    enforced = torch.are_deterministic_algorithms_enabled()
+    state = {
+        "device_type": "cuda" if cuda else str(device).split(":")[0].split(" ")[0],
+        "deterministic_algorithms": enforced,
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "torch_threads": torch.get_num_threads(),
+        "bitwise_reproducible": bool(enforced and not cuda),
+    }
+    if cuda:
+        state["note"] = ("CUDA kernels were not forced to be deterministic: repeating this run with the same "
+                         "seed can differ in the last bits, and the spread across seeds includes that noise")
+    return state
+
+
+def failure_kind(exc: BaseException) -> str:
+    """A short, stable name for why a run failed (a column of the runs table), from the exception."""
+    import torch
+
+    from .config import ConfigError
+    from .data import DataError
+
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "out_of_memory"
+    kinds = [("non_finite_loss", "NonFiniteLoss"), ("config", ConfigError), ("data", DataError),
+             ("io", OSError)]
+    for kind, cls in kinds:
+        if (type(exc).__name__ == cls) if isinstance(cls, str) else isinstance(exc, cls):
+            return kind
+    return "error"
 
 
 def base_record(config: dict, labels: dict | None = None) -> dict:
     return {"schema_version": SCHEMA_VERSION, "run": labels or {}, "config": config, "status": "running",
             "error": None, "started_at": now_iso()}
+
+
+class RecordError(ValueError):
+    """A run record that cannot be used: unreadable, not a record, or of another layout version."""
+
+
+# Record layout versions this lora-bench reads; older ones are refused by name (re-run them).
+READABLE_RECORD_VERSIONS = frozenset({SCHEMA_VERSION})
+RECORD_STATUSES = ("ok", "failed")
+
+
+def check_version(version, readable: frozenset, what: str) -> None:
+    """Raise ``RecordError`` naming ``what`` and its layout version unless this lora-bench reads it."""
+    if version in readable:
+        return
+    if version is None:
+        raise RecordError(f"{what} has no schema_version (not written by lora-bench, or by one from before "
+                          f"versioning); this lora-bench reads version {SCHEMA_VERSION}: re-run it")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise RecordError(f"{what} has schema_version {version}, written by a newer lora-bench; this one reads "
+                          f"version {SCHEMA_VERSION}: update lora-bench or re-run it")
+    raise RecordError(f"{what} has schema_version {version!r}, written by an older lora-bench; this one reads "
+                      f"version {SCHEMA_VERSION}: re-run it (delete it and run snakemake again)")
 
 
 def read_record(path: str | Path) -> dict:
@@ -109,9 +234,10 @@ def read_record(path: str | Path) -> dict:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"run record {path} is unreadable or not JSON: {exc}") from exc
-    version = record.get("schema_version") if isinstance(record, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"run record {path} has schema_version {version!r}; this lora-bench reads "
-                         f"version {SCHEMA_VERSION}: re-run it")
+        raise RecordError(f"run record {path} is unreadable or not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise RecordError(f"run record {path} is not a JSON object but {type(record).__name__}")
+    check_version(record.get("schema_version"), READABLE_RECORD_VERSIONS, f"run record {path}")
+    if record.get("status") not in RECORD_STATUSES:
+        raise RecordError(f"run record {path} has status {record.get('status')!r}, not one of {RECORD_STATUSES}")
     return record

@@ -198,6 +198,9 @@ def _overview(runs: pd.DataFrame, meta: dict) -> dict:
         "models": ", ".join(md_text(m) for m in _unique_text(runs, "cfg.model.name")) or "unknown model",
         "data": md_text(_data_description(runs)),
         "devices": ", ".join(md_text(d) for d in _unique_text(runs, "device")) or "unknown device",
+        # Finished runs whose record says its numbers may not repeat bit for bit (CUDA kernels).
+        "n_not_bitwise": int((ok & (runs["bitwise_reproducible"] == False)).sum())  # noqa: E712 (None = unknown)
+        if "bitwise_reproducible" in runs.columns else 0,
     }
 
 

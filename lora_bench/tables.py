@@ -13,8 +13,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import SCHEMA_VERSION
 from .config import flatten
-from .record import read_record
+from .faults import fault_point
+from .record import (
+    READABLE_RECORD_VERSIONS,
+    RecordError,
+    check_version,
+    read_record,
+    remove_stale_temporaries,
+    temporary_prefix,
+)
 
 # metric name -> (unit, higher_is_better)
 METRIC_INFO: dict[str, tuple[str, bool]] = {
@@ -113,6 +122,11 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         "git_sha": sha + ("+dirty" if git.get("dirty") else ""),
         "record_path": str(path),
         "started_at": record.get("started_at"),
+        # Layout version of these tables (stats, figures and report refuse others by name).
+        "schema_version": SCHEMA_VERSION,
+        "error_kind": record.get("error_kind") or "",
+        # None for records written before runs said whether their numbers repeat bit for bit.
+        "bitwise_reproducible": (record.get("determinism") or {}).get("bitwise_reproducible"),
         **{f"versions.{k}": v for k, v in (env.get("versions") or {}).items()},
         **{f"cfg.{k}": v for k, v in flatten(record.get("config") or {}).items()},
         **{f"data.{k}": v for k, v in (record.get("data") or {}).items() if k in ("origin", "mean_tokens")},
@@ -161,7 +175,8 @@ def collect(record_paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]
 
 
 def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         if path.suffix == ".parquet":
@@ -183,4 +198,23 @@ def write_tables(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path)
             path = out_dir / f"{name}{suffix}"
             _write_atomic(frame, path)
             written.append(path)
+            fault_point("tables_write", str(out_dir))
     return written
+
+
+READABLE_TABLE_VERSIONS = READABLE_RECORD_VERSIONS
+
+
+def check_tables(tables_dir: str | Path) -> None:
+    """Refuse, by name and version, a ``runs`` table that this lora-bench did not write (or cannot read)."""
+    import pyarrow.parquet as pq
+
+    path = Path(tables_dir) / "runs.parquet"
+    try:
+        names = pq.read_schema(path).names
+        versions = (pd.read_parquet(path, columns=["schema_version"])["schema_version"].dropna().unique().tolist()
+                    if "schema_version" in names else [None])
+    except (OSError, ValueError) as exc:
+        raise RecordError(f"table {path} is missing or unreadable: {exc}; run `collect` (or snakemake) again") from exc
+    for version in versions or [SCHEMA_VERSION]:
+        check_version(int(version) if version is not None else None, READABLE_TABLE_VERSIONS, f"table {path}")

@@ -37,6 +37,10 @@ class TrainingFailed(RuntimeError):
     """The run could not finish (e.g. the loss became NaN); the message says where."""
 
 
+class NonFiniteLoss(TrainingFailed):
+    """The training loss became NaN or infinite: the run stops at that step (its record says ``non_finite_loss``)."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -269,7 +273,7 @@ def run_training(cfg: RunConfig) -> RunResult:
                 logits = model(**_model_inputs(batch, device, accepted)).logits.float()
             loss = nn.functional.cross_entropy(logits, labels)
             if not torch.isfinite(loss):
-                raise TrainingFailed(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
+                raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
             scaler.scale(loss / cfg.train.grad_accum).backward()
             loss_sum += loss.item() * len(labels)
             loss_count += len(labels)

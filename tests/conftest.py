@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests (tests/test_bad_input.py): few examples by default so `make test` stays fast; set
+# HYPOTHESIS_PROFILE=thorough for a long search. No deadline: the shared CI machine's timing varies.
+settings.register_profile("fast", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
@@ -66,3 +76,14 @@ def topics_csv(tmp_path):
     path = tmp_path / "topics.csv"
     write_topics_csv(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def mini_reference(tmp_path_factory):
+    """The smaller .test study (tests/reliability_helpers.py) run once, uninterrupted, with --cores 2, to its tables."""
+    from reliability_helpers import TABLE_TARGETS, mini_study, snakemake
+
+    workdir = tmp_path_factory.mktemp("reference")
+    mini_study(workdir)
+    snakemake(workdir, "--cores", "2", *TABLE_TARGETS)
+    return workdir

@@ -17,7 +17,7 @@ rule collect:
     params:
         tables=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "python -m lora_bench collect --records {input} --out-dir {params.tables} > {log} 2>&1"
+        "python -m lora_bench collect --records {input:q} --out-dir {params.tables:q} > {log:q} 2>&1"
 
 
 rule stats:
@@ -41,7 +41,7 @@ rule stats:
     params:
         tables=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "python -m lora_bench stats --tables {params.tables} > {log} 2>&1"
+        "python -m lora_bench stats --tables {params.tables:q} > {log:q} 2>&1"
 
 
 rule figures:
@@ -65,7 +65,7 @@ rule figures:
         tables=lambda wildcards, input: os.path.dirname(input[0]),
         figures=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "python -m lora_bench figures --tables {params.tables} --out-dir {params.figures} > {log} 2>&1"
+        "python -m lora_bench figures --tables {params.tables:q} --out-dir {params.figures:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -88,5 +88,5 @@ rule report:
         figures=lambda wildcards, input: os.path.dirname(input[-1]),
         out=lambda wildcards, output: os.path.dirname(output.md) or ".",
     shell:
-        "python -m lora_bench report --tables {params.tables} --figures {params.figures}"
-        " --out-dir {params.out} > {log} 2>&1"
+        "python -m lora_bench report --tables {params.tables:q} --figures {params.figures:q}"
+        " --out-dir {params.out:q} > {log:q} 2>&1"

@@ -4,8 +4,13 @@ import os
 
 from snakemake.utils import validate
 
+from lora_bench.config import load_yaml
 from lora_bench.study import study_from_dict
 
+# Snakemake's YAML reader keeps the last of two equal keys (two variants of one name would silently be
+# one); lora_bench's reader refuses them, naming the key and line.
+for configfile_path in workflow.overwrite_configfiles or []:
+    load_yaml(configfile_path)
 validate(config, "../schemas/study.schema.yaml", set_default=True)
 # The library resolves every run now, so a bad variant stops the workflow before any job starts.
 STUDY = study_from_dict(config, source="snakemake config")

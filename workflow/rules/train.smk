@@ -11,7 +11,7 @@ rule prepare_data:
     params:
         specs=data_specs_json(),
     shell:
-        "python -m lora_bench prepare-data --specs-json {params.specs:q} > {log} 2>&1"
+        "python -m lora_bench prepare-data --specs-json {params.specs:q} > {log:q} 2>&1"
 
 
 rule train:
@@ -36,4 +36,4 @@ rule train:
         gpu=gpu_flag(),
     shell:
         "python -m lora_bench train --config-json {params.cfg:q} --label {params.labels:q}"
-        " --set train.threads={threads} {params.gpu} --out {output} > {log} 2>&1"
+        " --set train.threads={threads} {params.gpu} --out {output:q} > {log:q} 2>&1"

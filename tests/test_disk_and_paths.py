@@ -1,0 +1,151 @@
+"""Disk and paths: a full disk while writing a record or a table leaves the old file intact; a read-only
+results folder fails before any training with a message naming it; paths with spaces and unicode work.
+
+A full disk and a read-only file system are real where the tests may mount a tiny tmpfs (root in a
+container, as in CI); elsewhere the same cases run with the write monkeypatched to fail, and the
+read-only case uses file permissions.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import uuid
+
+import pandas as pd
+import pytest
+from reliability_helpers import mini_study, snakemake
+
+import lora_bench.train
+from lora_bench.cli import main
+from lora_bench.record import NotWritable, ensure_writable, write_json_atomic
+from lora_bench.tables import write_tables
+
+
+def _mount_tmpfs(path, *options) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(("size=64k", *options)), "tmpfs", str(path)],
+                            capture_output=True)
+    return result.returncode == 0
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 64 KiB file system, or None where mounting is not allowed."""
+    mount = tmp_path / "tiny disk"
+    if not _mount_tmpfs(mount):
+        yield None
+        return
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nothing can be written into: a read-only tmpfs, else permissions (which root ignores)."""
+    mount = tmp_path / f"read only {uuid.uuid4().hex[:6]}"
+    if _mount_tmpfs(mount, "ro"):
+        yield mount
+        subprocess.run(["umount", str(mount)], check=True)
+        return
+    if os.geteuid() == 0:
+        pytest.skip("root without permission to mount: no way to make a read-only folder")
+    mount.chmod(0o555)
+    yield mount
+    mount.chmod(0o755)
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+OLD = {"schema_version": 1, "status": "ok", "note": "the old record"}
+
+
+def test_full_disk_while_writing_a_record_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "runs" / "seed0.json"
+    write_json_atomic(OLD, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(os, "fsync", _enospc)
+    with pytest.raises(OSError) as err:
+        write_json_atomic({**OLD, "note": "new"}, path)
+    assert err.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["seed0.json"], "a temporary file was left behind"
+
+
+def test_a_really_full_disk_keeps_the_old_record(tiny_disk):
+    if tiny_disk is None:
+        pytest.skip("cannot mount a tmpfs here; the monkeypatched test above covers the same path")
+    path = tiny_disk / "seed0.json"
+    write_json_atomic(OLD, path)
+    before = path.read_bytes()
+    with pytest.raises(OSError) as err:
+        write_json_atomic({**OLD, "padding": "x" * 200_000}, path)  # three times the disk
+    assert err.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["seed0.json"]
+
+
+def test_full_disk_while_writing_tables_keeps_the_old_tables(tmp_path, monkeypatch):
+    old = pd.DataFrame({"run_id": ["f/v/seed0"], "status": ["ok"], "schema_version": [1]})
+    written = write_tables(old, old, tmp_path)
+    before = {p.name: p.read_bytes() for p in written}
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", _enospc)
+    with pytest.raises(OSError):
+        write_tables(old.assign(status="failed"), old, tmp_path)
+    assert {p.name: p.read_bytes() for p in written} == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_full_disk_at_the_end_of_a_run_is_a_message_and_the_old_record_stays(tiny_run, tmp_path, monkeypatch,
+                                                                            capsys):
+    out = tmp_path / "seed0.json"
+    write_json_atomic(OLD, out)
+    config = tmp_path / "run.json"
+    tiny_run["train"]["epochs"] = 1
+    config.write_text(json.dumps(tiny_run))
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: _enospc() if os.fstat(fd).st_size > 1000 else real_fsync(fd))
+    assert main(["train", "--config", str(config), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert json.loads(out.read_text()) == OLD
+
+
+def test_read_only_results_folder_is_named_before_training(read_only_dir, tiny_run, tmp_path, monkeypatch, capsys):
+    def refuse(cfg):
+        raise AssertionError("training started although the results folder is read-only")
+
+    monkeypatch.setattr(lora_bench.train, "run_training", refuse)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(tiny_run))
+    out = read_only_dir / "runs" / "seed0.json"
+    assert main(["train", "--config", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to the results directory {out.parent}" in err
+    with pytest.raises(NotWritable, match="read only"):
+        ensure_writable(read_only_dir / "tables")
+    assert main(["collect", "--records", str(config), "--out-dir", str(read_only_dir / "tables")]) == 2
+    assert str(read_only_dir / "tables") in capsys.readouterr().err
+
+
+def test_read_only_results_folder_stops_the_workflow_naming_it(read_only_dir, tmp_path):
+    workdir = tmp_path / "work"
+    mini_study(workdir, results_dir=str(read_only_dir / "results"))
+    result = snakemake(workdir, "--cores", "1", check=False)
+    assert result.returncode != 0
+    assert str(read_only_dir / "results") in result.stdout + result.stderr
+
+
+def test_workflow_commands_quote_paths_with_spaces_and_unicode(tmp_path):
+    """Snakemake pastes paths into shell commands: every one must arrive as one argument."""
+    workdir = tmp_path / "work"
+    mini_study(workdir, results_dir="rés ultats/d'ici", report_dir="rapport ü")
+    commands = snakemake(workdir, "-n", "-p").stdout
+    assert "--out 'rés ultats/d'\"'\"'ici/runs/methods/lora/seed0.json'" in commands
+    assert "--out-dir 'rapport ü'" in commands
