@@ -21,7 +21,7 @@ from lora_bench import SCHEMA_VERSION, plots, report, stats, variance
 from lora_bench.cli import main
 from lora_bench.config import ConfigError
 from lora_bench.study import study_from_dict
-from lora_bench.tables import LABEL_COLUMNS, collect
+from lora_bench.tables import LABEL_COLUMNS, collect, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,8 +217,10 @@ def test_report_has_the_trust_section(tmp_path, monkeypatch):
     runs_s, metrics_s, selection = sweep_tables(EQUAL, noise=0.02, top_k=3, rerun_data=3, rerun_train=1)
     tables = tmp_path / "tables"
     tables.mkdir()
-    pd.concat([runs_v, runs_s]).to_parquet(tables / "runs.parquet")
-    pd.concat([metrics_v, metrics_s]).to_parquet(tables / "metrics.parquet")
+    # Synthetic tables, stamped as the collect step stamps real ones.
+    runs, metrics = pd.concat([runs_v, runs_s]), pd.concat([metrics_v, metrics_s])
+    runs["schema_version"] = metrics["schema_version"] = SCHEMA_VERSION
+    write_tables(runs, metrics, tables)
     assert main(["stats", "--tables", str(tables)]) == 0
     assert main(["figures", "--tables", str(tables), "--out-dir", str(tmp_path / "figures")]) == 0
     paths = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")
