@@ -182,16 +182,14 @@ def cmd_fetch_data(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
-    from .data import prepare_splits
-    from .models import load_tokenizer
     from .study import load_study
+    from .train import TASKS
 
     _quiet_libraries()
     specs = json.loads(args.specs_json) if args.specs_json else load_study(args.study).data_preparations()
     for spec in specs:
         cfg = RunConfig.from_dict(spec, source="prepare-data")
-        tokenizer = load_tokenizer(cfg.model)
-        _, info = prepare_splits(cfg.data, tokenizer, f"{cfg.model.source}:{cfg.model.name}")
+        _, info = TASKS[cfg.task].prepare_data(cfg)
         print(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {info['sizes']} -> {info['cache']}")
     if args.done:
         Path(args.done).parent.mkdir(parents=True, exist_ok=True)

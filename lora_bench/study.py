@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, deep_merge, load_yaml, validate
 
 # Kinds with a dedicated figure and report section; anything else is analysed as "generic".
-FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "generic")
+FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "instruct", "generic")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class Study:
         for family, variant, seed in self.runs():
             cfg = self.run_config(family, variant, seed).to_dict()
             spec = {"data": cfg["data"], "model": cfg["model"]}
+            if "task" in cfg:  # instruction data depends on the prompt settings too
+                spec.update(task=cfg["task"], instruct=cfg["instruct"])
             if cfg["data"]["source"] != "synthetic" and spec not in specs:
                 specs.append(spec)
         return specs
