@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -87,9 +88,12 @@ def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretr
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file:
         _check_gguf_support()
+    # transformers draws a tqdm bar on stderr while it dequantizes GGUF tensors; run logs should not fill with it.
+    quiet = contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ConfigError(
@@ -170,8 +174,6 @@ def load_causal_lm(spec: ModelConfig) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    # transformers draws a progress bar while dequantizing GGUF tensors; logs should not fill with it.
-    hf_logging.disable_progress_bar()
     loaded = CAUSAL_SOURCES[spec.source](spec, getattr(torch, spec.dtype))
     config = loaded.model.config
     loaded.info.update({"source": spec.source, "name": spec.name, "model_type": config.model_type,
