@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import SCHEMA_VERSION, __version__
 
-TRACKED_PACKAGES = ("torch", "transformers", "datasets", "peft", "bitsandbytes", "numpy", "snakemake")
+TRACKED_PACKAGES = ("torch", "transformers", "datasets", "peft", "bitsandbytes", "numpy", "snakemake", "gguf")
 
 
 def package_versions() -> dict[str, str | None]:

@@ -669,12 +669,13 @@ def _instruct_section(family: str, tables: dict) -> dict:
                                "ci": fmt_interval(s.ci_low, s.ci_high, fmt_percent)})
     claims = []
     for c in stats.instruct_claims(metrics, runs).query("family == @family").itertuples():
-        accuracy = c.metric == "accuracy"
+        accuracy = c.metric in ("accuracy", "lm_eval")
         number = fmt_points if accuracy else (lambda x: fmt_signed(x, 3))
         diff = f"{number(c.diff)} {fmt_interval(c.diff_ci_low, c.diff_ci_high, number)}" if _finite(c.diff) else "–"
         n = f"{int(c.n_pairs)} pairs" if c.paired else (f"{int(c.n_pairs)} common seeds" if c.n_pairs else "–")
         claims.append({"statement": md_text(c.statement), "comparison": md_text(c.comparison),
-                       "metric": f"test {c.metric}" + (" (points)" if accuracy else " (nats)"),
+                       "metric": (f"test {c.metric}" if c.metric != "lm_eval" else "LM harness mean")
+                       + (" (points)" if accuracy else " (nats)"),
                        "n": n, "diff": diff, "p": fmt_p(c.p_holm),
                        "verdict": SUPPORT_WORDS.get(c.support, c.support) if _finite(c.p_value)
                        else f"not tested: {md_text(c.note) or 'no p-value'}"})

@@ -785,8 +785,12 @@ def instruct_pairs(runs: pd.DataFrame, family: str) -> dict[str, tuple]:
         variant = baseline if baseline in multi_epoch else multi_epoch[0]
         pairs["epochs"] = ((variant, 1), (variant, 2), "epoch")
     noisy = [v for v, c in settings.items() if _number(c.get("cfg.instruct.noise_fraction"), 0.0) > 0]
+    # On the Hub profile the real thing: LIMA (1k curated) against the Alpaca baseline (50k).
+    lima = [v for v, c in settings.items() if "lima" in str(c.get("cfg.data.name", "")).lower()]
     if noisy and baseline and _number(base.get("cfg.instruct.noise_fraction"), 0.0) == 0:
         pairs["data_quality"] = (baseline, noisy[0], "final")
+    elif lima and "alpaca" in str(base.get("cfg.data.name", "")).lower():
+        pairs["data_quality"] = (lima[0], baseline, "final")
     if baseline and _targets(base) == {"query", "value"}:
         wide = [v for v, c in settings.items() if ALL_LINEAR <= _targets(c) and _same_method(c, base)
                 and _number(c.get("cfg.method.lora.rank")) == _number(base.get("cfg.method.lora.rank"))]
@@ -827,18 +831,27 @@ def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     statements = dict(INSTRUCT_CLAIMS)
     for family in families:
         family_rows = []
-        has_accuracy = not select_values(metrics[metrics["family"] == family], "accuracy", "test").empty
-        metric = "accuracy" if has_accuracy else "loss"
+        family_metrics = metrics[metrics["family"] == family]
+        # Closed answers give accuracy; open-ended data the LM evaluation harness (its mean over tasks) when it
+        # ran, else the held-out response loss (comparable only between variants trained on the same data).
+        if not select_values(family_metrics, "accuracy", "test").empty:
+            metric, split = "accuracy", "test"
+        elif not select_values(family_metrics, "lm_eval", "mean").empty:
+            metric, split = "lm_eval", "mean"
+        else:
+            metric, split = "loss", "test"
         for claim, (better, worse, stage) in instruct_pairs(runs, family).items():
-            selected = select_values(metrics, metric, "test", stage)
+            claim_split = "test" if stage == "epoch" and metric == "lm_eval" else split
+            claim_metric = "loss" if stage == "epoch" and metric == "lm_eval" else metric
+            selected = select_values(metrics, claim_metric, claim_split, stage)
             selected = selected[selected["family"] == family]
-            unit, higher = _metric_meta(selected) if len(selected) else ("", metric == "accuracy")
+            unit, higher = _metric_meta(selected) if len(selected) else ("", claim_metric != "loss")
             first, second = _condition_values(selected, better), _condition_values(selected, worse)
             comparison = compare_two(first, second)
             family_rows.append({
                 "family": family, "claim": claim, "statement": statements[claim],
                 "comparison": f"{_condition_name(better)} vs {_condition_name(worse)}",
-                "metric": metric, "split": "test", "stage": stage,
+                "metric": claim_metric, "split": claim_split, "stage": stage,
                 "better": _condition_name(better), "worse": _condition_name(worse),
                 "unit": unit, "higher_is_better": higher,
                 "n_pairs": comparison["n_pairs"], "paired": comparison["paired"],

@@ -144,10 +144,15 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
             if f"{split}_accuracy" in final and f"{split}_accuracy" in zero_shot:
                 gain = final[f"{split}_accuracy"] - zero_shot[f"{split}_accuracy"]
                 rows.append(_metric_row(labels, "accuracy_gain", split, selected, "final", gain))
+    harness = []
     for task_name, values in (final.get("lm_eval") or {}).items():
         for name, value in values.items():
             if name in ("acc", "acc_norm", "exact_match", "mc2"):
                 rows.append(_metric_row(labels, "lm_eval", f"{task_name}:{name}", selected, "final", value))
+                if name in ("acc", "exact_match", "mc2"):
+                    harness.append(value)
+    if harness:  # one number per run for the claims: the unweighted mean over the harness tasks
+        rows.append(_metric_row(labels, "lm_eval", "mean", selected, "final", sum(harness) / len(harness)))
     last_epoch = epochs[-1]["epoch"] if epochs else None
     for metric, section, key in RUN_LEVEL:
         value = (record.get(section) or {}).get(key)

@@ -62,13 +62,15 @@ def test_lint_is_clean():
     ("args", "train_jobs"),
     [
         ((), 72),
-        (("--configfile", ".test/config.yaml"), 24),
+        (("--configfile", ".test/config.yaml"), 32),
         (("--configfile", "config/paper.yaml"), 155),
         (("--configfile", "config/gpu_memory.yaml"), 27),
+        (("--configfile", "config/instruct.yaml"), 21),
+        (("--configfile", "config/llm.yaml"), 24),
         (("--profile", "profiles/workstation-gpu"), 72),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 155),
     ],
-    ids=["default", "test", "paper", "gpu-memory", "workstation-gpu", "slurm"],
+    ids=["default", "test", "paper", "gpu-memory", "instruct", "llm", "workstation-gpu", "slurm"],
 )
 def test_dry_run_of_every_config_and_profile(args, train_jobs, clean_checkout):
     result = snakemake("-n", *args, cwd=clean_checkout)
@@ -86,7 +88,7 @@ def test_a_new_family_is_one_config_block(tmp_path, clean_checkout):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake("-n", "--configfile", str(path), cwd=clean_checkout).stdout)
-    assert jobs["train"] == 24 + 2 * 2
+    assert jobs["train"] == 32 + 2 * 2
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -109,7 +111,8 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
 
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
-    assert len(runs) == 24 and set(runs["status"]) == {"ok"}
+    assert len(runs) == 32 and set(runs["status"]) == {"ok"}
+    assert {"zero_shot", "epoch", "final"} <= set(metrics.loc[metrics["family"] == "instruct", "stage"])
     for column in ("run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
                    "trainable_params", "git_sha", "cfg.method.lora.rank", "cfg.train.optimizer"):
         assert column in runs.columns, column
@@ -140,6 +143,7 @@ def test_own_three_class_csv_through_the_workflow_to_the_report(tmp_path):
     # String labels, sorted by class: the study must infer the 3 labels and split with shuffling.
     write_topics_csv(workdir / "topics.csv", n_per_class=40)
     config = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    config["families"].pop("instruct")  # this test is about classification on one's own file
     config["base"]["model"] = {"source": "random", "name": "tiny-bert"}
     config["base"]["data"] = {"source": "local", "name": str(workdir / "topics.csv"), "text_column": "sentence",
                               "label_column": "topic", "max_length": 32}
