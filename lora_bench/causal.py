@@ -32,7 +32,6 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
-from .data import SPLITS
 from .instruct_data import describe_instruct_splits, prepare_instruct_splits
 from .models import LoadedModel, _hub_name, random_config_path, tiny_tokenizer
 
@@ -134,7 +133,9 @@ def _causal_local(spec: ModelConfig, dtype) -> LoadedModel:
 
 
 def _causal_hub(spec: ModelConfig, dtype) -> LoadedModel:
-    info = {"gguf": {"file": spec.gguf_file, "note": "weights converted from GGUF on loading"}} if spec.gguf_file else {}
+    info = {}
+    if spec.gguf_file:  # the file stays in the Hub cache; its tensor types are not read here
+        info = {"gguf": {"file": spec.gguf_file, "note": "weights converted from GGUF on loading"}}
     return _from_pretrained(_hub_name(spec.name), spec.gguf_file, dtype, f"hub:{spec.name}", info)
 
 
@@ -445,4 +446,4 @@ def run_lm_eval(model: nn.Module, tokenizer, lm_cfg) -> dict:  # pragma: no cove
     return {"lm_eval": out}
 
 
-__all__ = ["CAUSAL_SOURCES", "EMBEDDED_CAUSAL", "InstructTask", "load_causal_lm", "score_candidates", "SPLITS"]
+__all__ = ["CAUSAL_SOURCES", "EMBEDDED_CAUSAL", "InstructTask", "load_causal_lm", "score_candidates"]

@@ -20,7 +20,7 @@ from lora_bench.causal import (
 )
 from lora_bench.config import ConfigError, InstructConfig, ModelConfig, RunConfig
 from lora_bench.data import DataError
-from lora_bench.instruct_data import add_noise, encode, load_records, pack, prepare_instruct_splits, Record
+from lora_bench.instruct_data import Record, add_noise, encode, load_records, pack, prepare_instruct_splits
 from lora_bench.lora import count_parameters
 from lora_bench.methods import prepare_model
 from lora_bench.train import run_training
