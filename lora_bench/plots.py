@@ -495,7 +495,7 @@ def plot_generic(
     return fig
 
 
-def _per_epoch_with_zero_shot(family_metrics: pd.DataFrame, metric: str, split: str) -> pd.DataFrame:
+def per_epoch_with_zero_shot(family_metrics: pd.DataFrame, metric: str, split: str) -> pd.DataFrame:
     """Per-epoch summaries with the zero-shot evaluation as epoch 0."""
     per_epoch = stats.summarize_epochs(family_metrics, metric, split)
     zero = stats.summarize(family_metrics, metric, split, stage="zero_shot")
@@ -527,7 +527,7 @@ def plot_instruct(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "inst
             left.set_title("gain over zero-shot (points)")
         else:
             left.set_title(f"test {metric}")
-        summary = _per_epoch_with_zero_shot(family_metrics, metric, "test")
+        summary = per_epoch_with_zero_shot(family_metrics, metric, "test")
         factor = 100 if metric == "accuracy" else 1
         colors = dict(zip(variants, sns.color_palette(PALETTE, len(variants)), strict=True))
         for variant in variants:

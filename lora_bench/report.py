@@ -657,7 +657,7 @@ def _instruct_section(family: str, tables: dict) -> dict:
             "ppl": _ppl_cell(summary, family, variant, "final"),
         })
     epoch_rows = []
-    per_epoch = plots._per_epoch_with_zero_shot(metrics[metrics["family"] == family], "accuracy", "test")
+    per_epoch = plots.per_epoch_with_zero_shot(metrics[metrics["family"] == family], "accuracy", "test")
     multi = [v for v in plots.variant_order(runs, family)
              if len(per_epoch) and (per_epoch[per_epoch["variant"] == v]["epoch"].astype(int) >= 2).any()]
     for variant in multi:
