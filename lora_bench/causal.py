@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -372,11 +373,41 @@ class InstructTask:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.tokenizer = tokenizer
         self.splits = splits
+        self.data_cache = data_info.get("cache")
         self.collate = make_causal_collate(self.pad_id)
         return loaded, splits, data_info
 
     def method(self, method: MethodConfig) -> MethodConfig:
         return causal_method(method)
+
+    def zero_shot_metrics(self, compute: Callable[[], dict]) -> dict:
+        """The epoch-0 evaluation, reused across runs that evaluate the same model on the same data.
+
+        LoRA starts with B = 0, so before training every variant and seed of a (model, data, quantization)
+        computes exactly the base model; a study's zero-shot evaluation is done once and read back by the
+        other runs from ``<data.cache_dir>/zero_shot/<key>.json`` (its entry says ``zero_shot_cache``).
+        """
+        cfg = self.cfg
+        quant = cfg.method.quant.__dict__ if cfg.method.name == "qlora" else None
+        if cfg.method.name not in ("lora", "qlora"):
+            return compute()  # other methods leave nothing to share reliably
+        key = hashlib.sha256(json.dumps({
+            "model": cfg.model.__dict__, "data_cache": self.data_cache, "method": cfg.method.name, "quant": quant,
+            "precision": cfg.train.precision, "device": self.device.type, "eval_train": cfg.train.eval_train,
+            "version": 1,
+        }, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = Path(cfg.data.cache_dir) / "zero_shot" / f"{key}.json"
+        if path.is_file():
+            try:
+                return {**json.loads(path.read_text()), "zero_shot_cache": str(path)}
+            except (OSError, json.JSONDecodeError):
+                pass  # a damaged file is recomputed and replaced
+        metrics = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(metrics))
+        os.replace(tmp, path)
+        return metrics
 
     def loss(self, model: nn.Module, batch: dict):
         with self.autocast():

@@ -211,6 +211,9 @@ class ClassificationTask:
     def after_training(self, model: nn.Module) -> dict:
         return {}
 
+    def zero_shot_metrics(self, compute):
+        return compute()
+
 
 # Task name (the run config's `task`) -> what the shared loop trains and how it is evaluated.
 TASKS = {"classification": ClassificationTask, "instruct": InstructTask}
@@ -302,7 +305,7 @@ def run_training(cfg: RunConfig) -> RunResult:
     epochs = []
     if task.zero_shot and cfg.train.evaluate:
         # Epoch 0: the adapted but untrained model (LoRA's B is zero, so it computes what the base model does).
-        epochs.append({"epoch": 0, **_evaluate_splits(task, model, cfg.train)})
+        epochs.append({"epoch": 0, **task.zero_shot_metrics(lambda: _evaluate_splits(task, model, cfg.train))})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
