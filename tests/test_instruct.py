@@ -375,6 +375,18 @@ def test_closed_answer_task_on_labelled_data_records_zero_shot_and_gain(sentimen
     assert gain == pytest.approx(trained["test_accuracy"] - zero["test_accuracy"])
 
 
+def test_zero_shot_evaluation_is_shared_by_runs_of_the_same_model_and_data(sentiment_csv, tmp_path):
+    raw = _instruct_run(tmp_path, {"source": "local", "name": str(sentiment_csv), "max_length": 128}, epochs=1)
+    first = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
+    raw["seed"], raw["method"]["lora"]["rank"] = 1, 2  # another seed and rank: still the untouched base model
+    second = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
+    assert "zero_shot_cache" not in first and second.pop("zero_shot_cache").endswith(".json")
+    assert second == first
+    raw["method"]["name"] = "qlora"  # a 4-bit base model is another model
+    third = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
+    assert "zero_shot_cache" not in third
+
+
 def test_instruct_claims_pair_variants_by_their_configs():
     from lora_bench import stats
 
