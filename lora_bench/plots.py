@@ -90,6 +90,8 @@ def _is_accuracy(metric: str) -> bool:
 
 def _scale(metric: str, unit: str) -> tuple[float, str]:
     """Factor and axis label so numbers read naturally (accuracy in %, bytes in GiB)."""
+    if metric == "accuracy_gain":
+        return 100.0, "points"
     if _is_accuracy(metric):
         return 100.0, "%"
     if unit == "bytes":
