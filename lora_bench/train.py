@@ -5,6 +5,10 @@ dropout) so that, on CPU, the same config and seed give identical metrics. Valid
 accuracy and macro-F1 are measured after every epoch; the run's reported ("final") numbers are those of the
 epoch with the best validation accuracy, which is what evaluating the best-validation checkpoint
 on test (the reference recipe) gives, without storing checkpoints.
+
+The loop is shared by every task (``TASKS``: classification here, instruction finetuning of a causal LM in
+``causal.py``): the task supplies the model, batches, loss and evaluation (and, for causal LMs, an epoch-0
+zero-shot evaluation); the loop owns optimizer, schedule, accumulation, precision, the NaN stop and the records.
 """
 
 from __future__ import annotations
