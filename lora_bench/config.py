@@ -169,6 +169,7 @@ class ModelConfig:
     source: str
     name: str
     dtype: str
+    gguf_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,30 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LMEvalConfig:
+    tasks: list
+    limit: int | None
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class InstructConfig:
+    """Instruction finetuning of a causal LM (``task: instruct``); see run.schema.yaml for each field."""
+
+    format: str = "labelled"
+    question: str = "Is this review positive or negative?"
+    answers: list | None = None
+    conversation_field: str = "conversations"
+    template: str = "auto"
+    response_only_loss: bool = True
+    bad_records: str = "skip"
+    noise_fraction: float = 0.0
+    packing: bool = False
+    zero_shot: bool = True
+    lm_eval: LMEvalConfig = field(default_factory=lambda: LMEvalConfig([], None, 8))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One fully resolved run. Build with ``RunConfig.from_dict`` or ``load_run_config``."""
 
@@ -247,6 +272,8 @@ class RunConfig:
     method: MethodConfig
     train: TrainConfig
     source: str = field(default="<dict>", compare=False)
+    task: str = "classification"
+    instruct: InstructConfig = field(default_factory=InstructConfig)
 
     def __post_init__(self) -> None:
         fractions = self.data.split
@@ -272,6 +299,13 @@ class RunConfig:
         labels = self.data.labels
         if labels is not None and len({str(label) for label in labels}) != len(labels):
             raise ConfigError(f"{self.source}: data.labels lists a label twice: {labels}")
+        answers = self.instruct.answers
+        if answers is not None and len(set(answers)) != len(answers):
+            raise ConfigError(f"{self.source}: instruct.answers lists an answer twice: {answers}")
+        if self.task == "instruct" and self.instruct.packing and self.instruct.format == "labelled" \
+                and not self.instruct.response_only_loss:
+            raise ConfigError(f"{self.source}: instruct.packing with response_only_loss false would train on the "
+                              "questions of the closed-answer task; keep response_only_loss true")
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>") -> RunConfig:
@@ -279,6 +313,8 @@ class RunConfig:
         method = dict(cfg["method"])
         method["lora"] = LoRAConfig(**method["lora"])
         method["quant"] = QuantConfig(**method["quant"])
+        instruct = dict(cfg["instruct"])
+        instruct["lm_eval"] = LMEvalConfig(**instruct["lm_eval"])
         return cls(
             seed=cfg["seed"],
             model=ModelConfig(**cfg["model"]),
@@ -286,11 +322,20 @@ class RunConfig:
             method=MethodConfig(**method),
             train=TrainConfig(**cfg["train"]),
             source=source,
+            task=cfg["task"],
+            instruct=InstructConfig(**instruct),
         )
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("source")
+        # Classification configs stay exactly as they were before tasks existed, so the resolved config of a
+        # finished run (a Snakemake params value) does not change and nothing re-trains.
+        if self.task == "classification":
+            out.pop("task")
+            out.pop("instruct")
+        if out["model"]["gguf_file"] is None:
+            out["model"].pop("gguf_file")
         return out
 
 

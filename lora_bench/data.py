@@ -351,6 +351,18 @@ def synthetic_splits(spec: DataConfig, tokenizer):
     return splits, info
 
 
+def split_indices(spec: DataConfig, examples: Examples) -> dict[str, np.ndarray]:
+    """The example indices of each split: the source's own split or the seeded stratified one, then capped by
+    ``data.max_examples``. Instruction tasks built from labelled data use it too, so both see the same examples."""
+    if examples.split_of is not None:
+        indices = given_splits(examples.split_of, spec.split_seed)
+    else:
+        indices = split_stratified(examples.labels, spec.split, spec.split_seed, examples.label_names)
+    return {name: subsample_stratified(indices[name], examples.labels, spec.max_examples[name],
+                                       spec.split_seed + 1 + offset)
+            for offset, name in enumerate(SPLITS)}
+
+
 def load_examples(spec: DataConfig) -> Examples:
     if spec.source not in DATA_SOURCES:
         raise DataError(f"unknown data source {spec.source!r}; choose one of {sorted(DATA_SOURCES)}")
@@ -388,14 +400,10 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
         splits = datasets.load_from_disk(str(cache))
         info["cached"] = True
     else:
-        if examples.split_of is not None:
-            indices = given_splits(examples.split_of, spec.split_seed)
-        else:
-            indices = split_stratified(examples.labels, spec.split, spec.split_seed, examples.label_names)
+        chosen_by_split = split_indices(spec, examples)
         splits = {}
-        for offset, name in enumerate(SPLITS):
-            chosen = subsample_stratified(indices[name], examples.labels, spec.max_examples[name],
-                                          spec.split_seed + 1 + offset)
+        for name in SPLITS:
+            chosen = chosen_by_split[name]
             texts = [examples.texts[i] for i in chosen]
             columns = {}
             if examples.pairs is not None:

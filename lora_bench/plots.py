@@ -90,6 +90,8 @@ def _is_accuracy(metric: str) -> bool:
 
 def _scale(metric: str, unit: str) -> tuple[float, str]:
     """Factor and axis label so numbers read naturally (accuracy in %, bytes in GiB)."""
+    if metric == "accuracy_gain":
+        return 100.0, "points"
     if _is_accuracy(metric):
         return 100.0, "%"
     if unit == "bytes":
@@ -495,6 +497,61 @@ def plot_generic(
     return fig
 
 
+def per_epoch_with_zero_shot(family_metrics: pd.DataFrame, metric: str, split: str) -> pd.DataFrame:
+    """Per-epoch summaries with the zero-shot evaluation as epoch 0."""
+    per_epoch = stats.summarize_epochs(family_metrics, metric, split)
+    zero = stats.summarize(family_metrics, metric, split, stage="zero_shot")
+    if not zero.empty:
+        zero = zero.assign(epoch=pd.array([0] * len(zero), dtype="Int64"))
+    parts = [p for p in (zero, per_epoch) if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else per_epoch
+
+
+def plot_instruct(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "instruct") -> Figure:
+    """Instruction finetuning of a causal LM: test accuracy gained over the same run's zero-shot model (mean,
+    95 % CI, seeds as dots) per variant, and test accuracy after each epoch with epoch 0 the zero-shot model.
+
+    Accuracy compares the log-likelihoods of the closed answers (no sampling); without a closed answer set the
+    panels show the test response loss instead.
+    """
+    family_metrics = _family_metrics(metrics, family)
+    has_gain = not stats.select_values(family_metrics, "accuracy_gain", "test").empty
+    metric = "accuracy" if not stats.select_values(family_metrics, "accuracy", "test").empty else "loss"
+    left_metric = "accuracy_gain" if has_gain else metric
+    variants = variant_order(runs, family)
+    with sns.axes_style(STYLE):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.55 * _n_variants(runs, family) + 3.2))
+        if not _means_panel(left, runs, metrics, family, left_metric, "test"):
+            plt.close(fig)
+            return _message_figure(family, "no successful runs to plot")
+        if has_gain:
+            left.axvline(0, color="grey", lw=1, ls="--")
+            left.set_title("gain over zero-shot (points)")
+        else:
+            left.set_title(f"test {metric}")
+        summary = per_epoch_with_zero_shot(family_metrics, metric, "test")
+        factor = 100 if metric == "accuracy" else 1
+        colors = dict(zip(variants, sns.color_palette(PALETTE, len(variants)), strict=True))
+        for variant in variants:
+            part = summary[summary["variant"] == variant].sort_values("epoch") if len(summary) else summary
+            if part.empty:
+                continue
+            epochs = part["epoch"].astype(int).to_numpy()
+            right.plot(epochs, part["mean"] * factor, marker="o", color=colors[variant], label=variant)
+            band = part[["ci_low", "ci_high"]].astype(float)
+            if len(part) > 1 and band.notna().all(axis=None):
+                right.fill_between(epochs, band["ci_low"] * factor, band["ci_high"] * factor,
+                                   color=colors[variant], alpha=0.15)
+        right.set_xlabel("epoch (0 = zero-shot, before training)")
+        right.set_ylabel(f"test {metric}{' (%)' if metric == 'accuracy' else ' (nats per response token)'}")
+        right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        right.set_title(f"test {metric} per epoch — mean, 95% band")
+        right.legend(title="variant", fontsize=7)
+        fig.suptitle(f"{family}: instruction finetuning")
+        fig.tight_layout()
+    return fig
+
+
 def _n_variants(runs: pd.DataFrame, family: str) -> int:
     return max(1, runs.loc[runs["family"] == family, "variant"].nunique())
 
@@ -613,6 +670,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "memory_time": plot_memory_time,
     "variance": plot_variance,
     "sweep": plot_sweep,
+    "instruct": plot_instruct,
     "generic": plot_generic,
 }
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import SCHEMA_VERSION, __version__
 from .faults import fault_point
 
-TRACKED_PACKAGES = ("torch", "transformers", "datasets", "peft", "bitsandbytes", "numpy", "snakemake")
+TRACKED_PACKAGES = ("torch", "transformers", "datasets", "peft", "bitsandbytes", "numpy", "snakemake", "gguf")
 
 
 def package_versions() -> dict[str, str | None]:

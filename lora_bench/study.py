@@ -28,7 +28,7 @@ from .config import ConfigError, RunConfig, deep_merge, load_yaml, validate
 
 # Kinds with a dedicated figure and report section; anything else is analysed as "generic".
 FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "variance", "sweep",
-                "generic")
+                "instruct", "generic")
 SWEEP_KIND, VARIANCE_KIND = "sweep", "variance"
 
 
@@ -86,6 +86,8 @@ class Study:
         for family, variant, seed in self.runs():
             cfg = self.run_config(family, variant, seed).to_dict()
             spec = {"data": cfg["data"], "model": cfg["model"]}
+            if "task" in cfg:  # instruction data depends on the prompt settings too
+                spec.update(task=cfg["task"], instruct=cfg["instruct"])
             sweep = self.families[family].sweep
             # A sweep's possible re-runs too: they differ from its configurations only in the data seed.
             rerun_seeds = sweep["rerun_data_seeds"] if sweep else []

@@ -31,6 +31,12 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     # mean of the per-class F1 scores (scikit-learn, average="macro"): every class counts alike
     "macro_f1": ("fraction", True),
     "loss": ("nats", False),
+    # instruct: exp of the mean response-token loss
+    "perplexity": ("ratio", False),
+    # instruct: accuracy at the selected epoch minus the same run's zero-shot accuracy (epoch 0, before training)
+    "accuracy_gain": ("fraction", True),
+    # instruct: a metric of the LM evaluation harness (split = its task), e.g. acc or exact_match
+    "lm_eval": ("fraction", True),
     "trainable_params": ("count", False),
     "total_params": ("count", False),
     "wall_time": ("s", False),
@@ -136,19 +142,41 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
     epochs = metrics.get("epochs") or []
     for entry in epochs:
         epoch = entry["epoch"]
-        rows.append(_metric_row(labels, "loss", "train", epoch, "epoch", entry["train_loss"]))
+        # Epoch 0 is the zero-shot evaluation of a causal LM before any training (task instruct).
+        stage = "zero_shot" if epoch == 0 else "epoch"
+        if "train_loss" in entry:
+            rows.append(_metric_row(labels, "loss", "train", epoch, stage, entry["train_loss"]))
         for split in ("train", "validation", "test"):
             for metric in ("accuracy", "macro_f1"):
                 if f"{split}_{metric}" in entry:
-                    rows.append(_metric_row(labels, metric, split, epoch, "epoch", entry[f"{split}_{metric}"]))
+                    rows.append(_metric_row(labels, metric, split, epoch, stage, entry[f"{split}_{metric}"]))
             if f"{split}_loss" in entry and split != "train":
-                rows.append(_metric_row(labels, "loss", split, epoch, "epoch", entry[f"{split}_loss"]))
+                rows.append(_metric_row(labels, "loss", split, epoch, stage, entry[f"{split}_loss"]))
+            if f"{split}_perplexity" in entry:
+                rows.append(_metric_row(labels, "perplexity", split, epoch, stage, entry[f"{split}_perplexity"]))
     final = metrics.get("final") or {}
     selected = metrics.get("selected_epoch")
+    zero_shot = next((entry for entry in epochs if entry["epoch"] == 0), None)
     for split in ("train", "validation", "test"):
         for metric in ("accuracy", "macro_f1"):
             if f"{split}_{metric}" in final:
                 rows.append(_metric_row(labels, metric, split, selected, "final", final[f"{split}_{metric}"]))
+        if f"{split}_perplexity" in final:  # a causal LM's held-out response loss is a result in itself
+            for metric in ("loss", "perplexity"):
+                rows.append(_metric_row(labels, metric, split, selected, "final", final[f"{split}_{metric}"]))
+        if zero_shot is not None:
+            if f"{split}_accuracy" in final and f"{split}_accuracy" in zero_shot:
+                gain = final[f"{split}_accuracy"] - zero_shot[f"{split}_accuracy"]
+                rows.append(_metric_row(labels, "accuracy_gain", split, selected, "final", gain))
+    harness = []
+    for task_name, values in (final.get("lm_eval") or {}).items():
+        for name, value in values.items():
+            if name in ("acc", "acc_norm", "exact_match", "mc2"):
+                rows.append(_metric_row(labels, "lm_eval", f"{task_name}:{name}", selected, "final", value))
+                if name in ("acc", "exact_match", "mc2"):
+                    harness.append(value)
+    if harness:  # one number per run for the claims: the unweighted mean over the harness tasks
+        rows.append(_metric_row(labels, "lm_eval", "mean", selected, "final", sum(harness) / len(harness)))
     last_epoch = epochs[-1]["epoch"] if epochs else None
     for metric, section, key in RUN_LEVEL:
         value = (record.get(section) or {}).get(key)

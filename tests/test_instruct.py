@@ -1,0 +1,427 @@
+"""Instruction finetuning of causal LMs: the response-only loss mask, prompt templates, named errors for bad
+records, log-likelihood scoring, GGUF loading, and a tiny Llama that learns with LoRA."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lora_bench.causal import (
+    InstructTask,
+    causal_tiny_tokenizer,
+    closed_answer_metrics,
+    load_causal_lm,
+    score_candidates,
+)
+from lora_bench.config import ConfigError, InstructConfig, ModelConfig, RunConfig
+from lora_bench.data import DataError
+from lora_bench.instruct_data import Record, add_noise, encode, load_records, pack, prepare_instruct_splits
+from lora_bench.lora import count_parameters
+from lora_bench.methods import prepare_model
+from lora_bench.train import run_training
+
+# A minimal ChatML-like template (as SmolLM2's), so the chat path runs without a download.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}[SEP]{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _data_spec(name: str, tmp_path, **over):
+    raw = {"data": {"source": "local", "name": name, "cache_dir": str(tmp_path / "cache"), "max_length": 128,
+                    "split": {"train": 0.5, "validation": 0.25, "test": 0.25}, **over}}
+    return RunConfig.from_dict(raw).data
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_classification_configs_are_unchanged_by_the_task_keys():
+    # A finished classification run's resolved config (a Snakemake params value) must not change.
+    out = RunConfig.from_dict({}).to_dict()
+    assert "task" not in out and "instruct" not in out and "gguf_file" not in out["model"]
+    cfg = RunConfig.from_dict({"task": "instruct", "model": {"source": "local", "name": "x.gguf"}})
+    assert cfg.to_dict()["instruct"]["format"] == "labelled"
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_instruct_key_is_a_named_error():
+    with pytest.raises(ConfigError, match="instruct"):
+        RunConfig.from_dict({"task": "instruct", "instruct": {"answer_set": ["a", "b"]}})
+    with pytest.raises(ConfigError, match="answer twice"):
+        RunConfig.from_dict({"task": "instruct", "instruct": {"answers": ["yes", "yes"]}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and the loss mask
+
+
+def test_response_only_mask_covers_exactly_the_prompt():
+    tokenizer = causal_tiny_tokenizer()
+    messages = [{"role": "user", "content": "is it good?"}, {"role": "assistant", "content": "yes"}]
+    encoded = encode(tokenizer, messages, chat=False)
+    prompt = tokenizer("### Instruction:\nis it good?\n\n### Response:\n", add_special_tokens=False)["input_ids"]
+    response = tokenizer("yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert encoded["input_ids"] == prompt + response
+    masked = [i for i, label in enumerate(encoded["labels"]) if label == -100]
+    assert masked == list(range(len(prompt)))  # the masked positions are exactly the prompt
+    assert encoded["labels"][len(prompt):] == response
+    assert encoded["prompt_len"] == len(prompt)
+    everything = encode(tokenizer, messages, chat=False, response_only_loss=False)
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_chat_template_path_masks_the_templated_prompt():
+    tokenizer = causal_tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "done"}]
+    encoded = encode(tokenizer, messages, chat=True)
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    pieces = [(ids("<user>hi[SEP]<assistant>"), False), (ids("ok[SEP]"), True),
+              (ids("<user>and?[SEP]<assistant>"), False), (ids("done[SEP]"), True)]
+    assert encoded["input_ids"] == [t for piece, _ in pieces for t in piece]
+    assert encoded["labels"] == [t if response else -100 for piece, response in pieces for t in piece]
+    # Scoring conditions on everything before the last response.
+    assert encoded["prompt_len"] == sum(len(p) for p, _ in pieces[:3])
+
+
+def test_chat_template_that_is_not_prefix_stable_is_a_named_error():
+    tokenizer = causal_tiny_tokenizer()
+    # Puts a count of the messages first: a shorter conversation is not a prefix of a longer one.
+    tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(DataError, match="instruct.template: plain"):
+        encode(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], chat=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records
+
+
+def test_malformed_instruction_records_are_named_by_file_and_row(tmp_path):
+    rows = [{"instruction": "say a", "input": "", "output": "a"}] * 6
+    rows = [*rows[:2], {"instruction": "say b", "input": ""}, {"instruction": "  ", "output": "x"}, *rows[2:]]
+    path = _write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    spec = _data_spec(path, tmp_path)
+    with pytest.raises(DataError, match=r"alpaca\.jsonl, row 3: missing field 'output'"):
+        load_records(spec, InstructConfig(format="alpaca", bad_records="error"))
+    pool = load_records(spec, InstructConfig(format="alpaca", bad_records="skip"))
+    assert [(bad.row, bad.reason) for bad in pool.skipped] == [(3, "missing field 'output'"),
+                                                              (4, "field 'instruction' is empty")]
+    assert sum(len(records) for records in pool.splits.values()) == 6
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken\.jsonl, line 2: not valid JSON"):
+        load_records(_data_spec(str(broken), tmp_path), InstructConfig(format="alpaca"))
+
+    turns = [{"conversations": ["q", "a"]}] * 4 + [{"conversations": ["q", ""]},
+                                                   {"conversations": [{"from": "robot", "value": "x"}]}]
+    conv = _write_jsonl(tmp_path / "lima.jsonl", turns)
+    with pytest.raises(DataError, match=r"lima\.jsonl, row 5: field 'conversations\[1\]' is empty"):
+        load_records(_data_spec(conv, tmp_path), InstructConfig(format="conversation", bad_records="error"))
+    pool = load_records(_data_spec(conv, tmp_path), InstructConfig(format="conversation"))
+    assert [bad.row for bad in pool.skipped] == [5, 6] and "speaker 'robot'" in pool.skipped[1].reason
+
+
+def test_conversation_formats_lima_sharegpt_and_chat(tmp_path):
+    rows = [{"conversations": ["hello", "hi there", "how are you", "fine"]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            {"conversations": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+                               {"role": "assistant", "content": "a"}, {"role": "user", "content": "dangling"}]},
+            {"conversations": ["x", "y"]}]
+    spec = _data_spec(_write_jsonl(tmp_path / "c.jsonl", rows), tmp_path)
+    pool = load_records(spec, InstructConfig(format="auto"))
+    by_row = {r.row: r.messages for records in pool.splits.values() for r in records}
+    assert [m["role"] for m in by_row[1]] == ["user", "assistant", "user", "assistant"]
+    assert by_row[2] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert [m["role"] for m in by_row[3]] == ["system", "user", "assistant"]  # the unanswered turn is dropped
+
+
+def test_too_long_records_are_skipped_or_rejected(tmp_path):
+    rows = [{"instruction": "say a", "output": "a"}] * 8 + [{"instruction": "x " * 100, "output": "a"}]
+    path = _write_jsonl(tmp_path / "long.jsonl", rows)
+    spec = _data_spec(path, tmp_path, max_length=64, split={"train": 0.6, "validation": 0.2, "test": 0.2})
+    tokenizer = causal_tiny_tokenizer()
+    with pytest.raises(DataError, match=r"long\.jsonl, row 9: is \d+ tokens long, longer than data.max_length 64"):
+        prepare_instruct_splits(spec, InstructConfig(format="alpaca", bad_records="error"), tokenizer, "tiny")
+    splits, info = prepare_instruct_splits(spec, InstructConfig(format="alpaca"), tokenizer, "tiny")
+    assert info["skipped"] == 1 and "row 9" in info["skipped_records"][0]
+    assert sum(len(splits[name]) for name in splits) == 8
+
+
+def test_noise_gives_the_configured_fraction_wrong_answers():
+    answers = ["negative", "positive"]
+    records = [Record([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": answers[i % 2]}],
+                      "x", i, i % 2) for i in range(40)]
+    changed = add_noise(records, 0.25, seed=3, answers=answers)
+    wrong = [r for i, r in enumerate(records) if r.answer != i % 2]
+    assert changed == len(wrong) == 10
+    assert all(r.messages[-1]["content"] == answers[r.answer] for r in records)
+    free = [Record([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "x", i)
+            for i in range(10)]
+    assert add_noise(free, 0.5, seed=0, answers=None) == 5
+    assert sum(r.messages[-1]["content"] != f"a{r.row}" for r in free) == 5
+
+
+def test_packing_keeps_every_token_and_respects_the_length():
+    columns = {"input_ids": [[1] * 5, [2] * 7, [3] * 4, [4] * 9], "labels": [[-100] * 5, [2] * 7, [3] * 4, [4] * 9]}
+    packed = pack(columns, 12)
+    assert all(len(row) <= 12 for row in packed["input_ids"])
+    assert sum(packed["input_ids"], []) == sum(columns["input_ids"], [])
+    assert sum(packed["labels"], []) == sum(columns["labels"], [])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    return load_causal_lm(ModelConfig("random", "tiny-llama", "float32")).model.eval()
+
+
+def test_shared_prefix_scoring_equals_scoring_each_sequence():
+    model = _tiny_llama()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 60, (n,), generator=generator).tolist() for n in (7, 12, 3, 9)]
+    candidates = [[torch.randint(5, 60, (n,), generator=generator).tolist() for n in (1, 3)] for _ in prompts]
+    fast = score_candidates(model, prompts, candidates, pad_id=0, device="cpu", batch_size=3)
+    with torch.no_grad():
+        for prompt, options, scores in zip(prompts, candidates, fast):
+            for option, score in zip(options, scores):
+                logp = torch.log_softmax(model(torch.tensor([prompt + option])).logits[0], -1)
+                expected = sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(option))
+                assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_log_likelihood_scoring_picks_the_answer_the_model_prefers():
+    model = _tiny_llama()
+    preferred, other = 17, 23
+    with torch.no_grad():
+        # Blocks add nothing (zero output projections), so the final hidden state is the normalised token
+        # embedding; every embedding has a large positive first coordinate and only the preferred token's
+        # output row reads it: the model prefers that token after any prompt.
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[preferred, 0] = 5.0
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    candidates = [[[preferred], [other]], [[other], [preferred]], [[other, other], [preferred, preferred]]]
+    scores = score_candidates(model, prompts, candidates, pad_id=0, device="cpu")
+    assert [int(np.argmax(s)) for s in scores] == [0, 1, 1]
+    metrics = closed_answer_metrics(scores, [0, 1, 1], candidates)
+    assert metrics["accuracy"] == 1.0 and metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert closed_answer_metrics(scores, [1, 0, 0], candidates)["accuracy"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def test_gguf_file_loads(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
+    path = tmp_path / "tiny.gguf"
+    try:
+        _write_tiny_llama_gguf(gguf, path)
+    except Exception as exc:  # pragma: no cover - depends on the gguf package's writer
+        pytest.skip(f"gguf could not write a tiny Llama GGUF: {type(exc).__name__}: {exc}")
+    loaded = load_causal_lm(ModelConfig("local", str(path), "float32"))
+    assert loaded.info["gguf"]["tensor_types"]["F32"] > 0 and not loaded.info["gguf"]["dequantized_from_4bit"]
+    model = loaded.model
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 1
+    torch.testing.assert_close(model.model.layers[0].self_attn.v_proj.weight,
+                               torch.from_numpy(_TINY_WEIGHTS["blk.0.attn_v.weight"]))
+    ids = loaded.tokenizer("ab", add_special_tokens=False)["input_ids"]
+    assert model(torch.tensor([ids])).logits.shape[-1] == 8
+
+
+_TINY_WEIGHTS: dict[str, np.ndarray] = {}
+
+
+def _write_tiny_llama_gguf(gguf, path) -> None:
+    """A 1-layer Llama with an 8-token BPE vocabulary, every tensor F32 (so the values can be compared)."""
+    rng = np.random.default_rng(0)
+    hidden, ffn, vocab = 8, 16, 8
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(32)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // 2)
+    writer.add_tokenizer_model("gpt2")
+    tokens = ["<s>", "</s>", "a", "b", "c", "ab", "bc", " "]
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 1, 1, 1, 1, 1, 1])
+    writer.add_token_merges(["a b", "b c"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    shapes = {
+        "token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden),
+        "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+        "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (hidden, hidden),
+        "blk.0.attn_v.weight": (hidden, hidden), "blk.0.attn_output.weight": (hidden, hidden),
+        "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
+        "blk.0.ffn_down.weight": (hidden, ffn),
+    }
+    for name, shape in shapes.items():
+        values = (np.ones(shape) if name.endswith("norm.weight") else rng.normal(0, 0.1, shape)).astype(np.float32)
+        _TINY_WEIGHTS[name] = values
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_coverage_presets_and_qlora_on_the_causal_model():
+    cfg = RunConfig.from_dict({"task": "instruct", "method": {"lora": {"rank": 2, "targets": ["query", "value"]}}})
+    task = InstructTask(cfg, torch.device("cpu"))
+    model = _tiny_llama()
+    info = prepare_model(model, task.method(cfg.method))
+    # tiny-llama: 2 blocks, hidden 32, 4 heads, 2 KV heads (v_proj 32 -> 16).
+    assert count_parameters(model)[0] == 2 * (2 * (32 + 32) + 2 * (32 + 16)) and info["fully_trained"] == []
+    every = RunConfig.from_dict({"task": "instruct", "method": {
+        "name": "qlora", "lora": {"rank": 2, "targets": ["query", "key", "value", "projection", "mlp"]}}})
+    model = _tiny_llama()
+    info = prepare_model(model, task.method(every.method))
+    assert len(info["lora_modules"]) == 2 * 7
+    assert "lm_head" not in info["quantized_frozen"] and type(model.lm_head) is torch.nn.Linear
+    assert model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 128)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def _learnable_alpaca(path, n: int = 96) -> str:
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice(list("abc"), size=3))
+        rows.append({"instruction": f"repeat {word}", "input": "", "output": word})
+    return _write_jsonl(path, rows)
+
+
+def _instruct_run(tmp_path, data: dict, **train) -> dict:
+    return {
+        "task": "instruct",
+        "model": {"source": "random", "name": "tiny-llama"},
+        "data": {"cache_dir": str(tmp_path / "cache"), "max_length": 64, **data},
+        "method": {"name": "lora", "lora": {"rank": 4, "alpha": 8, "targets": ["query", "key", "value",
+                                                                          "projection", "mlp"]}},
+        "train": {"epochs": 3, "batch_size": 8, "lr": 2.0e-2, "device": "cpu", "threads": 1, "progress": "never",
+                  "eval_train": False, "schedule": "constant", **train},
+    }
+
+
+def test_tiny_llama_learns_instructions_with_lora(tmp_path):
+    path = _learnable_alpaca(tmp_path / "repeat.jsonl")
+    raw = _instruct_run(tmp_path, {"source": "local", "name": path}, lr=5.0e-2)
+    raw["instruct"] = {"format": "alpaca"}
+    result = run_training(RunConfig.from_dict(raw))
+    epochs = result.metrics["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]  # epoch 0 = zero-shot, before training
+    assert "train_loss" not in epochs[0]
+    # A random tiny Llama's frozen output layer (init std 0.02) bounds how far its logits can move, so the
+    # loss cannot fall far; that it falls clearly below the zero-shot loss is the point.
+    losses = [e["validation_loss"] for e in epochs]
+    assert losses[-1] < losses[0] - 0.15 and min(losses[1:]) < losses[0], losses
+    assert epochs[-1]["test_perplexity"] == pytest.approx(math.exp(epochs[-1]["test_loss"]))
+    assert result.metrics["selected_epoch"] == min(epochs[1:], key=lambda e: e["validation_loss"])["epoch"]
+    assert result.data_info["template"] == "plain" and result.data_info["skipped"] == 0
+    assert result.params["trainable"] == 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
+
+
+def test_closed_answer_task_on_labelled_data_records_zero_shot_and_gain(sentiment_csv, tmp_path):
+    raw = _instruct_run(tmp_path, {"source": "local", "name": str(sentiment_csv), "max_length": 128},
+                        epochs=1, lr=1.0e-2)
+    raw["instruct"] = {"question": "good or bad?", "noise_fraction": 0.25, "packing": True}
+    result = run_training(RunConfig.from_dict(raw))
+    zero, trained = result.metrics["epochs"]
+    assert {"test_accuracy", "test_macro_f1", "test_loss", "test_perplexity"} <= set(zero)
+    assert result.data_info["answers"] == ["0", "1"] and result.data_info["noisy_train_records"] > 0
+    assert result.data_info["sizes"]["train"] < result.data_info["examples"]["train"]  # packed rows
+
+    from lora_bench.record import base_record
+    from lora_bench.tables import record_rows
+
+    record = {**base_record(RunConfig.from_dict(raw).to_dict(), {"family": "f", "variant": "v", "seed": 0}),
+              "status": "ok", "metrics": result.metrics}
+    _, rows = record_rows(record, tmp_path / "r.json")
+    frame = pd.DataFrame(rows)
+    zero_rows = frame[frame["stage"] == "zero_shot"]
+    assert set(zero_rows["epoch"]) == {0} and "accuracy" in set(zero_rows["metric"])
+    gain = frame[(frame["metric"] == "accuracy_gain") & (frame["split"] == "test")]["value"].item()
+    assert gain == pytest.approx(trained["test_accuracy"] - zero["test_accuracy"])
+
+
+def test_zero_shot_evaluation_is_shared_by_runs_of_the_same_model_and_data(sentiment_csv, tmp_path):
+    raw = _instruct_run(tmp_path, {"source": "local", "name": str(sentiment_csv), "max_length": 128}, epochs=1)
+    first = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
+    raw["seed"], raw["method"]["lora"]["rank"] = 1, 2  # another seed and rank: still the untouched base model
+    second = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
+    assert "zero_shot_cache" not in first and second.pop("zero_shot_cache").endswith(".json")
+    assert second == first
+    raw["method"]["name"] = "qlora"  # a 4-bit base model is another model
+    third = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
+    assert "zero_shot_cache" not in third
+
+
+def test_instruct_claims_pair_variants_by_their_configs():
+    from lora_bench import stats
+
+    variants = {
+        "lora": {"cfg.method.lora.targets": "query+value", "cfg.method.lora.rank": 8, "cfg.method.lora.alpha": 16,
+                 "cfg.train.optimizer": "adamw", "cfg.train.schedule": "cosine", "cfg.train.epochs": 1},
+        "epochs3": {"cfg.train.epochs": 3},
+        "large-noisy": {"cfg.instruct.noise_fraction": 0.3},
+        "all-layers": {"cfg.method.lora.targets": "query+key+value+projection+mlp"},
+        "alpha-r": {"cfg.method.lora.alpha": 8},
+        "sgd-constant": {"cfg.train.optimizer": "sgd", "cfg.train.schedule": "constant"},
+        "sgd-cosine": {"cfg.train.optimizer": "sgd"},
+    }
+    base = {"cfg.method.name": "lora", "cfg.instruct.noise_fraction": 0.0, **variants["lora"]}
+    effects = {"lora": 0.0, "epochs3": 0.0, "large-noisy": -0.1, "all-layers": 0.05, "alpha-r": 0.0,
+               "sgd-constant": -0.2, "sgd-cosine": -0.05}
+    runs, metrics = [], []
+    for variant, changes in variants.items():
+        for seed in range(4):
+            label = {"family": "ins", "family_kind": "instruct", "variant": variant, "seed": seed,
+                     "is_baseline": variant == "lora", "status": "ok"}
+            runs.append({**label, **base, **changes})
+            value = 0.7 + effects[variant] + 0.01 * seed
+            metrics.append({**label, "metric": "accuracy", "split": "test", "stage": "final", "epoch": 1,
+                            "value": value, "unit": "fraction", "higher_is_better": True})
+            if variant == "epochs3":
+                for epoch, drop in ((1, 0.0), (2, -0.03 - 0.002 * seed), (3, -0.05)):
+                    metrics.append({**metrics[-1], "stage": "epoch", "epoch": epoch, "value": value + drop})
+    claims = stats.instruct_claims(pd.DataFrame(metrics), pd.DataFrame(runs)).set_index("claim")
+    assert claims.loc["epochs", "comparison"] == "epochs3@epoch1 vs epochs3@epoch2"
+    assert claims.loc["data_quality", "comparison"] == "lora vs large-noisy"
+    assert claims.loc["coverage", "comparison"] == "all-layers vs lora"
+    assert claims.loc["alpha", "comparison"] == "lora vs alpha-r"
+    assert claims.loc["cosine_sgd", "comparison"] == "sgd-cosine vs sgd-constant"
+    assert claims.loc["data_quality", "diff"] == pytest.approx(0.1)
+    assert claims.loc["data_quality", "support"] == "not shown"  # constant differences: no t test possible
+    assert (claims["p_holm"].dropna() >= claims["p_value"].dropna()).all()
+    assert claims.loc["epochs", "support"] == "supported" and claims.loc["epochs", "n_pairs"] == 4
