@@ -145,6 +145,7 @@ def cmd_train(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
         labels["gpu_index"] = index
 
+    from .checkpoint import checkpoint_path, remove_checkpoint
     from .record import base_record, determinism_state, environment, failure_kind, now_iso, write_json_atomic
     from .train import run_training
 
@@ -155,7 +156,7 @@ def cmd_train(args) -> int:
           f"data={cfg.data.source}:{cfg.data.name} seed={cfg.seed}", file=sys.stderr)
     fault_hook = arm_training_faults(str(out))
     try:
-        result = run_training(cfg)
+        result = run_training(cfg, checkpoint_path(out))
     except Exception as exc:
         # Past validation, any failure (a missing model, a bad data file, NaN loss, GPU OOM) is data:
         # the record says what went wrong and the rest of the study goes on.
@@ -179,8 +180,11 @@ def cmd_train(args) -> int:
         data=result.data_info,
         method=result.method_info,
         determinism=determinism_state(result.device),
+        notes=result.notes,
     )
     write_json_atomic(record, out)
+    # Only now: a kill before the rename above must still find the checkpoint.
+    remove_checkpoint(checkpoint_path(out))
     final = result.metrics["final"]
     accuracy = (f"test accuracy {final['test_accuracy']:.4f} (epoch {result.metrics['selected_epoch']})"
                 if "test_accuracy" in final else f"median step {result.timing['median_step_s']:.3f} s")

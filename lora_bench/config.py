@@ -236,6 +236,7 @@ class TrainConfig:
     eval_train: bool
     eval_batch_size: int
     progress: str
+    checkpoint: str = "none"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ one dictionary lookup and does nothing.
 
 - ``point``: ``train_step`` (after an optimizer step), ``record_write`` (half a record written to its
   temporary file, before the rename), ``record_written`` (just after the rename, before the process
-  exits), ``tables_write`` (between two table files of ``collect``);
+  exits), ``tables_write`` (between two table files of ``collect``), ``checkpoint_saved`` (just after
+  an epoch's checkpoint is saved; its ``where`` ends in ``#epoch<n>``);
 - ``action``: ``kill`` (SIGKILL, the default), ``killgroup`` (SIGKILL to the whole process group: a
   power cut of Snakemake and every job, when Snakemake was started in its own session), ``oom``
   (raise ``torch.OutOfMemoryError``, what a GPU out of memory raises) or ``error`` (raise ``RuntimeError``);
@@ -26,7 +27,7 @@ import os
 import signal
 
 ENV = "LORA_BENCH_FAULT"
-POINTS = ("train_step", "record_write", "record_written", "tables_write")
+POINTS = ("train_step", "record_write", "record_written", "tables_write", "checkpoint_saved")
 ACTIONS = ("kill", "killgroup", "oom", "error")
 
 

@@ -4,7 +4,9 @@ One seed controls everything that is random in a run (head and LoRA initialisati
 dropout) so that, on CPU, the same config and seed give identical metrics. Validation and test
 accuracy and macro-F1 are measured after every epoch; the run's reported ("final") numbers are those of the
 epoch with the best validation accuracy, which is what evaluating the best-validation checkpoint
-on test (the reference recipe) gives, without storing checkpoints.
+on test (the reference recipe) gives, without storing checkpoints. With ``train.checkpoint: epoch`` the
+loop saves its whole state after every epoch (``checkpoint.py``) and a re-started run continues from
+there, with the metrics an uninterrupted run gives.
 
 The loop is shared by every task (``TASKS``: classification here, instruction finetuning of a causal LM in
 ``causal.py``): the task supplies the model, batches, loss and evaluation (and, for causal LMs, an epoch-0
@@ -21,6 +23,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from .causal import InstructTask
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, MethodConfig, RunConfig, TrainConfig
 from .data import SPLITS, prepare_splits
 from .lora import count_parameters
@@ -284,8 +288,12 @@ def _progress(iterable, cfg: TrainConfig, desc: str, total: int):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-def run_training(cfg: RunConfig) -> RunResult:
-    """Train and evaluate one run as ``cfg`` says."""
+def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> RunResult:
+    """Train and evaluate one run as ``cfg`` says.
+
+    ``checkpoint_file``: where per-epoch checkpoints go when ``cfg.train.checkpoint`` is ``epoch``; a
+    checkpoint already there for the same config is resumed from.
+    """
     started = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -310,27 +318,38 @@ def run_training(cfg: RunConfig) -> RunResult:
     micro_batch = cfg.train.batch_size
     train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=micro_batch, shuffle=True,
                                                generator=generator, collate_fn=task.collate)
-    epochs = []
-    if task.zero_shot and cfg.train.evaluate:
-        # Epoch 0: the adapted but untrained model (LoRA's B is zero, so it computes what the base model does).
-        epochs.append({"epoch": 0, **task.zero_shot_metrics(lambda: _evaluate_splits(task, model, cfg.train))})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = build_schedule(optimizer, cfg.train, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+
+    epochs, notes, step_times = [], [], []
+    examples_seen = tokens_seen = 0
+    train_seconds = 0.0
+    step = 0
+    first_epoch = 1
+    checkpointing = cfg.train.checkpoint == "epoch" and checkpoint_file is not None
+    state = {"config": cfg.to_dict(), "model": model, "optimizer": optimizer, "scheduler": scheduler,
+             "scaler": scaler, "generator": generator}
+    resumed, note = load_checkpoint(checkpoint_file, **state) if checkpointing else (None, None)
+    notes += [note] if note else []
+    if resumed:
+        epochs, step_times, step = resumed["epochs"], resumed["step_times"], resumed["step"]
+        examples_seen, tokens_seen = resumed["examples_seen"], resumed["tokens_seen"]
+        train_seconds, first_epoch = resumed["train_seconds"], resumed["epoch"] + 1
+        notes.append(f"resumed from the checkpoint saved after epoch {resumed['epoch']}")
+    elif task.zero_shot and cfg.train.evaluate:
+        # Epoch 0: the adapted but untrained model (LoRA's B is zero, so it computes what the base model does).
+        epochs.append({"epoch": 0, **task.zero_shot_metrics(lambda: _evaluate_splits(task, model, cfg.train))})
     if device.type == "cuda":
         # Peak memory of training, not of loading the dense model before quantizing it.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    step_times = []
-    examples_seen = tokens_seen = 0
-    train_seconds = 0.0
-    step = 0
     max_steps = cfg.train.max_steps or total_steps
-    for epoch in range(1, cfg.train.epochs + 1):
+    for epoch in range(first_epoch, cfg.train.epochs + 1):
         if step >= max_steps:
             break
         model.train()
@@ -369,6 +388,10 @@ def run_training(cfg: RunConfig) -> RunResult:
         if cfg.train.evaluate:
             record.update(_evaluate_splits(task, model, cfg.train))
         epochs.append(record)
+        if checkpointing:
+            save_checkpoint(checkpoint_file, **state, progress={
+                "epoch": epoch, "epochs": epochs, "step": step, "step_times": step_times,
+                "examples_seen": examples_seen, "tokens_seen": tokens_seen, "train_seconds": train_seconds})
 
     trained = [r for r in epochs if r["epoch"] >= 1]
     best = max(trained, key=task.select) if cfg.train.evaluate else trained[-1]
@@ -399,4 +422,5 @@ def run_training(cfg: RunConfig) -> RunResult:
         data_info=data_info,
         method_info=method_info,
         device=device_name,
+        notes=notes,
     )
