@@ -17,6 +17,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
+# Training jobs a dry run of .test/config.yaml plans (the sweep's re-runs come later, from its checkpoint).
+TEST_STUDY_TRAIN_JOBS = 40
+
 
 def _env():
     env = dict(os.environ)
@@ -62,7 +65,7 @@ def test_lint_is_clean():
     ("args", "train_jobs"),
     [
         ((), 89),
-        (("--configfile", ".test/config.yaml"), 40),
+        (("--configfile", ".test/config.yaml"), TEST_STUDY_TRAIN_JOBS),
         (("--configfile", "config/paper.yaml"), 398),
         (("--configfile", "config/gpu_memory.yaml"), 27),
         (("--configfile", "config/instruct.yaml"), 15),
@@ -88,7 +91,7 @@ def test_a_new_family_is_one_config_block(tmp_path, clean_checkout):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake("-n", "--configfile", str(path), cwd=clean_checkout).stdout)
-    assert jobs["train"] == 32 + 2 * 2
+    assert jobs["train"] == TEST_STUDY_TRAIN_JOBS + 2 * 2
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -111,8 +114,8 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
 
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
-    # 40 planned runs plus the sweep's top 2 re-run on 2 data seeds (derived from the select_sweep checkpoint)
-    assert len(runs) == 40 + 4 and set(runs["status"]) == {"ok"}
+    # The planned runs plus the sweep's top 2 re-run on 2 data seeds (derived from the select_sweep checkpoint)
+    assert len(runs) == TEST_STUDY_TRAIN_JOBS + 4 and set(runs["status"]) == {"ok"}
     assert (runs["sweep_stage"] == "rerun").sum() == 4
     for table in ("variance_components", "sweep_reeval", "sweep_summary"):
         assert (workdir / f"results/tables/{table}.parquet").exists(), table
