@@ -33,7 +33,10 @@ def test_a_cuda_record_says_its_kernels_may_not_repeat():
     assert "not forced to be deterministic" in state["note"]
 
 
+@pytest.mark.slow
 def test_same_seeds_same_tables_with_one_or_two_cores(mini_reference, tmp_path):
+    # Slow only by the default suite's budget (a second workflow run, 25-65 s here): the default kill-and-resume
+    # test already compares an interrupted and resumed run's tables with the uninterrupted reference.
     # A second, independent run (own data cache, own records) with --cores 1 against the --cores 2 reference.
     workdir = tmp_path / "one core"
     mini_study(workdir)
