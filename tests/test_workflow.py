@@ -68,7 +68,7 @@ def test_lint_is_clean():
         (("--configfile", ".test/config.yaml"), TEST_STUDY_TRAIN_JOBS),
         (("--configfile", "config/paper.yaml"), 398),
         (("--configfile", "config/gpu_memory.yaml"), 27),
-        (("--configfile", "config/instruct.yaml"), 15),
+        (("--configfile", "config/instruct.yaml"), 21),
         (("--configfile", "config/llm.yaml"), 24),
         (("--profile", "profiles/workstation-gpu"), 89),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 398),
