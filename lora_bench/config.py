@@ -337,6 +337,8 @@ class RunConfig:
             out.pop("instruct")
         if out["model"]["gguf_file"] is None:
             out["model"].pop("gguf_file")
+        if out["train"]["checkpoint"] == "none":  # the default; checkpointing never changes a run's numbers
+            out["train"].pop("checkpoint")
         return out
 
 
