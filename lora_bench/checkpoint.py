@@ -15,9 +15,7 @@ while saving leaves the previous epoch's checkpoint, and deleted once the run's 
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from .faults import fault_point
+from .record import replace_atomically
 
 CHECKPOINT_VERSION = 1
 
@@ -70,16 +69,7 @@ def save_checkpoint(path: str | Path, *, config: dict, model: nn.Module, optimiz
         "rng": _rng_state(),
         "progress": progress,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda tmp: torch.save(payload, tmp))
     fault_point("checkpoint_saved", f"{path}#epoch{progress.get('epoch')}")
 
 

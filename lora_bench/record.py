@@ -128,6 +128,25 @@ def remove_stale_temporaries(path: str | Path) -> None:
             pass
 
 
+def replace_atomically(path: str | Path, write_temporary) -> None:
+    """Have ``write_temporary(tmp_path)`` write a temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    For writers that want a file name (torch.save, pandas); a failure removes the temporary file and
+    leaves the previous ``path`` as it was, and a killed writer's file is cleaned by the next write.
+    """
+    path = Path(path)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        write_temporary(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 def write_json_atomic(data: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 

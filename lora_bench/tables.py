@@ -7,8 +7,6 @@ error, never a reason for collection to stop.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -21,8 +19,7 @@ from .record import (
     RecordError,
     check_version,
     read_record,
-    remove_stale_temporaries,
-    temporary_prefix,
+    replace_atomically,
 )
 
 # metric name -> (unit, higher_is_better)
@@ -203,18 +200,10 @@ def collect(record_paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]
 
 
 def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.suffix == ".parquet":
+        replace_atomically(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    else:
+        replace_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def write_tables(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path) -> list[Path]:
