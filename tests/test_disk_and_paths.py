@@ -118,7 +118,7 @@ def test_full_disk_at_the_end_of_a_run_is_a_message_and_the_old_record_stays(tin
 
 
 def test_read_only_results_folder_is_named_before_training(read_only_dir, tiny_run, tmp_path, monkeypatch, capsys):
-    def refuse(cfg):
+    def refuse(cfg, *args, **kwargs):
         raise AssertionError("training started although the results folder is read-only")
 
     monkeypatch.setattr(lora_bench.train, "run_training", refuse)
