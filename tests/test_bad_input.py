@@ -429,3 +429,22 @@ def test_a_corrupted_pang_lee_download_is_named(tmp_path, content):
     with pytest.raises(DataError, match="delete it to download it again") as err:
         load_examples(spec)
     assert str(folder) in str(err.value)
+
+
+@pytest.mark.parametrize("task", ["classification", "instruct"])
+def test_a_hub_model_that_cannot_be_loaded_is_named_with_the_offline_alternative(task, monkeypatch):
+    from lora_bench.causal import load_causal_lm
+    from lora_bench.config import ModelConfig
+    from lora_bench.models import load_model
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The Hub library reads the variable at import; without this it would try the network and time out.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    spec = ModelConfig(source="hub", name="no-such-owner/no-such-model", dtype="float32")
+    with pytest.raises(ConfigError) as error:
+        load_model(spec, num_labels=2) if task == "classification" else load_causal_lm(spec)
+    message = str(error.value)
+    assert "'no-such-owner/no-such-model'" in message and "(HF_HUB_OFFLINE=1 is set)" in message
+    assert "Without Hub access use model.source: embedded" in message
