@@ -433,11 +433,11 @@ def test_a_corrupted_pang_lee_download_is_named(tmp_path, content):
 
 @pytest.mark.parametrize("task", ["classification", "instruct"])
 def test_a_hub_model_that_cannot_be_loaded_is_named_with_the_offline_alternative(task, monkeypatch):
+    import huggingface_hub.constants
+
     from lora_bench.causal import load_causal_lm
     from lora_bench.config import ModelConfig
     from lora_bench.models import load_model
-
-    import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # The Hub library reads the variable at import; without this it would try the network and time out.
