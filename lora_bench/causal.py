@@ -390,7 +390,10 @@ class InstructTask:
         key = hashlib.sha256(json.dumps({
             "model": cfg.model.__dict__, "data_cache": self.data_cache, "method": cfg.method.name, "quant": quant,
             "precision": cfg.train.precision, "device": self.device.type, "eval_train": cfg.train.eval_train,
-            "version": 1,
+            # Thread count and eval batching change float summation order, so a cached result is reused
+            # only where recomputing it would give the same bits.
+            "threads": torch.get_num_threads(), "eval_batch_size": cfg.train.eval_batch_size,
+            "version": 2,
         }, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = Path(cfg.data.cache_dir) / "zero_shot" / f"{key}.json"
         if path.is_file():

@@ -382,6 +382,8 @@ def test_zero_shot_evaluation_is_shared_by_runs_of_the_same_model_and_data(senti
     second = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
     assert "zero_shot_cache" not in first and second.pop("zero_shot_cache").endswith(".json")
     assert second == first
+    raw["train"]["eval_batch_size"] = 3  # other batching sums in another order: recomputed, not reused
+    assert "zero_shot_cache" not in run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
     raw["method"]["name"] = "qlora"  # a 4-bit base model is another model
     third = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
     assert "zero_shot_cache" not in third
