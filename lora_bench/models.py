@@ -129,6 +129,19 @@ def random_config_path(name: str) -> Path:
     raise ConfigError(f"unknown random model config {name!r}: not a JSON file and not one of {known}")
 
 
+def random_model_config(name: str, **overrides):
+    """(path, transformers config) of a random-weights model: a shipped name or a JSON file with a model_type."""
+    from transformers import AutoConfig
+
+    path = random_config_path(name)
+    try:
+        raw = json.loads(path.read_text())
+        model_type = raw.pop("model_type")
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ConfigError(f"random model config {path} is not a JSON object with a model_type: {exc}") from exc
+    return path, AutoConfig.for_model(model_type, **raw, **overrides)
+
+
 def tiny_tokenizer(max_length: int = 512):
     """A deterministic character-level WordPiece tokenizer for random-weight models (no download)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -155,15 +168,9 @@ def tiny_tokenizer(max_length: int = 512):
 
 
 def _load_random(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    path = random_config_path(spec.name)
-    try:
-        raw = json.loads(path.read_text())
-        model_type = raw.pop("model_type")
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ConfigError(f"random model config {path} is not a JSON object with a model_type: {exc}") from exc
-    hf_config = AutoConfig.for_model(model_type, num_labels=num_labels, **raw)
+    path, hf_config = random_model_config(spec.name, num_labels=num_labels)
     model = AutoModelForSequenceClassification.from_config(hf_config, dtype=dtype)
     if len(TINY_VOCAB) > hf_config.vocab_size:
         raise ConfigError(f"{path}: vocab_size must be >= {len(TINY_VOCAB)} for the built-in tokenizer")

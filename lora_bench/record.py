@@ -105,17 +105,20 @@ def ensure_writable(folder: str | Path) -> Path:
     return folder
 
 
+def _host_tag() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
 def temporary_prefix(path: Path) -> str:
     """``.<name>.<host>-<pid>.``: tells a later writer whose temporary file it finds (a process id means
     nothing on another node of a cluster sharing the folder)."""
-    host = socket.gethostname().replace(".", "_") or "host"
-    return f".{path.name}.{host}-{os.getpid()}."
+    return f".{path.name}.{_host_tag()}-{os.getpid()}."
 
 
 def remove_stale_temporaries(path: str | Path) -> None:
     """Delete temporary files of ``path`` left by writers on this machine that were killed (process gone)."""
     path = Path(path)
-    host = socket.gethostname().replace(".", "_") or "host"
+    host = _host_tag()
     for tmp in path.parent.glob(glob.escape(f".{path.name}.{host}-") + "*.tmp"):
         pid = tmp.name[len(path.name) + len(host) + 3:].split(".", 1)[0]
         if not pid.isdigit():
@@ -147,6 +150,7 @@ def replace_atomically(path: str | Path, write_temporary) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
 def write_json_atomic(data: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -155,22 +159,18 @@ def write_json_atomic(data: dict, path: str | Path) -> None:
     """
     path = Path(path)
     ensure_writable(path.parent)
-    remove_stale_temporaries(path)
     text = json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+
+    def write_in_two_halves(tmp: str) -> None:
+        # The fault point between the halves lets tests kill a writer with half a record on disk.
+        with open(tmp, "w", encoding="utf-8") as handle:
             half = len(text) // 2
             handle.write(text[:half])
             handle.flush()
             fault_point("record_write", str(path))
             handle.write(text[half:])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    replace_atomically(path, write_in_two_halves)
     fault_point("record_written", str(path))
 
 
