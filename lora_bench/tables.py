@@ -92,7 +92,7 @@ def _labels(record: dict, path: Path) -> dict:
         "seed": seed,
         "is_baseline": bool(run.get("is_baseline", False)),
         "status": record.get("status"),
-        "method": (record.get("config") or {}).get("method", {}).get("name"),
+        "method": config.get("method", {}).get("name"),
         "data_seed": data_seed,
         "train_seed": run.get("train_seed", seed),
         # the variant before data-seed expansion (families with data_seeds, sweeps), else the variant
