@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
+from .data import macro_f1
 from .instruct_data import describe_instruct_splits, prepare_instruct_splits
 from .models import LoadedModel, _hub_name, load_error, random_config_path, random_model_config, tiny_tokenizer
 from .record import replace_atomically
@@ -319,7 +319,7 @@ def closed_answer_metrics(scores: list[list[float]], gold: list[int], candidates
     tokens = sum(len(c[g]) for c, g in zip(candidates, gold))
     loss = nll / tokens
     return {"accuracy": float((predicted == gold_arr).mean()),
-            "macro_f1": float(f1_score(gold_arr, predicted, average="macro", zero_division=0)),
+            "macro_f1": macro_f1(gold_arr, predicted),
             "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 

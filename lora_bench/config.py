@@ -237,6 +237,10 @@ class TrainConfig:
     eval_batch_size: int
     progress: str
     checkpoint: str = "none"
+    length_grouping: bool = False
+
+
+TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False}
 
 
 @dataclass(frozen=True)
@@ -337,8 +341,11 @@ class RunConfig:
             out.pop("instruct")
         if out["model"]["gguf_file"] is None:
             out["model"].pop("gguf_file")
-        if out["train"]["checkpoint"] == "none":  # the default; checkpointing never changes a run's numbers
-            out["train"].pop("checkpoint")
+        # Keys added after runs existed are left out at their defaults, so those runs' resolved configs (their
+        # Snakemake params) stay as they were and nothing re-trains.
+        for key, default in TRAIN_KEYS_OMITTED_AT_DEFAULT.items():
+            if out["train"][key] == default:
+                out["train"].pop(key)
         return out
 
 

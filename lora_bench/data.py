@@ -439,3 +439,17 @@ def _describe_splits(splits, info: dict) -> dict:
     info["class_counts"] = {name: np.bincount(splits[name]["labels"], minlength=k).tolist() for name in SPLITS}
     info["mean_tokens"] = {name: float(np.mean([len(x) for x in splits[name]["input_ids"]])) for name in SPLITS}
     return info
+
+
+def macro_f1(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean over the classes present in ``actual`` or ``predicted`` of each class's F1 (0 where undefined).
+
+    What scikit-learn's ``f1_score(average="macro", zero_division=0)`` gives, without importing scikit-learn
+    (1.5 s of every training process's start-up).
+    """
+    scores = []
+    for label in np.union1d(actual, predicted):
+        true_pos = np.sum((predicted == label) & (actual == label))
+        denominator = np.sum(predicted == label) + np.sum(actual == label)
+        scores.append(2 * true_pos / denominator if denominator else 0.0)
+    return float(np.mean(scores)) if scores else 0.0

@@ -25,7 +25,7 @@ from .record import (
 # metric name -> (unit, higher_is_better)
 METRIC_INFO: dict[str, tuple[str, bool]] = {
     "accuracy": ("fraction", True),
-    # mean of the per-class F1 scores (scikit-learn, average="macro"): every class counts alike
+    # mean of the per-class F1 scores (as scikit-learn's average="macro"): every class counts alike
     "macro_f1": ("fraction", True),
     "loss": ("nats", False),
     # instruct: exp of the mean response-token loss
@@ -38,7 +38,14 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     "total_params": ("count", False),
     "wall_time": ("s", False),
     "train_time": ("s", False),
+    # process start to the end of the first optimizer step (interpreter, imports, model and data loading)
+    "setup_time": ("s", False),
+    # evaluation passes over the splits, all epochs together
+    "eval_time": ("s", False),
     "median_step_time": ("s", False),
+    "p95_step_time": ("s", False),
+    # share of the training batches' token positions that were padding
+    "padding_fraction": ("fraction", False),
     "examples_per_second": ("1/s", True),
     "tokens_per_second": ("1/s", True),
     "peak_rss": ("bytes", False),
@@ -62,7 +69,11 @@ RUN_LEVEL = [
     ("total_params", "params", "total"),
     ("wall_time", "timing", "wall_time_s"),
     ("train_time", "timing", "train_time_s"),
+    ("setup_time", "timing", "setup_s"),
+    ("eval_time", "timing", "eval_s"),
     ("median_step_time", "timing", "median_step_s"),
+    ("p95_step_time", "timing", "p95_step_s"),
+    ("padding_fraction", "timing", "padding_fraction"),
     ("examples_per_second", "timing", "examples_per_s"),
     ("tokens_per_second", "timing", "tokens_per_s"),
     ("peak_rss", "memory", "peak_rss"),

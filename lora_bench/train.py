@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import random
 import resource
 import statistics
@@ -27,19 +28,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 
 from .causal import InstructTask
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, MethodConfig, RunConfig, TrainConfig
-from .data import SPLITS, prepare_splits
+from .data import SPLITS, macro_f1, prepare_splits
 from .lora import count_parameters
 from .methods import prepare_model
 from .models import load_model, load_tokenizer, max_positions
 
-# Steps excluded from the median step time: the first ones pay for allocator warm-up and lazy init.
+# Steps excluded from step times and throughput: the first ones pay for allocator warm-up and lazy init.
 WARMUP_STEPS = 3
+# Length-grouped batching sorts within buckets of this many batches: enough neighbours of similar length to
+# cut padding, few enough that a batch still mixes examples from across the shuffled epoch.
+LENGTH_BUCKET_BATCHES = 50
+
+
+def process_started() -> float:
+    """``time.time()`` at which this process started (Linux: /proc), else when this module was imported.
+
+    ``timing.setup_s`` counts from here, so interpreter start and imports are part of a run's set-up cost.
+    """
+    try:
+        with open("/proc/self/stat") as stat:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
 
 
 class TrainingFailed(RuntimeError):
@@ -126,6 +147,41 @@ def _by_length(split):
     return split.select(sorted(range(len(lengths)), key=lengths.__getitem__))
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of similar length, reproducible per seed: shuffle, cut into buckets of
+    ``LENGTH_BUCKET_BATCHES`` batches, sort each bucket by length, cut it into batches, shuffle the batches.
+
+    Every draw comes from ``generator`` (the run's data-order generator, saved in checkpoints), so a seed gives
+    the same batches on every machine and a resumed run continues the same order.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator):
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        bucket = self.batch_size * LENGTH_BUCKET_BATCHES
+        batches = []
+        for start in range(0, len(order), bucket):
+            # A stable sort: ties keep their shuffled order, so equal lengths still mix.
+            chunk = sorted(order[start : start + bucket], key=self.lengths.__getitem__)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        return iter([batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()])
+
+
+def train_loader(split, train: TrainConfig, generator: torch.Generator, collate) -> torch.utils.data.DataLoader:
+    """The training batches: shuffled per seed, or length-grouped (``train.length_grouping``) to pad less."""
+    if train.length_grouping:
+        lengths = [len(ids) for ids in split["input_ids"]]
+        return torch.utils.data.DataLoader(split, batch_sampler=LengthGroupedBatches(lengths, train.batch_size,
+                                                                                     generator), collate_fn=collate)
+    return torch.utils.data.DataLoader(split, batch_size=train.batch_size, shuffle=True, generator=generator,
+                                       collate_fn=collate)
+
+
 def accepted_inputs(model: nn.Module) -> frozenset[str]:
     """The batch keys ``model.forward`` takes: DistilBERT, MPNet and Llama have no ``token_type_ids``, and
     RoBERTa/DeBERTa take them but have fewer than two segment embeddings, so segment 1 would not exist."""
@@ -141,7 +197,7 @@ def _model_inputs(batch: dict, device: torch.device, accepted: frozenset[str] | 
 
 @torch.no_grad()
 def evaluate(model, loader, device, precision, accepted: frozenset[str] | None = None) -> dict:
-    """Accuracy, mean loss and macro-F1 (scikit-learn; the mean of per-class F1, so every class counts alike)."""
+    """Accuracy, mean loss and macro-F1 (the mean of per-class F1, so every class counts alike)."""
     model.eval()
     loss_sum = 0.0
     predictions, truth = [], []
@@ -154,7 +210,7 @@ def evaluate(model, loader, device, precision, accepted: frozenset[str] | None =
         truth.append(labels.cpu())
     predicted, actual = torch.cat(predictions).numpy(), torch.cat(truth).numpy()
     return {"accuracy": float((predicted == actual).mean()), "loss": loss_sum / len(actual),
-            "macro_f1": float(f1_score(actual, predicted, average="macro", zero_division=0))}
+            "macro_f1": macro_f1(actual, predicted)}
 
 
 def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
@@ -266,6 +322,29 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def step_throughput(steps: dict[str, list]) -> dict:
+    """Step times (median, p95) and examples/s, tokens/s over the timed steps: every optimizer step after the
+    first ``WARMUP_STEPS`` (all of them when a run has no more), and the share of padding in its batches.
+
+    Warm-up steps pay for allocator growth and lazy initialisation; counting them would make a run with a
+    costlier first step (e.g. 4-bit dequantisation kernels compiling) look faster or slower than it is.
+    """
+    seconds = steps["seconds"]
+    warmup = WARMUP_STEPS if len(seconds) > WARMUP_STEPS else 0
+    timed = slice(warmup, None)
+    timed_seconds = sum(seconds[timed])
+    out = {"warmup_steps": warmup, "timed_steps": len(seconds) - warmup,
+           "median_step_s": statistics.median(seconds[timed]) if seconds else None,
+           "p95_step_s": float(np.percentile(seconds[timed], 95)) if seconds else None,
+           "examples_per_s": None, "tokens_per_s": None, "padding_fraction": None}
+    if timed_seconds > 0 and len(steps["examples"]) == len(seconds):
+        out["examples_per_s"] = sum(steps["examples"][timed]) / timed_seconds
+        out["tokens_per_s"] = sum(steps["tokens"][timed]) / timed_seconds
+    if sum(steps["padded"]):
+        out["padding_fraction"] = 1 - sum(steps["tokens"]) / sum(steps["padded"])
+    return out
+
+
 @dataclass
 class RunResult:
     metrics: dict
@@ -315,19 +394,19 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         raise TrainingFailed(f"method {cfg.method.name!r} left no trainable parameter")
 
     generator = torch.Generator().manual_seed(cfg.seed)
-    micro_batch = cfg.train.batch_size
-    train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=micro_batch, shuffle=True,
-                                               generator=generator, collate_fn=task.collate)
+    loader = train_loader(splits["train"], cfg.train, generator, task.collate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = build_schedule(optimizer, cfg.train, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
-    epochs, notes, step_times = [], [], []
-    examples_seen = tokens_seen = 0
-    train_seconds = 0.0
+    epochs, notes = [], []
+    # Per optimizer step: seconds, examples, real tokens, padded tokens (throughput leaves out warm-up steps).
+    steps: dict[str, list] = {"seconds": [], "examples": [], "tokens": [], "padded": []}
+    train_seconds = eval_seconds = 0.0
+    first_step_at = None
     step = 0
     first_epoch = 1
     checkpointing = cfg.train.checkpoint == "epoch" and checkpoint_file is not None
@@ -336,13 +415,17 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     resumed, note = load_checkpoint(checkpoint_file, **state) if checkpointing else (None, None)
     notes += [note] if note else []
     if resumed:
-        epochs, step_times, step = resumed["epochs"], resumed["step_times"], resumed["step"]
-        examples_seen, tokens_seen = resumed["examples_seen"], resumed["tokens_seen"]
+        epochs, step = resumed["epochs"], resumed["step"]
+        steps = resumed.get("steps") or {"seconds": resumed["step_times"], "examples": [], "tokens": [],
+                                         "padded": []}
         train_seconds, first_epoch = resumed["train_seconds"], resumed["epoch"] + 1
+        eval_seconds = resumed.get("eval_seconds", 0.0)
         notes.append(f"resumed from the checkpoint saved after epoch {resumed['epoch']}")
     elif task.zero_shot and cfg.train.evaluate:
         # Epoch 0: the adapted but untrained model (LoRA's B is zero, so it computes what the base model does).
+        eval_start = time.perf_counter()
         epochs.append({"epoch": 0, **task.zero_shot_metrics(lambda: _evaluate_splits(task, model, cfg.train))})
+        eval_seconds += time.perf_counter() - eval_start
     if device.type == "cuda":
         # Peak memory of training, not of loading the dense model before quantizing it.
         torch.cuda.empty_cache()
@@ -356,16 +439,18 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         loss_sum, loss_count = 0.0, 0
         epoch_start = time.perf_counter()
         step_start = time.perf_counter()
-        for micro_step, batch in enumerate(_progress(train_loader, cfg.train, f"epoch {epoch}", len(train_loader))):
+        examples = tokens = padded = 0
+        for micro_step, batch in enumerate(_progress(loader, cfg.train, f"epoch {epoch}", len(loader))):
             loss, weight, n_examples, n_tokens = task.loss(model, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
             scaler.scale(loss / cfg.train.grad_accum).backward()
             loss_sum += loss.item() * weight
             loss_count += weight
-            examples_seen += n_examples
-            tokens_seen += n_tokens
-            last_micro = micro_step + 1 == len(train_loader)
+            examples += n_examples
+            tokens += n_tokens
+            padded += batch["input_ids"].numel() if "input_ids" in batch else n_tokens
+            last_micro = micro_step + 1 == len(loader)
             if (micro_step + 1) % cfg.train.grad_accum and not last_micro:
                 continue
             if cfg.train.max_grad_norm is not None:
@@ -379,19 +464,24 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
-            step_times.append(now - step_start)
-            step_start = now
+            first_step_at = first_step_at or time.time()
+            for key, value in (("seconds", now - step_start), ("examples", examples), ("tokens", tokens),
+                               ("padded", padded)):
+                steps[key].append(value)
+            step_start, examples, tokens, padded = now, 0, 0, 0
             if step >= max_steps:
                 break
         train_seconds += time.perf_counter() - epoch_start
         record = {"epoch": epoch, "train_loss": loss_sum / loss_count}
         if cfg.train.evaluate:
+            eval_start = time.perf_counter()
             record.update(_evaluate_splits(task, model, cfg.train))
+            eval_seconds += time.perf_counter() - eval_start
         epochs.append(record)
         if checkpointing:
             save_checkpoint(checkpoint_file, **state, progress={
-                "epoch": epoch, "epochs": epochs, "step": step, "step_times": step_times,
-                "examples_seen": examples_seen, "tokens_seen": tokens_seen, "train_seconds": train_seconds})
+                "epoch": epoch, "epochs": epochs, "step": step, "steps": steps, "step_times": steps["seconds"],
+                "train_seconds": train_seconds, "eval_seconds": eval_seconds})
 
     trained = [r for r in epochs if r["epoch"] >= 1]
     best = max(trained, key=task.select) if cfg.train.evaluate else trained[-1]
@@ -401,22 +491,23 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     if device.type == "cuda":
         memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated(device)
         memory["peak_cuda_reserved"] = torch.cuda.max_memory_reserved(device)
-    measured = step_times[WARMUP_STEPS:] or step_times
     device_name = str(device)
     if device.type == "cuda":
         device_name += f" ({torch.cuda.get_device_name(device)})"
+    timing = {
+        "wall_time_s": time.perf_counter() - started,
+        # Process start (interpreter, imports, model and data loading) to the end of the first optimizer step.
+        "setup_s": first_step_at - process_started() if first_step_at else None,
+        "train_time_s": train_seconds,
+        "eval_s": eval_seconds,
+        "optimizer_steps": step,
+        **step_throughput(steps),
+        "threads": torch.get_num_threads(),
+    }
     return RunResult(
         metrics={"epochs": epochs, "selected_epoch": best["epoch"], "final": final},
         params={"trainable": trainable, "total": total, "trainable_fraction": trainable / total},
-        timing={
-            "wall_time_s": time.perf_counter() - started,
-            "train_time_s": train_seconds,
-            "optimizer_steps": step,
-            "median_step_s": statistics.median(measured) if measured else None,
-            "examples_per_s": examples_seen / train_seconds if train_seconds else None,
-            "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
-            "threads": torch.get_num_threads(),
-        },
+        timing=timing,
         memory=memory,
         model_info=loaded.info,
         data_info=data_info,

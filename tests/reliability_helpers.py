@@ -24,8 +24,8 @@ from conftest import write_sentiment_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TIMING_METRICS = ("wall_time", "train_time", "median_step_time", "examples_per_second", "tokens_per_second",
-                  "peak_rss")
+TIMING_METRICS = ("wall_time", "train_time", "setup_time", "eval_time", "median_step_time", "p95_step_time",
+                  "examples_per_second", "tokens_per_second", "peak_rss")
 TIMING_RUN_COLUMNS = ("wall_time_s", "started_at", "git_sha")
 TABLES = ("runs", "metrics", "summary", "tests")
 # The default suite runs the smaller study to `collect` only (runs and metrics tables): each further step
