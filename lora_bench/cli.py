@@ -193,6 +193,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    """Write a run's record: the trained record (shared by every run with the same resolved config) plus the
+    run's labels. Failed trained records are labelled too: a failure is data for every family that shares it."""
+    from .record import label_record, read_record, write_json_atomic
+
+    labels = _json_mapping(args.label, "--label")
+    write_json_atomic(label_record(read_record(args.trained), labels, args.trained), args.out)
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .study import load_study
 
@@ -361,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--strict", action="store_true", help="exit 1 when the run fails")
     train.add_argument("--gpu-ids", help="comma-separated GPU indices to pick a free one from (file lock)")
     train.set_defaults(func=cmd_train)
+
+    label = sub.add_parser("label", help="a trained record + a run's labels -> the run's record")
+    label.add_argument("--trained", required=True, help="record written by `train` (results/trained/<key>.json)")
+    label.add_argument("--label", required=True, help="JSON of run labels (family, variant, seed, ...)")
+    label.add_argument("--out", required=True, help="path of the run's record")
+    label.set_defaults(func=cmd_label)
 
     plan = sub.add_parser("plan", help="list the runs of a study")
     plan.add_argument("--study", required=True)

@@ -219,6 +219,15 @@ def failure_kind(exc: BaseException) -> str:
     return "error"
 
 
+def label_record(trained: dict, labels: dict, trained_path: str | Path) -> dict:
+    """A run's record from the record of its training: the same numbers, the run's own labels.
+
+    Several runs (families or variants with the same resolved config) share one training; ``trained_from``
+    names the file they share, so a reader sees which runs are one and the same computation.
+    """
+    return {**trained, "run": {**(trained.get("run") or {}), **labels}, "trained_from": Path(trained_path).name}
+
+
 def base_record(config: dict, labels: dict | None = None) -> dict:
     return {"schema_version": SCHEMA_VERSION, "run": labels or {}, "config": config, "status": "running",
             "error": None, "started_at": now_iso()}

@@ -19,7 +19,9 @@ so those runs are not in ``runs()``: ``rerun_runs(family, configs)`` lists them 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,23 @@ class Study:
             raw = deep_merge(raw, {"train": {"threads": self.threads}})
         return RunConfig.from_dict(raw, source=f"{self.source} [families.{family}.variants.{variant}]")
 
+    def run_key(self, family: str, variant: str, seed: int) -> str:
+        """The name of what the run trains: see ``config_key``. Runs with the same key are trained once."""
+        return config_key(self.run_config(family, variant, seed).to_dict())
+
+    def trained_configs(self) -> dict[str, dict]:
+        """Key -> resolved config of every run the study may train: its runs and every possible sweep re-run.
+
+        Several runs (families, variants) with one resolved config share one key, so one training job.
+        """
+        runs = self.runs() + [(f.name, v, s) for f in self.families.values() if f.sweep
+                              for v in f.rerun_variants for s in f.sweep["rerun_seeds"]]
+        configs: dict[str, dict] = {}
+        for run in runs:
+            cfg = self.run_config(*run).to_dict()
+            configs.setdefault(config_key(cfg), cfg)
+        return configs
+
     def data_preparations(self) -> list[dict]:
         """The distinct (data, model) pairs whose data must be fetched and tokenized, as partial run configs.
 
@@ -128,6 +147,22 @@ class Study:
             raise ConfigError(f"{self.source}: unknown experiment family {family!r}; "
                               f"the study has {sorted(self.families)}")
         return self.families[family]
+
+
+# Train settings that never change a run's numbers: runs that differ only in these are the same run.
+NUMBER_NEUTRAL_TRAIN_KEYS = ("progress", "checkpoint")
+
+
+def config_key(resolved: dict) -> str:
+    """16 hex digits naming a resolved run config (labels are not part of it): equal configs, equal keys.
+
+    The training job of a run is named by this key, so renaming a family or variant, or listing the same
+    config in two families (the methods baseline is also the rank/alpha and coverage baseline), trains nothing
+    again; each family still gets its own labelled record of the run.
+    """
+    train = {k: v for k, v in resolved.get("train", {}).items() if k not in NUMBER_NEUTRAL_TRAIN_KEYS}
+    text = json.dumps({**resolved, "train": train}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def data_variant(variant: str, data_seed: int) -> str:

@@ -135,6 +135,8 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         "device": record.get("device") or "",
         "git_sha": sha + ("+dirty" if git.get("dirty") else ""),
         "record_path": str(path),
+        # the training record this run's record was labelled from: runs with the same name are one computation
+        "trained_from": record.get("trained_from") or "",
         "started_at": record.get("started_at"),
         # Layout version of these tables (stats, figures and report refuse others by name).
         "schema_version": SCHEMA_VERSION,

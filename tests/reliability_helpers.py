@@ -61,6 +61,13 @@ def mini_study(workdir: Path, **top) -> Path:
     return path
 
 
+def trained_path(study_path: Path, family: str, variant: str, seed: int) -> str:
+    """Where the study's training job of this run writes (``trained/<config key>.json``): a fault's target."""
+    from lora_bench.study import load_study
+
+    return f"trained/{load_study(study_path).run_key(family, variant, seed)}.json"
+
+
 def snakemake(workdir: Path, *args, env: dict | None = None, check: bool = True,
               configfile: str = "study.yaml") -> subprocess.CompletedProcess:
     full_env = dict(os.environ)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from reliability_helpers import mini_study, snakemake
+from reliability_helpers import mini_study, snakemake, trained_path
 
 from lora_bench.cli import main
 from lora_bench.config import ConfigError
@@ -129,7 +129,8 @@ def test_failed_runs_in_a_workflow_with_keep_going(tmp_path):
     config["families"]["broken"] = {"baseline": "missing", "seeds": [0],
                                      "variants": {"missing": MISSING_MODEL, "lora": {}}}
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    snakemake(workdir, "--cores", "2", "--keep-going", env={"LORA_BENCH_FAULT": "train_step:oom@methods/lora/seed1"})
+    oom = f"train_step:oom@{trained_path(path, 'methods', 'lora', 1)}"
+    snakemake(workdir, "--cores", "2", "--keep-going", env={"LORA_BENCH_FAULT": oom})
     runs = pd.read_parquet(workdir / "résultats avec espaces/tables/runs.parquet")
     failed = runs[runs["status"] == "failed"].set_index("run_id")["error_kind"].to_dict()
     assert failed == {"broken/missing/seed0": "config", "methods/lora/seed1": "out_of_memory",

@@ -19,12 +19,14 @@ from reliability_helpers import (
     mini_study,
     record_mtimes,
     snakemake,
+    trained_path,
 )
 
 from lora_bench.record import read_record
 
-KILLED_IN_TRAINING = "methods/lora/seed0"
+KILLED_IN_TRAINING = ("methods", "lora", 0)
 KILLED_WRITING = "methods/last_layers/seed1"
+POWER_CUT_RECORD = "methods/lora/seed0"
 
 
 def _assert_only_whole_records(results):
@@ -36,11 +38,12 @@ def _assert_only_whole_records(results):
 
 def test_sigkill_in_training_in_record_writing_and_in_collection_then_resume(mini_reference, tmp_path):
     workdir = tmp_path / "killed"
-    mini_study(workdir)
+    study = mini_study(workdir)
     results = workdir / "results"
 
-    # 1. One job is killed after its first optimizer step, another halfway through writing its record.
-    faults = f"train_step@{KILLED_IN_TRAINING},record_write@{KILLED_WRITING}"
+    # 1. One training job is killed after its first optimizer step; another run's record is killed halfway
+    # through its writing (in its label job: its training finished and stays).
+    faults = f"train_step@{trained_path(study, *KILLED_IN_TRAINING)},record_write@{KILLED_WRITING}"
     first = snakemake(workdir, "--cores", "2", "--keep-going", *TABLE_TARGETS, env={"LORA_BENCH_FAULT": faults},
                       check=False)
     assert first.returncode != 0
@@ -55,10 +58,11 @@ def test_sigkill_in_training_in_record_writing_and_in_collection_then_resume(min
     assert not (results / "tables/runs.parquet").exists()
     survivors = record_mtimes(results)
 
-    # 2. Re-run: only the two killed runs train again; this time collection is killed between two table files.
+    # 2. Re-run: only the run killed in training trains again, and the two missing records are written; this
+    # time collection is killed between two table files.
     second = snakemake(workdir, "--cores", "2", *TABLE_TARGETS, env={"LORA_BENCH_FAULT": "tables_write"}, check=False)
     assert second.returncode != 0
-    assert jobs_run(second).get("train") == 2
+    assert jobs_run(second).get("train") == 1 and jobs_run(second).get("label_run") == 2
     after_second = record_mtimes(results)
     assert len(after_second) == 4
     assert {k: after_second[k] for k in survivors} == survivors, "a finished run was trained again"
@@ -86,21 +90,21 @@ def test_power_cut_of_snakemake_and_every_job_then_resume(mini_reference, tmp_pa
     mini_study(workdir)
     results = workdir / "results"
     cut = snakemake(workdir, "--cores", "2", *TABLE_TARGETS, check=False,
-                    env={"LORA_BENCH_FAULT": f"record_written:killgroup@{KILLED_IN_TRAINING}"})
+                    env={"LORA_BENCH_FAULT": f"record_written:killgroup@{POWER_CUT_RECORD}"})
     assert cut.returncode == -9  # Snakemake itself was killed
     _assert_only_whole_records(results)
-    assert (results / f"runs/{KILLED_IN_TRAINING}.json").exists()
+    assert (results / f"runs/{POWER_CUT_RECORD}.json").exists()
 
     refused = snakemake(workdir, "--cores", "2", *TABLE_TARGETS, check=False)
     assert refused.returncode != 0 and "incomplete" in (refused.stdout + refused.stderr).lower()
-    assert f"{KILLED_IN_TRAINING}.json" in refused.stdout + refused.stderr
+    assert f"{POWER_CUT_RECORD}.json" in refused.stdout + refused.stderr
 
     # Snakemake's lock outlives it too: a dead Snakemake is told apart from a running one only by a person.
     locked = snakemake(workdir, "--cores", "2", "--rerun-incomplete", *TABLE_TARGETS, check=False)
     assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
     snakemake(workdir, "--unlock")
     resumed = snakemake(workdir, "--cores", "2", "--rerun-incomplete", *TABLE_TARGETS)
-    assert 1 <= jobs_run(resumed)["train"] <= 4
+    assert jobs_run(resumed)["label_run"] >= 1 and jobs_run(resumed).get("train", 0) <= 4
     _assert_only_whole_records(results)
     assert_same_tables(mini_reference / "results/tables", results / "tables", RUN_TABLES)
 

@@ -17,8 +17,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-# Training jobs a dry run of .test/config.yaml plans (the sweep's re-runs come later, from its checkpoint).
-TEST_STUDY_TRAIN_JOBS = 40
+# Training jobs a dry run of .test/config.yaml plans (the sweep's re-runs come later, from its checkpoint): one
+# per distinct resolved config. Its 40 runs share 29 configs (e.g. the methods baseline is also the rank/alpha,
+# coverage, variance and sweep baseline); every run still gets its own labelled record.
+TEST_STUDY_TRAIN_JOBS = 29
+TEST_STUDY_RUNS = 40
 
 
 def _env():
@@ -62,24 +65,52 @@ def test_lint_is_clean():
 
 
 @pytest.mark.parametrize(
-    ("args", "train_jobs"),
+    ("args", "train_jobs", "runs"),
     [
-        ((), 89),
-        (("--configfile", ".test/config.yaml"), TEST_STUDY_TRAIN_JOBS),
-        (("--configfile", "config/paper.yaml"), 398),
-        (("--configfile", "config/gpu_memory.yaml"), 27),
-        (("--configfile", "config/instruct.yaml"), 21),
-        (("--configfile", "config/llm.yaml"), 24),
-        (("--profile", "profiles/workstation-gpu"), 89),
-        (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 398),
+        ((), 80, 89),
+        (("--configfile", ".test/config.yaml"), TEST_STUDY_TRAIN_JOBS, TEST_STUDY_RUNS),
+        (("--configfile", "config/paper.yaml"), 354, 398),
+        (("--configfile", "config/gpu_memory.yaml"), 27, 27),
+        (("--configfile", "config/instruct.yaml"), 21, 21),
+        (("--configfile", "config/llm.yaml"), 24, 24),
+        (("--profile", "profiles/workstation-gpu"), 80, 89),
+        (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 354, 398),
     ],
     ids=["default", "test", "paper", "gpu-memory", "instruct", "llm", "workstation-gpu", "slurm"],
 )
-def test_dry_run_of_every_config_and_profile(args, train_jobs, clean_checkout):
+def test_dry_run_of_every_config_and_profile(args, train_jobs, runs, clean_checkout):
     result = snakemake("-n", *args, cwd=clean_checkout)
     jobs = planned_jobs(result.stdout)
-    assert jobs["train"] == train_jobs
+    assert jobs["train"] == train_jobs and jobs["label_run"] == runs
     assert jobs["report"] == 1 and jobs["collect"] == 1
+
+
+def test_families_sharing_a_config_train_it_once_and_renaming_retrains_nothing(tmp_path):
+    from reliability_helpers import jobs_run, mini_study
+    from reliability_helpers import snakemake as run_in
+
+    workdir = tmp_path / "shared"
+    path = mini_study(workdir)
+    config = yaml.safe_load(path.read_text())
+    # A second family whose baseline is the methods family's baseline: one config, two families.
+    config["families"]["coverage"] = {"baseline": "query+value", "seeds": [0],
+                                      "variants": {"query+value": {}, "all": {"method": {"lora": {
+                                          "targets": ["query", "key", "value", "projection", "mlp"]}}}}}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    first = run_in(workdir, "--cores", "2", "results/tables/runs.parquet")
+    assert jobs_run(first)["train"] == 5 and jobs_run(first)["label_run"] == 6
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet").set_index("run_id")
+    shared = runs.loc[["methods/lora/seed0", "coverage/query+value/seed0"]]
+    assert shared["trained_from"].nunique() == 1 and shared["family"].tolist() == ["methods", "coverage"]
+    metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
+    final = metrics[(metrics["metric"] == "accuracy") & (metrics["stage"] == "final")].set_index("run_id")
+    assert final.loc["methods/lora/seed0", "value"].tolist() == final.loc["coverage/query+value/seed0",
+                                                                           "value"].tolist()
+    # Renaming a family (and with it its variants' records) labels again but trains nothing.
+    config["families"]["coverage_renamed"] = config["families"].pop("coverage")
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    renamed = jobs_run(run_in(workdir, "-n", "results/tables/runs.parquet"))
+    assert "train" not in renamed and renamed["label_run"] == 2
 
 
 def test_a_new_family_is_one_config_block(tmp_path, clean_checkout):
@@ -91,7 +122,8 @@ def test_a_new_family_is_one_config_block(tmp_path, clean_checkout):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake("-n", "--configfile", str(path), cwd=clean_checkout).stdout)
-    assert jobs["train"] == TEST_STUDY_TRAIN_JOBS + 2 * 2
+    # p0 is the base config, trained already for the methods baseline: only p10's two seeds are new training.
+    assert jobs["train"] == TEST_STUDY_TRAIN_JOBS + 2 and jobs["label_run"] == TEST_STUDY_RUNS + 2 * 2
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -131,9 +163,14 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
 
     # Nothing to do on a second call.
     assert "Nothing to be done" in snakemake("-n", *common).stdout + snakemake("-n", *common).stderr
-    # Deleting one record re-trains only that run.
+    # Deleting one run's record labels it again from its training; deleting the training re-trains that run only.
     (workdir / "results/runs/methods/full/seed1.json").unlink()
-    assert planned_jobs(snakemake("-n", *common).stdout)["train"] == 1
+    jobs = planned_jobs(snakemake("-n", *common).stdout)
+    assert "train" not in jobs and jobs["label_run"] == 1
+    record = yaml.safe_load((workdir / "results/runs/methods/full/seed0.json").read_text())
+    (workdir / "results/trained" / record["trained_from"]).unlink()
+    jobs = planned_jobs(snakemake("-n", *common).stdout)
+    assert jobs["train"] == 1 and jobs["label_run"] == 1
     snakemake("--cores", "2", *common)
     # Changing one family's parameters re-runs only its jobs.
     config = yaml.safe_load((workdir / "study.yaml").read_text())

@@ -18,10 +18,15 @@ RESULTS = STUDY.results_dir
 REPORT = STUDY.report_dir
 
 
+# What the study trains, by config key (lora_bench.study.config_key): one training job per distinct config.
+TRAINED = STUDY.trained_configs()
+
+
 wildcard_constraints:
     family=r"[A-Za-z0-9_]+",
     variant=r"[A-Za-z0-9_.+-]+",
     seed=r"\d+",
+    key=r"[0-9a-f]{16}",
 
 
 def run_record_paths():
@@ -58,10 +63,15 @@ def rerun_record_paths(wildcards=None):
     return paths
 
 
+def trained_record(wildcards):
+    """The training job's record that a run's labelled record is made from."""
+    key = STUDY.run_key(wildcards.family, wildcards.variant, int(wildcards.seed))
+    return f"{RESULTS}/trained/{key}.json"
+
+
 def run_config_json(wildcards):
     """The resolved run config: a params value, so editing a variant re-runs only its jobs."""
-    cfg = STUDY.run_config(wildcards.family, wildcards.variant, int(wildcards.seed))
-    return json.dumps(cfg.to_dict(), sort_keys=True)
+    return json.dumps(TRAINED[wildcards.key], sort_keys=True)
 
 
 def run_labels_json(wildcards):

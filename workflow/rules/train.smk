@@ -1,4 +1,5 @@
-# Data preparation and one training job per (family, variant, seed).
+# Data preparation, one training job per distinct resolved config (named by its key), and one labelled
+# record per (family, variant, seed): runs that share a config share its training.
 
 
 rule prepare_data:
@@ -20,11 +21,11 @@ rule train:
         # re-trains when its own resolved config (params.cfg) changes.
         ancient(f"{RESULTS}/data/prepared.done"),
     output:
-        f"{RESULTS}/runs/{{family}}/{{variant}}/seed{{seed}}.json",
+        f"{RESULTS}/trained/{{key}}.json",
     log:
-        "logs/train/{family}/{variant}/seed{seed}.log",
+        "logs/train/{key}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{family}}/{{variant}}/seed{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/train/{{key}}.tsv"
     conda:
         "../../envs/lora-bench.yaml"
     threads: STUDY.threads
@@ -32,8 +33,28 @@ rule train:
         gpu=STUDY.gpus_per_job,
     params:
         cfg=run_config_json,
-        labels=run_labels_json,
         gpu=gpu_flag(),
     shell:
-        "python -m lora_bench train --config-json {params.cfg:q} --label {params.labels:q}"
+        "python -m lora_bench train --config-json {params.cfg:q}"
         " --set train.threads={threads} {params.gpu} --out {output:q} > {log:q} 2>&1"
+
+
+# A run's record: the trained record with the run's labels (family, variant, seed, ...). Cheap (no torch), so
+# it runs on the submitting host, not as a cluster job.
+localrules:
+    label_run,
+
+
+rule label_run:
+    input:
+        trained_record,
+    output:
+        f"{RESULTS}/runs/{{family}}/{{variant}}/seed{{seed}}.json",
+    log:
+        "logs/label/{family}/{variant}/seed{seed}.log",
+    conda:
+        "../../envs/lora-bench.yaml"
+    params:
+        labels=run_labels_json,
+    shell:
+        "python -m lora_bench label --trained {input:q} --label {params.labels:q} --out {output:q} > {log:q} 2>&1"
