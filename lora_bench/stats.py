@@ -50,6 +50,9 @@ Choices, and why:
 - **Seed consistency** (``seed_consistency``): how noisy each condition is, and how many seeds per
   arm a study would need to detect a one-point (0.01) accuracy difference with power 0.8 at
   alpha 0.05 (``statsmodels.stats.power``), unpaired and, against the baseline, paired.
+- **Numerical failures** (``NUMERICAL_ERRORS``: a singular matrix, a root finder without a sign change, an
+  overflow) are caught at the one computation that raises them: that number is NaN and the row's ``note``
+  (``ci_method`` in the summary) names the failure; the rest of the row and of the tables are written.
 
 Columns of the tests table (``tests.parquet``), one row per comparison:
 
@@ -112,6 +115,10 @@ BOOTSTRAP_SEED = 20240607
 # One accuracy point: the smallest difference the reference write-ups discuss.
 ONE_POINT = 0.01
 TARGET_POWER = 0.8
+# The numerical failures a computation on degenerate data can raise (a singular matrix, a root finder
+# without a sign change, an overflow). Each is caught at the one computation that raises it and becomes NaN
+# with a note on that row; anything else is a bug and propagates.
+NUMERICAL_ERRORS = (np.linalg.LinAlgError, ValueError, FloatingPointError, ZeroDivisionError, OverflowError)
 # Units whose values are deterministic by construction, so that identical runs mean an exact value.
 EXACT_UNITS = ("bytes", "count")
 
@@ -216,18 +223,24 @@ def _mean_interval(values: np.ndarray) -> tuple[float, float, str, float, float]
         # BCa warns (and returns NaN) on degenerate resamples; we then fall back to percentile.
         warnings.simplefilter("ignore")
         for method_name, label in (("BCa", "bootstrap BCa"), ("percentile", "bootstrap percentile")):
-            result = stats.bootstrap(
-                (values,),
-                np.mean,
-                confidence_level=CONFIDENCE,
-                n_resamples=BOOTSTRAP_RESAMPLES,
-                method=method_name,
-                rng=np.random.default_rng(BOOTSTRAP_SEED),
-            )
+            try:
+                result = stats.bootstrap(
+                    (values,),
+                    np.mean,
+                    confidence_level=CONFIDENCE,
+                    n_resamples=BOOTSTRAP_RESAMPLES,
+                    method=method_name,
+                    rng=np.random.default_rng(BOOTSTRAP_SEED),
+                )
+            except NUMERICAL_ERRORS:
+                continue
             low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
             method = label
             if np.isfinite(low) and np.isfinite(high):
                 break
+    if not (np.isfinite(low) and np.isfinite(high)):
+        # Both bootstraps failed numerically: the t interval is still a sound interval of the mean.
+        return float(t_low), float(t_high), "t (bootstrap failed)", float(t_low), float(t_high)
     return low, high, method, float(t_low), float(t_high)
 
 
@@ -337,7 +350,11 @@ def _stable_key(frame: pd.DataFrame):
 
 
 def _noncentral_t_interval(t_observed: float, df: float) -> tuple[float, float]:
-    """95 % interval of the noncentrality parameter given an observed t (Steiger & Fouladi 1997)."""
+    """95 % interval of the noncentrality parameter given an observed t (Steiger & Fouladi 1997).
+
+    An end whose root search fails (no bracket, no sign change, no convergence) is NaN; ``compare_two``
+    notes it.
+    """
     if not np.isfinite(t_observed) or df <= 0:
         return math.nan, math.nan
     tail = (1 - CONFIDENCE) / 2
@@ -355,7 +372,11 @@ def _noncentral_t_interval(t_observed: float, df: float) -> tuple[float, float]:
         low, high = t_observed - width, t_observed + width
         for _ in range(20):
             if f(low) > 0 > f(high):
-                return optimize.brentq(f, low, high, xtol=1e-10)
+                try:
+                    return optimize.brentq(f, low, high, xtol=1e-10)
+                except (RuntimeError, *NUMERICAL_ERRORS):
+                    # No sign change after all (nct.cdf is not exactly monotone far out) or no convergence.
+                    return math.nan
             width *= 2
             low, high = t_observed - width, t_observed + width
         return math.nan
@@ -420,16 +441,33 @@ def ratio_interval(variant: np.ndarray, baseline: np.ndarray, paired: bool) -> t
     if paired:
         if n1 != n2:
             raise ValueError("a paired ratio needs values aligned by seed")
-        covariance = np.cov(variant, baseline, ddof=1) / n1
+        with np.errstate(over="ignore", invalid="ignore"):
+            covariance = np.cov(variant, baseline, ddof=1) / n1
         s_aa, s_cc, s_ac = float(covariance[0, 0]), float(covariance[1, 1]), float(covariance[0, 1])
         df = n1 - 1.0
     else:
-        s_aa, s_cc, s_ac = float(np.var(variant, ddof=1)) / n1, float(np.var(baseline, ddof=1)) / n2, 0.0
-        numerator = (s_aa + ratio**2 * s_cc) ** 2
-        denominator = s_aa**2 / (n1 - 1) + (ratio**2 * s_cc) ** 2 / (n2 - 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            s_aa, s_cc, s_ac = float(np.var(variant, ddof=1)) / n1, float(np.var(baseline, ddof=1)) / n2, 0.0
+        try:
+            numerator = (s_aa + ratio**2 * s_cc) ** 2
+            denominator = s_aa**2 / (n1 - 1) + (ratio**2 * s_cc) ** 2 / (n2 - 1)
+        except OverflowError:
+            return ratio, math.nan, math.nan, "ratio interval not computable (OverflowError)"
         df = numerator / denominator if denominator > 0 else math.inf
     if s_aa == 0.0 and s_cc == 0.0:
         return ratio, ratio, ratio, ""  # neither condition varies across seeds: the ratio is exact
+    if not np.isfinite([s_aa, s_cc, s_ac, df]).all():
+        # numpy overflows to inf where Python floats raise: the same failure, so the same note.
+        return ratio, math.nan, math.nan, "ratio interval not computable (OverflowError)"
+    try:
+        return _fieller(ratio, a, c, s_aa, s_cc, s_ac, df)
+    except NUMERICAL_ERRORS as error:
+        # Values spanning hundreds of orders of magnitude overflow the quadratic (Python floats raise).
+        return ratio, math.nan, math.nan, f"ratio interval not computable ({type(error).__name__})"
+
+
+def _fieller(ratio: float, a: float, c: float, s_aa: float, s_cc: float, s_ac: float, df: float):
+    """The Fieller ends of ``ratio_interval`` (see there); may raise ``OverflowError`` on extreme values."""
     t_squared = float(stats.t.ppf(1 - (1 - CONFIDENCE) / 2, df)) ** 2
     quadratic = c * c - t_squared * s_cc
     if quadratic <= 0:
@@ -510,19 +548,26 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
             notes.append("the paired differences have zero variance: t test undefined")
             result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
         else:
-            t_result = stats.ttest_rel(v, b)
-            interval = t_result.confidence_interval(CONFIDENCE)
-            result.update(
-                p_value=float(t_result.pvalue),
-                diff_ci_low=float(interval.low),
-                diff_ci_high=float(interval.high),
-            )
+            try:
+                t_result = stats.ttest_rel(v, b)
+                interval = t_result.confidence_interval(CONFIDENCE)
+            except NUMERICAL_ERRORS as error:
+                notes.append(f"t test failed ({type(error).__name__})")
+            else:
+                result.update(
+                    p_value=float(t_result.pvalue),
+                    diff_ci_low=float(interval.low),
+                    diff_ci_high=float(interval.high),
+                )
         if np.all(differences == 0):
             result["p_nonparametric"] = 1.0  # identical results: no evidence of any difference
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result["p_nonparametric"] = float(stats.wilcoxon(v, b).pvalue)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result["p_nonparametric"] = float(stats.wilcoxon(v, b).pvalue)
+            except NUMERICAL_ERRORS as error:
+                notes.append(f"Wilcoxon test failed ({type(error).__name__})")
         result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_dz(differences)
         ratio = ratio_interval(v, b, paired=True)
     else:
@@ -540,16 +585,27 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
             notes.append("both conditions have zero variance: t test undefined")
             result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
         else:
-            t_result = stats.ttest_ind(v, b, equal_var=False)
-            interval = t_result.confidence_interval(CONFIDENCE)
-            result.update(
-                p_value=float(t_result.pvalue),
-                diff_ci_low=float(interval.low),
-                diff_ci_high=float(interval.high),
-            )
-        result["p_nonparametric"] = float(stats.mannwhitneyu(v, b, alternative="two-sided").pvalue)
+            try:
+                t_result = stats.ttest_ind(v, b, equal_var=False)
+                interval = t_result.confidence_interval(CONFIDENCE)
+            except NUMERICAL_ERRORS as error:
+                notes.append(f"t test failed ({type(error).__name__})")
+            else:
+                result.update(
+                    p_value=float(t_result.pvalue),
+                    diff_ci_low=float(interval.low),
+                    diff_ci_high=float(interval.high),
+                )
+        try:
+            result["p_nonparametric"] = float(stats.mannwhitneyu(v, b, alternative="two-sided").pvalue)
+        except NUMERICAL_ERRORS as error:
+            notes.append(f"Mann-Whitney U test failed ({type(error).__name__})")
         result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_d(v, b)
         ratio = ratio_interval(v, b, paired=False)
+    if np.isfinite(result["effect_size"]) and not (
+        np.isfinite(result["effect_ci_low"]) and np.isfinite(result["effect_ci_high"])
+    ):
+        notes.append("effect-size interval not computable (noncentral-t root search failed)")
     result["ratio"], result["ratio_ci_low"], result["ratio_ci_high"] = ratio[:3]
     notes.append(ratio[3])
     result["note"] = "; ".join(n for n in notes if n)
@@ -908,13 +964,19 @@ def welch_from_summary(
 
 
 def _seeds_needed(effect_size: float, paired: bool) -> float:
+    """``_seeds_needed_noted`` without the note."""
+    return _seeds_needed_noted(effect_size, paired)[0]
+
+
+def _seeds_needed_noted(effect_size: float, paired: bool) -> tuple[float, str]:
     """Fewest seeds per arm giving power 0.8 at alpha 0.05 (two-sided); NaN when the effect is undefined.
 
     Searches the integer seed count on statsmodels' power function (power rises with n) rather than
-    calling ``solve_power``, whose root finder fails to converge for large effects at small n.
+    calling ``solve_power``, whose root finder fails to converge for large effects at small n. A power
+    computation that raises a numerical error gives NaN and a note naming the error.
     """
     if not np.isfinite(effect_size) or effect_size <= 0:
-        return math.nan
+        return math.nan, ""
     analysis, size_keyword = (TTestPower(), "nobs") if paired else (TTestIndPower(), "nobs1")
 
     def enough(n: int) -> bool:
@@ -927,17 +989,20 @@ def _seeds_needed(effect_size: float, paired: bool) -> float:
             )
         return power >= TARGET_POWER
 
-    if enough(2):  # two seeds is the least a t test can use
-        return 2.0
-    low, high = 2, 4
-    while not enough(high):
-        low, high = high, high * 2
-        if high > 10**8:
-            return math.nan
-    while high - low > 1:  # invariant: not enough(low), enough(high)
-        middle = (low + high) // 2
-        low, high = (low, middle) if enough(middle) else (middle, high)
-    return float(high)
+    try:
+        if enough(2):  # two seeds is the least a t test can use
+            return 2.0, ""
+        low, high = 2, 4
+        while not enough(high):
+            low, high = high, high * 2
+            if high > 10**8:
+                return math.nan, ""
+        while high - low > 1:  # invariant: not enough(low), enough(high)
+            middle = (low + high) // 2
+            low, high = (low, middle) if enough(middle) else (middle, high)
+    except NUMERICAL_ERRORS as error:
+        return math.nan, f"power search failed ({type(error).__name__})"
+    return float(high), ""
 
 
 def seed_consistency(
@@ -953,8 +1018,8 @@ def seed_consistency(
     ``seeds_for_1pt`` assumes two independent arms with the observed standard deviation;
     ``seeds_for_1pt_paired`` uses the standard deviation of the seed-paired differences to the family's
     baseline (NaN for the baseline itself), which is what a paired design needs. Both are NaN when the
-    standard deviation is zero or there are fewer than two runs. ``delta`` is in the metric's unit
-    (0.01 = one accuracy point).
+    standard deviation is zero or there are fewer than two runs, and NaN with a ``note`` when the power
+    search fails numerically. ``delta`` is in the metric's unit (0.01 = one accuracy point).
     """
     selected = select_values(metrics, metric, split, stage)
     unit, _ = _metric_meta(selected)
@@ -969,7 +1034,8 @@ def seed_consistency(
         values = _by_seed(group)
         n = len(values)
         std = float(values.std(ddof=1)) if n > 1 else math.nan
-        unpaired = _seeds_needed(delta / std, paired=False) if n > 1 and std > 0 else math.nan
+        unpaired, note = _seeds_needed_noted(delta / std, paired=False) if n > 1 and std > 0 else (math.nan, "")
+        notes = [f"unpaired: {note}"] if note else []
         paired_needed, paired_std = math.nan, math.nan
         baseline = baselines.get(family)
         if baseline and variant != baseline:
@@ -980,7 +1046,9 @@ def seed_consistency(
             if len(common) >= 2:
                 paired_std = float((values.loc[common] - base_values.loc[common]).std(ddof=1))
                 if paired_std > 0:
-                    paired_needed = _seeds_needed(delta / paired_std, paired=True)
+                    paired_needed, note = _seeds_needed_noted(delta / paired_std, paired=True)
+                    if note:
+                        notes.append(f"paired: {note}")
         records.append(
             {
                 "family": family,
@@ -1000,6 +1068,7 @@ def seed_consistency(
                 "delta": delta,
                 "seeds_for_1pt": unpaired,
                 "seeds_for_1pt_paired": paired_needed,
+                "note": "; ".join(notes),
             }
         )
     if not records:
@@ -1009,7 +1078,7 @@ def seed_consistency(
 
 SEED_CONSISTENCY_COLUMNS = [
     "family", "family_kind", "variant", "metric", "split", "stage", "unit", "n", "mean", "std", "min", "max",
-    "range", "std_paired_diff", "delta", "seeds_for_1pt", "seeds_for_1pt_paired",
+    "range", "std_paired_diff", "delta", "seeds_for_1pt", "seeds_for_1pt_paired", "note",
 ]  # fmt: skip
 
 

@@ -16,6 +16,21 @@ Tables in, tables out, like ``lora_bench.stats`` (which this module builds on). 
   (``VC_RESAMPLES`` simulations from the fitted model on the same design, each refitted by REML): they
   handle estimates on the boundary (a component of 0) and shares, which profile or Wald intervals of
   MixedLM do not. With 3 data seeds, s2_data has about two degrees of freedom: expect wide intervals.
+
+  **Fallback: ANOVA (method of moments).** On degenerate data (a component of exactly 0, values that are
+  exactly additive) REML's optimiser walks to the boundary, where its linear algebra is singular; whether
+  it then raises (``LinAlgError: Singular matrix``), returns NaN or gets through depends on the processor's
+  floating-point path. So a fit that raises a numerical error (``NUMERICAL_ERRORS``), gives non-finite
+  estimates, does not converge or puts the residual variance at 0 (where the REML likelihood is unbounded)
+  is replaced by ``anova_components``: Henderson's method III, the sums-of-squares estimator of the
+  crossed design. For the balanced design (one run per data seed x train seed) it is the two-way ANOVA:
+  s2_resid = MS_error, s2_data = (MS_data - MS_error) / n_train, s2_train = (MS_train - MS_error) / n_data,
+  which REML equals whenever no estimate is cut at 0; for an unbalanced design (a missing cell, repeated
+  runs) it uses the reductions in residual sum of squares R(data | mu, train) and R(train | mu, data) of
+  OLS fits and their expectations. Negative estimates are truncated at 0. The same fallback is applied to
+  every bootstrap resample; ``method`` names the estimator of the point estimate, and ``note`` says why
+  REML was replaced, on how many resamples, and which components sit on the boundary 0. The fit never
+  raises on degenerate data: what cannot be estimated is NaN with a note.
 - **sweep**: a grid run once per configuration; the winner is the configuration with the best
   validation accuracy (ties: lower validation loss at the selected epoch, then grid order), as the
   reference write-up picked its best LoRA setting; the top ``k`` are then re-run with fresh train and
@@ -31,6 +46,9 @@ Tables in, tables out, like ``lora_bench.stats`` (which this module builds on). 
     pooled re-run variances) and the slope of re-run mean on sweep score;
   * whether the top k differ at all after re-running: the F test of configuration in an OLS of the
     re-run scores on configuration plus (data seed, train seed) blocks, which every configuration shares.
+
+  A numerical failure of the slope or the F test (``NUMERICAL_ERRORS``, a rank-deficient fit) leaves that
+  number NaN and says so in the summary row's ``note``.
 
 Output tables (parquet + CSV, written by ``write_tables``, empty with their columns when the study has no
 such family): ``variance_components``, ``sweep_reeval`` (one row per family x configuration x split) and
@@ -55,6 +73,11 @@ SELECTION_METRIC, SELECTION_SPLIT = "accuracy", "validation"
 SWEEP_SPLITS = ("validation", "test")
 VC_RESAMPLES = 200
 P_BEST_RESAMPLES = 4999
+# The numerical failures a fit on degenerate data can raise. They are caught at the one computation that
+# raises them and turned into a fallback or a NaN with a note; anything else is a bug and propagates.
+NUMERICAL_ERRORS = (np.linalg.LinAlgError, ValueError, FloatingPointError, ZeroDivisionError, OverflowError)
+# A variance component below this share of the total is reported as on the boundary (0).
+BOUNDARY_SHARE = 1e-6
 
 VARIANCE_COLUMNS = [
     "family", "setting", "metric", "split", "n_runs", "n_data_seeds", "n_train_seeds", "mean",
@@ -74,7 +97,7 @@ SUMMARY_COLUMNS = [
     "family", "split", "n_configs", "top_k", "n_reruns", "winner", "winner_sweep_score", "winner_rerun_mean",
     "winner_rerun_ci_low", "winner_rerun_ci_high", "optimism", "optimism_ci_low", "optimism_ci_high",
     "winner_still_best", "p_winner_best", "rerun_best", "topk_sweep_mean", "topk_rerun_mean", "topk_optimism",
-    "topk_optimism_ci_low", "topk_optimism_ci_high", "slope", "differ_p", "differ",
+    "topk_optimism_ci_low", "topk_optimism_ci_high", "slope", "differ_p", "differ", "note",
 ]
 
 
@@ -113,7 +136,10 @@ def families_of_kind(runs: pd.DataFrame, kind: str) -> list[str]:
 
 
 def _reml(frame: pd.DataFrame) -> tuple[float, float, float, float, bool]:
-    """(mu, s2_data, s2_train, s2_residual, converged) of the crossed model, on ``frame['y']``."""
+    """(mu, s2_data, s2_train, s2_residual, converged) of the crossed model, on ``frame['y']``.
+
+    May raise any of ``NUMERICAL_ERRORS`` on degenerate data; ``_fit_components`` handles that.
+    """
     import statsmodels.formula.api as smf
 
     model = smf.mixedlm(
@@ -129,22 +155,109 @@ def _reml(frame: pd.DataFrame) -> tuple[float, float, float, float, bool]:
     return float(fit.fe_params.iloc[0]), vc["data"], vc["train"], float(fit.scale), bool(fit.converged)
 
 
+def _ols_residual(design: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, int]:
+    """(residuals of the least-squares fit of ``response`` on ``design``, rank of ``design``).
+
+    ``response`` may have several columns. Least squares by SVD copes with the rank-deficient dummy codings
+    used here (an intercept plus every level of a factor).
+    """
+    coefficients, _, rank, _ = np.linalg.lstsq(design, response, rcond=None)
+    return response - design @ coefficients, int(rank)
+
+
+def anova_components(frame: pd.DataFrame) -> tuple[float, float, float]:
+    """(s2_data, s2_train, s2_residual) of ``frame['y']`` by Henderson's method III (method of moments).
+
+    With X_t = [1, Z_train], X_d = [1, Z_data] and X = [1, Z_data, Z_train], the residual sum of squares of
+    the additive OLS fit estimates (n - rank X) s2_resid, and the reduction R(data | mu, train) =
+    SSE(X_t) - SSE(X) has expectation (rank X - rank X_t) s2_resid + tr(Z_data' M_t Z_data) s2_data, M_t
+    being the residual projection of X_t (the train effects drop out: M_t Z_train = 0); likewise for train.
+    For the balanced design with one run per cell these are the two-way ANOVA mean squares of the module
+    docstring. Estimates are not truncated (a negative one means the component is indistinguishable from 0);
+    a component that the design cannot separate from the residual is NaN. Raises only ``NUMERICAL_ERRORS``.
+    """
+    y = frame["y"].to_numpy(float)
+    n = len(y)
+    ones = np.ones((n, 1))
+    z_data = pd.get_dummies(frame["data_seed"]).to_numpy(float)
+    z_train = pd.get_dummies(frame["train_seed"]).to_numpy(float)
+    full = np.hstack([ones, z_data, z_train])
+    given_train, given_data = np.hstack([ones, z_train]), np.hstack([ones, z_data])
+    residual, rank_full = _ols_residual(full, y)
+    df_error = n - rank_full
+    if df_error < 1:
+        return math.nan, math.nan, math.nan  # no replication left to estimate the residual from
+    ms_error = float(residual @ residual) / df_error
+    estimates = []
+    for z, given in ((z_data, given_train), (z_train, given_data)):
+        reduced, rank_given = _ols_residual(given, y)
+        reduction = float(reduced @ reduced) - float(residual @ residual)
+        projected, _ = _ols_residual(given, z)
+        coefficient = float(np.sum(projected**2))  # tr(Z' M Z)
+        if coefficient <= 1e-12 * n:
+            estimates.append(math.nan)  # the factor is confounded with the other one
+            continue
+        estimates.append((reduction - (rank_full - rank_given) * ms_error) / coefficient)
+    return estimates[0], estimates[1], ms_error
+
+
+def _fit_components(frame: pd.DataFrame) -> tuple[np.ndarray, str, str]:
+    """(s2_data, s2_train, s2_resid) of ``frame['y']``, the estimator used (``REML``, ``ANOVA`` or ``none``)
+    and, when it is not REML, why.
+
+    REML first; ``anova_components`` when REML raises a numerical error, returns a non-finite estimate, does
+    not converge or puts the residual variance at 0 (exactly additive values). ``none`` (NaN estimates) only
+    when the fallback fails as well.
+    """
+    try:
+        *_, s2_data, s2_train, s2_resid, converged = _reml(frame)
+        estimates = np.array([s2_data, s2_train, s2_resid], dtype=float)
+        if not converged:
+            problem = "did not converge"
+        elif not np.all(np.isfinite(estimates)):
+            problem = "gave a non-finite estimate"
+        elif estimates[2] <= BOUNDARY_SHARE * np.maximum(estimates, 0).sum():
+            # Exactly additive values: the REML likelihood grows without bound as s2_resid -> 0, so where
+            # the optimiser stops says nothing about the other two components.
+            problem = "put the residual variance at 0, where its likelihood is unbounded"
+        else:
+            return estimates, "REML", ""
+    except NUMERICAL_ERRORS as error:
+        problem = f"raised {type(error).__name__} ({error})"
+    try:
+        estimates = np.array(anova_components(frame), dtype=float)
+    except NUMERICAL_ERRORS as error:
+        return np.full(3, math.nan), "none", f"{problem}; the ANOVA fallback raised {type(error).__name__}"
+    if not np.all(np.isfinite(estimates)):
+        return np.full(3, math.nan), "none", f"{problem}; the ANOVA fallback cannot separate the components"
+    return estimates, "ANOVA", problem
+
+
+COMPONENT_NAMES = ("data", "train", "residual")
+METHOD_NAMES = {
+    "REML": "REML (statsmodels MixedLM)",
+    "ANOVA": "ANOVA method of moments (Henderson III; REML failed)",
+    "none": "none (REML and the ANOVA fallback both failed)",
+}
+
+
 def fit_variance_components(
     values: pd.DataFrame, resamples: int | None = None, seed: int = stats.BOOTSTRAP_SEED
 ) -> dict:
-    """REML variance components of ``value`` by ``data_seed`` x ``train_seed``, with bootstrap intervals.
+    """Variance components of ``value`` by ``data_seed`` x ``train_seed``, with bootstrap intervals.
 
     ``values`` has columns ``value``, ``data_seed`` and ``train_seed`` (one row per run). Returns standard
     deviations (in the unit of ``value``), shares of the total variance and their 95 % parametric
-    bootstrap percentile intervals; see the module docstring for the model.
+    bootstrap percentile intervals; see the module docstring for the model, the REML estimator and its
+    ANOVA fallback. Never raises on degenerate data: ``method`` and ``note`` say what was done.
     """
     resamples = resamples or VC_RESAMPLES
     frame = values[["value", "data_seed", "train_seed"]].dropna().reset_index(drop=True)
     n_data, n_train = frame["data_seed"].nunique(), frame["train_seed"].nunique()
+    intervals = f"95 % parametric bootstrap percentile intervals, {resamples} resamples"
     out: dict = {"n_runs": len(frame), "n_data_seeds": n_data, "n_train_seeds": n_train,
                  "mean": float(frame["value"].mean()) if len(frame) else math.nan, "resamples": resamples,
-                 "method": f"REML (statsmodels MixedLM), 95 % parametric bootstrap percentile intervals, "
-                           f"{resamples} resamples", "note": ""}
+                 "method": f"{METHOD_NAMES['REML']}, {intervals}", "note": ""}
     by_data = frame.groupby("data_seed")["value"]
     out["sd_between_data_means"] = float(by_data.mean().std(ddof=1)) if n_data > 1 else math.nan
     within = by_data.var(ddof=1).dropna()
@@ -154,32 +267,53 @@ def fit_variance_components(
         return out
     # Fit on a standardised scale: accuracy variances of 1e-5 are awkward for the optimiser.
     center, scale = float(frame["value"].mean()), float(frame["value"].std(ddof=1))
-    if not scale > 0:
+    # Test constancy on the values: pandas' std of identical values can come out as 1e-17 rather than 0.
+    if frame["value"].nunique() < 2 or not scale > 0:
         out.update(sd_data=0.0, sd_train=0.0, sd_residual=0.0, sd_total=0.0,
                    note="every run gave the same value: no variance to split")
         return out
     frame["y"] = (frame["value"] - center) / scale
-    _, s2_data, s2_train, s2_resid, converged = _reml(frame)
-    estimates = np.array([s2_data, s2_train, s2_resid])
+    estimates, estimator, problem = _fit_components(frame)
+    out["method"] = f"{METHOD_NAMES[estimator]}, {intervals}"
+    notes = [] if estimator == "REML" else [f"REML {problem}"]
+    if estimator == "ANOVA":
+        notes[-1] += "; ANOVA (method of moments) estimates used"
+    if estimator == "none":
+        notes.append("no estimates")
+        out["note"] = "; ".join(notes)
+        return out
 
-    # Parametric bootstrap on the same design.
+    # Parametric bootstrap on the same design; a resample whose REML fails gets the same fallback.
     rng = np.random.default_rng(seed)
     data_codes = frame["data_seed"].astype("category").cat.codes.to_numpy()
     train_codes = frame["train_seed"].astype("category").cat.codes.to_numpy()
     sims = np.full((resamples, 3), np.nan)
     sds = np.sqrt(np.maximum(estimates, 0))
     boot = frame[["data_seed", "train_seed"]].copy()
+    fallbacks: dict[str, int] = {"ANOVA": 0, "none": 0}
     for b in range(resamples):
         a = rng.normal(0, sds[0], n_data)[data_codes]
         t = rng.normal(0, sds[1], n_train)[train_codes]
         boot["y"] = a + t + rng.normal(0, sds[2], len(frame))
-        try:
-            sims[b] = _reml(boot)[1:4]
-        except (np.linalg.LinAlgError, ValueError):
-            continue
+        sims[b], resample_estimator, _ = _fit_components(boot)
+        if resample_estimator != "REML":
+            fallbacks[resample_estimator] += 1
+    failed = fallbacks["ANOVA"] + fallbacks["none"]
+    if failed:
+        note = f"REML failed on {failed} of {resamples} resamples"
+        if fallbacks["ANOVA"]:
+            note += f"; ANOVA estimates used for {fallbacks['ANOVA']}"
+        if fallbacks["none"]:
+            note += f"; {fallbacks['none']} not estimable at all, left out of the intervals"
+        notes.append(note)
     sims = np.maximum(sims, 0)
+    raw = estimates
     estimates = np.maximum(estimates, 0)
     total = estimates.sum()
+    for name, estimate, before in zip(COMPONENT_NAMES, estimates, raw, strict=True):
+        if estimate <= BOUNDARY_SHARE * total:
+            cut = " (a negative estimate truncated)" if before < 0 else ""
+            notes.append(f"{name} component at the boundary 0{cut}")
     sim_total = sims.sum(axis=1)
     unit2 = scale**2
     for name, i in (("data", 0), ("train", 1), ("residual", 2)):
@@ -193,8 +327,9 @@ def fit_variance_components(
     out["share_train"] = 1 - out["share_data"]
     out["share_data_ci_low"], out["share_data_ci_high"] = _percentile(share_data)
     out["share_train_ci_low"], out["share_train_ci_high"] = 1 - out["share_data_ci_high"], 1 - out["share_data_ci_low"]
-    if not converged:
-        out["note"] = "REML optimiser did not report convergence"
+    if not total > 0:
+        notes.append("every component estimated at 0: no shares")
+    out["note"] = "; ".join(notes)
     return out
 
 
@@ -293,25 +428,43 @@ def _p_best(values: dict[str, np.ndarray], resamples: int, seed: int) -> dict[st
     return dict(zip(names, wins.tolist(), strict=True))
 
 
-def _differ_p(reruns: pd.DataFrame) -> float:
-    """p of the F test of configuration in ``value ~ C(setting) + C(block)`` over the re-runs."""
+def _differ_p(reruns: pd.DataFrame) -> tuple[float, str]:
+    """(p of the F test of configuration in ``value ~ C(setting) + C(block)`` over the re-runs, note).
+
+    NaN with a note when the fit or the F test fails numerically (a singular design).
+    """
     import statsmodels.formula.api as smf
     from statsmodels.stats.anova import anova_lm
 
     frame = reruns[["value", "setting", "data_seed", "train_seed"]].copy()
     if frame["setting"].nunique() < 2:
-        return math.nan
+        return math.nan, ""
     frame["block"] = frame["data_seed"].astype(str) + "/" + frame["train_seed"].astype(str)
     n_blocks = frame["block"].nunique()
     formula = "value ~ C(setting) + C(block)"
     if len(frame) - frame["setting"].nunique() - n_blocks + 1 < 1:
         formula = "value ~ C(setting)"  # no degrees of freedom left for blocks
     if len(frame) - frame["setting"].nunique() < 1 or frame["value"].std() == 0:
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = anova_lm(smf.ols(formula, frame).fit(), typ=2)
-    return float(table.loc["C(setting)", "PR(>F)"])
+        return math.nan, ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = anova_lm(smf.ols(formula, frame).fit(), typ=2)
+    except NUMERICAL_ERRORS as error:
+        return math.nan, f"F test of configuration failed ({type(error).__name__}: {error})"
+    p = float(table.loc["C(setting)", "PR(>F)"])
+    return p, "" if math.isfinite(p) else "F test of configuration undefined (singular design)"
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
+    """(least-squares slope of ``y`` on ``x``, note); NaN with a note when the fit is rank-deficient or fails."""
+    try:
+        with warnings.catch_warnings():
+            # A rank warning means x is numerically constant: the slope would be noise, so treat it as failed.
+            warnings.simplefilter("error", np.exceptions.RankWarning)
+            return float(np.polyfit(x, y, 1)[0]), ""
+    except (np.exceptions.RankWarning, *NUMERICAL_ERRORS) as error:
+        return math.nan, f"slope not computable ({type(error).__name__})"
 
 
 def sweep_tables(
@@ -366,7 +519,7 @@ def _summary_row(family: str, split: str, rows: list[dict], values: dict, reruns
            "winner_sweep_score": win["sweep_score"], "winner_rerun_mean": win["rerun_mean"],
            "winner_rerun_ci_low": win["rerun_ci_low"], "winner_rerun_ci_high": win["rerun_ci_high"],
            "optimism": win["optimism"], "optimism_ci_low": win["optimism_ci_low"],
-           "optimism_ci_high": win["optimism_ci_high"], "p_winner_best": win["p_best"]}
+           "optimism_ci_high": win["optimism_ci_high"], "p_winner_best": win["p_best"], "note": ""}
     if not top:
         return out
     best = max(top, key=lambda r: r["rerun_mean"])
@@ -385,10 +538,14 @@ def _summary_row(family: str, split: str, rows: list[dict], values: dict, reruns
         out["topk_optimism_ci_high"] = out["topk_optimism"] + half
     x = np.array([r["sweep_score"] for r in top])
     y = np.array([r["rerun_mean"] for r in top])
+    notes = []
     if len(top) >= 3 and np.ptp(x) > 0:
-        out["slope"] = float(np.polyfit(x, y, 1)[0])
-    out["differ_p"] = _differ_p(reruns[reruns["setting"].isin([r["setting"] for r in top])])
+        out["slope"], note = _slope(x, y)
+        notes.append(note)
+    out["differ_p"], note = _differ_p(reruns[reruns["setting"].isin([r["setting"] for r in top])])
+    notes.append(note)
     out["differ"] = bool(out["differ_p"] < stats.ALPHA) if not math.isnan(out["differ_p"]) else False
+    out["note"] = "; ".join(n for n in notes if n)
     return out
 
 

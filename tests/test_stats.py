@@ -394,3 +394,74 @@ def test_memory_time_family_whose_runs_all_failed():
     assert not (tests["family"] == "memory_time").any()  # no rows of NaN for a family that measured nothing
     cost = stats.cost_summary(runs, metrics)
     assert (cost["n"] == 0).all() and (cost["n_failed"] == 2).all() and cost["memory_mean"].isna().all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numerical failures become NaN and a named note on that row; the other numbers and rows are kept
+
+
+def _raises(error):
+    def raise_it(*args, **kwargs):
+        raise error
+
+    return raise_it
+
+
+def test_ratio_interval_overflow_is_a_note_not_an_exception():
+    huge, ordinary = np.array([1e200, 1.2e200, 0.8e200]), np.array([1.0, 1.01, 0.99])
+    for paired in (False, True):
+        ratio, low, high, note = stats.ratio_interval(huge, ordinary, paired=paired)
+        assert ratio == pytest.approx(1e200) and math.isnan(low) and math.isnan(high)
+        assert note == "ratio interval not computable (OverflowError)"
+    runs, metrics = _tables_from_values({"base": dict(enumerate(ordinary)), "huge": dict(enumerate(huge)),
+                                         "v1": {0: 1.1, 1: 1.12, 2: 1.09}}, metric="state_bytes")
+    tests = stats.compare_to_baseline(metrics, runs, "state_bytes", "none").set_index("variant")
+    assert "ratio interval not computable" in tests.loc["huge", "note"]
+    assert np.isfinite(tests.loc["v1", ["ratio", "ratio_ci_low", "ratio_ci_high", "p_value"]].to_numpy(float)).all()
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "column", "note"),
+    [
+        ((stats.optimize, "brentq"), ValueError("f(a) and f(b) must have different signs"), "effect_ci_low",
+         "effect-size interval not computable"),
+        ((stats.optimize, "brentq"), RuntimeError("Failed to converge after 100 iterations"), "effect_ci_high",
+         "effect-size interval not computable"),
+        ((scipy_stats, "wilcoxon"), ValueError("zero_method"), "p_nonparametric", "Wilcoxon test failed (ValueError)"),
+        ((scipy_stats, "ttest_rel"), FloatingPointError("overflow"), "p_value", "t test failed (FloatingPointError)"),
+    ],
+)
+def test_paired_comparison_failures_leave_nan_and_a_note(monkeypatch, target, error, column, note):
+    runs, metrics = _tables_from_values({"base": BASE, "variant": VARIANT})
+    before = stats.compare_to_baseline(metrics, runs).iloc[0]
+    monkeypatch.setattr(*target, _raises(error))
+    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    assert math.isnan(row[column]) and note in row["note"]
+    kept = [c for c in ("diff", "ratio", "ratio_ci_low", "p_value", "p_nonparametric", "effect_size") if c != column]
+    assert row[kept].tolist() == pytest.approx(before[kept].tolist())
+
+
+def test_unpaired_rank_test_failure_leaves_nan_and_a_note(monkeypatch):
+    runs, metrics = _tables_from_values({"base": BASE, "variant": {s + 10: v for s, v in VARIANT.items()}})
+    monkeypatch.setattr(scipy_stats, "mannwhitneyu", _raises(ValueError("x and y must not be empty")))
+    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    assert not row["paired"] and math.isnan(row["p_nonparametric"]) and "Mann-Whitney U test failed" in row["note"]
+    assert math.isfinite(row["p_value"]) and math.isfinite(row["effect_ci_low"])
+
+
+def test_bootstrap_failure_falls_back_to_the_t_interval(monkeypatch):
+    values = np.array(list(BASE.values()))
+    monkeypatch.setattr(scipy_stats, "bootstrap", _raises(ValueError("degenerate")))
+    low, high, method, t_low, t_high = stats._mean_interval(values)
+    assert method == "t (bootstrap failed)" and (low, high) == (t_low, t_high) and low < values.mean() < high
+
+
+def test_power_search_failure_is_noted_in_seed_consistency(monkeypatch):
+    from statsmodels.stats.power import TTestIndPower
+
+    runs, metrics = _tables_from_values({"base": BASE, "variant": VARIANT})
+    monkeypatch.setattr(TTestIndPower, "power", _raises(ZeroDivisionError("float division by zero")))
+    table = stats.seed_consistency(metrics, runs).set_index("variant")
+    assert table["seeds_for_1pt"].isna().all()
+    assert (table["note"] == "unpaired: power search failed (ZeroDivisionError)").all()
+    assert math.isfinite(table.loc["variant", "seeds_for_1pt_paired"]) and table["std"].notna().all()

@@ -126,6 +126,158 @@ def test_variance_components_per_setting_and_degenerate_cases():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Degenerate designs: REML's failure is replaced by the ANOVA estimator, never raised
+
+
+def _fail_reml(monkeypatch) -> None:
+    """Make every REML fit (point estimate and resamples) raise as it does on some processors."""
+
+    def singular(frame):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    monkeypatch.setattr(variance, "_reml", singular)
+
+
+def _design(values: np.ndarray) -> pd.DataFrame:
+    """One run per (data seed, train seed) cell of ``values[d, t]``."""
+    n_data, n_train = values.shape
+    return pd.DataFrame({"value": values.ravel(), "data_seed": np.repeat(np.arange(n_data), n_train),
+                         "train_seed": np.tile(np.arange(n_train), n_data)})
+
+
+# 3 x 3: data effects 2 * (-1, 0, 1), train effects (-1, 0, 1) and an interaction orthogonal to both, in
+# units of 0.01. By hand: MS_data = 3 * 8 / 2 = 12, MS_train = 3 * 2 / 2 = 3, MS_error = 4 / 4 = 1, so
+# s2_data = (12 - 1) / 3, s2_train = (3 - 1) / 3 and s2_resid = 1 (times 0.01^2).
+HAND_EFFECTS = (2 * np.array([-1.0, 0, 1])[:, None] + np.array([-1.0, 0, 1])[None, :]
+                + np.array([[1.0, -1, 0], [-1, 1, 0], [0, 0, 0]]))
+HAND_SD = {"data": 0.01 * math.sqrt(11 / 3), "train": 0.01 * math.sqrt(2 / 3), "residual": 0.01}
+
+
+def test_reml_raising_falls_back_to_the_hand_computed_anova(monkeypatch):
+    _fail_reml(monkeypatch)
+    row = variance.fit_variance_components(_design(0.8 + 0.01 * HAND_EFFECTS), resamples=20)
+    for name, sd in HAND_SD.items():
+        assert row[f"sd_{name}"] == pytest.approx(sd, rel=1e-9), name
+        assert np.isfinite([row[f"sd_{name}_ci_low"], row[f"sd_{name}_ci_high"]]).all(), name
+    total = sum(sd**2 for sd in HAND_SD.values())
+    assert row["sd_total"] == pytest.approx(math.sqrt(total), rel=1e-9)
+    assert row["share_data"] == pytest.approx(HAND_SD["data"] ** 2 / total, rel=1e-9)
+    assert math.isfinite(row["share_data_ci_low"]) and math.isfinite(row["share_data_ci_high"])
+    assert row["method"].startswith("ANOVA method of moments") and "REML failed" in row["method"]
+    assert "REML raised LinAlgError (Singular matrix); ANOVA (method of moments) estimates used" in row["note"]
+    assert "REML failed on 20 of 20 resamples; ANOVA estimates used for 20" in row["note"]
+
+
+def test_reml_not_converging_or_non_finite_falls_back_too(monkeypatch):
+    reml = variance._reml
+    for result, reason in ((lambda f: (*reml(f)[:4], False), "did not converge"),
+                           (lambda f: (0.0, math.nan, 0.1, 0.2, True), "non-finite")):
+        monkeypatch.setattr(variance, "_reml", result)
+        row = variance.fit_variance_components(_design(0.8 + 0.01 * HAND_EFFECTS), resamples=5)
+        assert row["sd_data"] == pytest.approx(HAND_SD["data"], rel=1e-9) and reason in row["note"]
+        assert "ANOVA" in row["method"] and "REML failed on 5 of 5 resamples" in row["note"]
+
+
+def test_a_failed_resample_is_counted_and_the_rest_stay_reml(monkeypatch):
+    calls = []
+
+    def every_third_fails(frame):
+        calls.append(1)
+        if len(calls) > 1 and len(calls) % 3 == 0:  # the point estimate (call 1) succeeds
+            raise np.linalg.LinAlgError("Singular matrix")
+        return (0.0, *variance.anova_components(frame), True)  # a stand-in REML that works on every processor
+
+    monkeypatch.setattr(variance, "_reml", every_third_fails)
+    runs, metrics = variance_tables(0.02, 0.006, 0.01, n_data=4, n_train=4)
+    row = variance.variance_components(runs, metrics, resamples=12).iloc[0]
+    assert row["method"].startswith("REML") and row["note"].startswith("REML failed on 4 of 12 resamples")
+    assert np.isfinite(row[["sd_data_ci_low", "sd_data_ci_high", "share_data_ci_low"]].to_numpy(float)).all()
+
+
+def test_anova_recovers_planted_components_balanced_and_unbalanced():
+    rng = np.random.default_rng(11)
+    n_data, n_train, sd = 60, 40, {"data": 2.0, "train": 1.0, "residual": 1.5}
+    values = (rng.normal(0, sd["data"], n_data)[:, None] + rng.normal(0, sd["train"], n_train)[None, :]
+              + rng.normal(0, sd["residual"], (n_data, n_train)))
+    balanced = _design(values).rename(columns={"value": "y"})
+    # Unbalanced: a fifth of the cells missing, and some cells run twice.
+    dropped = balanced.sample(frac=0.8, random_state=1)
+    repeats = dropped.head(100).assign(y=lambda f: f["y"] + rng.normal(0, sd["residual"], len(f)))
+    for frame in (balanced, pd.concat([dropped, repeats], ignore_index=True)):
+        s2_data, s2_train, s2_resid = variance.anova_components(frame)
+        assert s2_data == pytest.approx(sd["data"] ** 2, rel=0.3)
+        assert s2_train == pytest.approx(sd["train"] ** 2, rel=0.4)
+        assert s2_resid == pytest.approx(sd["residual"] ** 2, rel=0.1)
+
+
+def test_anova_equals_reml_on_a_balanced_design_with_interior_estimates():
+    runs, metrics = variance_tables(PLANTED["data"], PLANTED["train"], PLANTED["residual"], n_data=10, n_train=6)
+    frame = _ok_frame(metrics)
+    anova = np.array(variance.anova_components(frame))
+    reml = np.array(variance._reml(frame)[1:4])
+    assert (anova > 0).all()  # interior: nothing truncated, where the two estimators coincide
+    np.testing.assert_allclose(reml, anova, rtol=1e-3)
+
+
+def _ok_frame(metrics: pd.DataFrame) -> pd.DataFrame:
+    frame = stats.select_values(metrics, "accuracy", "test")[["value", "data_seed", "train_seed"]]
+    frame = frame.reset_index(drop=True)
+    return frame.assign(y=(frame["value"] - frame["value"].mean()) / frame["value"].std())
+
+
+def _degenerate(case: str) -> pd.DataFrame:
+    """Designs with planted exact zeros (values on a grid of 0.01, so every run on every processor sees them)."""
+    a, b = np.array([-2.0, 0, 1, 1]), np.array([1.0, -1, 0, 2, -2])
+    e = np.random.default_rng(5).integers(-2, 3, (4, 5)).astype(float)
+    effects = {"zero_data": b[None, :] + e, "zero_train": a[:, None] + e, "zero_residual": a[:, None] + b[None, :],
+               "constant": np.zeros((4, 5)), "single_data_seed": (a[:, None] + b[None, :] + e)[:1]}[case]
+    return _design(0.8 + 0.01 * effects)
+
+
+@pytest.mark.parametrize("reml_fails", [False, True], ids=["reml", "reml-raises"])
+@pytest.mark.parametrize("case", ["zero_data", "zero_train", "zero_residual", "constant", "single_data_seed"])
+def test_degenerate_designs_give_a_finite_row_and_a_note(case, reml_fails, monkeypatch):
+    if reml_fails:
+        _fail_reml(monkeypatch)
+    row = variance.fit_variance_components(_degenerate(case), resamples=10)
+    if case == "constant":
+        assert row["sd_total"] == 0 and "same value" in row["note"]
+        return
+    if case == "single_data_seed":
+        assert "at least two" in row["note"] and "sd_data" not in row
+        return
+    sds = [row[f"sd_{name}"] for name in ("data", "train", "residual", "total")]
+    assert np.isfinite(sds).all() and np.isfinite([row["share_data"], row["share_train"]]).all()
+    assert np.isfinite([row["sd_residual_ci_low"], row["sd_residual_ci_high"]]).all()
+    assert ("ANOVA" in row["method"]) == ("REML raised" in row["note"] or "REML put" in row["note"])
+    if reml_fails:
+        assert "ANOVA" in row["method"] and "REML raised LinAlgError" in row["note"]
+    if case == "zero_residual":
+        # Exactly additive: the residual is 0 and the others are the plain variances of the planted effects.
+        assert row["sd_residual"] == pytest.approx(0, abs=1e-9)
+        assert "residual component at the boundary 0" in row["note"] and "ANOVA" in row["method"]
+        assert row["sd_data"] == pytest.approx(0.01 * np.std([-2.0, 0, 1, 1], ddof=1), rel=1e-6)
+
+
+def test_a_setting_whose_reml_fails_keeps_its_row_and_the_others_stay_reml(monkeypatch):
+    runs, metrics = variance_tables(0.02, 0.01, 0.01, n_data=6, n_train=5, settings=("lora", "full"))
+    calls = []
+
+    def first_fit_fails(frame):  # the first call is the point estimate of the first setting
+        calls.append(1)
+        if len(calls) == 1:
+            raise np.linalg.LinAlgError("Singular matrix")
+        # A stand-in REML that succeeds on every processor (it equals REML on interior balanced designs).
+        return (0.0, *variance.anova_components(frame), True)
+
+    monkeypatch.setattr(variance, "_reml", first_fit_fails)
+    table = variance.variance_components(runs, metrics, resamples=5).set_index("setting")
+    assert table[["sd_data", "sd_train", "sd_residual", "share_data"]].notna().all().all()
+    assert table.loc["lora", "method"].startswith("ANOVA") and "REML raised" in table.loc["lora", "note"]
+    assert table.loc["full", "method"].startswith("REML") and "REML" not in table.loc["full", "note"]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Sweep: selection and re-evaluation
 
 
@@ -176,6 +328,34 @@ def test_planted_better_configuration_is_found_by_the_reruns():
     planted = reeval[(reeval["setting"] == "cfg13") & (reeval["split"] == "validation")].iloc[0]
     assert planted["p_best"] > 0.95 and planted["rerun_rank"] == 1
     assert planted["rerun_ci_low"] <= 0.86 + 0.01 and planted["rerun_ci_high"] >= 0.86 - 0.01
+
+
+def test_sweep_slope_and_f_test_failures_are_noted_and_the_rest_kept(monkeypatch):
+    import statsmodels.stats.anova
+
+    def raises(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    runs, metrics, _ = sweep_tables(EQUAL, noise=0.02, top_k=4, rerun_data=3, rerun_train=2, seed=1)
+    _, before = variance.sweep_tables(runs, metrics, resamples=200)
+    assert before["slope"].notna().all() and before["differ_p"].notna().all() and before["note"].eq("").all()
+    monkeypatch.setattr(np, "polyfit", raises)
+    monkeypatch.setattr(statsmodels.stats.anova, "anova_lm", raises)
+    reeval, summary = variance.sweep_tables(runs, metrics, resamples=200)
+    assert summary["slope"].isna().all() and summary["differ_p"].isna().all() and not summary["differ"].any()
+    assert summary["note"].str.contains("slope not computable \\(LinAlgError\\)").all()
+    assert summary["note"].str.contains("F test of configuration failed \\(LinAlgError").all()
+    kept = ["optimism", "topk_optimism", "topk_optimism_ci_low", "p_winner_best"]
+    pd.testing.assert_frame_equal(summary[kept], before[kept])
+    assert len(reeval) == 2 * len(EQUAL)
+
+
+def test_sweep_slope_of_numerically_constant_scores_is_nan_with_a_note():
+    # Sweep scores one ulp apart: np.ptp > 0, but x and the intercept column are collinear to machine precision.
+    x = np.array([1.0, 1.0 + 2.0**-52, 1.0])
+    slope, note = variance._slope(x, np.array([0.7, 0.71, 0.72]))
+    assert math.isnan(slope) and note == "slope not computable (RankWarning)"
+    assert variance._slope(np.array([0.1, 0.2, 0.3]), np.array([1.0, 2.0, 3.0]))[0] == pytest.approx(10)
 
 
 def test_stats_tables_are_written_empty_without_such_families(tmp_path):
