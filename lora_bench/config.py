@@ -238,9 +238,10 @@ class TrainConfig:
     progress: str
     checkpoint: str = "none"
     length_grouping: bool = False
+    test_every_epoch: bool = True
 
 
-TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False}
+TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False, "test_every_epoch": True}
 
 
 @dataclass(frozen=True)

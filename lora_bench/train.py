@@ -287,13 +287,41 @@ class ClassificationTask:
 TASKS = {"classification": ClassificationTask, "instruct": InstructTask}
 
 
-def _evaluate_splits(task, model: nn.Module, train_cfg: TrainConfig) -> dict:
+def _evaluate_splits(task, model: nn.Module, train_cfg: TrainConfig, splits=SPLITS) -> dict:
     record = {}
-    for name in SPLITS:
+    for name in splits:
         if name == "train" and not train_cfg.eval_train:
             continue
         record.update({f"{name}_{key}": value for key, value in task.evaluate(model, name).items()})
     return record
+
+
+class BestEpoch:
+    """Test evaluated once, at the epoch selection picks, instead of after every epoch (``train.test_every_epoch:
+    false``): the trainable weights of the best epoch so far are kept (a copy of the adapters, or of the whole
+    model for full finetuning) and put back for the one test pass, which gives the numbers a per-epoch test
+    pass would have given at that epoch. Selection reads validation only, so nothing else changes.
+    """
+
+    def __init__(self, task, model: nn.Module, train_cfg: TrainConfig):
+        self.task, self.model, self.train_cfg = task, model, train_cfg
+        self.best: dict | None = None
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def after_epoch(self, record: dict) -> None:
+        if self.best is None or self.task.select(record) > self.task.select(self.best):
+            self.best = record
+            self.weights = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                            if p.requires_grad}
+
+    def evaluate_test(self, last_epoch: int) -> None:
+        """Test metrics into the best epoch's record, with the weights it had (restored if training went on)."""
+        if self.best["epoch"] != last_epoch:
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    if name in self.weights:
+                        param.copy_(self.weights[name])
+        self.best.update(_evaluate_splits(self.task, self.model, self.train_cfg, splits=("test",)))
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -431,6 +459,11 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
+    # Per-epoch test passes are kept when a family asks for test curves, and with checkpoints (a resumed run has
+    # no copy of an earlier epoch's weights).
+    test_once = cfg.train.evaluate and not cfg.train.test_every_epoch and not checkpointing
+    best_epoch = BestEpoch(task, model, cfg.train) if test_once else None
+    epoch_splits = tuple(s for s in SPLITS if not (test_once and s == "test"))
     max_steps = cfg.train.max_steps or total_steps
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         if step >= max_steps:
@@ -475,8 +508,10 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         record = {"epoch": epoch, "train_loss": loss_sum / loss_count}
         if cfg.train.evaluate:
             eval_start = time.perf_counter()
-            record.update(_evaluate_splits(task, model, cfg.train))
+            record.update(_evaluate_splits(task, model, cfg.train, epoch_splits))
             eval_seconds += time.perf_counter() - eval_start
+            if best_epoch:
+                best_epoch.after_epoch(record)
         epochs.append(record)
         if checkpointing:
             save_checkpoint(checkpoint_file, **state, progress={
@@ -484,6 +519,10 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
                 "train_seconds": train_seconds, "eval_seconds": eval_seconds})
 
     trained = [r for r in epochs if r["epoch"] >= 1]
+    if best_epoch:
+        eval_start = time.perf_counter()
+        best_epoch.evaluate_test(trained[-1]["epoch"])
+        eval_seconds += time.perf_counter() - eval_start
     best = max(trained, key=task.select) if cfg.train.evaluate else trained[-1]
     final = {k: v for k, v in best.items() if k != "epoch"}
     final.update(task.after_training(model))

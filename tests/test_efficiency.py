@@ -74,3 +74,48 @@ def test_a_run_records_setup_and_eval_time_and_padding(tiny_run):
     assert grouped.timing["optimizer_steps"] == timing["optimizer_steps"]
     # Left out of the resolved config at its default, so runs that existed before the key keep their params.
     assert "length_grouping" not in RunConfig.from_dict({}).to_dict()["train"]
+
+
+def test_test_split_once_at_the_selected_epoch_gives_the_same_final_numbers(tiny_run):
+    tiny_run["train"].update(epochs=3, lr=5.0e-2, eval_train=False)
+    every = run_training(RunConfig.from_dict(tiny_run))
+    tiny_run["train"]["test_every_epoch"] = False
+    once = run_training(RunConfig.from_dict(tiny_run))
+    assert once.metrics["final"] == every.metrics["final"]
+    assert once.metrics["selected_epoch"] == every.metrics["selected_epoch"]
+    tested = [e["epoch"] for e in once.metrics["epochs"] if "test_accuracy" in e]
+    assert tested == [once.metrics["selected_epoch"]]
+    # Validation is still measured after every epoch: selection does not change.
+    assert [e["validation_accuracy"] for e in once.metrics["epochs"]] == [
+        e["validation_accuracy"] for e in every.metrics["epochs"]]
+
+
+def test_best_epoch_weights_are_restored_for_the_one_test_pass():
+    from lora_bench.train import BestEpoch
+
+    model = torch.nn.Linear(2, 1)
+    seen = []
+
+    class Task:
+        @staticmethod
+        def select(record):
+            return record["validation_accuracy"]
+
+        @staticmethod
+        def evaluate(model, split):
+            seen.append(model.weight.detach().clone())
+            return {"accuracy": float(model.weight.sum())}
+
+    class Train:
+        eval_train = False
+
+    best = BestEpoch(Task, model, Train)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    first = {"epoch": 1, "validation_accuracy": 0.9}
+    best.after_epoch(first)
+    with torch.no_grad():
+        model.weight.fill_(7.0)  # training went on and got worse on validation
+    best.after_epoch({"epoch": 2, "validation_accuracy": 0.6})
+    best.evaluate_test(last_epoch=2)
+    assert torch.equal(seen[0], torch.ones(1, 2)) and first["test_accuracy"] == 2.0
