@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
 from .data import macro_f1
+from .diagnostics import prediction_shape
 from .instruct_data import describe_instruct_splits, prepare_instruct_splits
 from .models import LoadedModel, _hub_name, load_error, random_config_path, random_model_config, tiny_tokenizer
 from .record import replace_atomically
@@ -320,7 +321,7 @@ def closed_answer_metrics(scores: list[list[float]], gold: list[int], candidates
     loss = nll / tokens
     return {"accuracy": float((predicted == gold_arr).mean()),
             "macro_f1": macro_f1(gold_arr, predicted),
-            "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+            "loss": loss, "perplexity": math.exp(min(loss, 700.0)), **prediction_shape(gold_arr, predicted)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -146,6 +146,7 @@ def cmd_train(args) -> int:
         labels["gpu_index"] = index
 
     from .checkpoint import checkpoint_path, remove_checkpoint
+    from .diagnostics import failed_diagnosis
     from .record import base_record, determinism_state, environment, failure_kind, now_iso, write_json_atomic
     from .train import run_training
 
@@ -160,8 +161,10 @@ def cmd_train(args) -> int:
     except Exception as exc:
         # Past validation, any failure (a missing model, a bad data file, NaN loss, GPU OOM) is data:
         # the record says what went wrong and the rest of the study goes on.
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", error_kind=failure_kind(exc),
-                      finished_at=now_iso(), traceback=traceback.format_exc(limit=20))
+        kind = failure_kind(exc)
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", error_kind=kind,
+                      diagnostics=failed_diagnosis(kind), finished_at=now_iso(),
+                      traceback=traceback.format_exc(limit=20))
         write_json_atomic(record, out)
         print(f"run failed: {record['error']}\n(recorded in {out})", file=sys.stderr)
         return 1 if args.strict else 0
@@ -180,6 +183,7 @@ def cmd_train(args) -> int:
         data=result.data_info,
         method=result.method_info,
         determinism=determinism_state(result.device),
+        diagnostics=result.diagnostics,
         notes=result.notes,
     )
     write_json_atomic(record, out)

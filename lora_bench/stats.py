@@ -162,7 +162,8 @@ TESTS_COLUMNS = [
     "n_variant", "n_baseline", "n_pairs", "paired", "mean_variant", "mean_baseline", "diff", "diff_ci_low",
     "diff_ci_high", "ratio", "ratio_ci_low", "ratio_ci_high", "effect_size", "effect_size_kind", "effect_ci_low",
     "effect_ci_high", "test", "p_value", "p_holm", "nonparametric_test", "p_nonparametric", "p_nonparametric_holm",
-    "exact", "significant", "direction", "verdict", "note",
+    "exact", "significant", "direction", "verdict", "untrained_variant", "untrained_baseline", "convergence",
+    "note",
 ]  # fmt: skip
 
 
@@ -654,8 +655,9 @@ def _finish(rows: list[dict]) -> pd.DataFrame:
     tests["verdict"] = np.where(tests["significant"], np.where(better, "better", "worse"), "n.s.")
     tests["paired"] = tests["paired"].astype(bool)
     tests["higher_is_better"] = tests["higher_is_better"].astype(bool)
-    for column in ("n_variant", "n_baseline", "n_pairs"):
-        tests[column] = tests[column].astype(int)
+    for column in ("n_variant", "n_baseline", "n_pairs", "untrained_variant", "untrained_baseline"):
+        tests[column] = tests[column].fillna(0).astype(int)
+    tests["convergence"] = tests["convergence"].fillna("unknown")
     tests["note"] = tests["note"].fillna("")
     return tests
 
@@ -686,6 +688,40 @@ def _failed_note(runs: pd.DataFrame, family: str, variant: str) -> str:
         return ""
     failed = runs[(runs["family"] == family) & (runs["variant"] == variant) & (runs["status"] != "ok")]
     return f"{len(failed)} failed run(s) of {variant} excluded" if len(failed) else ""
+
+
+CONVERGENCE_NOTES = {
+    "trained": "",
+    "inconclusive": "inconclusive: training did not converge",
+    "as_expected": "as expected: the variant declares expect: no_learning",
+    "unknown": "",
+}
+
+
+def _untrained(runs: pd.DataFrame, family: str, variant: str) -> tuple[int, bool]:
+    """(finished runs of the variant whose training did not converge, whether the variant expects that).
+
+    A run did not converge when the learning diagnostics (lora_bench.diagnostics) say it did not learn,
+    collapsed, diverged or did not plateau (``trained`` is False); runs without diagnostics are not counted.
+    """
+    rows = runs[(runs["family"] == family) & (runs["variant"] == variant) & (runs["status"] == "ok")]
+    flagged = int((rows["trained"] == False).sum()) if "trained" in rows else 0  # noqa: E712 (None stays out)
+    expected = bool("expect" in rows and (rows["expect"] == "no_learning").any())
+    return flagged, expected
+
+
+def convergence(runs: pd.DataFrame, family: str, variant: str, baseline: str | None) -> dict:
+    """Whether a comparison rests on runs that trained: ``convergence`` is ``trained``, ``inconclusive`` (a run of
+    either side did not converge), ``as_expected`` (only runs of a variant that declares ``expect: no_learning``
+    did not) or ``unknown`` (records without diagnostics)."""
+    if "trained" not in runs or runs.loc[runs["family"] == family, "trained"].isna().all():
+        return {"untrained_variant": 0, "untrained_baseline": 0, "convergence": "unknown"}
+    n_variant, expected = _untrained(runs, family, variant)
+    n_baseline = _untrained(runs, family, baseline)[0] if baseline and baseline != variant else 0
+    state = "trained"
+    if n_variant or n_baseline:
+        state = "as_expected" if expected and not n_baseline else "inconclusive"
+    return {"untrained_variant": n_variant, "untrained_baseline": n_baseline, "convergence": state}
 
 
 def compare_to_baseline(
@@ -750,6 +786,7 @@ def compare_to_baseline(
                 n_baseline=len(base_values),
                 exact=exact,
                 note="; ".join(n for n in notes if n),
+                **convergence(runs, family, variant, baseline),
             )
             rows.append(comparison)
     return _finish(rows)
@@ -786,6 +823,7 @@ def _compare_epochs(
                 n_variant=len(later),
                 n_baseline=len(first),
                 note="; ".join(n for n in notes if n),
+                **convergence(runs, family, variant, None),
             )
             rows.append(comparison)
     return rows

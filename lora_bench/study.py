@@ -32,6 +32,8 @@ from .config import ConfigError, RunConfig, deep_merge, load_yaml, validate
 FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "variance", "sweep",
                 "instruct", "generic")
 SWEEP_KIND, VARIANCE_KIND = "sweep", "variance"
+# What a variant may declare it is meant to show (`expect:`), so its flags are not read as a failed comparison.
+EXPECTATIONS = ("no_learning",)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Family:
     # variant (<config>-data<d>) -> partial run config.
     sweep: dict | None = None
     rerun_variants: dict = field(default_factory=dict)
+    # variant -> what its runs are expected to show (`expect: no_learning`): the report reads their flags so.
+    expectations: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ class Study:
                   "is_baseline": variant == fam.baseline, "study": self.name}
         # Only families that cross seeds get the extra labels: the labels are a workflow parameter, and a
         # changed parameter would re-run every finished run of the older families.
+        expected = fam.expectations.get(fam.settings.get(variant, (variant,))[0])
+        if expected:  # only then: a new label on every run would re-label them all
+            labels["expect"] = expected
         if variant in fam.settings:
             setting, data_seed = fam.settings[variant]
             labels.update(setting=setting, data_seed=data_seed, train_seed=seed)
@@ -288,7 +295,11 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
         if not FAMILY_NAME.fullmatch(name) or bad:
             raise ConfigError(f"{where}: name {(bad or [name])[0]!r} is not a folder name of letters, digits and _ "
                               "(and .+- for variants)")
-        explicit = {v: (o or {}) for v, o in block["variants"].items()}
+        explicit = {v: dict(o or {}) for v, o in block["variants"].items()}
+        expectations = {v: o.pop("expect") for v, o in explicit.items() if "expect" in o}
+        wrong = {v: e for v, e in expectations.items() if e not in EXPECTATIONS}
+        if wrong:
+            raise ConfigError(f"{where}: expect {wrong} is not one of {list(EXPECTATIONS)}")
         generated = _grid_variants(block["grid"], where) if block["grid"] else {}
         clash = set(explicit) & set(generated)
         if clash:
@@ -311,7 +322,8 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
         seeds = tuple(block.get("seeds") or cfg["seeds"])
         variants, baseline, settings, sweep, reruns = _cross_seeds(where, kind, block, variants, block["baseline"],
                                                                    seeds)
-        families[name] = Family(name, kind, block["description"], baseline, seeds, variants, settings, sweep, reruns)
+        families[name] = Family(name, kind, block["description"], baseline, seeds, variants, settings, sweep, reruns,
+                                expectations)
     if not families:
         raise ConfigError(f"{source}: every family is disabled")
     study = Study(cfg["name"], tuple(cfg["seeds"]), cfg["threads"], cfg["gpus_per_job"], families, source,

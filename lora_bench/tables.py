@@ -13,6 +13,7 @@ import pandas as pd
 
 from . import SCHEMA_VERSION
 from .config import flatten
+from .diagnostics import FLAGS, trained
 from .faults import fault_point
 from .record import (
     READABLE_RECORD_VERSIONS,
@@ -126,6 +127,7 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
     git = env.get("git") or {}
     sha = git.get("sha") or ""
     params = record.get("params") or {}
+    diagnostics = record.get("diagnostics") or {}
     run_row = {
         **labels,
         "error": record.get("error") or "",
@@ -143,6 +145,12 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         "error_kind": record.get("error_kind") or "",
         # None for records written before runs said whether their numbers repeat bit for bit.
         "bitwise_reproducible": (record.get("determinism") or {}).get("bitwise_reproducible"),
+        # Did it learn (lora_bench.diagnostics)? None for records written before runs said so.
+        **{flag: diagnostics.get(flag) for flag in FLAGS},
+        "trained": trained(diagnostics) if diagnostics else None,
+        "learned_p": diagnostics.get("learned_p"),
+        "loss_decrease_last_fifth": diagnostics.get("loss_decrease_last_fifth"),
+        "expect": (record.get("run") or {}).get("expect", ""),
         **{f"versions.{k}": v for k, v in (env.get("versions") or {}).items()},
         **{f"cfg.{k}": v for k, v in flatten(record.get("config") or {}).items()},
         **{f"data.{k}": v for k, v in (record.get("data") or {}).items() if k in ("origin", "mean_tokens")},

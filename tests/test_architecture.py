@@ -17,7 +17,7 @@ LAYERS = {
     # foundations: no package imports
     "faults": 0, "config": 0, "lora": 0, "reference": 0,
     # sources, quantization and methods
-    "quant": 1, "data": 1, "models": 1, "study": 1,
+    "quant": 1, "data": 1, "models": 1, "study": 1, "diagnostics": 1,
     "methods": 2, "record": 2, "instruct_data": 2,
     "causal": 3, "checkpoint": 3,
     "train": 4,
