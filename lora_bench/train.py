@@ -325,7 +325,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     scheduler = build_schedule(optimizer, cfg.train, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
-    epochs, notes, step_times = [], [], []
+    epochs, notes, step_times, step_examples = [], [], [], []
     examples_seen = tokens_seen = 0
     train_seconds = 0.0
     step = 0
@@ -337,6 +337,9 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     notes += [note] if note else []
     if resumed:
         epochs, step_times, step = resumed["epochs"], resumed["step_times"], resumed["step"]
+        # Checkpoints from before per-step example counts were kept have none: the lists then stay unequal
+        # in length and ``timing.step_examples`` is left out.
+        step_examples = resumed.get("step_examples", [])
         examples_seen, tokens_seen = resumed["examples_seen"], resumed["tokens_seen"]
         train_seconds, first_epoch = resumed["train_seconds"], resumed["epoch"] + 1
         notes.append(f"resumed from the checkpoint saved after epoch {resumed['epoch']}")
@@ -356,6 +359,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         loss_sum, loss_count = 0.0, 0
         epoch_start = time.perf_counter()
         step_start = time.perf_counter()
+        examples_in_step = 0
         for micro_step, batch in enumerate(_progress(train_loader, cfg.train, f"epoch {epoch}", len(train_loader))):
             loss, weight, n_examples, n_tokens = task.loss(model, batch)
             if not torch.isfinite(loss):
@@ -364,6 +368,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
             loss_sum += loss.item() * weight
             loss_count += weight
             examples_seen += n_examples
+            examples_in_step += n_examples
             tokens_seen += n_tokens
             last_micro = micro_step + 1 == len(train_loader)
             if (micro_step + 1) % cfg.train.grad_accum and not last_micro:
@@ -380,7 +385,9 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
             step_times.append(now - step_start)
+            step_examples.append(examples_in_step)
             step_start = now
+            examples_in_step = 0
             if step >= max_steps:
                 break
         train_seconds += time.perf_counter() - epoch_start
@@ -391,6 +398,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         if checkpointing:
             save_checkpoint(checkpoint_file, **state, progress={
                 "epoch": epoch, "epochs": epochs, "step": step, "step_times": step_times,
+                "step_examples": step_examples,
                 "examples_seen": examples_seen, "tokens_seen": tokens_seen, "train_seconds": train_seconds})
 
     trained = [r for r in epochs if r["epoch"] >= 1]
@@ -416,6 +424,10 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
             "examples_per_s": examples_seen / train_seconds if train_seconds else None,
             "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
             "threads": torch.get_num_threads(),
+            # Per optimizer step, in order (data loading + forward + backward + update): throughput and
+            # percentiles over any window can be recomputed, e.g. by benchmarks/bench_peer.py.
+            "step_times_s": step_times,
+            **({"step_examples": step_examples} if len(step_examples) == len(step_times) else {}),
         },
         memory=memory,
         model_info=loaded.info,
