@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup study test test-slow ci-workflow lint bench clean-results
+.PHONY: setup study test test-slow ci-workflow lint bench bench-peer clean-results
 
 setup: $(VENV)/.installed
 
@@ -49,3 +49,8 @@ ci-workflow: setup
 
 bench: setup
 	$(RUN) pytest benchmarks/bench_layers.py --benchmark-json results/benchmarks/layers.json -p no:cacheprovider -m ''
+
+## One full LoRA run (MiniLM-L6, 2,800 Pang & Lee sentences, 3 epochs) through lora_bench and through
+## transformers + peft, 3 seeds, on an otherwise idle machine -> results/benchmarks/peer.json (about 20-25 min on 2 idle cores).
+bench-peer: setup
+	$(RUN) python benchmarks/bench_peer.py --seeds 3 --epochs 3 --threads 2 --out results/benchmarks/peer.json

@@ -145,6 +145,11 @@ def replace_atomically(path: str | Path, write_temporary) -> None:
         write_temporary(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would, so a record
+        # or table can be read by whoever may read the folder (as stats.atomic_output does).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

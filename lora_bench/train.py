@@ -34,6 +34,7 @@ from .causal import InstructTask
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, MethodConfig, RunConfig, TrainConfig
 from .data import SPLITS, macro_f1, prepare_splits
+from .diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
 from .lora import count_parameters
 from .methods import prepare_model
 from .models import load_model, load_tokenizer, max_positions
@@ -210,7 +211,7 @@ def evaluate(model, loader, device, precision, accepted: frozenset[str] | None =
         truth.append(labels.cpu())
     predicted, actual = torch.cat(predictions).numpy(), torch.cat(truth).numpy()
     return {"accuracy": float((predicted == actual).mean()), "loss": loss_sum / len(actual),
-            "macro_f1": macro_f1(actual, predicted)}
+            "macro_f1": macro_f1(actual, predicted), **prediction_shape(actual, predicted)}
 
 
 def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
@@ -383,6 +384,7 @@ class RunResult:
     data_info: dict
     method_info: dict
     device: str
+    diagnostics: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -430,7 +432,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     scheduler = build_schedule(optimizer, cfg.train, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
-    epochs, notes = [], []
+    epochs, notes, loss_curve = [], [], []
     # Per optimizer step: seconds, examples, real tokens, padded tokens (throughput leaves out warm-up steps).
     steps: dict[str, list] = {"seconds": [], "examples": [], "tokens": [], "padded": []}
     train_seconds = eval_seconds = 0.0
@@ -443,7 +445,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     resumed, note = load_checkpoint(checkpoint_file, **state) if checkpointing else (None, None)
     notes += [note] if note else []
     if resumed:
-        epochs, step = resumed["epochs"], resumed["step"]
+        epochs, step, loss_curve = resumed["epochs"], resumed["step"], resumed.get("loss_curve", [])
         steps = resumed.get("steps") or {"seconds": resumed["step_times"], "examples": [], "tokens": [],
                                          "padded": []}
         train_seconds, first_epoch = resumed["train_seconds"], resumed["epoch"] + 1
@@ -473,13 +475,21 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         epoch_start = time.perf_counter()
         step_start = time.perf_counter()
         examples = tokens = padded = 0
+        # The training loss at LOSS_POINTS_PER_EPOCH evenly spaced steps (mean since the previous point), for the
+        # plateau diagnostic: the epoch's mean alone says nothing about the slope at the end of a one-epoch run.
+        epoch_first_step = step
+        epoch_steps = min(steps_per_epoch, max_steps - step)
+        point_sum, point_count, points_logged = 0.0, 0, 0
         for micro_step, batch in enumerate(_progress(loader, cfg.train, f"epoch {epoch}", len(loader))):
             loss, weight, n_examples, n_tokens = task.loss(model, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
             scaler.scale(loss / cfg.train.grad_accum).backward()
-            loss_sum += loss.item() * weight
+            loss_value = loss.item()
+            loss_sum += loss_value * weight
             loss_count += weight
+            point_sum += loss_value * weight
+            point_count += weight
             examples += n_examples
             tokens += n_tokens
             padded += batch["input_ids"].numel() if "input_ids" in batch else n_tokens
@@ -494,6 +504,10 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
+            point = (step - epoch_first_step) * LOSS_POINTS_PER_EPOCH // max(1, epoch_steps)
+            if point > points_logged:
+                loss_curve.append([step, point_sum / point_count])
+                point_sum, point_count, points_logged = 0.0, 0, point
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
@@ -516,6 +530,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         if checkpointing:
             save_checkpoint(checkpoint_file, **state, progress={
                 "epoch": epoch, "epochs": epochs, "step": step, "steps": steps, "step_times": steps["seconds"],
+                "loss_curve": loss_curve,
                 "train_seconds": train_seconds, "eval_seconds": eval_seconds})
 
     trained = [r for r in epochs if r["epoch"] >= 1]
@@ -542,9 +557,14 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         "optimizer_steps": step,
         **step_throughput(steps),
         "threads": torch.get_num_threads(),
+        # Per optimizer step, in order (data loading + forward + backward + update): throughput and percentiles
+        # over any window can be recomputed, e.g. by benchmarks/bench_peer.py.
+        "step_times_s": steps["seconds"],
+        **({"step_examples": steps["examples"]} if len(steps["examples"]) == len(steps["seconds"]) else {}),
     }
     return RunResult(
-        metrics={"epochs": epochs, "selected_epoch": best["epoch"], "final": final},
+        metrics={"epochs": epochs, "selected_epoch": best["epoch"], "final": final, "train_loss_curve": loss_curve},
+        diagnostics=diagnose(best, loss_curve, best["epoch"], trained[-1]["epoch"]) if cfg.train.evaluate else {},
         params={"trainable": trainable, "total": total, "trainable_fraction": trainable / total},
         timing=timing,
         memory=memory,
