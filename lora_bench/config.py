@@ -214,6 +214,8 @@ class MethodConfig:
     quant: QuantConfig
     lora: LoRAConfig
     head_patterns: list | None = None
+    # What train_classifier trains: peft = the whole head module peft's SEQ_CLS trains; last_linear = its output layer.
+    head: str = "peft"
 
 
 @dataclass(frozen=True)

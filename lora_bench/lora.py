@@ -151,7 +151,8 @@ class Architecture:
     ``layer`` captures the transformer-block index so a spec can restrict coverage to some layers.
     The ``head`` kind matches the classification head's linear layers (all trained by
     ``last_layers``; LoRA-covered when a spec includes ``head``); ``classifier`` matches only the
-    final, freshly initialised output layer.
+    final, freshly initialised output layer (what ``train_classifier`` trains under ``method.head:
+    last_linear``; the default ``peft`` trains the modules of ``peft_head_modules`` instead).
     """
 
     name: str
@@ -328,6 +329,30 @@ def architecture_of(model: nn.Module, head_patterns=None, target_patterns=None) 
     return arch
 
 
+# Hugging Face peft (0.21, PeftModelForSequenceClassification) appends these to ``modules_to_save`` for
+# task_type SEQ_CLS and trains every module whose full name *ends with* one of them, as a plain string suffix.
+PEFT_SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+
+
+def peft_head_modules(model: nn.Module) -> list[str]:
+    """The modules peft's ``task_type="SEQ_CLS"`` trains whole (its ``modules_to_save``), outermost first.
+
+    peft's rule is ``name.endswith("classifier") or name.endswith("score")``, so per architecture:
+    BERT/MiniLM, DeBERTa-v2, ALBERT ``classifier`` (one linear; the pooler stays frozen); DistilBERT
+    ``pre_classifier`` and ``classifier`` (the suffix matches ``pre_classifier`` too); RoBERTa/XLM-R, ELECTRA,
+    MPNet ``classifier`` = ``classifier.dense`` + ``classifier.out_proj``; Llama/Mistral/Qwen2 ``score``.
+    A module inside one already listed is left out: the outer one trains all of it.
+    """
+    names: list[str] = []
+    for name, _ in model.named_modules():
+        if not name.endswith(PEFT_SEQ_CLS_HEAD_NAMES):
+            continue
+        if any(name.startswith(outer + ".") for outer in names):
+            continue
+        names.append(name)
+    return names
+
+
 def head_pattern(arch: Architecture) -> str:
     """The regex of the classification head's linear layers, or a named error when nobody said which."""
     if "head" not in arch.kinds:
@@ -464,6 +489,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 __all__ = [
     "ARCHITECTURES",
     "COVERAGE_KINDS",
+    "PEFT_SEQ_CLS_HEAD_NAMES",
     "SCALING_RULES",
     "Architecture",
     "LinearWithLoRA",
@@ -478,5 +504,6 @@ __all__ = [
     "lora_modules",
     "make_lora",
     "merge_lora",
+    "peft_head_modules",
     "unmerge_lora",
 ]

@@ -28,6 +28,16 @@ HEAD_PARAMS = {  # every linear layer of each head: what last_layers trains
     "tiny-mpnet": (32 * 32 + 32) + (32 * 3 + 3),
 }
 CLASSIFIER_PARAMS = 32 * 3 + 3
+# What lora's train_classifier trains by default (method.head: peft): the whole module peft's SEQ_CLS trains, so
+# RoBERTa, ELECTRA and MPNet's classifier.dense + classifier.out_proj; DeBERTa-v2 and ALBERT have one classifier
+# layer (their poolers stay frozen). Was CLASSIFIER_PARAMS for all five (the output layer only).
+LORA_HEAD_PARAMS = {
+    "tiny-roberta": HEAD_PARAMS["tiny-roberta"],
+    "tiny-deberta-v2": CLASSIFIER_PARAMS,
+    "tiny-electra": HEAD_PARAMS["tiny-electra"],
+    "tiny-albert": CLASSIFIER_PARAMS,
+    "tiny-mpnet": HEAD_PARAMS["tiny-mpnet"],
+}
 RANK = 4
 LORA_PER_BLOCK = {
     "query+value": 2 * RANK * (32 + 32),
@@ -59,7 +69,7 @@ def test_lora_on_each_architecture_keeps_outputs_and_counts(name, coverage):
     info = prepare_model(model, _method("lora", COVERAGE[coverage]))
     torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=0)
     blocks = 1 if name == "tiny-albert" else 2  # ALBERT's one block of weights serves every layer
-    assert count_parameters(model)[0] == blocks * LORA_PER_BLOCK[coverage] + CLASSIFIER_PARAMS
+    assert count_parameters(model)[0] == blocks * LORA_PER_BLOCK[coverage] + LORA_HEAD_PARAMS[name]
     assert len(info["lora_modules"]) == blocks * len(COVERAGE[coverage]) + (blocks if coverage == "all" else 0)
 
 
@@ -164,13 +174,17 @@ def test_split_column_and_text_pairs(tmp_path):
 
 def test_explicit_patterns_replace_the_name_map():
     model = _model("tiny-electra")
-    method = RunConfig.from_dict({"method": {
+    method_raw = {
         "name": "lora", "head_patterns": [r"classifier\..*"],
         "lora": {"rank": RANK, "target_patterns": [r".*layer\.(?P<layer>\d+)\.attention\.self\.key"], "layers": [1]},
-    }}).method
+    }
+    method = RunConfig.from_dict({"method": method_raw}).method
     info = prepare_model(model, method)
     assert info["lora_modules"] == ["electra.encoder.layer.1.attention.self.key"]
-    assert info["fully_trained"] == ["classifier.out_proj"]  # the last head layer is the output layer
+    # Named head layers all train by default (method.head: peft); last_linear trains the last, the output layer.
+    assert info["fully_trained"] == ["classifier.dense", "classifier.out_proj"]
+    last = RunConfig.from_dict({"method": {**method_raw, "head": "last_linear"}}).method
+    assert prepare_model(_model("tiny-electra"), last)["fully_trained"] == ["classifier.out_proj"]
 
 
 class _Unknown(torch.nn.Module):
