@@ -302,6 +302,7 @@ def cmd_stats(args) -> int:
     from .record import ensure_writable
     from .stats import run_stats
     from .tables import check_tables
+    from .tuning import write_tuning_table
     from .variance import run_variance_stats
 
     tables = Path(args.tables)
@@ -309,6 +310,7 @@ def cmd_stats(args) -> int:
     ensure_writable(args.out_dir or tables)
     run_stats(tables / "metrics.parquet", tables / "runs.parquet", args.out_dir or tables)
     run_variance_stats(tables / "runs.parquet", tables / "metrics.parquet", args.out_dir or tables)
+    write_tuning_table(tables / "runs.parquet", tables / "metrics.parquet", args.out_dir or tables)
     return 0
 
 
@@ -326,6 +328,29 @@ def cmd_select_sweep(args) -> int:
     write_json_atomic(selection, args.out)
     print(f"{args.family}: winner {selection['winner']}, re-running {selection['selected']} "
           f"({len(selection['failed_runs'])} failed sweep runs)", file=sys.stderr)
+    return 0
+
+
+def cmd_select_tune(args) -> int:
+    """Pick each variant's value of a tuned family's key from its tuning runs' validation scores."""
+    from .record import write_json_atomic
+    from .study import load_study
+    from .tables import collect
+    from .tuning import selection
+
+    if args.study:
+        family = load_study(args.study).families.get(args.family)
+        if family is None or not family.tune or family.kind == "tune":
+            raise ConfigError(f"select-tune: family {args.family!r} of {args.study} has no tune block")
+        tune = family.tune
+    else:
+        tune = _json_mapping(args.tune_json, "--tune-json")
+    if not args.records:
+        raise ConfigError("select-tune: no run records given (--records)")
+    runs, metrics = collect(list(args.records))
+    chosen = selection(runs, metrics, args.family, tune)
+    write_json_atomic(chosen, args.out)
+    print(f"{args.family}: {chosen['key']} = {chosen['chosen']}", file=sys.stderr)
     return 0
 
 
@@ -424,6 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--top-k", type=int, required=True)
     select.add_argument("--out", required=True)
     select.set_defaults(func=cmd_select_sweep)
+
+    tune = sub.add_parser("select-tune", help="tuning records -> selection JSON (each variant's chosen value)")
+    tune.add_argument("--family", required=True)
+    tune_source = tune.add_mutually_exclusive_group(required=True)
+    tune_source.add_argument("--study", help="study config YAML")
+    tune_source.add_argument("--tune-json", help="the family's tune block as JSON (what the workflow passes)")
+    tune.add_argument("--records", nargs="*", default=[])
+    tune.add_argument("--out", required=True)
+    tune.set_defaults(func=cmd_select_tune)
 
     figures = sub.add_parser("figures", help="tables -> figures")
     figures.add_argument("--tables", default="results/tables")

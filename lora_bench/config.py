@@ -241,9 +241,11 @@ class TrainConfig:
     checkpoint: str = "none"
     length_grouping: bool = False
     test_every_epoch: bool = True
+    evaluate_test: bool = True
 
 
-TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False, "test_every_epoch": True}
+TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False, "test_every_epoch": True,
+                                 "evaluate_test": True}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from lora_bench import stats, variance  # noqa: E402
+from lora_bench import stats, tuning, variance  # noqa: E402
 
 PNG_DPI = 150
 STYLE = "whitegrid"
@@ -661,6 +661,41 @@ def plot_sweep(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "sweep")
     return fig
 
 
+def plot_tune(runs: pd.DataFrame, metrics: pd.DataFrame, family: str) -> Figure:
+    """Tuning with an equal budget: each variant's validation score (mean over the tuning seeds; single runs as
+    small dots) against the tuned value, log scale; the ringed point is the value chosen for the comparison.
+
+    Only the validation split was evaluated: the test split played no part in choosing.
+    """
+    table = tuning.tuning_table(runs, metrics)
+    table = table[table["tuning_family"] == family]
+    if table.empty or table["mean"].isna().all():
+        return _message_figure(family, "no finished tuning runs to plot")
+    name, split = tuning.TUNE_METRICS[str(table["metric"].iloc[0])]
+    singles = stats.select_values(metrics[metrics["family"] == family], name, split, "final").merge(
+        runs[["run_id", "tune_value"]], on="run_id")
+    settings = list(dict.fromkeys(table["setting"]))
+    colors = dict(zip(settings, sns.color_palette(PALETTE, len(settings)), strict=True))
+    with sns.axes_style(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for setting in settings:
+            part = table[table["setting"] == setting].sort_values("value")
+            ax.plot(part["value"], part["mean"] * 100, marker="o", color=colors[setting], label=setting)
+            chosen = part[part["chosen"]]
+            ax.scatter(chosen["value"], chosen["mean"] * 100, s=160, facecolors="none", edgecolors=colors[setting],
+                       linewidths=1.6, zorder=4)
+            dots = singles[singles["setting"] == setting]
+            ax.scatter(dots["tune_value"], dots["value"] * 100, s=8, color=colors[setting], alpha=0.5, zorder=2)
+        if (table["value"] > 0).all():
+            ax.set_xscale("log")
+        ax.set_xlabel(str(table["key"].iloc[0]))
+        ax.set_ylabel(f"{split} {name} (%)")
+        ax.legend(fontsize=7, loc="best")
+        ax.set_title(f"{family}: ringed = chosen for {table['family'].iloc[0]}", fontsize=10)
+        fig.tight_layout()
+    return fig
+
+
 FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "methods": plot_methods,
     "rank_alpha": plot_rank_alpha,
@@ -671,6 +706,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "variance": plot_variance,
     "sweep": plot_sweep,
     "instruct": plot_instruct,
+    "tune": plot_tune,
     "generic": plot_generic,
 }
 

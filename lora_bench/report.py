@@ -34,7 +34,7 @@ import jinja2
 import markdown
 import pandas as pd
 
-from lora_bench import plots, reference, stats, variance
+from lora_bench import plots, reference, stats, tuning, variance
 
 TEMPLATES = Path(__file__).parent / "templates"
 PRIMARY_METRIC, PRIMARY_SPLIT = "accuracy", "test"
@@ -153,6 +153,8 @@ def _read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
     else:
         tables["cost_summary"] = pd.DataFrame(columns=stats.COST_SUMMARY_COLUMNS)
     _read_trust_tables(tables_dir, tables)
+    path = tables_dir / "tuning.parquet"
+    tables["tuning"] = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=tuning.TUNING_COLUMNS)
     return tables
 
 
@@ -263,8 +265,25 @@ def _setup_rows(runs: pd.DataFrame, meta: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _convergence_prefix(test: pd.Series) -> str:
+    """What the learning diagnostics say about a comparison's runs, before its numbers (empty when they trained)."""
+    state = str(test.get("convergence", "unknown"))
+    if state == "inconclusive":
+        counts = [f"{int(test[f'untrained_{side}'])} run(s) of {md_text(test[side])}"
+                  for side in ("variant", "baseline") if int(test.get(f"untrained_{side}", 0) or 0)]
+        return f"**Inconclusive: training did not converge** ({' and '.join(counts)} did not learn, collapsed, " \
+               "diverged or did not plateau; see the runs listed below). "
+    if state == "as_expected":
+        return "**As expected**: the variant declares `expect: no_learning` and its runs did not train. "
+    return ""
+
+
 def _claim(test: pd.Series) -> str:
     """One sentence for one comparison of the primary metric, with its evidence."""
+    return _convergence_prefix(test) + _claim_numbers(test)
+
+
+def _claim_numbers(test: pd.Series) -> str:
     variant, baseline = f"**{md_text(test['variant'])}**", f"**{md_text(test['baseline'])}**"
     if not _finite(test["p_value"]):
         reason = md_text(test["note"]) or "no p-value"
@@ -688,6 +707,45 @@ def _instruct_section(family: str, tables: dict) -> dict:
     return {"rows": rows, "epoch_rows": epoch_rows, "claims": claims, "untested": missing}
 
 
+FLAG_WORDS = {"learned": "did not learn", "collapsed": "collapsed", "diverged": "diverged",
+              "plateaued": "did not plateau"}
+
+
+def _learning_rows(runs: pd.DataFrame, family: str) -> list[dict]:
+    """Finished runs of the family that did not train, one row per run, with what the diagnostics say."""
+    if "trained" not in runs:
+        return []
+    flagged = runs[(runs["family"] == family) & (runs["status"] == "ok") & (runs["trained"] == False)]  # noqa: E712
+    rows = []
+    for run in flagged.itertuples():
+        flags = [word for flag, word in FLAG_WORDS.items()
+                 if getattr(run, flag) is not None and bool(getattr(run, flag)) != (flag in ("learned", "plateaued"))]
+        rows.append({"run": md_text(run.run_id), "flags": ", ".join(flags),
+                     "expected": "yes (expect: no_learning)" if getattr(run, "expect", "") == "no_learning" else "no",
+                     "p": fmt_p(run.learned_p) if _finite(getattr(run, "learned_p", None)) else "–"})
+    return rows
+
+
+def _tune_section(family: str, tables: dict) -> dict | None:
+    """A tuning family's chosen values, scores per value and budget (lora_bench.tuning)."""
+    table = tables.get("tuning")
+    if table is None or table.empty:
+        return None
+    part = table[table["tuning_family"] == family]
+    if part.empty:
+        return None
+    runs = tables["runs"]
+    family_runs = runs[runs["family"] == family]
+    rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}", "n": int(r.n_runs - r.n_failed),
+             "score": fmt_percent(r.mean), "chosen": "**chosen**" if r.chosen else ""} for r in part.itertuples()]
+    epochs = part["epochs"].iloc[0]
+    budget = (f"{len(part)} values x variants, {int(family_runs['seed'].nunique())} tuning seed(s) each: "
+              f"{len(family_runs)} runs{f' of {int(epochs)} epoch(s)' if _finite(epochs) else ''}, the same for every "
+              "variant; validation split only (the test split was not evaluated)")
+    return {"tuned": md_text(part["family"].iloc[0]), "key": md_text(part["key"].iloc[0]),
+            "metric": md_text(part["metric"].iloc[0]), "rows": rows, "budget": budget}
+
+
 def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dict]:
     runs, summary, tests = tables["runs"], tables["summary"], tables["tests"]
     sections = []
@@ -703,7 +761,7 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
         ]
         memory_time = kind == MEMORY_TIME
         # A memory_time family usually evaluates no accuracy: no accuracy table of dashes for it.
-        show_accuracy = not memory_time or _has_primary(summary, family)
+        show_accuracy = (not memory_time or _has_primary(summary, family)) and kind != TUNE_KIND
         sections.append(
             {
                 "name": md_text(family),
@@ -718,7 +776,10 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
                 if kind == "epochs"
                 else [],
                 "epoch_rows": _epoch_rows(family, runs, summary, tests) if kind == "epochs" else [],
-                "claims": [{"text": _claim(t), "verdict": t["verdict"]} for _, t in primary_tests.iterrows()],
+                "claims": [{"text": _claim(t), "verdict": t["verdict"], "convergence": t.get("convergence", "unknown")}
+                           for _, t in primary_tests.iterrows()],
+                "learning": _learning_rows(runs, family),
+                "tune": _tune_section(family, tables) if kind == TUNE_KIND else None,
                 "rank_note": _rank_note(primary_tests[primary_tests["p_value"].notna()]),
                 "cost_rows": (
                     _cost_rows(family, tests, MEMORY_TIME_SHOWN if memory_time else ()) if kind in COST_KINDS else []
@@ -735,6 +796,7 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
 # How much to trust a single run (variance and sweep families; lora_bench.variance)
 
 TRUST_KINDS = (variance.VARIANCE_KIND, variance.SWEEP_KIND)
+TUNE_KIND = tuning.TUNE_KIND
 TRUST_TABLES = {
     "variance_components": variance.VARIANCE_COLUMNS,
     "sweep_reeval": variance.REEVAL_COLUMNS,
@@ -1296,8 +1358,11 @@ def render_markdown(
             for family in families
             if family["kind"] != "epochs"
             for claim in family["claims"]
-            if claim["verdict"] in ("better", "worse")
+            # A difference between runs that did not train measures the budget, not the method.
+            if claim["verdict"] in ("better", "worse") and claim["convergence"] in ("trained", "unknown")
         ],
+        "n_inconclusive": sum(claim["convergence"] == "inconclusive" for family in families
+                              for claim in family["claims"]),
         "n_tested": int(
             (
                 tables["tests"]["p_value"].notna()

@@ -125,7 +125,9 @@ EXACT_UNITS = ("bytes", "count")
 MEMORY_TIME_KIND = "memory_time"
 # Kinds whose runs cross data seeds (variance) or run once per configuration and re-run the best (sweep):
 # their variants are not tested against a baseline here; lora_bench.variance analyses them.
-SEED_CROSSING_KINDS = ("variance", "sweep")
+# Kinds analysed in their own modules, not against a baseline: variance and sweep (lora_bench.variance) cross
+# data and train seeds; tune families (lora_bench.tuning) only choose a value for the family they tune.
+SEED_CROSSING_KINDS = ("variance", "sweep", "tune")
 # The memory metric of a memory_time family: the first one the family recorded. Peak allocated CUDA memory
 # is what a GPU user pays; without a GPU, the exact bytes of weights + gradients + optimizer state are the
 # part of memory that the method decides (the process's peak RSS is mostly the Python runtime).

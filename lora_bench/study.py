@@ -32,6 +32,7 @@ from .config import ConfigError, RunConfig, deep_merge, load_yaml, validate
 FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "variance", "sweep",
                 "instruct", "generic")
 SWEEP_KIND, VARIANCE_KIND = "sweep", "variance"
+TUNE_KIND = "tune"
 # What a variant may declare it is meant to show (`expect:`), so its flags are not read as a failed comparison.
 EXPECTATIONS = ("no_learning",)
 
@@ -53,6 +54,9 @@ class Family:
     rerun_variants: dict = field(default_factory=dict)
     # variant -> what its runs are expected to show (`expect: no_learning`): the report reads their flags so.
     expectations: dict = field(default_factory=dict)
+    # Families with a `tune` block: key, values, seeds, metric and the name of the tuning family; in a tuning
+    # family (kind tune): "of" = the family it tunes and "variant_values" = variant -> the value it runs.
+    tune: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -71,20 +75,32 @@ class Study:
         """Every (family, variant, seed) of the enabled families."""
         return [(f.name, v, s) for f in self.families.values() for v in f.variants for s in f.seeds]
 
-    def run_config(self, family: str, variant: str, seed: int) -> RunConfig:
+    def run_config(self, family: str, variant: str, seed: int, tuned_value=None) -> RunConfig:
+        """The resolved config of a run; ``tuned_value`` sets a tuned family's tune key (see ``run_key``)."""
         fam = self._family(family)
         if variant not in fam.variants and variant not in fam.rerun_variants:
             raise ConfigError(f"{self.source}: family {family!r} has no variant {variant!r}; "
                               f"it has {sorted(fam.variants)}")
         partial = fam.variants[variant] if variant in fam.variants else fam.rerun_variants[variant]
+        if tuned_value is not None:
+            if not fam.tune or fam.kind == TUNE_KIND:
+                raise ConfigError(f"{self.source}: family {family!r} has no tune block")
+            partial = _set_dotted(partial, fam.tune["key"], tuned_value)
         raw = deep_merge(partial, {"seed": seed})
         if self.threads and "threads" not in raw.get("train", {}):
             raw = deep_merge(raw, {"train": {"threads": self.threads}})
         return RunConfig.from_dict(raw, source=f"{self.source} [families.{family}.variants.{variant}]")
 
-    def run_key(self, family: str, variant: str, seed: int) -> str:
-        """The name of what the run trains: see ``config_key``. Runs with the same key are trained once."""
-        return config_key(self.run_config(family, variant, seed).to_dict())
+    def run_key(self, family: str, variant: str, seed: int, tuned_value=None) -> str:
+        """The name of what the run trains: see ``config_key``. Runs with the same key are trained once.
+
+        ``tuned_value``: a tuned family's run with its tune key set to that value (the selected one).
+        """
+        return config_key(self.run_config(family, variant, seed, tuned_value).to_dict())
+
+    def tuned_families(self) -> list[str]:
+        """Families with a `tune` block (their runs wait for the selection of their tuning family)."""
+        return [f.name for f in self.families.values() if f.tune and f.kind != TUNE_KIND]
 
     def trained_configs(self) -> dict[str, dict]:
         """Key -> resolved config of every run the study may train: its runs and every possible sweep re-run.
@@ -93,6 +109,9 @@ class Study:
         """
         runs = self.runs() + [(f.name, v, s) for f in self.families.values() if f.sweep
                               for v in f.rerun_variants for s in f.sweep["rerun_seeds"]]
+        # A tuned family's runs with every value of its grid: which one is used is known only after tuning.
+        runs += [(f.name, v, s, value) for f in map(self.families.get, self.tuned_families())
+                 for v in f.variants for s in f.seeds for value in f.tune["values"]]
         configs: dict[str, dict] = {}
         for run in runs:
             cfg = self.run_config(*run).to_dict()
@@ -128,7 +147,10 @@ class Study:
         expected = fam.expectations.get(fam.settings.get(variant, (variant,))[0])
         if expected:  # only then: a new label on every run would re-label them all
             labels["expect"] = expected
-        if variant in fam.settings:
+        if fam.kind == TUNE_KIND:
+            labels.update(setting=fam.settings[variant][0], tunes=fam.tune["of"], tune_key=fam.tune["key"],
+                          tune_value=fam.tune["variant_values"][variant], tune_metric=fam.tune["metric"])
+        elif variant in fam.settings:
             setting, data_seed = fam.settings[variant]
             labels.update(setting=setting, data_seed=data_seed, train_seed=seed)
             if fam.kind == SWEEP_KIND:
@@ -275,6 +297,42 @@ def _grid_variants(grid: dict, where: str = "") -> dict[str, dict]:
     return variants
 
 
+def _tune_families(family: Family, tune: dict, source: str, families: dict) -> tuple[Family, Family]:
+    """The tuned family (its runs use the selected value) and its tuning family ``<name>_tune``.
+
+    Every variant runs every value of the grid once per tuning seed, on validation only (``train.evaluate_test``
+    false: the test split is not evaluated, so it cannot leak into the choice), with the same epochs and steps
+    as the comparison: an equal budget per variant.
+    """
+    where = f"{source} [families.{family.name}.tune]"
+    name = f"{family.name}_tune"
+    if family.kind in (SWEEP_KIND, VARIANCE_KIND) or family.settings:
+        raise ConfigError(f"{where}: tuning is for families that compare variants on one data split, not "
+                          f"{family.kind} families or families with data_seeds")
+    if name in families:
+        raise ConfigError(f"{where}: the tuning family would be named {name!r}, which the study already uses")
+    seeds = tuple(tune["seeds"])
+    reused = sorted(set(seeds) & set(family.seeds))
+    if reused:
+        raise ConfigError(f"{where}: tune.seeds {reused} are also the family's seeds; tuning needs fresh seeds")
+    last = tune["key"].rsplit(".", 1)[-1]
+    variants, settings, values = {}, {}, {}
+    for variant, partial in family.variants.items():
+        for value in tune["values"]:
+            tuning_variant = f"{variant}-{last}{_format_value(value)}"
+            variants[tuning_variant] = deep_merge(_set_dotted(partial, tune["key"], value),
+                                                  {"train": {"evaluate_test": False}})
+            settings[tuning_variant] = (variant, _base_data_seed(partial))
+            values[tuning_variant] = value
+    baseline = f"{family.baseline}-{last}{_format_value(tune['values'][0])}"
+    tuning = Family(name, TUNE_KIND, f"Tuning of {tune['key']} for family {family.name} (validation only).",
+                    baseline, seeds, variants, settings, tune={**tune, "of": family.name, "variant_values": values})
+    tuned = Family(family.name, family.kind, family.description, family.baseline, family.seeds, family.variants,
+                   family.settings, family.sweep, family.rerun_variants, family.expectations,
+                   tune={**tune, "family": name})
+    return tuned, tuning
+
+
 def _gpu_ids(value, source: str = "<dict>") -> tuple[int, ...]:
     ids = tuple(int(part) for part in value.split(",")) if isinstance(value, str) else tuple(value)
     if len(set(ids)) != len(ids):
@@ -326,6 +384,9 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
                                 expectations)
     if not families:
         raise ConfigError(f"{source}: every family is disabled")
+    for name in [n for n, f in families.items() if cfg["families"][n].get("tune")]:
+        tuned, tuning = _tune_families(families[name], cfg["families"][name]["tune"], source, families)
+        families[name], families[tuning.name] = tuned, tuning
     study = Study(cfg["name"], tuple(cfg["seeds"]), cfg["threads"], cfg["gpus_per_job"], families, source,
                   cfg["results_dir"], cfg["report_dir"], _gpu_ids(cfg["gpu_ids"], source))
     # Resolve every run now: a typo in one variant should stop the study before any training.

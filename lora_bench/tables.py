@@ -151,6 +151,9 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         "learned_p": diagnostics.get("learned_p"),
         "loss_decrease_last_fifth": diagnostics.get("loss_decrease_last_fifth"),
         "expect": (record.get("run") or {}).get("expect", ""),
+        # tuning families (kind tune): the family tuned, the key, the value this run used, the selection metric
+        **{k: (record.get("run") or {}).get(k, d) for k, d in (("tunes", ""), ("tune_key", ""), ("tune_value", None),
+                                                                ("tune_metric", ""))},
         **{f"versions.{k}": v for k, v in (env.get("versions") or {}).items()},
         **{f"cfg.{k}": v for k, v in flatten(record.get("config") or {}).items()},
         **{f"data.{k}": v for k, v in (record.get("data") or {}).items() if k in ("origin", "mean_tokens")},

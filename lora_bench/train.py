@@ -454,7 +454,10 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     elif task.zero_shot and cfg.train.evaluate:
         # Epoch 0: the adapted but untrained model (LoRA's B is zero, so it computes what the base model does).
         eval_start = time.perf_counter()
-        epochs.append({"epoch": 0, **task.zero_shot_metrics(lambda: _evaluate_splits(task, model, cfg.train))})
+        zero_shot = task.zero_shot_metrics(lambda: _evaluate_splits(task, model, cfg.train))
+        # A cached zero-shot result holds every split; a run that must not see the test split drops it.
+        epochs.append({"epoch": 0, **{k: v for k, v in zero_shot.items()
+                                      if cfg.train.evaluate_test or not k.startswith("test_")}})
         eval_seconds += time.perf_counter() - eval_start
     if device.type == "cuda":
         # Peak memory of training, not of loading the dense model before quantizing it.
@@ -463,9 +466,9 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
 
     # Per-epoch test passes are kept when a family asks for test curves, and with checkpoints (a resumed run has
     # no copy of an earlier epoch's weights).
-    test_once = cfg.train.evaluate and not cfg.train.test_every_epoch and not checkpointing
-    best_epoch = BestEpoch(task, model, cfg.train) if test_once else None
-    epoch_splits = tuple(s for s in SPLITS if not (test_once and s == "test"))
+    test_once = cfg.train.evaluate_test and not cfg.train.test_every_epoch and not checkpointing
+    best_epoch = BestEpoch(task, model, cfg.train) if cfg.train.evaluate and test_once else None
+    epoch_splits = tuple(s for s in SPLITS if s != "test" or (cfg.train.evaluate_test and not test_once))
     max_steps = cfg.train.max_steps or total_steps
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         if step >= max_steps:

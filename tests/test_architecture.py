@@ -23,7 +23,7 @@ LAYERS = {
     "train": 4,
     # metrics: the tidy tables read from records
     "tables": 5,
-    "stats": 6, "variance": 7,
+    "stats": 6, "variance": 7, "tuning": 7,
     "plots": 8,
     "report": 9,
     "cli": 10, "__main__": 11, "__init__": 11,

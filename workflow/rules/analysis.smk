@@ -34,6 +34,8 @@ rule stats:
         variance=f"{RESULTS}/tables/variance_components.parquet",
         sweep=f"{RESULTS}/tables/sweep_reeval.parquet",
         sweep_summary=f"{RESULTS}/tables/sweep_summary.parquet",
+        # lora_bench.tuning: written (empty) without tuned families too.
+        tuning=f"{RESULTS}/tables/tuning.parquet",
     log:
         "logs/stats.log",
     conda:

@@ -64,9 +64,33 @@ def rerun_record_paths(wildcards=None):
 
 
 def trained_record(wildcards):
-    """The training job's record that a run's labelled record is made from."""
-    key = STUDY.run_key(wildcards.family, wildcards.variant, int(wildcards.seed))
-    return f"{RESULTS}/trained/{key}.json"
+    """The training job's record that a run's labelled record is made from.
+
+    A tuned family's runs use the value its select_tune checkpoint chose: known only once tuning ran.
+    """
+    family, variant, seed = wildcards.family, wildcards.variant, int(wildcards.seed)
+    value = None
+    if STUDY.families[family].tune and STUDY.families[family].kind != "tune":
+        selection = checkpoints.select_tune.get(family=family).output[0]
+        with open(selection) as handle:
+            value = json.load(handle)["chosen"][variant]
+    return f"{RESULTS}/trained/{STUDY.run_key(family, variant, seed, value)}.json"
+
+
+def tuning_record_paths(wildcards):
+    """The records a tuned family's selection is made from: its tuning family's runs."""
+    tuning = STUDY.families[STUDY.families[wildcards.family].tune["family"]]
+    return [
+        record_path(tuning.name, v, s) for v in tuning.variants for s in tuning.seeds
+    ]
+
+
+def tune_json(wildcards):
+    """The family's tune block: a params value, so only a change of it re-selects."""
+    tune = STUDY.families[wildcards.family].tune
+    return json.dumps(
+        {k: tune[k] for k in ("key", "values", "seeds", "metric")}, sort_keys=True
+    )
 
 
 def run_config_json(wildcards):

@@ -1,0 +1,133 @@
+"""Tuning with an equal budget (lora_bench.tuning, study `tune` blocks, the select_tune checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from reliability_helpers import jobs_run, mini_study, snakemake
+
+from lora_bench.config import ConfigError, RunConfig
+from lora_bench.study import study_from_dict
+from lora_bench.train import ClassificationTask, run_training
+from lora_bench.tuning import select_tuned, selection, tuning_scores, tuning_table
+
+VALUES = [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]
+
+
+def _tuning_frames(best: dict[str, float], seeds=(100, 101), noise=0.005, seed=0, failed=()):
+    """Planted response curves: each variant's validation accuracy peaks at its ``best`` learning rate
+    (a parabola in log10 lr), plus noise; ``failed`` = (variant, value) pairs whose runs failed."""
+    rng = np.random.default_rng(seed)
+    runs, metrics = [], []
+    for variant, peak in best.items():
+        for value in VALUES:
+            for s in seeds:
+                run_id = f"m_tune/{variant}-lr{value:g}/seed{s}"
+                ok = (variant, value) not in failed
+                runs.append({"run_id": run_id, "family": "m_tune", "family_kind": "tune", "variant": f"{variant}-lr",
+                             "seed": s, "setting": variant, "status": "ok" if ok else "failed", "tunes": "m",
+                             "tune_key": "train.lr", "tune_value": value, "tune_metric": "validation_accuracy",
+                             "cfg.train.epochs": 3, "cfg.train.max_steps": None})
+                if ok:
+                    score = 0.85 - 0.04 * (math.log10(value) - math.log10(peak)) ** 2 + rng.normal(0, noise)
+                    metrics.append({"run_id": run_id, "family": "m_tune", "variant": f"{variant}-lr",
+                                    "setting": variant, "seed": s, "status": "ok", "metric": "accuracy",
+                                    "split": "validation", "epoch": 3, "stage": "final", "value": score,
+                                    "unit": "fraction", "higher_is_better": True})
+    metrics = pd.DataFrame(metrics)
+    metrics["epoch"] = metrics["epoch"].astype("Int64")
+    return pd.DataFrame(runs), metrics
+
+
+def test_planted_response_curves_pick_each_variants_own_best_value():
+    best = {"lora": 1.0e-3, "full": 1.0e-4, "last_layers": 1.0e-2}
+    runs, metrics = _tuning_frames(best)
+    scores = tuning_scores(runs, metrics, "m_tune", "validation_accuracy")
+    assert len(scores) == 3 * len(VALUES) and (scores["n_runs"] == 2).all()
+    assert select_tuned(scores) == best
+    tune = {"key": "train.lr", "values": VALUES, "seeds": [100, 101], "metric": "validation_accuracy"}
+    chosen = selection(runs, metrics, "m", tune)
+    assert chosen["chosen"] == best and chosen["tuning_family"] == "m_tune"
+    table = tuning_table(runs, metrics)
+    assert table.loc[table["chosen"], ["setting", "value"]].set_index("setting")["value"].to_dict() == best
+    assert (table["epochs"] == 3).all() and (table["family"] == "m").all()
+
+
+def test_ties_go_to_the_smaller_value_and_failed_values_cannot_win():
+    scores = pd.DataFrame({"setting": ["a"] * 3 + ["b"] * 2, "value": [3e-4, 1e-3, 3e-3, 1e-3, 3e-3],
+                           "n_runs": 1, "n_failed": 0, "mean": [0.8, 0.9, 0.9, math.nan, 0.7], "std": math.nan})
+    assert select_tuned(scores) == {"a": 1e-3, "b": 3e-3}
+    runs, metrics = _tuning_frames({"lora": 1.0e-3}, failed={("lora", 1.0e-3)}, noise=0)
+    assert selection(runs, metrics, "m", {"key": "train.lr", "values": VALUES, "seeds": [100, 101],
+                                          "metric": "validation_accuracy"})["chosen"]["lora"] in (3.0e-4, 3.0e-3)
+    runs["status"] = "failed"
+    with pytest.raises(ValueError, match="no tuning run of variant"):
+        selection(runs, metrics.iloc[0:0], "m", {"key": "train.lr", "values": VALUES, "seeds": [100],
+                                                   "metric": "validation_accuracy"})
+
+
+def test_a_tuning_run_never_evaluates_the_test_split(tiny_run, monkeypatch):
+    seen = []
+    original = ClassificationTask.evaluate
+
+    def spy(self, model, split):
+        seen.append(split)
+        return original(self, model, split)
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", spy)
+    tiny_run["train"].update(evaluate_test=False, epochs=2)
+    result = run_training(RunConfig.from_dict(tiny_run))
+    assert "test" not in seen and "validation" in seen
+    assert not any(k.startswith("test_") for e in result.metrics["epochs"] for k in e)
+    assert not any(k.startswith("test_") for k in result.metrics["final"])
+
+
+def _study(tune: dict, seeds=(0, 1)):
+    variants = {"lora": {}, "full": {"method": {"name": "full"}}}
+    return study_from_dict({"name": "t", "seeds": list(seeds), "base": {"model": {"source": "random", "name": "tiny-bert"}},
+                            "families": {"methods": {"baseline": "lora", "tune": tune, "variants": variants}}})
+
+
+def test_a_tune_block_adds_a_tuning_family_with_the_same_grid_for_every_variant():
+    study = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100]})
+    tuning = study.families["methods_tune"]
+    assert tuning.kind == "tune" and tuning.seeds == (100,)
+    assert sorted(tuning.variants) == ["full-lr0.001", "full-lr0.01", "lora-lr0.001", "lora-lr0.01"]
+    cfg = study.run_config("methods_tune", "full-lr0.01", 100)
+    assert cfg.train.lr == 0.01 and cfg.train.evaluate_test is False and cfg.method.name == "full"
+    assert study.run_config("methods", "full", 0, 0.01).train.lr == 0.01
+    assert study.labels("methods_tune", "full-lr0.01", 100)["tune_value"] == 0.01
+    # Every value x variant x seed of the tuned family is a possible training, planned up front.
+    keys = {study.run_key("methods", v, s, x) for v in ("lora", "full") for s in (0, 1) for x in (1e-3, 1e-2)}
+    assert keys <= set(study.trained_configs())
+    with pytest.raises(ConfigError, match="fresh seeds"):
+        _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [1]})
+
+
+def test_tuning_through_the_workflow_then_the_family_runs_at_the_chosen_values(tmp_path):
+    workdir = tmp_path / "tuned"
+    path = mini_study(workdir)
+    config = yaml.safe_load(path.read_text())
+    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [1.0e-3, 3.0e-2], "seeds": [100]}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = snakemake(workdir, "--cores", "2", "results/tables/tuning.parquet")
+    jobs = jobs_run(done)
+    assert jobs["select_tune"] == 1
+    selection_file = json.loads((workdir / "results/tune/methods/selection.json").read_text())
+    chosen = selection_file["chosen"]
+    assert set(chosen) == {"lora", "last_layers"} and set(chosen.values()) <= {1.0e-3, 3.0e-2}
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
+    family = runs[runs["family"] == "methods"]
+    assert len(family) == 4 and len(runs[runs["family"] == "methods_tune"]) == 4
+    for variant, lr in family[["variant", "cfg.train.lr"]].itertuples(index=False):
+        assert lr == chosen[variant], variant
+    metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
+    tuning_rows = metrics[metrics["family"] == "methods_tune"]
+    assert not (tuning_rows["split"] == "test").any(), "a tuning run evaluated the test split"
+    table = pd.read_parquet(workdir / "results/tables/tuning.parquet")
+    assert table["chosen"].sum() == 2
