@@ -89,7 +89,8 @@ def test_a_tuning_run_never_evaluates_the_test_split(tiny_run, monkeypatch):
 
 def _study(tune: dict, seeds=(0, 1)):
     variants = {"lora": {}, "full": {"method": {"name": "full"}}}
-    return study_from_dict({"name": "t", "seeds": list(seeds), "base": {"model": {"source": "random", "name": "tiny-bert"}},
+    base = {"model": {"source": "random", "name": "tiny-bert"}}
+    return study_from_dict({"name": "t", "seeds": list(seeds), "base": base,
                             "families": {"methods": {"baseline": "lora", "tune": tune, "variants": variants}}})
 
 
