@@ -378,7 +378,8 @@ def cmd_report(args) -> int:
 
     check_tables(args.tables)
     ensure_writable(args.out_dir)
-    build_report(args.tables, args.figures, args.out_dir)
+    reference = {"tables": args.reference_tables, "family": args.reference_family} if args.reference_tables else None
+    build_report(args.tables, args.figures, args.out_dir, reference=reference)
     return 0
 
 
@@ -468,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tables", default="results/tables")
     report.add_argument("--figures", default="results/figures")
     report.add_argument("--out-dir", default="paper")
+    report.add_argument("--reference-tables", help="tables of the converged reference (its tests.parquet is read)")
+    report.add_argument("--reference-family", default="methods", help="family compared with the reference")
     report.set_defaults(func=cmd_report)
     return parser
 

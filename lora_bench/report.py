@@ -1371,6 +1371,7 @@ def render_markdown(
             ).sum()
         ),
         "seed_rows": _seed_rows(tables["seed_consistency"]),
+        "converged": tables.get("converged"),
         "failed": _failed_runs(runs),
         "references": _reference_sections(tables),
         "caveats": [md_text(c) for c in reference.CAVEATS],
@@ -1392,8 +1393,53 @@ def _embed_figures(body: str, families: list[dict]) -> str:
     return body
 
 
+# How close a short study's difference must come to the converged one to hold: 2 points, or inside its CI.
+HOLDS_WITHIN = 0.02
+
+
+def converged_rows(tests: pd.DataFrame, reference_tests: pd.DataFrame, family: str) -> list[dict]:
+    """This study's test-accuracy differences against the family's baseline beside the converged reference's.
+
+    A difference *holds* when it lies within ``HOLDS_WITHIN`` (2 points) of the converged one or inside the
+    converged difference's 95 % CI: then the short study gives the answer that training to convergence gives.
+    """
+    def primary(frame: pd.DataFrame) -> pd.DataFrame:
+        keep = (frame["family"] == family) & (frame["metric"] == PRIMARY_METRIC) & (frame["split"] == PRIMARY_SPLIT)
+        return frame[keep].set_index("variant")
+
+    ours, converged = primary(tests), primary(reference_tests)
+    rows = []
+    for variant, test in ours.iterrows():
+        row = {"variant": md_text(variant), "baseline": md_text(test["baseline"]),
+               "ours": _points_ci(test["diff"], test["diff_ci_low"], test["diff_ci_high"]),
+               "n": f"{int(test['n_pairs'] or test['n_variant'])}", "reference": "not in the reference",
+               "gap": "–", "holds": "–"}
+        if variant in converged.index and converged.loc[variant, "baseline"] == test["baseline"]:
+            ref = converged.loc[variant]
+            gap = test["diff"] - ref["diff"]
+            inside = ref["diff_ci_low"] <= test["diff"] <= ref["diff_ci_high"]
+            holds = abs(gap) <= HOLDS_WITHIN or bool(inside)
+            row.update(reference=_points_ci(ref["diff"], ref["diff_ci_low"], ref["diff_ci_high"]),
+                       n_reference=f"{int(ref['n_pairs'] or ref['n_variant'])}", gap=fmt_points(gap),
+                       holds="yes" if holds else "**no**")
+        rows.append(row)
+    return rows
+
+
+def _converged_section(tables: dict, reference: dict | None) -> dict | None:
+    if not reference:
+        return None
+    path = Path(reference["tables"]) / "tests.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the study names a converged reference (converged_reference) "
+                                "whose tables are not there; run its config (make reference) or remove the key")
+    rows = converged_rows(tables["tests"], pd.read_parquet(path), reference["family"])
+    return {"family": md_text(reference["family"]), "tables": md_text(reference["tables"]), "rows": rows}
+
+
 def build_report(
-    tables_dir: str | Path, figures_dir: str | Path, out_dir: str | Path, meta: dict | None = None
+    tables_dir: str | Path, figures_dir: str | Path, out_dir: str | Path, meta: dict | None = None,
+    reference: dict | None = None,
 ) -> dict[str, Path]:
     """Write ``<out_dir>/report.md`` and a self-contained ``<out_dir>/report.html``; returns both paths.
 
@@ -1403,6 +1449,7 @@ def build_report(
     """
     tables_dir, figures_dir, out_dir = Path(tables_dir), Path(figures_dir), Path(out_dir)
     tables = _read_tables(tables_dir)
+    tables["converged"] = _converged_section(tables, reference)
     text, families = render_markdown(tables, figures_dir, out_dir, meta)
     body = markdown.markdown(text, extensions=["tables", "toc", "sane_lists"], output_format="html")
     page = (

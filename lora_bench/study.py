@@ -70,6 +70,8 @@ class Study:
     results_dir: str = "results"
     report_dir: str = "paper"
     gpu_ids: tuple[int, ...] = ()
+    # {tables, family}: the converged reference the report compares this study's differences with
+    converged_reference: dict | None = None
 
     def runs(self) -> list[tuple[str, str, int]]:
         """Every (family, variant, seed) of the enabled families."""
@@ -111,7 +113,7 @@ class Study:
                               for v in f.rerun_variants for s in f.sweep["rerun_seeds"]]
         # A tuned family's runs with every value of its grid: which one is used is known only after tuning.
         runs += [(f.name, v, s, value) for f in map(self.families.get, self.tuned_families())
-                 for v in f.variants for s in f.seeds for value in f.tune["values"]]
+                 for v in f.variants for s in f.seeds for value in f.tune["grids"][v]]
         configs: dict[str, dict] = {}
         for run in runs:
             cfg = self.run_config(*run).to_dict()
@@ -316,21 +318,42 @@ def _tune_families(family: Family, tune: dict, source: str, families: dict) -> t
     if reused:
         raise ConfigError(f"{where}: tune.seeds {reused} are also the family's seeds; tuning needs fresh seeds")
     last = tune["key"].rsplit(".", 1)[-1]
+    grids = {variant: _tune_grid(tune, partial, f"{where} [variant {variant}]")
+             for variant, partial in family.variants.items()}
     variants, settings, values = {}, {}, {}
     for variant, partial in family.variants.items():
-        for value in tune["values"]:
+        for value in grids[variant]:
             tuning_variant = f"{variant}-{last}{_format_value(value)}"
             variants[tuning_variant] = deep_merge(_set_dotted(partial, tune["key"], value),
                                                   {"train": {"evaluate_test": False}})
             settings[tuning_variant] = (variant, _base_data_seed(partial))
             values[tuning_variant] = value
-    baseline = f"{family.baseline}-{last}{_format_value(tune['values'][0])}"
+    baseline = f"{family.baseline}-{last}{_format_value(grids[family.baseline][0])}"
     tuning = Family(name, TUNE_KIND, f"Tuning of {tune['key']} for family {family.name} (validation only).",
                     baseline, seeds, variants, settings, tune={**tune, "of": family.name, "variant_values": values})
     tuned = Family(family.name, family.kind, family.description, family.baseline, family.seeds, family.variants,
                    family.settings, family.sweep, family.rerun_variants, family.expectations,
-                   tune={**tune, "family": name})
+                   tune={**tune, "family": name, "grids": grids})
     return tuned, tuning
+
+
+def _tune_grid(tune: dict, partial: dict, where: str) -> list[float]:
+    """A variant's values of the tuned key: ``values`` as given, or ``factors`` times the variant's own value
+    (each method keeps its own scale, e.g. a full-finetuning rate 20x below LoRA's, with the same budget)."""
+    if ("values" in tune) == ("factors" in tune):
+        raise ConfigError(f"{where}: give tune.values (absolute) or tune.factors (times the variant's value), not "
+                          "both or neither")
+    if "values" in tune:
+        return [float(v) for v in tune["values"]]
+    node = RunConfig.from_dict(partial, source=where).to_dict()
+    for part in tune["key"].split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{where}: tune.key {tune['key']!r} is not a run-config key")
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        raise ConfigError(f"{where}: tune.factors need a numeric {tune['key']}, got {node!r}")
+    # 12 significant digits: 1e-3 x 0.3 is 3e-4 in names and configs, not 0.00030000000000000003.
+    return [float(f"{node * f:.12g}") for f in tune["factors"]]
 
 
 def _gpu_ids(value, source: str = "<dict>") -> tuple[int, ...]:
@@ -388,7 +411,8 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
         tuned, tuning = _tune_families(families[name], cfg["families"][name]["tune"], source, families)
         families[name], families[tuning.name] = tuned, tuning
     study = Study(cfg["name"], tuple(cfg["seeds"]), cfg["threads"], cfg["gpus_per_job"], families, source,
-                  cfg["results_dir"], cfg["report_dir"], _gpu_ids(cfg["gpu_ids"], source))
+                  cfg["results_dir"], cfg["report_dir"], _gpu_ids(cfg["gpu_ids"], source),
+                  cfg.get("converged_reference"))
     # Resolve every run now: a typo in one variant should stop the study before any training.
     for family in families.values():
         for variant in family.variants:

@@ -68,7 +68,7 @@ def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict
         raise ValueError(f"tuning of family {family!r}: no tuning run of variant(s) {missing} finished, so no "
                          f"value of {tune['key']} can be chosen; see the failed runs of family {tuning_family!r}")
     return {
-        "family": family, "tuning_family": tuning_family, "key": tune["key"], "values": list(tune["values"]),
+        "family": family, "tuning_family": tuning_family, "key": tune["key"], "grids": tune.get("grids") or {},
         "seeds": list(tune["seeds"]), "metric": tune["metric"],
         "rule": "highest mean validation score over the tuning seeds; ties to the smaller value",
         "chosen": chosen,

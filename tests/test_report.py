@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
 from synthetic import REALISTIC_EFFECTS, make_tables, memory_time_family
 
@@ -213,3 +214,70 @@ def test_report_requires_cost_summary_for_memory_time(tmp_path):
     (tmp_path / "tables" / "cost_summary.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="lora_bench stats"):
         report.build_report(tmp_path / "tables", tmp_path, tmp_path / "paper")
+
+
+def _study_with_flags(tmp_path, untrained: dict[str, dict], expect: dict[str, str] | None = None):
+    """The methods family with learning diagnostics: ``untrained`` = run id -> flags that fail."""
+    runs, metrics = make_tables(("methods",), n_seeds=3, effects={("methods", "full"): 0.05})
+    good = {"learned": True, "collapsed": False, "diverged": False, "plateaued": True}
+    for column, value in good.items():
+        runs[column] = value
+    runs["trained"], runs["learned_p"], runs["expect"] = True, 1e-6, ""
+    for run_id, flags in untrained.items():
+        row = runs["run_id"] == run_id
+        for column, value in flags.items():
+            runs.loc[row, column] = value
+        runs.loc[row, "trained"] = False
+    for variant, expected in (expect or {}).items():
+        runs.loc[runs["variant"] == variant, "expect"] = expected
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    runs.to_parquet(tables / "runs.parquet")
+    metrics.to_parquet(tables / "metrics.parquet")
+    stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
+    return tables
+
+
+def test_a_comparison_with_a_run_that_did_not_learn_is_inconclusive_not_a_finding(tmp_path):
+    tables = _study_with_flags(tmp_path, {"methods/full/seed1": {"learned": False, "collapsed": True}})
+    tests = stats.compare_to_baseline(*[pd.read_parquet(tables / f"{n}.parquet")
+                                        for n in ("metrics", "runs")])
+    full = tests.set_index("variant").loc["full"]
+    assert full["verdict"] == "better" and full["convergence"] == "inconclusive" and full["untrained_variant"] == 1
+    assert tests.set_index("variant").loc["last_layers", "convergence"] == "trained"
+    md = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
+    findings = md.split("**Main findings**")[1].split("\n\n## ")[0] if "**Main findings**" in md else ""
+    assert "**full**" not in findings
+    assert "1 comparison is inconclusive: training did not" in md
+    assert "**Inconclusive: training did not converge** (1 run(s) of full" in md
+    assert "| methods/full/seed1 | did not learn, collapsed | no |" in md
+
+
+def test_a_variant_that_expects_no_learning_reads_as_expected(tmp_path):
+    tables = _study_with_flags(tmp_path, {f"methods/last_layers/seed{s}": {"learned": False} for s in range(3)},
+                               expect={"last_layers": "no_learning"})
+    md = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
+    assert "**As expected**: the variant declares `expect: no_learning`" in md
+    assert f"| {report.md_text('methods/last_layers/seed0')} | did not learn | yes (expect: no_learning) |" in md
+
+
+def test_converged_reference_section_says_which_differences_hold(tmp_path):
+    ours = tmp_path / "ours"
+    converged = tmp_path / "converged"
+    for folder, full_effect in ((ours, 0.05), (converged, 0.015)):
+        runs, metrics = make_tables(("methods",), n_seeds=3, effects={("methods", "full"): full_effect,
+                                                                      ("methods", "last_layers"): -0.10})
+        folder.mkdir()
+        runs.to_parquet(folder / "runs.parquet")
+        metrics.to_parquet(folder / "metrics.parquet")
+        stats.run_stats(folder / "metrics.parquet", folder / "runs.parquet", folder)
+    rows = {r["variant"]: r for r in report.converged_rows(
+        pd.read_parquet(ours / "tests.parquet"),
+        pd.read_parquet(converged / "tests.parquet"), "methods")}
+    assert rows[report.md_text("last_layers")]["holds"] == "yes" and rows["full"]["holds"] == "**no**"
+    md = report.build_report(ours, tmp_path / "figures", tmp_path / "paper",
+                             reference={"tables": str(converged), "family": "methods"})["markdown"].read_text()
+    assert "## This study vs the converged reference" in md and "| full | lora |" in md
+    with pytest.raises(FileNotFoundError, match="converged_reference"):
+        report.build_report(ours, tmp_path / "figures", tmp_path / "paper",
+                            reference={"tables": str(tmp_path / "nowhere"), "family": "methods"})

@@ -132,3 +132,17 @@ def test_tuning_through_the_workflow_then_the_family_runs_at_the_chosen_values(t
     assert not (tuning_rows["split"] == "test").any(), "a tuning run evaluated the test split"
     table = pd.read_parquet(workdir / "results/tables/tuning.parquet")
     assert table["chosen"].sum() == 2
+
+
+def test_factors_tune_each_variant_around_its_own_value_with_the_same_budget():
+    variants = {"lora": {}, "full": {"method": {"name": "full"}, "train": {"lr": 5.0e-5}}}
+    study = study_from_dict({"name": "t", "seeds": [0], "base": {"model": {"source": "random", "name": "tiny-bert"},
+                                                                  "train": {"lr": 1.0e-3}},
+                             "families": {"methods": {"baseline": "lora", "variants": variants,
+                                                      "tune": {"key": "train.lr", "factors": [0.3, 1, 3]}}}})
+    grids = study.families["methods"].tune["grids"]
+    assert grids == {"lora": [3.0e-4, 1.0e-3, 3.0e-3], "full": [1.5e-5, 5.0e-5, 1.5e-4]}
+    assert sorted(study.families["methods_tune"].variants) == [
+        "full-lr0.00015", "full-lr1.5e-05", "full-lr5e-05", "lora-lr0.0003", "lora-lr0.001", "lora-lr0.003"]
+    with pytest.raises(ConfigError, match="not both or neither"):
+        _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "factors": [1, 2]})

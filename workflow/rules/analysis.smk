@@ -74,6 +74,7 @@ rule report:
     input:
         rules.stats.output,
         rules.figures.output,
+        reference=converged_reference_tests(),
     output:
         md=f"{REPORT}/report.md",
         html=report(
@@ -89,6 +90,7 @@ rule report:
         tables=lambda wildcards, input: os.path.dirname(input[0]),
         figures=lambda wildcards, input: os.path.dirname(input[-1]),
         out=lambda wildcards, output: os.path.dirname(output.md) or ".",
+        reference=converged_reference_flag(),
     shell:
         "python -m lora_bench report --tables {params.tables:q} --figures {params.figures:q}"
-        " --out-dir {params.out:q} > {log:q} 2>&1"
+        " --out-dir {params.out:q} {params.reference} > {log:q} 2>&1"

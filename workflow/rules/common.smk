@@ -1,6 +1,7 @@
 # Config validation (JSON schema with defaults), wildcard constraints and input functions.
 import json
 import os
+import shlex
 
 from snakemake.utils import validate
 
@@ -86,11 +87,10 @@ def tuning_record_paths(wildcards):
 
 
 def tune_json(wildcards):
-    """The family's tune block: a params value, so only a change of it re-selects."""
+    """The family's tune block with each variant's grid: a params value, so only a change of it re-selects."""
     tune = STUDY.families[wildcards.family].tune
-    return json.dumps(
-        {k: tune[k] for k in ("key", "values", "seeds", "metric")}, sort_keys=True
-    )
+    keys = ("key", "values", "factors", "grids", "seeds", "metric")
+    return json.dumps({k: tune[k] for k in keys if k in tune}, sort_keys=True)
 
 
 def run_config_json(wildcards):
@@ -111,6 +111,19 @@ def gpu_flag():
 
 def data_specs_json():
     return json.dumps(STUDY.data_preparations(), sort_keys=True)
+
+
+def converged_reference_tests():
+    """The converged reference's tests table, when the study names one (committed, not built here)."""
+    ref = STUDY.converged_reference
+    return [f"{ref['tables']}/tests.parquet"] if ref else []
+
+
+def converged_reference_flag():
+    ref = STUDY.converged_reference
+    if not ref:
+        return ""
+    return f"--reference-tables {shlex.quote(ref['tables'])} --reference-family {shlex.quote(ref['family'])}"
 
 
 def figure_paths():
