@@ -12,11 +12,15 @@ select on the numbers it is judged by.
   selected epoch (a closed-answer instruct run that answers one class throughout too).
 - ``diverged``: a non-finite loss (the run stopped, ``error_kind`` ``non_finite_loss``), or a final logged
   training loss above the first logged one.
-- ``plateaued``: the training loss has levelled off: its mean over the last fifth of the logged points fell by
-  less than ``PLATEAU_REL_DECREASE`` (5 %) relative to the fifth before; or validation already peaked before
-  the last epoch (the selected epoch is not the last, so more of the same training would not be chosen).
-  The loop logs the training loss at ``LOSS_POINTS_PER_EPOCH`` (10) evenly spaced points per epoch (each the
-  mean over the steps since the previous point), so the rule has points to compare in one-epoch runs too.
+- ``plateaued``: the training loss has levelled off. The loop logs it at ``LOSS_POINTS_PER_EPOCH`` (10) evenly
+  spaced points per epoch (each the mean over the steps since the previous point), so one-epoch runs have a
+  curve too. A least-squares line through the last half of the points gives the slope; the run is *still
+  falling* when that slope is significantly negative (one-sided t test, p < 0.05) **and** continuing at that
+  slope for another fifth of the run would lower the loss by at least ``PLATEAU_REL_DECREASE`` (5 %) of its
+  recent mean. A run plateaued when it is not still falling, or when validation already peaked before the
+  last epoch (the selected epoch is not the last, so more of the same training would not be chosen). The
+  significance requirement keeps minibatch noise from flagging flat curves; the size requirement keeps a
+  tiny but steady decline (common late in training) from counting as unfinished.
 
 A run is **trained** when it learned, did not collapse, did not diverge and plateaued. ``expect: no_learning``
 on a variant marks a run that is meant to show a bad setting; the report then reads its flags as expected.
@@ -61,13 +65,32 @@ def prediction_shape(actual: np.ndarray, predicted: np.ndarray) -> dict:
             "max_class_share": float(np.bincount(predicted).max() / n)}
 
 
-def relative_decrease_last_fifth(losses: list[float]) -> float:
-    """(mean of the fifth before the last - mean of the last fifth) / mean of the fifth before; NaN if < 2 points."""
-    if len(losses) < 2:
-        return math.nan
-    window = max(1, len(losses) // 5)
-    last, before = np.mean(losses[-window:]), np.mean(losses[-2 * window:-window])
-    return float((before - last) / before) if before > 0 else math.nan
+# One-sided 95 % quantiles of Student's t by degrees of freedom (no scipy import in a training job); above 30
+# the normal quantile.
+T_95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+        12: 1.782, 15: 1.753, 20: 1.725, 25: 1.708, 30: 1.697}
+
+
+def _t_95(df: int) -> float:
+    return T_95[max(k for k in T_95 if k <= df)] if df <= 30 else 1.645
+
+
+def still_falling(losses: list[float]) -> tuple[bool | None, float]:
+    """(whether the loss is still falling, the projected relative decrease over another fifth of the run).
+
+    See the module docstring; None with fewer than 4 points in the last half.
+    """
+    tail = np.asarray(losses[len(losses) // 2:], dtype=float)
+    if len(tail) < 4 or not np.all(np.isfinite(tail)):
+        return None, math.nan
+    x = np.arange(len(tail), dtype=float)
+    x -= x.mean()
+    slope = float((x * (tail - tail.mean())).sum() / (x * x).sum())
+    residual = tail - tail.mean() - slope * x
+    se = math.sqrt(float((residual**2).sum()) / (len(tail) - 2) / float((x * x).sum()))
+    projected = -slope * (len(losses) / 5) / tail.mean() if tail.mean() > 0 else math.nan
+    significant = slope < 0 and (se == 0 or -slope / se > _t_95(len(tail) - 2))
+    return bool(significant and projected >= PLATEAU_REL_DECREASE), projected
 
 
 def diagnose(selected: dict, loss_curve: list[list[float]], selected_epoch: int, last_epoch: int) -> dict:
@@ -90,11 +113,11 @@ def diagnose(selected: dict, loss_curve: list[list[float]], selected_epoch: int,
     losses = [loss for _, loss in loss_curve]
     if losses:
         out["diverged"] = bool(not all(map(math.isfinite, losses)) or losses[-1] > losses[0])
-        decrease = relative_decrease_last_fifth(losses)
-        out["loss_decrease_last_fifth"] = None if math.isnan(decrease) else decrease
+        falling, projected = still_falling(losses)
+        out["loss_decrease_last_fifth"] = None if math.isnan(projected) else projected
         peaked_earlier = selected_epoch < last_epoch
-        if peaked_earlier or not math.isnan(decrease):
-            out["plateaued"] = bool(peaked_earlier or decrease < PLATEAU_REL_DECREASE)
+        if peaked_earlier or falling is not None:
+            out["plateaued"] = bool(peaked_earlier or not falling)
     return out
 
 
