@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup study test test-slow ci-workflow lint bench bench-peer clean-results
+.PHONY: setup study test test-slow ci-workflow lint bench bench-peer reference clean-results
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,8 @@ ci-workflow: setup
 	$(RUN) snakemake -n --configfile config/gpu_memory.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/instruct.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/llm.yaml > /dev/null
+	$(RUN) snakemake -n --configfile config/cpu_more.yaml > /dev/null
+	$(RUN) snakemake -n --configfile config/cpu_full.yaml > /dev/null
 	$(RUN) snakemake -n --profile profiles/workstation-gpu > /dev/null
 	$(RUN) snakemake -n --profile profiles/slurm --configfile config/paper.yaml > /dev/null
 	rm -rf .test-run && mkdir .test-run
@@ -54,3 +56,7 @@ bench: setup
 ## transformers + peft, 3 seeds, on an otherwise idle machine -> results/benchmarks/peer.json (about 20-25 min on 2 idle cores).
 bench-peer: setup
 	$(RUN) python benchmarks/bench_peer.py --seeds 3 --epochs 3 --threads 2 --out results/benchmarks/peer.json
+
+## The converged reference (config/cpu_full.yaml: tuned learning rates, full data, 3 epochs); its tables are committed.
+reference: setup
+	$(RUN) snakemake --cores all --configfile config/cpu_full.yaml

@@ -111,6 +111,12 @@ def run_config(*, seed: int, epochs: int | None = None, threads: int = 2, max_tr
     return deep_merge(run, overrides or {})
 
 
+def _merged(run: dict, overrides: dict | None) -> dict:
+    from lora_bench.config import deep_merge
+
+    return deep_merge(run, overrides or {})
+
+
 def prepare_data(run: dict):
     """(tokenized splits, data info) exactly as lora_bench's classification task prepares them.
 
@@ -288,7 +294,7 @@ def per_seed_result(record: dict, wall_time_s: float, seed: int) -> dict:
         "test_accuracy": final["test_accuracy"],
         "validation_accuracy": final["validation_accuracy"],
         "selected_epoch": record["metrics"]["selected_epoch"],
-        "epoch_accuracies": [{k: r[k] for k in ("epoch", "validation_accuracy", "test_accuracy")}
+        "epoch_accuracies": [{k: r.get(k) for k in ("epoch", "validation_accuracy", "test_accuracy")}
                              for r in record["metrics"]["epochs"] if r["epoch"] >= 1],
         "trainable_params": record["params"]["trainable"],
         "total_params": record["params"]["total"],
@@ -402,8 +408,13 @@ def machine_info() -> dict:
     }
 
 
+# lora_bench's own efficiency settings (its default study's): test once at the selected epoch and batches of
+# similar length. The peer has neither; `--plain` leaves them off to time the identical recipe.
+OURS_EFFICIENT = {"train": {"test_every_epoch": False, "length_grouping": True}}
+
+
 def benchmark(*, seeds: int, epochs: int | None, threads: int, max_train_examples: int | None, out: str | Path,
-              overrides: dict | None = None) -> dict:
+              overrides: dict | None = None, ours_overrides: dict | None = None) -> dict:
     """Run both implementations for seeds 0..seeds-1 (alternating which goes first, so a drifting machine load
     does not favour one), summarise, write ``out`` and return what was written."""
     out = Path(out)
@@ -424,7 +435,8 @@ def benchmark(*, seeds: int, epochs: int | None, threads: int, max_train_example
         order.append(list(impls))
         for impl in impls:
             print(f"bench-peer: seed {seed}: {impl} ...", file=sys.stderr, flush=True)
-            row = run_impl(impl, run, runs_dir / f"{impl}-seed{seed}.json")
+            impl_run = _merged(run, ours_overrides) if impl == "lora_bench" else run
+            row = run_impl(impl, impl_run, runs_dir / f"{impl}-seed{seed}.json")
             print(f"  wall {row['wall_time_s']:.1f} s, loop {row['train_loop_examples_per_s']:.1f} ex/s, "
                   f"test accuracy {row['test_accuracy']:.4f}", file=sys.stderr, flush=True)
             results[impl].append(row)
@@ -436,6 +448,7 @@ def benchmark(*, seeds: int, epochs: int | None, threads: int, max_train_example
                        "each as its own process; ratios are lora_bench / peft",
         "settings": {"seeds": list(range(seeds)), "threads": threads, "max_train_examples": max_train_examples,
                      "warmup_steps_excluded": WARMUP_STEPS, "run_order": order, "run_config": base,
+                     "lora_bench_only_settings": ours_overrides or {},
                      "known_differences": KNOWN_DIFFERENCES,
                      "data": {"origin": data_info["origin"], "sizes": data_info["sizes"],
                               "class_counts": data_info["class_counts"]}},
@@ -457,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="stratified train subsample for a quick smoke (default: all 2,800)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of both runs (default 2)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"result JSON (default {DEFAULT_OUT})")
+    parser.add_argument("--plain", action="store_true",
+                        help="lora_bench without its efficiency settings (test once, length-grouped batches)")
     parser.add_argument("--set-json", default=None,
                         help="JSON object deep-merged into the run config (e.g. another model or data for a test)")
     # Internal: how this script starts the peer in its own process.
@@ -470,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 1")
     payload = benchmark(seeds=args.seeds, epochs=args.epochs, threads=args.threads,
                         max_train_examples=args.max_train_examples, out=args.out,
-                        overrides=json.loads(args.set_json) if args.set_json else None)
+                        overrides=json.loads(args.set_json) if args.set_json else None,
+                        ours_overrides=None if args.plain else OURS_EFFICIENT)
     means = payload["ratios"]["of_means"]
     print(f"ours/peer: whole-run examples/s {means['whole_run_examples_per_s']:.3f}, training-loop examples/s "
           f"{means['train_loop_examples_per_s']:.3f}; accuracies equal within CI: "

@@ -17,11 +17,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-# Training jobs a dry run of .test/config.yaml plans (the sweep's re-runs come later, from its checkpoint): one
-# per distinct resolved config. Its 40 runs share 29 configs (e.g. the methods baseline is also the rank/alpha,
-# coverage, variance and sweep baseline); every run still gets its own labelled record.
-TEST_STUDY_TRAIN_JOBS = 29
-TEST_STUDY_RUNS = 40
+# Training jobs a dry run of .test/config.yaml plans (the sweep's re-runs and the tuned methods family's runs come
+# later, from their checkpoints): one per distinct resolved config. Its 46 runs (6 of them tuning runs) share 31
+# planned configs (e.g. the rank/alpha baseline is also the coverage, variance and sweep baseline); every run still
+# gets its own labelled record.
+TEST_STUDY_TRAIN_JOBS = 31
+TEST_STUDY_RUNS = 46
 
 
 def _env():
@@ -56,6 +57,9 @@ def clean_checkout(tmp_path):
     checkout.mkdir()
     for name in ("Snakefile", "workflow", "config", ".test", "profiles", "envs"):
         (checkout / name).symlink_to(ROOT / name)
+    # The committed converged reference, which the default study's report reads.
+    (checkout / "results").mkdir()
+    (checkout / "results/reference").symlink_to(ROOT / "results/reference")
     return checkout
 
 
@@ -67,16 +71,19 @@ def test_lint_is_clean():
 @pytest.mark.parametrize(
     ("args", "train_jobs", "runs"),
     [
-        ((), 80, 89),
+        ((), 30, 39),
         (("--configfile", ".test/config.yaml"), TEST_STUDY_TRAIN_JOBS, TEST_STUDY_RUNS),
         (("--configfile", "config/paper.yaml"), 354, 398),
         (("--configfile", "config/gpu_memory.yaml"), 27, 27),
         (("--configfile", "config/instruct.yaml"), 21, 21),
         (("--configfile", "config/llm.yaml"), 24, 24),
-        (("--profile", "profiles/workstation-gpu"), 80, 89),
+        (("--configfile", "config/cpu_more.yaml"), 47, 53),
+        (("--configfile", "config/cpu_full.yaml"), 9, 18),
+        (("--profile", "profiles/workstation-gpu"), 30, 39),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 354, 398),
     ],
-    ids=["default", "test", "paper", "gpu-memory", "instruct", "llm", "workstation-gpu", "slurm"],
+    ids=["default", "test", "paper", "gpu-memory", "instruct", "llm", "cpu-more", "cpu-full", "workstation-gpu",
+         "slurm"],
 )
 def test_dry_run_of_every_config_and_profile(args, train_jobs, runs, clean_checkout):
     result = snakemake("-n", *args, cwd=clean_checkout)
@@ -122,7 +129,7 @@ def test_a_new_family_is_one_config_block(tmp_path, clean_checkout):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(snakemake("-n", "--configfile", str(path), cwd=clean_checkout).stdout)
-    # p0 is the base config, trained already for the methods baseline: only p10's two seeds are new training.
+    # p0 is the base config, trained already for the rank/alpha baseline: only p10's two seeds are new training.
     assert jobs["train"] == TEST_STUDY_TRAIN_JOBS + 2 and jobs["label_run"] == TEST_STUDY_RUNS + 2 * 2
 
 
