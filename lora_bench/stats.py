@@ -508,6 +508,18 @@ def _nan_comparison() -> dict:
     }
 
 
+def _t_test(run, result: dict, notes: list[str]) -> None:
+    """p-value and 95 % interval of a scipy t test into ``result``; a numerical failure becomes a note."""
+    try:
+        t_result = run()
+        interval = t_result.confidence_interval(CONFIDENCE)
+    except NUMERICAL_ERRORS as error:
+        notes.append(f"t test failed ({type(error).__name__})")
+    else:
+        result.update(p_value=float(t_result.pvalue), diff_ci_low=float(interval.low),
+                      diff_ci_high=float(interval.high))
+
+
 def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
     """Compare two conditions given as values indexed by seed; paired when they share >= 2 seeds."""
     result = _nan_comparison()
@@ -551,17 +563,7 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
             notes.append("the paired differences have zero variance: t test undefined")
             result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
         else:
-            try:
-                t_result = stats.ttest_rel(v, b)
-                interval = t_result.confidence_interval(CONFIDENCE)
-            except NUMERICAL_ERRORS as error:
-                notes.append(f"t test failed ({type(error).__name__})")
-            else:
-                result.update(
-                    p_value=float(t_result.pvalue),
-                    diff_ci_low=float(interval.low),
-                    diff_ci_high=float(interval.high),
-                )
+            _t_test(lambda: stats.ttest_rel(v, b), result, notes)
         if np.all(differences == 0):
             result["p_nonparametric"] = 1.0  # identical results: no evidence of any difference
         else:
@@ -588,17 +590,7 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
             notes.append("both conditions have zero variance: t test undefined")
             result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
         else:
-            try:
-                t_result = stats.ttest_ind(v, b, equal_var=False)
-                interval = t_result.confidence_interval(CONFIDENCE)
-            except NUMERICAL_ERRORS as error:
-                notes.append(f"t test failed ({type(error).__name__})")
-            else:
-                result.update(
-                    p_value=float(t_result.pvalue),
-                    diff_ci_low=float(interval.low),
-                    diff_ci_high=float(interval.high),
-                )
+            _t_test(lambda: stats.ttest_ind(v, b, equal_var=False), result, notes)
         try:
             result["p_nonparametric"] = float(stats.mannwhitneyu(v, b, alternative="two-sided").pvalue)
         except NUMERICAL_ERRORS as error:
