@@ -13,7 +13,9 @@ weight decay, 6 % linear warm-up then linear decay, 2 threads) goes through
 
 Both are started as subprocesses of this script, so both pay interpreter start-up and imports alike, and
 both read the same tokenized splits (``lora_bench.data.prepare_splits``, one on-disk cache, warmed before
-the timed runs) in the same batch order (a ``torch.Generator`` seeded with the run seed shuffles both).
+the timed runs); with ``--plain`` in the same batch order (a ``torch.Generator`` seeded with the run seed shuffles
+both), by default with lora_bench's own efficiency settings (length-grouped batches, test once at the selected
+epoch: ``OURS_EFFICIENT``), which the peer does not have.
 Per implementation and seed it records the whole-process wall time, the training loop's examples/s over
 the timed steps (after ``WARMUP_STEPS`` warm-up steps), median and p95 step time and test accuracy; then
 means (95 % t-intervals with two or more seeds), the ratios ours/peer and whether the test accuracies are
@@ -58,6 +60,8 @@ KNOWN_DIFFERENCES = [
     "evaluation: lora_bench sorts evaluation examples by length (less padding) and also computes loss and "
     "macro-F1; the peer evaluates in split order, accuracy only",
     "lora_bench enforces torch.use_deterministic_algorithms on CPU; the peer does not",
+    "unless --plain: lora_bench batches examples of similar length (train.length_grouping: less padding, another "
+    "batch order than the peer's) and evaluates the test split once, at the selected epoch",
 ]
 
 # The lora_bench run config (lora_bench/schemas/run.schema.yaml) of the measured run: the base of
