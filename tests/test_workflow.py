@@ -3,6 +3,7 @@ smallest study end to end with its resumability guarantees."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -154,14 +155,19 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
     # The planned runs plus the sweep's top 2 re-run on 2 data seeds (derived from the select_sweep checkpoint)
-    assert len(runs) == TEST_STUDY_TRAIN_JOBS + 4 and set(runs["status"]) == {"ok"}
+    assert len(runs) == TEST_STUDY_RUNS + 4 and set(runs["status"]) == {"ok"}
+    # The tuned methods family ran at the values its validation-only tuning chose.
+    chosen = json.loads((workdir / "results/tune/methods/selection.json").read_text())["chosen"]
+    methods = runs[runs["family"] == "methods"]
+    assert all(lr == chosen[v] for v, lr in methods[["variant", "cfg.train.lr"]].itertuples(index=False))
     assert (runs["sweep_stage"] == "rerun").sum() == 4
     for table in ("variance_components", "sweep_reeval", "sweep_summary"):
         assert (workdir / f"results/tables/{table}.parquet").exists(), table
     assert {"zero_shot", "epoch", "final"} <= set(metrics.loc[metrics["family"] == "instruct", "stage"])
     for column in ("run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
                    "data_seed", "train_seed", "setting", "sweep_stage",
-                   "trainable_params", "git_sha", "cfg.method.lora.rank", "cfg.train.optimizer"):
+                   "trainable_params", "git_sha", "cfg.method.lora.rank", "cfg.train.optimizer",
+                   "learned", "collapsed", "diverged", "plateaued", "trained", "trained_from", "tune_value"):
         assert column in runs.columns, column
     for column in ("metric", "split", "epoch", "stage", "value", "unit", "higher_is_better"):
         assert column in metrics.columns, column
