@@ -739,9 +739,11 @@ def _tune_section(family: str, tables: dict) -> dict | None:
     rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}", "n": int(r.n_runs - r.n_failed),
              "score": fmt_percent(r.mean), "chosen": "**chosen**" if r.chosen else ""} for r in part.itertuples()]
     epochs = part["epochs"].iloc[0]
-    budget = (f"{len(part)} values x variants, {int(family_runs['seed'].nunique())} tuning seed(s) each: "
-              f"{len(family_runs)} runs{f' of {int(epochs)} epoch(s)' if _finite(epochs) else ''}, the same for every "
-              "variant; validation split only (the test split was not evaluated)")
+    n_variants = part["setting"].nunique()
+    budget = (f"{len(part) // max(1, n_variants)} values x {n_variants} variants x "
+              f"{int(family_runs['seed'].nunique())} tuning seed(s) = {len(family_runs)} runs"
+              f"{f' of {int(epochs)} epoch(s)' if _finite(epochs) else ''}, the same for every variant; validation "
+              "split only (the test split was not evaluated)")
     return {"tuned": md_text(part["family"].iloc[0]), "key": md_text(part["key"].iloc[0]),
             "metric": md_text(part["metric"].iloc[0]), "rows": rows, "budget": budget}
 
@@ -1363,6 +1365,10 @@ def render_markdown(
         ],
         "n_inconclusive": sum(claim["convergence"] == "inconclusive" for family in families
                               for claim in family["claims"]),
+        "n_significant_untrained": sum(
+            claim["convergence"] == "inconclusive" and claim["verdict"] in ("better", "worse")
+            for family in families for claim in family["claims"]
+        ),
         "n_tested": int(
             (
                 tables["tests"]["p_value"].notna()
