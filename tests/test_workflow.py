@@ -59,8 +59,8 @@ def clean_checkout(tmp_path):
     for name in ("Snakefile", "workflow", "config", ".test", "profiles", "envs"):
         (checkout / name).symlink_to(ROOT / name)
     # The committed converged reference, which the default study's report reads.
-    (checkout / "results").mkdir()
-    (checkout / "results/reference").symlink_to(ROOT / "results/reference")
+    (checkout / "results/reference").mkdir(parents=True)
+    (checkout / "results/reference/tables").symlink_to(ROOT / "results/reference/tables")
     return checkout
 
 
@@ -173,6 +173,8 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
         assert column in metrics.columns, column
     assert (workdir / "paper/report.html").stat().st_size > 0
     assert (workdir / "results/tables/tests.parquet").exists()
+    report_md = (workdir / "paper/report.md").read_text(encoding="utf-8")
+    assert "Figure missing" not in report_md and "## This study vs the converged reference" in report_md
 
     # Nothing to do on a second call.
     assert "Nothing to be done" in snakemake("-n", *common).stdout + snakemake("-n", *common).stderr

@@ -72,8 +72,8 @@ rule figures:
 
 rule report:
     input:
-        rules.stats.output,
-        rules.figures.output,
+        stats=rules.stats.output,
+        figures=rules.figures.output,
         reference=converged_reference_tests(),
     output:
         md=f"{REPORT}/report.md",
@@ -87,8 +87,8 @@ rule report:
     conda:
         "../../envs/lora-bench.yaml"
     params:
-        tables=lambda wildcards, input: os.path.dirname(input[0]),
-        figures=lambda wildcards, input: os.path.dirname(input[-1]),
+        tables=lambda wildcards, input: os.path.dirname(input.stats[0]),
+        figures=lambda wildcards, input: os.path.dirname(input.figures[0]),
         out=lambda wildcards, output: os.path.dirname(output.md) or ".",
         reference=converged_reference_flag(),
     shell:
