@@ -388,6 +388,9 @@ class InstructTask:
             # Thread count and eval batching change float summation order, so a cached result is reused
             # only where recomputing it would give the same bits.
             "threads": torch.get_num_threads(), "eval_batch_size": cfg.train.eval_batch_size,
+            # A random-weights model is drawn from the run's seed: runs of another seed evaluate another model
+            # (sharing across seeds made the cached value depend on which run finished first).
+            "seed": cfg.seed if cfg.model.source == "random" else None,
             "version": 2,
         }, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = Path(cfg.data.cache_dir) / "zero_shot" / f"{key}.json"

@@ -378,10 +378,13 @@ def test_closed_answer_task_on_labelled_data_records_zero_shot_and_gain(sentimen
 def test_zero_shot_evaluation_is_shared_by_runs_of_the_same_model_and_data(sentiment_csv, tmp_path):
     raw = _instruct_run(tmp_path, {"source": "local", "name": str(sentiment_csv), "max_length": 128}, epochs=1)
     first = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
-    raw["seed"], raw["method"]["lora"]["rank"] = 1, 2  # another seed and rank: still the untouched base model
+    raw["method"]["lora"]["rank"] = 2  # another rank: still the untouched base model
     second = run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
     assert "zero_shot_cache" not in first and second.pop("zero_shot_cache").endswith(".json")
     assert second == first
+    # A random-weights model is drawn from the run's seed: another seed is another model, evaluated anew.
+    raw["seed"] = 1
+    assert "zero_shot_cache" not in run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
     raw["train"]["eval_batch_size"] = 3  # other batching sums in another order: recomputed, not reused
     assert "zero_shot_cache" not in run_training(RunConfig.from_dict(raw)).metrics["epochs"][0]
     raw["method"]["name"] = "qlora"  # a 4-bit base model is another model

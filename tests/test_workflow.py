@@ -182,10 +182,10 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
     (workdir / "results/runs/methods/full/seed1.json").unlink()
     jobs = planned_jobs(snakemake("-n", *common).stdout)
     assert "train" not in jobs and jobs["label_run"] == 1
-    record = yaml.safe_load((workdir / "results/runs/methods/full/seed0.json").read_text())
+    record = yaml.safe_load((workdir / "results/runs/optimizer/sgd-cosine/seed0.json").read_text())
     (workdir / "results/trained" / record["trained_from"]).unlink()
     jobs = planned_jobs(snakemake("-n", *common).stdout)
-    assert jobs["train"] == 1 and jobs["label_run"] == 1
+    assert jobs["train"] == 1 and jobs["label_run"] == 2
     snakemake("--cores", "2", *common)
     # Changing one family's parameters re-runs only its jobs.
     config = yaml.safe_load((workdir / "study.yaml").read_text())
@@ -213,7 +213,8 @@ def test_own_three_class_csv_through_the_workflow_to_the_report(tmp_path):
 
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     metrics = pd.read_parquet(workdir / "results/tables/metrics.parquet")
-    assert len(runs) == 32 + 4 and set(runs["status"]) == {"ok"}
+    # The .test study without its 8 instruct runs, plus the sweep's 4 re-runs.
+    assert len(runs) == TEST_STUDY_RUNS - 8 + 4 and set(runs["status"]) == {"ok"}
     assert {"accuracy", "macro_f1"} <= set(metrics["metric"])
     record = yaml.safe_load((workdir / "results/runs/methods/lora/seed0.json").read_text())
     assert record["data"]["label_names"] == ["cooking", "science", "sport"]
