@@ -178,12 +178,15 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
 
     # Nothing to do on a second call.
     assert "Nothing to be done" in snakemake("-n", *common).stdout + snakemake("-n", *common).stderr
-    # Deleting one run's record labels it again from its training; deleting the training re-trains that run only.
+    # Deleting one run's record labels it again from its training.
     (workdir / "results/runs/methods/full/seed1.json").unlink()
     jobs = planned_jobs(snakemake("-n", *common).stdout)
     assert "train" not in jobs and jobs["label_run"] == 1
-    record = yaml.safe_load((workdir / "results/runs/optimizer/sgd-cosine/seed0.json").read_text())
-    (workdir / "results/trained" / record["trained_from"]).unlink()
+    # A training record is an intermediate: with the run's record in place, deleting it alone re-runs nothing;
+    # with both gone, that run trains again (and only it).
+    run_record = workdir / "results/runs/optimizer/sgd-cosine/seed0.json"
+    (workdir / "results/trained" / yaml.safe_load(run_record.read_text())["trained_from"]).unlink()
+    run_record.unlink()
     jobs = planned_jobs(snakemake("-n", *common).stdout)
     assert jobs["train"] == 1 and jobs["label_run"] == 2
     snakemake("--cores", "2", *common)
