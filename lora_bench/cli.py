@@ -340,7 +340,7 @@ def cmd_select_tune(args) -> int:
 
     if args.study:
         family = load_study(args.study).families.get(args.family)
-        if family is None or not family.tune or family.kind == "tune":
+        if family is None or not family.is_tuned:
             raise ConfigError(f"select-tune: family {args.family!r} of {args.study} has no tune block")
         tune = family.tune
     else:

@@ -58,6 +58,11 @@ class Family:
     # family (kind tune): "of" = the family it tunes and "variant_values" = variant -> the value it runs.
     tune: dict | None = None
 
+    @property
+    def is_tuned(self) -> bool:
+        """A family whose runs use the values its tuning family chose (not the tuning family itself)."""
+        return bool(self.tune) and self.kind != TUNE_KIND
+
 
 @dataclass(frozen=True)
 class Study:
@@ -85,7 +90,7 @@ class Study:
                               f"it has {sorted(fam.variants)}")
         partial = fam.variants[variant] if variant in fam.variants else fam.rerun_variants[variant]
         if tuned_value is not None:
-            if not fam.tune or fam.kind == TUNE_KIND:
+            if not fam.is_tuned:
                 raise ConfigError(f"{self.source}: family {family!r} has no tune block")
             partial = _set_dotted(partial, fam.tune["key"], tuned_value)
         raw = deep_merge(partial, {"seed": seed})
@@ -102,7 +107,7 @@ class Study:
 
     def tuned_families(self) -> list[str]:
         """Families with a `tune` block (their runs wait for the selection of their tuning family)."""
-        return [f.name for f in self.families.values() if f.tune and f.kind != TUNE_KIND]
+        return [f.name for f in self.families.values() if f.is_tuned]
 
     def trained_configs(self) -> dict[str, dict]:
         """Key -> resolved config of every run the study may train: its runs and every possible sweep re-run.

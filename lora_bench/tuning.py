@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from lora_bench import stats
+from lora_bench.study import TUNE_KIND
 
-TUNE_KIND = "tune"
 # The tune block's metric -> (metric, split) of the tidy metrics table.
 TUNE_METRICS = {"validation_accuracy": ("accuracy", "validation"), "validation_macro_f1": ("macro_f1", "validation")}
 TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "metric", "n_runs", "n_failed", "mean",

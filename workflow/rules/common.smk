@@ -71,7 +71,7 @@ def trained_record(wildcards):
     """
     family, variant, seed = wildcards.family, wildcards.variant, int(wildcards.seed)
     value = None
-    if STUDY.families[family].tune and STUDY.families[family].kind != "tune":
+    if STUDY.families[family].is_tuned:
         selection = checkpoints.select_tune.get(family=family).output[0]
         with open(selection) as handle:
             value = json.load(handle)["chosen"][variant]
