@@ -107,6 +107,8 @@ import pandas as pd
 from scipy import optimize, stats
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
+from lora_bench.study import SWEEP_KIND, TUNE_KIND, VARIANCE_KIND
+
 CONFIDENCE = 0.95
 ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 4999
@@ -127,7 +129,7 @@ MEMORY_TIME_KIND = "memory_time"
 # their variants are not tested against a baseline here; lora_bench.variance analyses them.
 # Kinds analysed in their own modules, not against a baseline: variance and sweep (lora_bench.variance) cross
 # data and train seeds; tune families (lora_bench.tuning) only choose a value for the family they tune.
-SEED_CROSSING_KINDS = ("variance", "sweep", "tune")
+SEED_CROSSING_KINDS = (VARIANCE_KIND, SWEEP_KIND, TUNE_KIND)
 # The memory metric of a memory_time family: the first one the family recorded. Peak allocated CUDA memory
 # is what a GPU user pays; without a GPU, the exact bytes of weights + gradients + optimizer state are the
 # part of memory that the method decides (the process's peak RSS is mostly the Python runtime).
