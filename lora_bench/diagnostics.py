@@ -12,15 +12,26 @@ select on the numbers it is judged by.
   selected epoch (a closed-answer instruct run that answers one class throughout too).
 - ``diverged``: a non-finite loss (the run stopped, ``error_kind`` ``non_finite_loss``), or a final logged
   training loss above the first logged one.
-- ``plateaued``: the training loss has levelled off. The loop logs it at ``LOSS_POINTS_PER_EPOCH`` (10) evenly
-  spaced points per epoch (each the mean over the steps since the previous point), so one-epoch runs have a
-  curve too. A least-squares line through the last half of the points gives the slope; the run is *still
-  falling* when that slope is significantly negative (one-sided t test, p < 0.05) **and** continuing at that
-  slope for another fifth of the run would lower the loss by at least ``PLATEAU_REL_DECREASE`` (5 %) of its
-  recent mean. A run plateaued when it is not still falling, or when validation already peaked before the
-  last epoch (the selected epoch is not the last, so more of the same training would not be chosen). The
-  significance requirement keeps minibatch noise from flagging flat curves; the size requirement keeps a
-  tiny but steady decline (common late in training) from counting as unfinished.
+- ``plateaued``: more of the same training would no longer lower a **held-out** loss by much. Held out matters:
+  after the first epoch the training loss keeps falling as the model fits its own training set (full
+  finetuning drives it towards 0 while validation has long levelled off), so it cannot say whether training
+  has converged. Two curves are held out:
+
+  * **one-epoch runs: the training loss itself.** Within the first epoch every batch is scored before the
+    model has trained on it (progressive validation), so its loss is an unbiased held-out estimate. The loop
+    logs it at ``LOSS_POINTS_PER_EPOCH`` (10) evenly spaced points per epoch (each the mean over the steps
+    since the previous point). A least-squares line through the last half of the points gives the slope; the
+    run is *still falling* when that slope is significantly negative (one-sided t test, p < 0.05) **and**
+    continuing at that slope for another fifth of the run would lower the loss by at least
+    ``PLATEAU_REL_DECREASE`` (5 %) of its recent mean. The significance requirement keeps minibatch noise from
+    flagging flat curves; the size requirement keeps a tiny but steady decline from counting as unfinished.
+  * **runs of two epochs or more: the validation loss at the end of each epoch.** The run is *still falling*
+    when continuing at its last epoch's rate for another fifth of the run (``epochs / 5`` more epochs) would
+    lower the validation loss by at least ``PLATEAU_REL_DECREASE`` of its last value. Runs that did not
+    evaluate validation every epoch fall back to the training-loss rule.
+
+  A run plateaued when it is not still falling, or when validation already peaked before the last epoch (the
+  selected epoch is not the last, so more of the same training would not be chosen).
 
 A run is **trained** when it learned, did not collapse, did not diverge and plateaued. ``expect: no_learning``
 on a variant marks a run that is meant to show a bad setting; the report then reads its flags as expected.
@@ -93,15 +104,30 @@ def still_falling(losses: list[float]) -> tuple[bool | None, float]:
     return bool(significant and projected >= PLATEAU_REL_DECREASE), projected
 
 
-def diagnose(selected: dict, loss_curve: list[list[float]], selected_epoch: int, last_epoch: int) -> dict:
-    """The four flags and the numbers behind them, from the selected epoch's validation metrics and the curve.
+def validation_still_falling(validation_losses: list[float]) -> tuple[bool | None, float]:
+    """(whether the per-epoch validation loss is still falling, the projected relative decrease over another
+    fifth of the run at the last epoch's rate). None with fewer than two epochs or a missing value."""
+    if len(validation_losses) < 2 or not all(v is not None and math.isfinite(v) for v in validation_losses):
+        return None, math.nan
+    previous, last = validation_losses[-2], validation_losses[-1]
+    if last <= 0:
+        return None, math.nan
+    projected = (previous - last) * (len(validation_losses) / 5) / last
+    return bool(projected >= PLATEAU_REL_DECREASE), projected
+
+
+def diagnose(selected: dict, loss_curve: list[list[float]], selected_epoch: int, last_epoch: int,
+             validation_losses: list[float] | None = None) -> dict:
+    """The four flags and the numbers behind them, from the selected epoch's validation metrics and the curves.
 
     ``selected`` holds ``validation_accuracy`` and, where the task measures them, ``validation_n``,
-    ``validation_majority_rate`` and ``validation_max_class_share``; ``loss_curve`` is ``[[step, loss], ...]``.
-    Flags that cannot be computed (no validation split, too few points) are None.
+    ``validation_majority_rate`` and ``validation_max_class_share``; ``loss_curve`` is ``[[step, loss], ...]``;
+    ``validation_losses`` the validation loss at the end of each epoch, in order (the held-out curve of runs
+    of two epochs or more). Flags that cannot be computed (no validation split, too few points) are None;
+    ``plateau_curve`` says which curve judged ``plateaued``.
     """
     out: dict = {"learned": None, "learned_p": None, "collapsed": None, "diverged": None, "plateaued": None,
-                 "loss_decrease_last_fifth": None}
+                 "loss_decrease_last_fifth": None, "plateau_curve": None}
     n = selected.get("validation_n")
     if n and "validation_accuracy" in selected:
         correct = round(selected["validation_accuracy"] * n)
@@ -113,11 +139,14 @@ def diagnose(selected: dict, loss_curve: list[list[float]], selected_epoch: int,
     losses = [loss for _, loss in loss_curve]
     if losses:
         out["diverged"] = bool(not all(map(math.isfinite, losses)) or losses[-1] > losses[0])
-        falling, projected = still_falling(losses)
-        out["loss_decrease_last_fifth"] = None if math.isnan(projected) else projected
-        peaked_earlier = selected_epoch < last_epoch
-        if peaked_earlier or falling is not None:
-            out["plateaued"] = bool(peaked_earlier or not falling)
+    falling, projected, curve = validation_still_falling(validation_losses or []) + ("validation_loss",)
+    if falling is None and losses:
+        falling, projected, curve = still_falling(losses) + ("train_loss",)
+    out["loss_decrease_last_fifth"] = None if math.isnan(projected) else projected
+    peaked_earlier = selected_epoch < last_epoch
+    if peaked_earlier or falling is not None:
+        out["plateaued"] = bool(peaked_earlier or not falling)
+        out["plateau_curve"] = curve if falling is not None else "selected_epoch"
     return out
 
 
@@ -125,7 +154,7 @@ def failed_diagnosis(error_kind: str) -> dict:
     """A failed run: diverged when its loss went non-finite; the other flags are unknown."""
     return {"learned": None, "learned_p": None, "collapsed": None,
             "diverged": True if error_kind == "non_finite_loss" else None, "plateaued": None,
-            "loss_decrease_last_fifth": None}
+            "loss_decrease_last_fifth": None, "plateau_curve": None}
 
 
 def trained(flags: dict) -> bool | None:

@@ -150,6 +150,7 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         "trained": trained(diagnostics) if diagnostics else None,
         "learned_p": diagnostics.get("learned_p"),
         "loss_decrease_last_fifth": diagnostics.get("loss_decrease_last_fifth"),
+        "plateau_curve": diagnostics.get("plateau_curve") or "",
         "expect": (record.get("run") or {}).get("expect", ""),
         # tuning families (kind tune): the family tuned, the key, the value this run used, the selection metric
         **{k: (record.get("run") or {}).get(k, d) for k, d in (("tunes", ""), ("tune_key", ""), ("tune_value", None),

@@ -567,7 +567,8 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     }
     return RunResult(
         metrics={"epochs": epochs, "selected_epoch": best["epoch"], "final": final, "train_loss_curve": loss_curve},
-        diagnostics=diagnose(best, loss_curve, best["epoch"], trained[-1]["epoch"]) if cfg.train.evaluate else {},
+        diagnostics=diagnose(best, loss_curve, best["epoch"], trained[-1]["epoch"],
+                             [e.get("validation_loss") for e in trained]) if cfg.train.evaluate else {},
         params={"trainable": trainable, "total": total, "trainable_fraction": trainable / total},
         timing=timing,
         memory=memory,

@@ -96,3 +96,29 @@ def test_a_run_records_its_loss_curve_and_flags(tiny_run):
     assert set(result.diagnostics) >= {"learned", "collapsed", "diverged", "plateaued", "learned_p"}
     epoch = next(e for e in result.metrics["epochs"] if e["epoch"] == result.metrics["selected_epoch"])
     assert 0 < epoch["validation_majority_rate"] <= 1 and epoch["validation_n"] > 0
+
+
+def test_runs_of_two_epochs_or_more_are_judged_on_the_validation_loss_not_the_training_loss():
+    # Full finetuning at 3 epochs: the training loss keeps falling (fitting the training set) while the
+    # held-out loss has levelled off (the converged reference's full runs: 0.441, 0.412, 0.424).
+    memorising = [[i + 1, 0.6 * math.exp(-i / 8)] for i in range(30)]
+    assert still_falling([p[1] for p in memorising])[0]
+    flags = diagnose(_selected(0.8), memorising, 3, 3, [0.441, 0.412, 0.424])
+    assert flags["plateaued"] and flags["plateau_curve"] == "validation_loss"
+    assert flags["loss_decrease_last_fifth"] < 0
+    # The reference's LoRA seed 1: 0.587, 0.508, 0.465: another 0.6 epoch at that rate is 5.6 % lower: not done.
+    flags = diagnose(_selected(0.8), FALLING_THEN_FLAT, 3, 3, [0.587, 0.508, 0.465])
+    assert not flags["plateaued"]
+    assert flags["loss_decrease_last_fifth"] == pytest.approx((0.508 - 0.465) * 3 / 5 / 0.465)
+    # ... and 0.527, 0.444, 0.433 (2.4 % over the last epoch, 1.4 % per further fifth) is levelled off.
+    assert diagnose(_selected(0.8), FALLING_THEN_FLAT, 3, 3, [0.527, 0.444, 0.433])["plateaued"]
+
+
+def test_one_epoch_runs_and_runs_without_per_epoch_validation_use_the_training_loss():
+    falling = [[i + 1, 0.69 - 0.02 * i] for i in range(10)]
+    for validation in (None, [0.6], [0.6, None]):
+        flags = diagnose(_selected(0.8), falling, 1, 1, validation)
+        assert flags["plateau_curve"] == "train_loss" and not flags["plateaued"]
+    # Validation peaked earlier decides even without a curve.
+    flags = diagnose(_selected(0.8), [[1, 0.7]], 1, 2, None)
+    assert flags["plateaued"] and flags["plateau_curve"] == "selected_epoch"
