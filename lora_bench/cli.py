@@ -472,11 +472,31 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reference-tables", help="tables of the converged reference (its tests.parquet is read)")
     report.add_argument("--reference-family", default="methods", help="family compared with the reference")
     report.set_defaults(func=cmd_report)
+
+    warm = sub.add_parser("warm-serve", help="a warm worker that training commands fork from (lora_bench.warm)")
+    warm.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    warm.add_argument("--idle", type=float, default=120.0, help="exit after this many seconds without work")
+    warm.set_defaults(func=cmd_warm_serve)
     return parser
+
+
+def cmd_warm_serve(args) -> int:
+    from .warm import serve
+
+    serve(args.socket, main, idle_seconds=args.idle)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from .warm import delegate, wanted
+
+        # Fork from a worker that has torch and transformers imported (LORA_BENCH_WARM=1, set by the Snakefile).
+        code = delegate(argv) if wanted() else None
+        if code is not None:
+            return code
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -38,6 +38,7 @@ from .diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
 from .lora import count_parameters
 from .methods import prepare_model
 from .models import load_model, load_tokenizer, max_positions
+from .warm import IN_WORKER_ENV, PROCESS_STARTED_ENV
 
 # Steps excluded from step times and throughput: the first ones pay for allocator warm-up and lazy init.
 WARMUP_STEPS = 3
@@ -47,10 +48,13 @@ LENGTH_BUCKET_BATCHES = 50
 
 
 def process_started() -> float:
-    """``time.time()`` at which this process started (Linux: /proc), else when this module was imported.
+    """``time.time()`` at which this run's command started (Linux: /proc), else when this module was imported.
 
-    ``timing.setup_s`` counts from here, so interpreter start and imports are part of a run's set-up cost.
+    ``timing.setup_s`` counts from here, so interpreter start and imports are part of a run's set-up cost. A
+    run forked by a warm worker (lora_bench.warm) counts from the start of the command that handed it over.
     """
+    if PROCESS_STARTED_ENV in os.environ:
+        return float(os.environ[PROCESS_STARTED_ENV])
     try:
         with open("/proc/self/stat") as stat:
             start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
@@ -555,6 +559,8 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         "wall_time_s": time.perf_counter() - started,
         # Process start (interpreter, imports, model and data loading) to the end of the first optimizer step.
         "setup_s": first_step_at - process_started() if first_step_at else None,
+        # Forked from a warm worker that had imported torch and transformers already (lora_bench.warm).
+        "warm_worker": IN_WORKER_ENV in os.environ,
         "train_time_s": train_seconds,
         "eval_s": eval_seconds,
         "optimizer_steps": step,

@@ -17,6 +17,9 @@ validate(config, "../schemas/study.schema.yaml", set_default=True)
 STUDY = study_from_dict(config, source="snakemake config")
 RESULTS = STUDY.results_dir
 REPORT = STUDY.report_dir
+# Training jobs fork from a warm worker that has torch and transformers imported (lora_bench.warm: CPU
+# machines only; each job is still its own command and record). LORA_BENCH_WARM=0 turns it off.
+os.environ.setdefault("LORA_BENCH_WARM", "1")
 
 
 # What the study trains, by config key (lora_bench.study.config_key): one training job per distinct config.
