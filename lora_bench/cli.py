@@ -126,8 +126,8 @@ def acquire_gpu(gpu_ids: list[int], lock_dir: str | None = None):
 
 
 def cmd_train(args) -> int:
+    from .atomic import ensure_writable
     from .faults import arm_training_faults
-    from .record import ensure_writable
 
     cfg, labels = _resolve_run(args)
     if args.label:
@@ -281,7 +281,7 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_collect(args) -> int:
-    from .record import ensure_writable
+    from .atomic import ensure_writable
     from .tables import collect, write_tables
 
     ensure_writable(args.out_dir)
@@ -299,7 +299,7 @@ def cmd_collect(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .record import ensure_writable
+    from .atomic import ensure_writable
     from .stats import run_stats
     from .tables import check_tables
     from .tuning import write_tuning_table
@@ -357,8 +357,8 @@ def cmd_select_tune(args) -> int:
 def cmd_figures(args) -> int:
     import pandas as pd
 
+    from .atomic import ensure_writable
     from .plots import make_all_figures
-    from .record import ensure_writable
     from .tables import check_tables
 
     tables = Path(args.tables)
@@ -372,7 +372,7 @@ def cmd_figures(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .record import ensure_writable
+    from .atomic import ensure_writable
     from .report import build_report
     from .tables import check_tables
 
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         # A read-only results folder (NotWritable, before any work: exit 2) or a full disk while writing
         # (the previous file is left intact by the atomic writes: exit 1).
-        from .record import NotWritable
+        from .atomic import NotWritable
 
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
         print(f"lora-bench: error: {exc}{where}", file=sys.stderr)

@@ -28,6 +28,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lora_bench import stats, tuning, variance  # noqa: E402
+from lora_bench.atomic import replace_atomically  # noqa: E402
 
 PNG_DPI = 150
 STYLE = "whitegrid"
@@ -735,9 +736,11 @@ def save_figure(fig: Figure, out_base: str | Path) -> tuple[Path, Path]:
     out_base = Path(out_base)
     out_base.parent.mkdir(parents=True, exist_ok=True)
     png, svg = out_base.with_name(out_base.name + ".png"), out_base.with_name(out_base.name + ".svg")
-    fig.savefig(png, dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": None})
+    replace_atomically(png, lambda tmp: fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight",
+                                                    metadata={"Software": None}))
     with matplotlib.rc_context({"svg.hashsalt": "lora-bench"}):
-        fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
+        replace_atomically(svg, lambda tmp: fig.savefig(tmp, format="svg", bbox_inches="tight",
+                                                        metadata={"Date": None}))
     return png, svg
 
 

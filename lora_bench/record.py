@@ -8,19 +8,16 @@ versions read or refuse old records by name.
 
 from __future__ import annotations
 
-import errno
-import glob
 import json
 import os
 import platform
-import socket
 import subprocess
-import tempfile
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 from . import SCHEMA_VERSION, __version__
+from .atomic import ensure_writable, replace_atomically
 from .faults import fault_point
 
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "peft", "bitsandbytes", "numpy", "snakemake", "gguf")
@@ -80,80 +77,6 @@ def environment() -> dict:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-class NotWritable(OSError):
-    """A results folder that cannot be written (read-only checkout, permissions); the message names it."""
-
-
-def ensure_writable(folder: str | Path) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it, or raise ``NotWritable`` naming it.
-
-    Called before training, so a read-only results folder costs a second, not a finished run.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise NotWritable(exc.errno or errno.EACCES,
-                          f"cannot write to the results directory {folder}: {exc.strerror or exc} "
-                          f"({exc.filename or folder}); make it writable or write the results elsewhere "
-                          "(results_dir in the study, --out on the command line)") from exc
-    return folder
-
-
-def _host_tag() -> str:
-    return socket.gethostname().replace(".", "_") or "host"
-
-
-def temporary_prefix(path: Path) -> str:
-    """``.<name>.<host>-<pid>.``: tells a later writer whose temporary file it finds (a process id means
-    nothing on another node of a cluster sharing the folder)."""
-    return f".{path.name}.{_host_tag()}-{os.getpid()}."
-
-
-def remove_stale_temporaries(path: str | Path) -> None:
-    """Delete temporary files of ``path`` left by writers on this machine that were killed (process gone)."""
-    path = Path(path)
-    host = _host_tag()
-    for tmp in path.parent.glob(glob.escape(f".{path.name}.{host}-") + "*.tmp"):
-        pid = tmp.name[len(path.name) + len(host) + 3:].split(".", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-
-
-def replace_atomically(path: str | Path, write_temporary) -> None:
-    """Have ``write_temporary(tmp_path)`` write a temporary file beside ``path``, fsync it, rename it over ``path``.
-
-    For writers that want a file name (torch.save, pandas); a failure removes the temporary file and
-    leaves the previous ``path`` as it was, and a killed writer's file is cleaned by the next write.
-    """
-    path = Path(path)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        write_temporary(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        # mkstemp creates the file private (0600); give it the permissions a plain open() would, so a record
-        # or table can be read by whoever may read the folder (as stats.atomic_output does).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(data: dict, path: str | Path) -> None:

@@ -35,6 +35,7 @@ import markdown
 import pandas as pd
 
 from lora_bench import plots, reference, stats, tuning, variance
+from lora_bench.atomic import write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
 PRIMARY_METRIC, PRIMARY_SPLIT = "accuracy", "test"
@@ -1318,11 +1319,6 @@ def _relative_url(path: Path, start: Path) -> str:
     return urllib.parse.quote(Path(relative).as_posix())
 
 
-def _write_text_atomically(text: str, path: Path) -> None:
-    with stats.atomic_output(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -1467,8 +1463,8 @@ def build_report(
         )
     )
     paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html"}
-    _write_text_atomically(text, paths["markdown"])
-    _write_text_atomically(page, paths["html"])
+    write_text(text, paths["markdown"])
+    write_text(page, paths["html"])
     return paths
 
 

@@ -94,12 +94,8 @@ only confirm a t-test result from about six seeds on; the report says so.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +103,7 @@ import pandas as pd
 from scipy import optimize, stats
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
+from lora_bench.atomic import write_table
 from lora_bench.study import SWEEP_KIND, TUNE_KIND, VARIANCE_KIND
 
 CONFIDENCE = 0.95
@@ -1255,38 +1252,6 @@ def as_text(value) -> str:
 # Files
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path`` in one step.
-
-    Readers (Snakemake, a browser reloading the report) never see half a file, and a crash leaves the
-    previous version in place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        # mkstemp creates the file private (0600); give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_table_atomically(table: pd.DataFrame, path: str | Path) -> None:
-    """Write ``path`` (``.parquet``, else CSV) atomically."""
-    with atomic_output(path) as temporary:
-        if Path(path).suffix == ".parquet":
-            table.to_parquet(temporary, index=False)
-        else:
-            table.to_csv(temporary, index=False)
-
-
 def _present(metrics: pd.DataFrame, metric: str, split: str, stage: str) -> bool:
     return bool(
         ((metrics["metric"] == metric) & (metrics["split"] == split) & (metrics["stage"] == stage)).any()
@@ -1349,6 +1314,6 @@ def run_stats(metrics_path: str | Path, runs_path: str | Path, out_dir: str | Pa
     for name, table in tables.items():
         for suffix in (".parquet", ".csv"):
             path = out_dir / f"{name}{suffix}"
-            write_table_atomically(table, path)
+            write_table(table, path)
         written[name] = out_dir / f"{name}.parquet"
     return written

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import SCHEMA_VERSION
+from .atomic import write_table
 from .config import flatten
 from .diagnostics import FLAGS, trained
 from .faults import fault_point
@@ -20,7 +21,6 @@ from .record import (
     RecordError,
     check_version,
     read_record,
-    replace_atomically,
 )
 
 # metric name -> (unit, higher_is_better)
@@ -224,13 +224,6 @@ def collect(record_paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]
     return runs, metrics
 
 
-def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    if path.suffix == ".parquet":
-        replace_atomically(path, lambda tmp: frame.to_parquet(tmp, index=False))
-    else:
-        replace_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
 def write_tables(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +231,7 @@ def write_tables(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path)
     for name, frame in (("runs", runs), ("metrics", metrics)):
         for suffix in (".parquet", ".csv"):
             path = out_dir / f"{name}{suffix}"
-            _write_atomic(frame, path)
+            write_table(frame, path)
             written.append(path)
             fault_point("tables_write", str(out_dir))
     return written

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from lora_bench import stats
+from lora_bench.atomic import write_table
 from lora_bench.study import TUNE_KIND
 
 # The tune block's metric -> (metric, split) of the tidy metrics table.
@@ -108,5 +109,5 @@ def write_tuning_table(runs_path: str | Path, metrics_path: str | Path, out_dir:
     """``tuning.parquet`` (+ CSV): empty with its columns when the study tunes nothing."""
     table = tuning_table(pd.read_parquet(runs_path), pd.read_parquet(metrics_path))
     for suffix in (".parquet", ".csv"):
-        stats.write_table_atomically(table, Path(out_dir) / f"tuning{suffix}")
+        write_table(table, Path(out_dir) / f"tuning{suffix}")
     return Path(out_dir) / "tuning.parquet"

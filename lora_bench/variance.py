@@ -67,6 +67,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from lora_bench import stats
+from lora_bench.atomic import write_table
 
 VARIANCE_KIND, SWEEP_KIND = "variance", "sweep"
 SELECTION_METRIC, SELECTION_SPLIT = "accuracy", "validation"
@@ -579,6 +580,6 @@ def run_variance_stats(runs_path: str | Path, metrics_path: str | Path, out_dir:
     written = {}
     for name, table in tables.items():
         for suffix in (".parquet", ".csv"):
-            stats.write_table_atomically(table, out_dir / f"{name}{suffix}")
+            write_table(table, out_dir / f"{name}{suffix}")
         written[name] = out_dir / f"{name}.parquet"
     return written

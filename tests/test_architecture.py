@@ -15,7 +15,7 @@ PACKAGE = Path(lora_bench.__file__).parent
 
 LAYERS = {
     # foundations: no package imports
-    "faults": 0, "warm": 0, "config": 0, "lora": 0, "reference": 0,
+    "faults": 0, "warm": 0, "atomic": 0, "config": 0, "lora": 0, "reference": 0,
     # sources, quantization and methods
     "quant": 1, "data": 1, "models": 1, "study": 1, "diagnostics": 1,
     "methods": 2, "record": 2, "instruct_data": 2,

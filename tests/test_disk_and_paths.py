@@ -19,8 +19,9 @@ import pytest
 from reliability_helpers import mini_study, snakemake
 
 import lora_bench.train
+from lora_bench.atomic import NotWritable, ensure_writable
 from lora_bench.cli import main
-from lora_bench.record import NotWritable, ensure_writable, write_json_atomic
+from lora_bench.record import write_json_atomic
 from lora_bench.tables import write_tables
 
 
@@ -149,3 +150,34 @@ def test_workflow_commands_quote_paths_with_spaces_and_unicode(tmp_path):
     commands = snakemake(workdir, "-n", "-p").stdout
     assert "--out 'rés ultats/d'\"'\"'ici/runs/methods/lora/seed0.json'" in commands
     assert "--out-dir 'rapport ü'" in commands
+
+
+def test_every_writer_gives_the_mode_of_a_plain_open_and_leaves_no_temporary(tmp_path):
+    """Records, tables, text, checkpoints and figures all go through lora_bench.atomic (one writer)."""
+    import stat
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from lora_bench.atomic import replace_atomically, write_table, write_text
+    from lora_bench.plots import save_figure
+
+    previous = os.umask(0o027)
+    try:
+        write_json_atomic(OLD, tmp_path / "record.json")
+        write_table(pd.DataFrame({"a": [1]}), tmp_path / "table.parquet")
+        write_table(pd.DataFrame({"a": [1]}), tmp_path / "table.csv")
+        write_text("# report", tmp_path / "report.md")
+        replace_atomically(tmp_path / "checkpoint.pt", lambda tmp: torch.save({"x": 1}, tmp))
+        fig, _ = plt.subplots()
+        save_figure(fig, tmp_path / "figure")
+        plt.close(fig)
+    finally:
+        os.umask(previous)
+    files = sorted(tmp_path.iterdir())
+    assert [p.name for p in files] == ["checkpoint.pt", "figure.png", "figure.svg", "record.json", "report.md",
+                                       "table.csv", "table.parquet"]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o640" for p in files}

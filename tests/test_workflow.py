@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,13 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
     assert (workdir / "results/tables/tests.parquet").exists()
     report_md = (workdir / "paper/report.md").read_text(encoding="utf-8")
     assert "Figure missing" not in report_md and "## This study vs the converged reference" in report_md
+    # Every output has the mode a plain open() gives (lora_bench.atomic), so colleagues can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    outputs = [p for folder in ("results", "paper") for p in (workdir / folder).rglob("*")
+               if p.is_file() and not p.name.startswith(".")]
+    assert len(outputs) > 50
+    assert {str(p.relative_to(workdir)) for p in outputs if stat.S_IMODE(p.stat().st_mode) != 0o666 & ~umask} == set()
 
     # Nothing to do on a second call.
     assert "Nothing to be done" in snakemake("-n", *common).stdout + snakemake("-n", *common).stderr
