@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_sentiment_csv
+
 from lora_bench.config import ConfigError, RunConfig
 from lora_bench.faults import ENV, InjectedFault
 from lora_bench.frozen import SPLITS, FrozenPrefixModel, attach_frozen_prefix, cache_key, find_cut
 from lora_bench.methods import prepare_model
-from lora_bench.models import load_model
 from lora_bench.train import ClassificationTask, run_training
 
 ATOL = 1e-5
