@@ -296,9 +296,10 @@ def compute_features(model: nn.Module, split: Split, cut: int, examples: list[di
                 inputs = {k: v.to(device) for k, v in batch.items() if k in accepted}
                 with _autocast(device, precision):
                     hidden = base(**inputs).last_hidden_state
+                hidden = hidden.cpu()  # one copy per batch, not one per example
                 for row, i in enumerate(chunk):
                     keep = 1 if first_token else len(examples[i]["input_ids"])
-                    outputs[i] = hidden[row, :keep].cpu()
+                    outputs[i] = hidden[row, :keep].clone()
     finally:
         for module, training in modes.items():
             module.training = training
