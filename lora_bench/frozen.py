@@ -51,12 +51,11 @@ import torch
 from torch import nn
 
 from .config import RunConfig
+from .data import SPLITS as SPLIT_NAMES
 from .record import replace_atomically
 
 # Bump when the file layout or what a key covers changes: old files are then never read.
 CACHE_VERSION = 1
-FROZEN_MODES = ("train", "eval", "cache")
-SPLIT_NAMES = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
