@@ -242,10 +242,12 @@ class TrainConfig:
     length_grouping: bool = False
     test_every_epoch: bool = True
     evaluate_test: bool = True
+    # How the frozen layers below the first trainable block run: train (dropout), eval, or cache (lora_bench/frozen.py).
+    frozen_prefix: str = "train"
 
 
 TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False, "test_every_epoch": True,
-                                 "evaluate_test": True}
+                                 "evaluate_test": True, "frozen_prefix": "train"}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, MethodConfig, RunConfig, TrainConfig
 from .data import SPLITS, macro_f1, prepare_splits
 from .diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
+from .frozen import attach_frozen_prefix
 from .lora import count_parameters
 from .methods import prepare_model
 from .models import load_model, load_tokenizer, max_positions
@@ -426,6 +427,8 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise TrainingFailed(f"method {cfg.method.name!r} left no trainable parameter")
+    # train.frozen_prefix: the frozen layers below the first trainable block in eval mode, their outputs cached.
+    model, method_info["frozen_prefix"] = attach_frozen_prefix(model, cfg, task, splits, device)
 
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = train_loader(splits["train"], cfg.train, generator, task.collate)
@@ -437,6 +440,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
     epochs, notes, loss_curve = [], [], []
+    notes += method_info["frozen_prefix"].get("notes", [])
     # Per optimizer step: seconds, examples, real tokens, padded tokens (throughput leaves out warm-up steps).
     steps: dict[str, list] = {"seconds": [], "examples": [], "tokens": [], "padded": []}
     train_seconds = eval_seconds = 0.0
