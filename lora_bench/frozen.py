@@ -52,7 +52,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import SPLITS as SPLIT_NAMES
-from .record import replace_atomically
+from .atomic import replace_atomically
 
 # Bump when the file layout or what a key covers changes: old files are then never read.
 CACHE_VERSION = 1
