@@ -29,7 +29,8 @@ PEAK_RSS = textwrap.dedent("""
     import torch
     from lora_bench.causal import load_causal_lm
     from lora_bench.config import ModelConfig
-    import transformers  # imported before the baseline: its import is not the model
+    # A tiny model first, so the modules transformers imports lazily are not counted as the model.
+    load_causal_lm(ModelConfig("random", "tiny-llama", "bfloat16"))
 
     def resident():
         with open("/proc/self/statm") as statm:
@@ -52,8 +53,8 @@ def test_a_bf16_random_model_is_built_without_an_fp32_copy(tmp_path):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     n = out["params"]
     assert out["dtypes"] == ["torch.bfloat16"] and n > 150e6
-    # The model's own 2N bytes plus allocator slack; an fp32 copy (4N more) or an fp32 build (4N) cannot fit.
-    assert out["grown"] < 3 * n, f"peak grew by {out['grown'] / n:.2f} bytes per parameter"
+    # The model's own 2N bytes (measured: 2.00 N) plus slack; an fp32 copy (4N more) or an fp32 build cannot fit.
+    assert out["grown"] < 2.5 * n, f"peak grew by {out['grown'] / n:.2f} bytes per parameter"
 
 
 TINY = ["tiny-bert", "tiny-distilbert", "tiny-roberta", "tiny-electra", "tiny-deberta-v2", "tiny-albert",
