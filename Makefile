@@ -39,6 +39,7 @@ ci-workflow: setup
 	$(RUN) snakemake --lint
 	$(RUN) snakemake -n --configfile config/paper.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/gpu_memory.yaml > /dev/null
+	$(RUN) snakemake -n --configfile config/gpu_smoke.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/instruct.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/llm.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/cpu_more.yaml > /dev/null

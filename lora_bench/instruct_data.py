@@ -261,8 +261,34 @@ INSTRUCTION_FORMATS: dict[str, Callable[[DataConfig, InstructConfig], RecordPool
 
 def load_records(spec: DataConfig, icfg: InstructConfig) -> RecordPool:
     if spec.source == "synthetic":
-        raise DataError("data.source synthetic has no instructions; use pang_lee, local or hub with task instruct")
+        raise DataError("data.source synthetic has no instruction records (its token sequences are made by "
+                        "synthetic_instruct_splits)")
     return INSTRUCTION_FORMATS[icfg.format](spec, icfg)
+
+
+def synthetic_instruct_splits(spec: DataConfig, tokenizer):
+    """Random token sequences of exactly ``data.max_length`` tokens, every token a target (seeded by
+    ``split_seed``): a causal-LM step of a memory/time run, vocabulary logits and loss at every position.
+
+    Why every token: peer measurements (the QLoRA write-up's, transformers + peft with labels = input ids)
+    compute the logits of the whole sequence, and the vocabulary projection is a large share of a 7B model's
+    activation memory; a half-prompt sequence would make our numbers look smaller than a like-for-like step.
+    Validation and test get 16 sequences each (memory runs do not evaluate).
+    """
+    import datasets
+
+    rng = np.random.default_rng(spec.split_seed)
+    low = len(getattr(tokenizer, "all_special_ids", [])) or 1
+    sizes = {"train": spec.synthetic_examples, "validation": 16, "test": 16}
+    columns = {}
+    for name, n in sizes.items():
+        ids = rng.integers(low, len(tokenizer), size=(n, spec.max_length)).tolist()
+        columns[name] = {"input_ids": ids, "labels": ids, **({} if name == "train" else {"prompt_len": [0] * n})}
+    splits = datasets.DatasetDict({name: datasets.Dataset.from_dict(columns[name]) for name in SPLITS})
+    info = {"origin": f"synthetic:{spec.max_length} tokens", "format": "synthetic", "template": None,
+            "answers": None, "label_names": [], "examples": dict(sizes), "noisy_train_records": 0, "truncated": 0,
+            "packed": False, "skipped": 0, "skipped_records": [], "cache": None, "cached": False}
+    return splits, info
 
 
 def add_noise(records: list[Record], fraction: float, seed: int, answers: list[str] | None) -> int:
@@ -432,6 +458,8 @@ def prepare_instruct_splits(spec: DataConfig, icfg: InstructConfig, tokenizer, t
     """
     import datasets
 
+    if spec.source == "synthetic":
+        return synthetic_instruct_splits(spec, tokenizer)
     pool = load_records(spec, icfg)
     noisy = add_noise(pool.splits["train"], icfg.noise_fraction, spec.split_seed + 7919, pool.answers)
     chat = uses_chat_template(tokenizer, icfg.template)

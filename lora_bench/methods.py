@@ -3,6 +3,16 @@
 Adding a method is one function plus one entry in ``METHODS`` (QLoRA registers itself the same
 way). Every method leaves the model with ``requires_grad`` set exactly on what trains, so the
 exact trainable-parameter count is simply ``count_parameters(model)``.
+
+``method.impl`` picks whose layers: ``IMPLEMENTATIONS["ours"]`` is ``METHODS``; ``IMPLEMENTATIONS["peft"]``
+runs Hugging Face peft's ``get_peft_model`` on the same model (bitsandbytes 4-bit base layers for QLoRA), with
+the layers our name map covers given to peft by their exact names and the same head in ``modules_to_save``, so
+both implementations train the same parameters and a cost family can put them side by side.
+
+QLoRA (both implementations) takes a random model whose weights are still on the meta device
+(``LAYER_BY_LAYER``) and materializes, initialises and quantizes one linear layer at a time, so the 16-bit model
+is never whole on the device; what is left (embeddings, norms, head) is materialized afterwards by the caller
+(``models.materialize``).
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import MethodConfig
+from .config import ConfigError, MethodConfig
 from .lora import (
     PEFT_SEQ_CLS_HEAD_NAMES,
     Architecture,
@@ -22,9 +32,12 @@ from .lora import (
     LoRASpec,
     apply_lora,
     architecture_of,
+    find_targets,
     head_pattern,
+    linear_layer_names,
     peft_head_modules,
 )
+from .models import materialize, on_meta
 from .quant import nf4_wrap_for, quantize_remaining_linears, select_backend
 
 
@@ -134,25 +147,36 @@ def prepare_qlora(model: nn.Module, method: MethodConfig, device: torch.device) 
     quant = method.quant
     backend = select_backend(device, None if quant.backend == "auto" else quant.backend).name
     layout = {"block_size": quant.block_size, "double_quant": quant.double_quant}
-    head = re.compile(head_pattern(arch))
-    peft_head = peft_head_modules(model)
-
-    def full_precision(name: str) -> bool:
-        return bool(head.fullmatch(name)) or any(name == m or name.startswith(m + ".") for m in peft_head)
-
+    full_precision = _full_precision_rule(model, arch)
     # The wrap sees only the layer, not its name: recognise the head's layers by identity.
     head_layers = {id(m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and full_precision(name)}
     nf4 = nf4_wrap_for(device, backend, **layout)
+    ready = _ready(model, device)
 
     def wrap(linear: nn.Linear, spec: LoRASpec) -> nn.Module:
         if id(linear) in head_layers:
-            return LinearWithLoRA(linear, spec.rank, spec.alpha, spec.dropout, spec.scaling)
-        return nf4(linear, spec)
+            return LinearWithLoRA(ready(linear), spec.rank, spec.alpha, spec.dropout, spec.scaling)
+        return nf4(ready(linear), spec)
 
     info = _with_lora(model, method, wrap=wrap)
-    info["quantized_frozen"] = quantize_remaining_linears(model, full_precision, device, backend, **layout)
+    info["quantized_frozen"] = quantize_remaining_linears(model, full_precision, device, backend, **layout,
+                                                          prepare=ready)
     info["quant_backend"] = backend
     return info
+
+
+def _ready(model: nn.Module, device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    """A linear layer of ``model`` with real weights on ``device``: a layer still on the meta device is
+    materialized and initialised alone, just before it is quantized (see ``models.materialize``)."""
+    return lambda layer: materialize(model, device, part=layer) if on_meta(layer) else layer
+
+
+def _full_precision_rule(model: nn.Module, arch: Architecture) -> Callable[[str], bool]:
+    """Which linear layers QLoRA leaves unquantized: the head's (the name map's head kind and what peft trains
+    whole), as bitsandbytes' loaders do."""
+    head = re.compile(head_pattern(arch))
+    peft_head = peft_head_modules(model)
+    return lambda name: bool(head.fullmatch(name)) or any(name == m or name.startswith(m + ".") for m in peft_head)
 
 
 def prepare_last_layers(model: nn.Module, method: MethodConfig, device: torch.device) -> dict:
@@ -173,6 +197,80 @@ def prepare_full(model: nn.Module, method: MethodConfig, device: torch.device) -
     return {"fully_trained": ["<all>"]}
 
 
+# ----------------------------------------------------------------------------------------------------
+# method.impl peft: Hugging Face peft's layers on the same model, covering the same layers
+
+# Our scaling rule -> (peft's lora_alpha, use_rslora) giving the same scale; peft has no plain-alpha rule, and
+# alpha/r with lora_alpha = alpha * r is it.
+PEFT_SCALING: dict[str, Callable[[float, int], tuple[float, bool]]] = {
+    "alpha/r": lambda alpha, rank: (alpha, False),
+    "rslora": lambda alpha, rank: (alpha, True),
+    "alpha": lambda alpha, rank: (alpha * rank, False),
+}
+
+
+def _head_modules(model: nn.Module, method: MethodConfig, arch: Architecture) -> list[str]:
+    """The modules ``train_classifier`` trains whole, as ``_train_head`` picks them, for peft's modules_to_save."""
+    if not method.train_classifier:
+        return []
+    if method.head == "last_linear" or method.head_patterns:
+        rule = arch.classifier if method.head == "last_linear" else head_pattern(arch)
+        if rule is None:
+            raise ValueError(f"method.train_classifier is true but the {arch.name} model has no known "
+                             "classification layer; give method.head_patterns or set train_classifier: false")
+        return [name for name in linear_layer_names(model) if re.fullmatch(rule, name)]
+    return peft_head_modules(model)
+
+
+def _with_peft(model: nn.Module, method: MethodConfig, arch: Architecture) -> dict:
+    """``peft.get_peft_model`` on ``model``: LoRA on exactly the layers our name map covers, the head in
+    ``modules_to_save``. peft injects its layers into ``model`` itself (the returned ``PeftModel`` only wraps it),
+    so the training loop goes on with ``model``; a head peft's suffix matching would widen is a named error."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise ConfigError("method.impl peft needs the peft package: pip install peft") from exc
+    spec = lora_spec(method)
+    targets = find_targets(model, spec, arch)
+    head = _head_modules(model, method, arch)
+    alpha, rslora = PEFT_SCALING[spec.scaling](spec.alpha, spec.rank)
+    config = peft.LoraConfig(
+        r=spec.rank, lora_alpha=alpha, use_rslora=rslora, lora_dropout=spec.dropout, bias="none",
+        # A string is matched with re.fullmatch against every module name: exactly our layers, nothing by suffix.
+        target_modules="|".join(re.escape(name) for name in targets),
+        modules_to_save=head or None,
+    )
+    peft.get_peft_model(model, config)
+    saved = [name for name, module in model.named_modules() if isinstance(module, peft.utils.ModulesToSaveWrapper)]
+    if saved != head:
+        raise ValueError(f"peft's modules_to_save matched {saved}, not the head {head} that impl ours trains "
+                         "(it matches names by suffix); use method.impl ours for this head")
+    return {"lora_modules": targets, "head": method.head if head else None, "head_modules": head,
+            "fully_trained": head, "architecture": arch.name, "impl": "peft", "peft_version": peft.__version__}
+
+
+def prepare_lora_peft(model: nn.Module, method: MethodConfig, device: torch.device) -> dict:
+    """LoRA by peft, covering and training what ``prepare_lora`` does."""
+    return _with_peft(model, method, method_architecture(model, method))
+
+
+def prepare_qlora_peft(model: nn.Module, method: MethodConfig, device: torch.device) -> dict:
+    """QLoRA by peft + bitsandbytes: every linear layer but the head's becomes bitsandbytes' NF4 ``Linear4bit``
+    (double-quantized, block 64, as ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True)`` gives), one layer at a time, then peft puts its 4-bit LoRA layers on the
+    covered ones. CUDA only (the config refuses the CPU; here ``device: auto`` without a GPU is the same error)."""
+    arch = method_architecture(model, method)
+    try:
+        backend = select_backend(device, "bitsandbytes").name
+    except RuntimeError as exc:
+        raise ConfigError(f"method qlora with impl peft needs bitsandbytes' 4-bit layers: {exc}; use impl ours "
+                          "(lora_bench's own NF4 runs anywhere)") from exc
+    quantized = quantize_remaining_linears(model, _full_precision_rule(model, arch), device, backend,
+                                           prepare=_ready(model, device))
+    info = _with_peft(model, method, arch)
+    return {**info, "quantized_frozen": quantized, "quant_backend": backend}
+
+
 METHODS: dict[str, Callable[[nn.Module, MethodConfig, torch.device], dict]] = {
     "lora": prepare_lora,
     "qlora": prepare_qlora,
@@ -180,9 +278,26 @@ METHODS: dict[str, Callable[[nn.Module, MethodConfig, torch.device], dict]] = {
     "full": prepare_full,
 }
 
+# method.impl -> its registry; peft has LoRA layers only (config.PEFT_METHODS names the same methods).
+IMPLEMENTATIONS: dict[str, dict[str, Callable[[nn.Module, MethodConfig, torch.device], dict]]] = {
+    "ours": METHODS,
+    "peft": {"lora": prepare_lora_peft, "qlora": prepare_qlora_peft},
+}
+
+# Methods that take a random model with its weights still on the meta device and materialize it layer by layer
+# (the caller materializes what they leave); every other method gets the model whole on its device.
+LAYER_BY_LAYER = frozenset({"qlora"})
+
+
+def builds_layer_by_layer(method: MethodConfig) -> bool:
+    """Whether ``method`` wants the model with its weights still on the meta device (see ``LAYER_BY_LAYER``)."""
+    return method.name in LAYER_BY_LAYER
+
 
 def prepare_model(model: nn.Module, method: MethodConfig, device: torch.device | str = "cpu") -> dict:
-    """Apply ``method`` to ``model`` (already on ``device``) in place; returns what it did, for the record."""
-    if method.name not in METHODS:
-        raise ValueError(f"unknown method {method.name!r}; registered: {sorted(METHODS)}")
-    return METHODS[method.name](model, method, torch.device(device))
+    """Apply ``method`` to ``model`` (on ``device``, or on the meta device for ``LAYER_BY_LAYER`` methods) in
+    place; returns what it did, for the record."""
+    registry = IMPLEMENTATIONS[method.impl]
+    if method.name not in registry:
+        raise ValueError(f"unknown method {method.name!r} for impl {method.impl!r}; registered: {sorted(registry)}")
+    return registry[method.name](model, method, torch.device(device))

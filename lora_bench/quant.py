@@ -562,19 +562,23 @@ def quantize_remaining_linears(
     force: str | None = None,
     block_size: int = 64,
     double_quant: bool = True,
+    prepare: Callable[[nn.Linear], nn.Linear] | None = None,
 ) -> list[str]:
     """Replace every plain ``nn.Linear`` not kept by ``keep(name)`` with a frozen 4-bit layer.
 
     QLoRA stores the whole base model in 4 bits, not only the layers that carry adapters; the
     classification head (which ``keep`` names) stays in 16/32 bits, as bitsandbytes' loaders do.
+    ``prepare`` is applied to each layer just before it is quantized (materializing a layer built on the
+    meta device, so only one 16-bit layer at a time exists).
     """
     device = torch.device(device)
     make = select_backend(device, force).make_frozen(device, block_size, double_quant)
+    prepare = prepare or (lambda linear: linear)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not keep(n)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(getattr(parent, child)))
+        setattr(parent, child, make(prepare(getattr(parent, child))))
     return names
 
 

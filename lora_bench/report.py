@@ -582,6 +582,21 @@ def _memory_time_claim(family: str, variant: str, baseline: str, tests: pd.DataF
     return f"{name} {' and '.join(parts)}; {n}."
 
 
+def _impl_rows(cost: pd.DataFrame) -> list[dict]:
+    """Rows of ours / peft (``method.impl``): each variant with our layers beside its twin with peft's."""
+    rows = []
+    if "peft_variant" not in cost.columns:  # tables written before method.impl existed
+        return rows
+    for variant, c in cost[cost["peft_variant"].fillna("") != ""].iterrows():
+        row = {"ours": md_text(variant), "peft": md_text(c["peft_variant"])}
+        for prefix in stats.IMPL_RATIO_BLOCKS:
+            ratio, low, high = (c[f"{prefix}_{part}"] for part in stats.IMPL_RATIO_PARTS)
+            row[prefix] = (fmt_ratio(ratio) + (f" ({fmt_ratio(low)} to {fmt_ratio(high)})"
+                                               if _finite(low) and _finite(high) else "")) if _finite(ratio) else "–"
+        rows.append(row)
+    return rows
+
+
 def _memory_time_section(family: str, tables: dict) -> dict:
     """Table rows, sentences and notes of a memory_time family, from ``cost_summary`` and ``tests``."""
     runs, tests = tables["runs"], tables["tests"]
@@ -628,6 +643,7 @@ def _memory_time_section(family: str, tables: dict) -> dict:
             settings.append(f"{label}: {md_text(', '.join(values))}")
     return {
         "rows": rows,
+        "impl_rows": _impl_rows(cost),
         "claims": claims,
         "memory_label": md_text(MEMORY_LABELS.get(memory, memory or "not recorded")),
         "memory_metric": memory,

@@ -1163,12 +1163,51 @@ COST_BLOCKS = (
     ("base_weight_bytes", "base_weight_bytes"),
     ("state_bytes", "state_bytes"),
 )
+# ours / peft: a variant run with our layers beside the one run with peft's (``method.impl``), in one family.
+IMPL_COLUMN = "cfg.method.impl"
+IMPL_RATIO_BLOCKS = ("memory", "median_step_time", "tokens_per_second")
+IMPL_RATIO_PARTS = ("ours_over_peft", "ours_over_peft_ci_low", "ours_over_peft_ci_high")
 COST_SUMMARY_COLUMNS = [
     "family", "family_kind", "variant", "is_baseline", *(name for name, _ in COST_DESCRIPTION), "n", "n_failed",
     "memory_metric",
     *(f"{prefix}_{part}" for prefix, _ in COST_BLOCKS for part in ("mean", "ci_low", "ci_high", "ci_method")),
-    "seeds",
+    "seeds", "impl", "peft_variant",
+    *(f"{prefix}_{part}" for prefix in IMPL_RATIO_BLOCKS for part in IMPL_RATIO_PARTS),
 ]  # fmt: skip
+
+
+def _impl(family_runs: pd.DataFrame) -> pd.Series:
+    """Each run's ``method.impl`` (records leave the default ``ours`` out of their configs)."""
+    if IMPL_COLUMN not in family_runs.columns:
+        return pd.Series("ours", index=family_runs.index)
+    return family_runs[IMPL_COLUMN].map(lambda v: "ours" if v is None or pd.isna(v) or v == "" else str(v))
+
+
+def peft_counterparts(family_runs: pd.DataFrame) -> dict[str, str]:
+    """Variant with our layers -> the variant of the same family that differs from it only by ``method.impl:
+    peft`` (every other resolved config key equal, the seed aside): the pairs whose ours / peft ratio is shown."""
+    impl = _impl(family_runs)
+    keys = [c for c in family_runs.columns if c.startswith("cfg.") and c not in (IMPL_COLUMN, "cfg.seed")]
+
+    def signature(run: pd.Series) -> tuple:
+        return tuple(as_text(run[c]) for c in keys)
+
+    first = family_runs.assign(_impl=impl).drop_duplicates("variant")
+    peft = {signature(run): run["variant"] for _, run in first[first["_impl"] == "peft"].iterrows()}
+    return {run["variant"]: peft[signature(run)] for _, run in first[first["_impl"] == "ours"].iterrows()
+            if signature(run) in peft}
+
+
+def ours_over_peft(metrics: pd.DataFrame, family: str, ours: str, peft: str, metric: str | None):
+    """(ratio, ci_low, ci_high) of ``metric``: mean of our variant over the mean of its peft twin, with the
+    Fieller interval of ``ratio_interval`` (paired when both ran the same seeds)."""
+    if not metric:
+        return math.nan, math.nan, math.nan
+    rows = select_values(metrics[metrics["family"] == family], metric, "none")
+    mine, theirs = _by_seed(rows[rows["variant"] == ours]), _by_seed(rows[rows["variant"] == peft])
+    paired = len(mine) > 1 and list(mine.index) == list(theirs.index)
+    ratio, low, high, _ = ratio_interval(mine.to_numpy(), theirs.to_numpy(), paired)
+    return ratio, low, high
 
 
 def _describe_setting(variant_runs: pd.DataFrame, columns: tuple[str, ...]):
@@ -1193,7 +1232,11 @@ def cost_summary(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     ok runs with the 95 % interval of ``summarize`` (same numbers as the summary table) and its method:
     ``memory_*`` is the family's memory metric (named in ``memory_metric``), then ``median_step_time_*``
     (s), ``tokens_per_second_*``, ``base_weight_bytes_*`` and ``state_bytes_*`` (bytes). Metrics a run did
-    not record are NaN. Without memory_time families the table is empty, with these columns.
+    not record are NaN. ``impl`` is whose layers the variant used (``method.impl``); a variant with our layers
+    whose twin with peft's ran in the family (``peft_counterparts``) names it in ``peft_variant`` and gets
+    ``<memory|median_step_time|tokens_per_second>_ours_over_peft`` with its 95 % Fieller interval
+    (``_ci_low``, ``_ci_high``; NaN with one seed): below 1 for memory and time, above 1 for tokens/s means
+    ours is cheaper. Without memory_time families the table is empty, with these columns.
     """
     rows = []
     families = family_order(runs[runs["family_kind"] == MEMORY_TIME_KIND]) if "family_kind" in runs else []
@@ -1201,6 +1244,8 @@ def cost_summary(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         family_runs = runs[runs["family"] == family]
         family_metrics = metrics[metrics["family"] == family]
         memory = memory_metric(metrics, family)
+        twins = peft_counterparts(family_runs)
+        impl = _impl(family_runs)
         summaries = {}
         for prefix, metric in COST_BLOCKS:
             metric = memory if prefix == "memory" else metric
@@ -1221,7 +1266,14 @@ def cost_summary(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
                 "n_failed": len(variant_runs) - len(ok_runs),
                 "memory_metric": memory or "",
                 "seeds": ",".join(str(int(s)) for s in sorted(ok_runs["seed"].dropna().unique())),
+                "impl": ",".join(dict.fromkeys(impl[variant_runs.index])),
+                "peft_variant": twins.get(variant, ""),
             }
+            for prefix in IMPL_RATIO_BLOCKS:
+                metric = memory if prefix == "memory" else prefix
+                ratio = ours_over_peft(metrics, family, variant, twins[variant], metric) if variant in twins \
+                    else (math.nan,) * 3
+                record.update({f"{prefix}_{part}": value for part, value in zip(IMPL_RATIO_PARTS, ratio)})
             for prefix, _ in COST_BLOCKS:
                 summary = summaries[prefix]
                 found = variant in summary.index

@@ -19,6 +19,7 @@ import inspect
 import math
 import os
 import random
+import re
 import resource
 import statistics
 import sys
@@ -37,8 +38,8 @@ from .data import SPLITS, macro_f1, prepare_splits
 from .diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
 from .frozen import attach_frozen_prefix
 from .lora import count_parameters
-from .methods import prepare_model
-from .models import load_model, load_tokenizer, max_positions
+from .methods import builds_layer_by_layer, prepare_model
+from .models import load_model, load_tokenizer, materialize, max_positions, on_meta
 from .warm import IN_WORKER_ENV, PROCESS_STARTED_ENV
 
 # Steps excluded from step times and throughput: the first ones pay for allocator warm-up and lazy init.
@@ -251,7 +252,8 @@ class ClassificationTask:
     def load(self):
         # The label set comes from the data, so the data is prepared first and the head sized to it.
         splits, data_info = self.prepare_data(self.cfg)
-        loaded = load_model(self.cfg.model, num_labels=len(data_info["label_names"]))
+        loaded = load_model(self.cfg.model, num_labels=len(data_info["label_names"]), device=self.device,
+                            defer=builds_layer_by_layer(self.cfg.method))
         check_max_length(self.cfg, loaded.model)
         self.accepted = accepted_inputs(loaded.model)
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -330,6 +332,10 @@ class BestEpoch:
         self.best.update(_evaluate_splits(self.task, self.model, self.train_cfg, splits=("test",)))
 
 
+# The LoRA factors' parameter names: ours (<layer>.lora.A / .B) and peft's (<layer>.lora_A.default.weight).
+ADAPTER_PARAMETER = re.compile(r"\.lora(?:_[AB])?\.")
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -341,7 +347,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     On CPU this is the memory figure that does not depend on the allocator; activations are not in it.
     """
     weights = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
-    adapters = sum(_nbytes(p) for name, p in model.named_parameters() if ".lora." in f".{name}")
+    adapters = sum(_nbytes(p) for name, p in model.named_parameters() if ADAPTER_PARAMETER.search(f".{name}"))
     grads = sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
     opt_state = sum(
         _nbytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
@@ -421,9 +427,15 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     # Re-seed after loading so the LoRA init and data order do not depend on how many random
     # draws the model constructor happened to make.
     seed_everything(cfg.seed)
-    # Move first, then adapt: QLoRA quantizes on the target device, and bitsandbytes only on CUDA.
-    model.to(device)
+    # Models are built on the device (models.materialize); a pretrained one loaded on the CPU moves first, then is
+    # adapted: QLoRA quantizes on the target device, and bitsandbytes only on CUDA. A random model for QLoRA is
+    # still on the meta device: QLoRA materializes and quantizes it layer by layer, and the rest is materialized
+    # after it (the 16-bit model is never whole on the device).
+    if not on_meta(model):
+        model.to(device)
     method_info = prepare_model(model, task.method(cfg.method), device)
+    if on_meta(model):
+        materialize(model, device)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise TrainingFailed(f"method {cfg.method.name!r} left no trainable parameter")

@@ -283,3 +283,24 @@ def test_converged_reference_section_says_which_differences_hold(tmp_path):
     with pytest.raises(FileNotFoundError, match="converged_reference"):
         report.build_report(ours, tmp_path / "figures", tmp_path / "paper",
                             reference={"tables": str(tmp_path / "nowhere"), "family": "methods"})
+
+
+def test_memory_time_shows_ours_over_peft_in_the_table_and_the_figure(tmp_path):
+    from test_stats import _with_peft_twin
+
+    runs, metrics = _with_peft_twin(*make_tables(["memory_time"], n_seeds=3, device=GPU), factor=1.25)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    runs.to_parquet(tables / "runs.parquet")
+    metrics.to_parquet(tables / "metrics.parquet")
+    stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
+    fig = plots.plot_memory_time(runs, metrics, "memory_time")
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    plots.plt.close(fig)
+    assert "ours/peft time 0.80x" in labels
+    plots.make_all_figures(runs, metrics, tmp_path / "figures")
+    md = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
+    section = _section(md, "## Family: memory\\_time")
+    assert "| Ours | peft | Memory ours/peft (95% CI) |" in section
+    assert "| lora | lora-peft | 0.80× (0.80× to 0.80×) | 0.80× (0.80× to 0.80×) | 1.25× (1.25× to 1.25×) |" in section
+    assert not re.search(r"\bnan\b", md, flags=re.IGNORECASE)

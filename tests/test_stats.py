@@ -465,3 +465,52 @@ def test_power_search_failure_is_noted_in_seed_consistency(monkeypatch):
     assert table["seeds_for_1pt"].isna().all()
     assert (table["note"] == "unpaired: power search failed (ZeroDivisionError)").all()
     assert math.isfinite(table.loc["variant", "seeds_for_1pt_paired"]) and table["std"].notna().all()
+
+
+def _with_peft_twin(runs: pd.DataFrame, metrics: pd.DataFrame, factor: float):
+    """The memory_time family's lora runs again as lora-peft (method.impl peft), every cost ``factor`` x ours
+    (tokens/s divided by it)."""
+    twin_runs = runs[(runs["family"] == "memory_time") & (runs["variant"] == "lora")].copy()
+    twin_runs["variant"], twin_runs["is_baseline"] = "lora-peft", False
+    twin_runs["run_id"] = twin_runs["run_id"].str.replace("/lora/", "/lora-peft/")
+    twin_runs["cfg.method.impl"] = "peft"
+    twin_metrics = metrics[(metrics["family"] == "memory_time") & (metrics["variant"] == "lora")].copy()
+    twin_metrics["variant"] = "lora-peft"
+    twin_metrics["run_id"] = twin_metrics["run_id"].str.replace("/lora/", "/lora-peft/")
+    faster = twin_metrics["metric"].isin(["tokens_per_second", "examples_per_second"])
+    twin_metrics.loc[faster, "value"] /= factor
+    twin_metrics.loc[~faster, "value"] *= factor
+    runs = pd.concat([runs.assign(**{"cfg.method.impl": None}), twin_runs], ignore_index=True)
+    return runs, pd.concat([metrics, twin_metrics], ignore_index=True)
+
+
+def test_cost_summary_shows_ours_over_peft_with_intervals():
+    runs, metrics = _with_peft_twin(*make_tables(["memory_time"], n_seeds=3, device=GPU), factor=1.25)
+    assert stats.peft_counterparts(runs[runs["family"] == "memory_time"]) == {"lora": "lora-peft"}
+    cost = stats.cost_summary(runs, metrics).set_index("variant")
+    assert list(cost.columns) == stats.COST_SUMMARY_COLUMNS[:2] + stats.COST_SUMMARY_COLUMNS[3:]
+    assert cost.loc["lora", "impl"] == "ours" and cost.loc["lora-peft", "impl"] == "peft"
+    assert cost.loc["lora", "peft_variant"] == "lora-peft" and cost.loc["qlora", "peft_variant"] == ""
+    for prefix, expected in (("memory", 0.8), ("median_step_time", 0.8), ("tokens_per_second", 1.25)):
+        ratio = cost.loc["lora", f"{prefix}_ours_over_peft"]
+        assert ratio == pytest.approx(expected)
+        # Paired on seed: the twin's values are ours times a constant, so the interval is the ratio itself.
+        assert cost.loc["lora", f"{prefix}_ours_over_peft_ci_low"] == pytest.approx(expected)
+        assert cost.loc["lora", f"{prefix}_ours_over_peft_ci_high"] == pytest.approx(expected)
+    assert cost.loc[["qlora", "lora-peft"], "memory_ours_over_peft"].isna().all()
+
+
+def test_ours_over_peft_interval_covers_a_noisy_ratio():
+    runs, metrics = _with_peft_twin(*make_tables(["memory_time"], n_seeds=5, device=GPU), factor=1.0)
+    noisy = (metrics["variant"] == "lora-peft") & (metrics["metric"] == "median_step_time")
+    metrics.loc[noisy, "value"] *= np.random.default_rng(0).normal(1.0, 0.05, noisy.sum())
+    row = stats.cost_summary(runs, metrics).set_index("variant").loc["lora"]
+    low, high = row["median_step_time_ours_over_peft_ci_low"], row["median_step_time_ours_over_peft_ci_high"]
+    assert low < row["median_step_time_ours_over_peft"] < high and low < 1.0 < high
+
+
+def test_one_seed_gives_the_ratio_without_an_interval():
+    runs, metrics = _with_peft_twin(*make_tables(["memory_time"], n_seeds=1, device=GPU), factor=1.1)
+    row = stats.cost_summary(runs, metrics).set_index("variant").loc["lora"]
+    assert row["median_step_time_ours_over_peft"] == pytest.approx(1 / 1.1)
+    assert math.isnan(row["median_step_time_ours_over_peft_ci_low"])

@@ -73,19 +73,20 @@ def test_lint_is_clean():
 @pytest.mark.parametrize(
     ("args", "train_jobs", "runs"),
     [
-        ((), 30, 39),
+        ((), 33, 42),
         (("--configfile", ".test/config.yaml"), TEST_STUDY_TRAIN_JOBS, TEST_STUDY_RUNS),
         (("--configfile", "config/paper.yaml"), 354, 398),
-        (("--configfile", "config/gpu_memory.yaml"), 27, 27),
+        (("--configfile", "config/gpu_memory.yaml"), 33, 33),
+        (("--configfile", "config/gpu_smoke.yaml"), 23, 23),
         (("--configfile", "config/instruct.yaml"), 21, 21),
         (("--configfile", "config/llm.yaml"), 24, 24),
         (("--configfile", "config/cpu_more.yaml"), 47, 53),
         (("--configfile", "config/cpu_full.yaml"), 9, 18),
-        (("--profile", "profiles/workstation-gpu"), 30, 39),
+        (("--profile", "profiles/workstation-gpu"), 33, 42),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 354, 398),
     ],
-    ids=["default", "test", "paper", "gpu-memory", "instruct", "llm", "cpu-more", "cpu-full", "workstation-gpu",
-         "slurm"],
+    ids=["default", "test", "paper", "gpu-memory", "gpu-smoke", "instruct", "llm", "cpu-more", "cpu-full",
+         "workstation-gpu", "slurm"],
 )
 def test_dry_run_of_every_config_and_profile(args, train_jobs, runs, clean_checkout):
     result = snakemake("-n", *args, cwd=clean_checkout)
