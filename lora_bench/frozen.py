@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import replace_atomically
 from .config import RunConfig
 from .data import SPLITS as SPLIT_NAMES
-from .atomic import replace_atomically
 
 # Bump when the file layout or what a key covers changes: old files are then never read.
 CACHE_VERSION = 1
