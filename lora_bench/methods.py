@@ -146,7 +146,7 @@ def prepare_qlora(model: nn.Module, method: MethodConfig, device: torch.device) 
 
     def wrap(linear: nn.Linear, spec: LoRASpec) -> nn.Module:
         if id(linear) in head_layers:
-            return LinearWithLoRA(linear, spec.rank, spec.alpha, spec.dropout, spec.scaling)
+            return LinearWithLoRA(linear, spec)
         return nf4(linear, spec)
 
     info = _with_lora(model, method, wrap=wrap)
