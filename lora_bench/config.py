@@ -198,6 +198,12 @@ class LoRAConfig:
     targets: list
     layers: list | None
     target_patterns: list | None
+    init: str = "tutorial"
+    dora: bool = False
+
+
+# LoRA keys added after runs existed: left out of a resolved config at their defaults (see RunConfig.to_dict).
+LORA_KEYS_OMITTED_AT_DEFAULT = {"init": "tutorial", "dora": False}
 
 
 @dataclass(frozen=True)
@@ -242,10 +248,11 @@ class TrainConfig:
     length_grouping: bool = False
     test_every_epoch: bool = True
     evaluate_test: bool = True
+    lora_plus_ratio: float | None = None
 
 
 TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False, "test_every_epoch": True,
-                                 "evaluate_test": True}
+                                 "evaluate_test": True, "lora_plus_ratio": None}
 
 
 @dataclass(frozen=True)
@@ -351,6 +358,9 @@ class RunConfig:
         for key, default in TRAIN_KEYS_OMITTED_AT_DEFAULT.items():
             if out["train"][key] == default:
                 out["train"].pop(key)
+        for key, default in LORA_KEYS_OMITTED_AT_DEFAULT.items():
+            if out["method"]["lora"][key] == default:
+                out["method"]["lora"].pop(key)
         return out
 
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -652,6 +653,46 @@ def unmerge_lora(model: nn.Module) -> None:
         module.unmerge()
 
 
+def optimizer_groups(model: nn.Module, lr: float, lora_plus_ratio: float | None = None) -> list[dict]:
+    """The trainable parameters as optimizer parameter groups; with ``lora_plus_ratio``, LoRA+'s two.
+
+    LoRA+ (Hayou et al. 2024) trains ``B`` at ``ratio x`` the learning rate of ``A``. The groups are
+    peft's ``create_loraplus_optimizer``'s: ``B`` and every one-dimensional trainable tensor (biases,
+    layer norms, DoRA's magnitude) at ``lr * ratio``, everything else (``A``, a trained head's weight)
+    at ``lr``. Without a ratio: one group at ``lr``, as a plain optimizer over the parameters.
+    Weight decay is left to the optimizer, the same for both groups (peft's groups take its own
+    ``loraplus_weight_decay`` instead, 0 by default, like this suite's default).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if lora_plus_ratio is None:
+        return [{"params": trainable, "lr": lr}]
+    b_factors = {id(m.lora.B) for m in lora_modules(model)}
+    if not b_factors:
+        raise ValueError("train.lora_plus_ratio sets the learning rate of LoRA's B factors, and this model has no "
+                         "LoRA layer (use it with methods lora or qlora)")
+    faster = [p for p in trainable if id(p) in b_factors or p.ndim == 1]
+    slower = [p for p in trainable if not (id(p) in b_factors or p.ndim == 1)]
+    return [g for g in ({"params": slower, "lr": lr}, {"params": faster, "lr": lr * lora_plus_ratio}) if g["params"]]
+
+
+@contextmanager
+def adapters_replaced(model: nn.Module, replacement: Callable[[LoRAWrapper], nn.Module]) -> Iterator[None]:
+    """Inside the block every LoRA layer of ``model`` is ``replacement(layer)``; afterwards it is back, unchanged.
+
+    For measuring the model as it would be served otherwise: ``lambda layer: layer.base_layer`` is the base
+    model, ``lambda layer: layer.merged_linear()`` the merged one (a dense copy for 4-bit layers).
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, LoRAWrapper)]
+    originals = {name: model.get_submodule(name) for name in names}
+    try:
+        for name in names:
+            _set_submodule(model, name, replacement(originals[name]))
+        yield
+    finally:
+        for name in names:
+            _set_submodule(model, name, originals[name])
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors counted once."""
     seen: set[int] = set()
@@ -678,6 +719,7 @@ __all__ = [
     "LoRALayer",
     "LoRAWrapper",
     "LoRASpec",
+    "adapters_replaced",
     "apply_lora",
     "architecture_of",
     "count_parameters",
@@ -687,6 +729,7 @@ __all__ = [
     "lora_modules",
     "make_lora",
     "merge_lora",
+    "optimizer_groups",
     "peft_head_modules",
     "unmerge_lora",
 ]

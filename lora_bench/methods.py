@@ -38,6 +38,8 @@ def lora_spec(method: MethodConfig) -> LoRASpec:
         targets=tuple(lora.targets),
         layers=tuple(lora.layers) if lora.layers is not None else None,
         patterns=tuple(lora.target_patterns) if lora.target_patterns else None,
+        init=lora.init,
+        dora=lora.dora,
     )
 
 

@@ -35,7 +35,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, MethodConfig, RunConfig, TrainConfig
 from .data import SPLITS, macro_f1, prepare_splits
 from .diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
-from .lora import count_parameters
+from .lora import count_parameters, optimizer_groups
 from .methods import prepare_model
 from .models import load_model, load_tokenizer, max_positions
 
@@ -109,7 +109,7 @@ def make_collate(pad_id: int):
     return collate
 
 
-def build_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter] | list[dict], train: TrainConfig) -> torch.optim.Optimizer:
     builders = {
         "adamw": lambda: torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay),
         "sgd": lambda: torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
@@ -426,7 +426,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = train_loader(splits["train"], cfg.train, generator, task.collate)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.train)
+    optimizer = build_optimizer(optimizer_groups(model, cfg.train.lr, cfg.train.lora_plus_ratio), cfg.train)
     steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = build_schedule(optimizer, cfg.train, total_steps)
