@@ -38,6 +38,7 @@ from .diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
 from .lora import count_parameters, optimizer_groups
 from .methods import prepare_model
 from .models import load_model, load_tokenizer, max_positions
+from .serving import serving_batches, serving_costs
 
 # Steps excluded from step times and throughput: the first ones pay for allocator warm-up and lazy init.
 WARMUP_STEPS = 3
@@ -548,6 +549,10 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     if device.type == "cuda":
         memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated(device)
         memory["peak_cuda_reserved"] = torch.cuda.max_memory_reserved(device)
+    # After the peaks are read: the merged copies timed here are not part of training's memory.
+    shipped, served = serving_costs(model, task.loss, serving_batches(splits["validation"], task.collate,
+                                                                      cfg.train.batch_size), device)
+    memory.update(shipped)
     device_name = str(device)
     if device.type == "cuda":
         device_name += f" ({torch.cuda.get_device_name(device)})"
@@ -559,6 +564,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         "eval_s": eval_seconds,
         "optimizer_steps": step,
         **step_throughput(steps),
+        **served,
         "threads": torch.get_num_threads(),
         # Per optimizer step, in order (data loading + forward + backward + update): throughput and percentiles
         # over any window can be recomputed, e.g. by benchmarks/bench_peer.py.

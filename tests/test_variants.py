@@ -303,3 +303,73 @@ def test_new_keys_stay_out_of_resolved_configs_at_their_defaults():
                                    "train": {"lora_plus_ratio": 16}}).to_dict()
     assert changed["method"]["lora"]["init"] == "kaiming" and changed["method"]["lora"]["dora"] is True
     assert changed["train"]["lora_plus_ratio"] == 16
+
+
+# --- what an adapter costs to ship and serve -------------------------------------------------------
+
+
+def test_adapter_bytes_is_the_safetensors_file_of_the_trainable_tensors(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lora_bench.serving import adapter_bytes
+
+    model = _tiny()
+    apply_lora(model, LoRASpec(rank=4, alpha=8, dora=True))
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, tmp_path / "adapter.safetensors")
+    assert adapter_bytes(model) == (tmp_path / "adapter.safetensors").stat().st_size
+    # 8-byte header length + JSON header + raw fp32 tensors: the raw part is 4 bytes per trainable number.
+    raw = (tmp_path / "adapter.safetensors").read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert set(json.loads(raw[8:8 + header])) - {"__metadata__"} == set(trainable)
+    assert len(raw) == 8 + header + 4 * count_parameters(model)[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_inference_latency_leaves_the_model_as_it_was(method):
+    from lora_bench.serving import inference_latency
+
+    cfg = RunConfig.from_dict({"model": {"source": "random", "name": "tiny-bert"},
+                               "method": {"name": method, "lora": {"dora": True}}})
+    torch.manual_seed(0)
+    model = load_model(cfg.model, 2).model
+    prepare_model(model, cfg.method, "cpu")
+    _perturb(model)
+    model.train()
+    inputs = _inputs()
+    before = model.eval()(**inputs).logits
+    model.train()
+    calls = []
+
+    def forward(m, batch):
+        calls.append(m(**batch).logits)
+
+    batches = [inputs] * 4
+    timing = inference_latency(model, forward, batches, torch.device("cpu"))
+    assert model.training and len(calls) == 12 and timing["inference_timed_batches"] == 3
+    assert all(timing[f"inference_{mode}_s"] > 0 for mode in ("unmerged", "merged", "base"))
+    assert timing["inference_overhead"] == timing["inference_unmerged_s"] / timing["inference_merged_s"]
+    torch.testing.assert_close(model.eval()(**inputs).logits, before, rtol=0, atol=0)
+    # Unmerged and merged compute the same function; the base model does not (B != 0).
+    unmerged, merged, base = calls[0], calls[1], calls[2]
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
+    assert not torch.allclose(base, unmerged, atol=1e-4)
+
+
+def test_lora_runs_record_the_serving_costs(tiny_run):
+    from lora_bench.tables import RUN_LEVEL
+    from lora_bench.train import run_training
+
+    tiny_run["train"].update(epochs=1, lora_plus_ratio=4.0)
+    tiny_run["method"]["lora"]["dora"] = True
+    result = run_training(RunConfig.from_dict(tiny_run))
+    assert result.memory["adapter_bytes"] > 4 * result.params["trainable"]
+    assert result.timing["inference_overhead"] > 0 and result.timing["inference_base_s"] > 0
+    serving = {metric for metric, section, key in RUN_LEVEL if key in {**result.memory, **result.timing}}
+    assert {"adapter_bytes", "inference_overhead", "inference_latency_unmerged"} <= serving
+    tiny_run["method"] = {"name": "last_layers"}
+    tiny_run["train"].pop("lora_plus_ratio")
+    full = run_training(RunConfig.from_dict(tiny_run))
+    assert "adapter_bytes" not in full.memory and "inference_overhead" not in full.timing
