@@ -373,3 +373,59 @@ def test_lora_runs_record_the_serving_costs(tiny_run):
     tiny_run["train"].pop("lora_plus_ratio")
     full = run_training(RunConfig.from_dict(tiny_run))
     assert "adapter_bytes" not in full.memory and "inference_overhead" not in full.timing
+
+
+# --- the lora_variants family: stats and report ----------------------------------------------------
+
+
+def test_lora_variants_family_costs_and_report_section(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import FamilySpec, make_tables
+
+    from lora_bench import plots, report, stats
+    from lora_bench.tables import METRIC_INFO
+
+    spec = FamilySpec("lora_variants", "lora_variants", ("lora", "dora", "lora_plus"))
+    runs, metrics = make_tables([spec], n_seeds=3, n_epochs=1)
+    planted = {"lora": (300_000, 1.10, 4.0e8), "dora": (306_000, 1.45, 4.1e8), "lora_plus": (300_000, 1.10, 4.0e8)}
+    extra = []
+    for run in runs.itertuples():
+        adapter, overhead, state = planted[run.variant]
+        jitter = 1 + 0.01 * (run.seed - 1)
+        for metric, value in (("adapter_bytes", adapter), ("inference_overhead", overhead * jitter),
+                              ("inference_latency_unmerged", 1e-3 * overhead * jitter),
+                              ("inference_latency_merged", 1e-3 * jitter), ("state_bytes", state)):
+            unit, higher = METRIC_INFO[metric]
+            row = metrics[metrics["run_id"] == run.run_id].iloc[0]
+            labels = row.drop(["metric", "split", "epoch", "stage", "value", "unit", "higher_is_better"]).to_dict()
+            extra.append({**labels, "metric": metric, "split": "none", "epoch": 1, "stage": "final", "value": value,
+                          "unit": unit, "higher_is_better": higher})
+    metrics = pd.concat([metrics, pd.DataFrame(extra)], ignore_index=True)
+    metrics["epoch"] = metrics["epoch"].astype("Int64")
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    runs.to_parquet(tables / "runs.parquet")
+    metrics.to_parquet(tables / "metrics.parquet")
+    stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
+    cost = pd.read_parquet(tables / "cost_summary.parquet").set_index("variant")
+    assert list(cost.index) == ["lora", "dora", "lora_plus"] and (cost["family_kind"] == "lora_variants").all()
+    assert cost.loc["dora", "adapter_bytes_mean"] == 306_000 and cost.loc["dora", "memory_metric"] == "state_bytes"
+    tests = pd.read_parquet(tables / "tests.parquet").set_index(["variant", "metric"])
+    assert tests.loc[("dora", "adapter_bytes"), "ratio"] == pytest.approx(1.02) and tests.loc[("dora", "adapter_bytes"),
+                                                                                               "exact"]
+    assert tests.loc[("dora", "inference_overhead"), "ratio"] == pytest.approx(1.45 / 1.10)
+    figures = tmp_path / "figures"
+    plots.make_all_figures(runs, metrics, figures)
+    text = report.build_report(tables, figures, tmp_path / "paper")["markdown"].read_text(encoding="utf-8")
+    section = text[text.index("## Family: lora\\_variants"):]
+    assert "| Variant | n | Step time (ms, 95% CI) | Time vs lora |" in section
+    assert "| dora | 3 |" in section and "1.02× (exact)" in section
+    claim = next(line for line in section.splitlines() if line.startswith("- **dora** vs **lora**"))
+    assert "test accuracy" in claim and "the time per training step" in claim and "the memory" in claim
+    assert "an adapter file exactly 1.02× as large (299 KiB)" in claim
+    assert "served unmerged it takes 1.45× the merged model's time per example (**lora**: 1.10×)" in claim
