@@ -198,6 +198,12 @@ class LoRAConfig:
     targets: list
     layers: list | None
     target_patterns: list | None
+    init: str = "tutorial"
+    dora: bool = False
+
+
+# LoRA keys added after runs existed: left out of a resolved config at their defaults (see RunConfig.to_dict).
+LORA_KEYS_OMITTED_AT_DEFAULT = {"init": "tutorial", "dora": False}
 
 
 @dataclass(frozen=True)
@@ -246,13 +252,15 @@ class TrainConfig:
     evaluate_test: bool = True
     # How the frozen layers below the first trainable block run: train (dropout), eval, or cache (lora_bench/frozen.py).
     frozen_prefix: str = "train"
+    lora_plus_ratio: float | None = None
 
 
 METHOD_KEYS_OMITTED_AT_DEFAULT = {"impl": "ours"}
 # Methods that method.impl peft can run: peft has LoRA layers (and, with bitsandbytes, 4-bit ones).
 PEFT_METHODS = ("lora", "qlora")
 TRAIN_KEYS_OMITTED_AT_DEFAULT = {"checkpoint": "none", "length_grouping": False, "test_every_epoch": True,
-                                 "evaluate_test": True, "frozen_prefix": "train"}
+                                 "evaluate_test": True, "frozen_prefix": "train",
+                                 "lora_plus_ratio": None}
 
 
 @dataclass(frozen=True)
@@ -378,6 +386,9 @@ class RunConfig:
         for key, default in TRAIN_KEYS_OMITTED_AT_DEFAULT.items():
             if out["train"][key] == default:
                 out["train"].pop(key)
+        for key, default in LORA_KEYS_OMITTED_AT_DEFAULT.items():
+            if out["method"]["lora"][key] == default:
+                out["method"]["lora"].pop(key)
         return out
 
 

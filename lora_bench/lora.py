@@ -11,6 +11,12 @@ Three scaling rules are supported because the literature uses all three and they
 - ``"alpha/r"``: ``alpha / r`` (Hu et al. 2021 and Hugging Face ``peft``),
 - ``"rslora"``: ``alpha / sqrt(r)`` (rank-stabilised LoRA, Kalajdzievski 2023).
 
+The variants practitioners compare against are options of the same layer, each checked against peft in
+``tests/test_variants.py``: how ``A`` and ``B`` start (``LORA_INITS``: the tutorial's ``randn / sqrt(r)``,
+peft's Kaiming-uniform, PiSSA's top-r singular vectors of ``W``), DoRA's trainable magnitude (``dora``), and
+LoRA+'s larger learning rate for ``B`` (``optimizer_groups``). Every LoRA layer kind (16-bit here, 4-bit in
+``quant.py``) is a ``LoRAWrapper``: the frozen ``base_layer`` plus the adapter, built from the spec whole.
+
 ``apply_lora`` replaces the covered ``nn.Linear`` modules of a model, located through a
 per-architecture name map (``ARCHITECTURES``), so one coverage spec means the same thing on
 BERT, DistilBERT, RoBERTa/XLM-R, DeBERTa-v2, ELECTRA, ALBERT, MPNet and Llama-style models. For any
@@ -23,7 +29,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -38,21 +45,112 @@ SCALING_RULES: dict[str, Callable[[float, int], float]] = {
 COVERAGE_KINDS = ("query", "key", "value", "projection", "mlp", "head")
 
 
-class LoRALayer(nn.Module):
-    """The low-rank update ``scale * dropout(x) @ A @ B``.
+def _randn_over_sqrt_rank(in_features: int, out_features: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The tutorial's init: the 1/sqrt(r) keeps x A of unit order whatever the rank.
+    return torch.randn(in_features, rank) / math.sqrt(rank), torch.zeros(rank, out_features)
 
-    ``A`` starts as ``randn / sqrt(r)`` (the tutorial's init; the scale keeps ``x A`` of unit
-    order whatever the rank) and ``B`` as zeros, so the update is exactly zero until trained.
+
+def _kaiming_uniform(in_features: int, out_features: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # peft's default (and microsoft/LoRA's): nn.Linear's own init of a (rank x in) weight, uniform in
+    # +-1/sqrt(in). Drawn in that layout, so the same generator state gives peft's tensor, transposed.
+    a = torch.empty(rank, in_features)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return a.T.contiguous(), torch.zeros(rank, out_features)
+
+
+def _zeros(in_features: int, out_features: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(in_features, rank), torch.zeros(rank, out_features)
+
+
+@torch.no_grad()
+def _pissa(lora: LoRALayer, weight: torch.Tensor) -> torch.Tensor:
+    """PiSSA (Meng et al. 2024): A and B from the top-r singular triplets of ``W``, ``W`` replaced by the rest.
+
+    With ``W = U S V^T`` (out x in), ``scale * B^T A^T = U_r S_r V_r^T``: both factors get ``sqrt(S_r / scale)``,
+    as in peft's ``pissa_init``, so the wrapped layer computes what it did before (up to float rounding).
+    Returns the residual ``W - U_r S_r V_r^T`` in ``weight``'s dtype.
+    """
+    w = weight.float()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = torch.sqrt(s[: lora.rank] / lora.scale)
+    lora.A.copy_((root[:, None] * vh[: lora.rank]).T)  # (in x r)
+    lora.B.copy_((u[:, : lora.rank] * root[None, :]).T)  # (r x out)
+    return (w - lora.delta_weight().float()).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class LoRAInit:
+    """How ``A`` and ``B`` start: ``draw(in, out, rank)`` before the base weight is seen; an init that needs
+    the weight also has ``from_weight(lora, W)``, which sets the factors and returns the weight to keep instead."""
+
+    draw: Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+    from_weight: Callable[[LoRALayer, torch.Tensor], torch.Tensor] | None = None
+
+
+# method.lora.init -> how A and B start. Every init keeps the wrapped layer's output as it was.
+LORA_INITS: dict[str, LoRAInit] = {
+    "tutorial": LoRAInit(_randn_over_sqrt_rank),
+    "kaiming": LoRAInit(_kaiming_uniform),
+    "pissa": LoRAInit(_zeros, _pissa),
+}
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Which linear layers get LoRA, and its hyper-parameters.
+
+    ``targets`` are coverage kinds from ``COVERAGE_KINDS``; ``layers`` restricts the per-block kinds
+    (all but ``head``) to those transformer-block indices (``None`` = every block). ``init`` names an entry
+    of ``LORA_INITS``; ``dora`` adds DoRA's trainable magnitude (one number per output feature).
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, dropout: float = 0.0):
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    scaling: str = "alpha/r"
+    targets: tuple[str, ...] = ("query", "value")
+    layers: tuple[int, ...] | None = None
+    # Regexes of module names, used instead of ``targets`` when given.
+    patterns: tuple[str, ...] | None = None
+    init: str = "tutorial"
+    dora: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.targets) - set(COVERAGE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {list(COVERAGE_KINDS)}")
+        if not self.targets:
+            raise ValueError("LoRA targets must name at least one kind")
+        if self.scaling not in SCALING_RULES:
+            raise ValueError(f"unknown LoRA scaling rule {self.scaling!r}; choose one of {sorted(SCALING_RULES)}")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"unknown LoRA init {self.init!r}; choose one of {sorted(LORA_INITS)}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update ``scale * dropout(x) @ A @ B``, and DoRA's magnitude when there is one.
+
+    ``A`` (in x r) and ``B`` (r x out) start as ``LORA_INITS[init]`` draws them; every init has ``B = 0`` or
+    takes the update out of the base weight, so a freshly wrapped layer computes what it did before.
+    ``magnitude`` (out) is ``None`` for plain LoRA; ``init_magnitude`` creates it for DoRA.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, dropout: float = 0.0,
+                 init: str = "tutorial"):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.rank = rank
         self.scale = scale
-        self.A = nn.Parameter(torch.randn(in_features, rank) / math.sqrt(rank))
-        self.B = nn.Parameter(torch.zeros(rank, out_features))
+        self.init = init
+        a, b = LORA_INITS[init].draw(in_features, out_features, rank)
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(b)
+        self.magnitude: nn.Parameter | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +161,25 @@ class LoRALayer(nn.Module):
         """The update as a weight in ``nn.Linear`` layout (out x in)."""
         return self.scale * (self.A @ self.B).T
 
+    @torch.no_grad()
+    def init_magnitude(self, weight: torch.Tensor) -> None:
+        """DoRA: the magnitude starts as the row norms of ``W + scale B^T A^T``, so the output is unchanged."""
+        self.magnitude = nn.Parameter(row_norm(weight.float(), self.delta_weight().float()).to(self.A.dtype))
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
+
+def row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """DoRA's ``||W + dW||``, one L2 norm per output feature (a row of the ``nn.Linear`` weight).
+
+    Always without gradient: the paper (section 4.3) and peft treat the norm as a constant, so only the
+    magnitude and the direction's LoRA factors learn, and no (out x in) graph is kept for backward.
+    """
+    with torch.no_grad():
+        return torch.linalg.norm(weight + delta, dim=1)
+
 
 def make_lora(
     in_features: int,
@@ -72,34 +189,63 @@ def make_lora(
     dropout: float = 0.0,
     scaling: str = "alpha/r",
     device: torch.device | str | None = None,
+    init: str = "tutorial",
 ) -> LoRALayer:
-    """The adapter for an (in -> out) linear map, scaled by the named rule; shared by every LoRA layer kind."""
+    """The adapter for an (in -> out) linear map, scaled by the named rule; shared by every LoRA layer kind.
+
+    Drawn on the CPU and then moved, so a seed gives the same factors on every device.
+    """
     if scaling not in SCALING_RULES:
         raise ValueError(f"unknown LoRA scaling rule {scaling!r}; choose one of {sorted(SCALING_RULES)}")
-    layer = LoRALayer(in_features, out_features, rank, SCALING_RULES[scaling](alpha, rank), dropout)
+    layer = LoRALayer(in_features, out_features, rank, SCALING_RULES[scaling](alpha, rank), dropout, init)
     return layer.to(device=device) if device is not None else layer
 
 
-class LinearWithLoRA(nn.Module):
-    """A frozen ``nn.Linear`` (kept as ``base_layer``, as peft does) plus a trainable ``LoRALayer``."""
+class LoRAWrapper(nn.Module):
+    """What every LoRA layer kind shares: a frozen ``base_layer`` (as peft keeps it) plus a ``LoRALayer``.
 
-    def __init__(
-        self,
-        linear: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        scaling: str = "alpha/r",
-    ):
+    A layer kind (16-bit ``LinearWithLoRA``, the 4-bit ones in ``quant.py``) only says how its base layer is
+    built from the dense ``nn.Linear`` (``make_base``) and how the dense base weight is read back
+    (``dense_weight``, for DoRA's norm and for merging). The spec is passed whole; keyword arguments override
+    its fields (``LinearWithLoRA(linear, rank=4, alpha=8)``).
+
+    Construction order: the adapter first (a bad scaling rule fails before a slow quantization; the factors
+    are drawn before anything else uses the generator), then an init that needs the weight (PiSSA) on the
+    dense weight, then the base layer from the (residual) weight, then DoRA's magnitude from the stored base.
+
+    With DoRA (Liu et al. 2024) the layer computes ``m * (W + s B^T A^T) x / ||W + s B^T A^T|| + b``,
+    written as the base output plus a correction as in peft: ``(m/n - 1) W x + (m/n) s x A B``, with the
+    norm ``n`` detached (``row_norm``).
+    """
+
+    def __init__(self, linear: nn.Linear, spec: LoRASpec | None = None, *,
+                 make_base: Callable[[nn.Linear], nn.Module] | None = None,
+                 device: torch.device | str | None = None, **fields):
         super().__init__()
-        self.lora = make_lora(linear.in_features, linear.out_features, rank, alpha, dropout, scaling,
-                              linear.weight.device)
-        self.base_layer = linear
-        self.scaling = scaling
-        self.alpha = alpha
+        spec = replace(spec or LoRASpec(), **fields)
+        self.spec = spec
+        self.lora = make_lora(linear.in_features, linear.out_features, spec.rank, spec.alpha, spec.dropout,
+                              spec.scaling, device or linear.weight.device, spec.init)
+        from_weight = LORA_INITS[spec.init].from_weight
+        if from_weight is not None:
+            # peft's PiSSA also rewrites the base weight in place; a 4-bit kind then quantizes the residual.
+            linear.weight.data = from_weight(self.lora, linear.weight.detach())
+        self.base_layer = make_base(linear) if make_base else linear
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
+        if spec.dora:
+            self.lora.init_magnitude(self.dense_weight())
         self.merged = False
+        self._merged_norm: torch.Tensor | None = None
+
+    # Kept as attributes for code that reads them; the values live in the spec.
+    @property
+    def scaling(self) -> str:
+        return self.spec.scaling
+
+    @property
+    def alpha(self) -> float:
+        return self.spec.alpha
 
     @property
     def in_features(self) -> int:
@@ -110,25 +256,76 @@ class LinearWithLoRA(nn.Module):
         return self.base_layer.out_features
 
     @property
-    def weight(self) -> torch.Tensor:
-        # Some model code reads `.weight.dtype` / `.weight.device` of its linear layers.
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        """The frozen base weight as a dense (out x in) tensor."""
         return self.base_layer.weight
 
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        out = self.base_output(x)
         if self.merged:
             return out
-        return out + self.lora(x).to(out.dtype)
+        if not self.lora.dora:
+            return out + self.lora(x).to(out.dtype)
+        return out + self._dora_correction(x, out).to(out.dtype)
+
+    def _dora_correction(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        lora = self.lora
+        weight = self.dense_weight()
+        norm = row_norm(weight.to(lora.A.dtype), lora.delta_weight().detach())
+        factor = lora.magnitude / norm
+        dropped = lora.dropout(x).to(lora.A.dtype)
+        if isinstance(lora.dropout, nn.Identity) or not self.training:
+            # The dropped input is x itself: reuse the base output without its bias instead of a second matmul.
+            base = out.to(lora.A.dtype) - (self.bias.to(lora.A.dtype) if self.bias is not None else 0)
+        else:
+            base = torch.nn.functional.linear(dropped, weight.to(lora.A.dtype))
+        return (factor - 1) * base + factor * (lora.scale * (dropped @ lora.A @ lora.B))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight that computes what the adapted layer computes (fp32), for merging and export."""
+        weight = self.dense_weight().float()
+        delta = self.lora.delta_weight().float()
+        if not self.lora.dora:
+            return weight + delta
+        return (self.lora.magnitude.float() / row_norm(weight, delta))[:, None] * (weight + delta)
+
+    @torch.no_grad()
+    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A new dense ``nn.Linear`` computing base + update (for export, or to time the merged model)."""
+        merged = self.merged_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError("refusing to merge LoRA: the merged weight would contain NaN or Inf")
+        dtype = dtype or getattr(self.base_layer, "weight_dtype", None) or self.dense_weight().dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=merged.device,
+                           dtype=dtype)
+        linear.weight.copy_(merged)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (no inference overhead). Idempotent."""
         if self.merged:
             return
-        merged = self.base_layer.weight + self.lora.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        if self.lora.dora:
+            merged = self.merged_weight().to(weight.dtype)
+        else:
+            merged = weight + self.lora.delta_weight().to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError("refusing to merge LoRA: the merged weight would contain NaN or Inf")
-        self.base_layer.weight.copy_(merged)
+        if self.lora.dora:
+            # unmerge divides by the factor of the weight it was merged from, as peft caches it.
+            self._merged_norm = row_norm(weight.float(), self.lora.delta_weight().float())
+        weight.copy_(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -136,11 +333,26 @@ class LinearWithLoRA(nn.Module):
         """Undo ``merge``. Idempotent."""
         if not self.merged:
             return
-        restored = self.base_layer.weight - self.lora.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        if self.lora.dora:
+            factor = self.lora.magnitude.float() / self._merged_norm
+            restored = (weight.float() / factor[:, None] - self.lora.delta_weight().float()).to(weight.dtype)
+        else:
+            restored = weight - self.lora.delta_weight().to(weight.dtype)
         if not torch.isfinite(restored).all():
             raise ValueError("refusing to unmerge LoRA: the restored weight would contain NaN or Inf")
-        self.base_layer.weight.copy_(restored)
+        weight.copy_(restored)
         self.merged = False
+        self._merged_norm = None
+
+
+class LinearWithLoRA(LoRAWrapper):
+    """A frozen ``nn.Linear`` (kept as ``base_layer``, as peft does) plus a trainable ``LoRALayer``."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Some model code reads `.weight.dtype` / `.weight.device` of its linear layers.
+        return self.base_layer.weight
 
 
 @dataclass(frozen=True)
@@ -360,37 +572,6 @@ def head_pattern(arch: Architecture) -> str:
     return arch.kinds["head"]
 
 
-@dataclass(frozen=True)
-class LoRASpec:
-    """Which linear layers get LoRA, and its hyper-parameters.
-
-    ``targets`` are coverage kinds from ``COVERAGE_KINDS``; ``layers`` restricts the per-block kinds
-    (all but ``head``) to those transformer-block indices (``None`` = every block).
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    scaling: str = "alpha/r"
-    targets: tuple[str, ...] = ("query", "value")
-    layers: tuple[int, ...] | None = None
-    # Regexes of module names, used instead of ``targets`` when given.
-    patterns: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        unknown = set(self.targets) - set(COVERAGE_KINDS)
-        if unknown:
-            raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {list(COVERAGE_KINDS)}")
-        if not self.targets:
-            raise ValueError("LoRA targets must name at least one kind")
-        if self.scaling not in SCALING_RULES:
-            raise ValueError(f"unknown LoRA scaling rule {self.scaling!r}; choose one of {sorted(SCALING_RULES)}")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-
-
 def _kind_patterns(spec: LoRASpec, arch: Architecture) -> list[tuple[str, re.Pattern]]:
     if spec.patterns:
         return [("pattern", re.compile(p)) for p in spec.patterns]
@@ -448,7 +629,7 @@ def apply_lora(
     ``wrap`` builds the replacement for one ``nn.Linear`` (default: ``LinearWithLoRA``); QLoRA passes
     its own so the 4-bit layer sits beside the 16-bit one without branching here.
     """
-    wrap = wrap or (lambda linear, s: LinearWithLoRA(linear, s.rank, s.alpha, s.dropout, s.scaling))
+    wrap = wrap or LinearWithLoRA
     names = find_targets(model, spec, arch)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -472,6 +653,46 @@ def unmerge_lora(model: nn.Module) -> None:
         module.unmerge()
 
 
+def optimizer_groups(model: nn.Module, lr: float, lora_plus_ratio: float | None = None) -> list[dict]:
+    """The trainable parameters as optimizer parameter groups; with ``lora_plus_ratio``, LoRA+'s two.
+
+    LoRA+ (Hayou et al. 2024) trains ``B`` at ``ratio x`` the learning rate of ``A``. The groups are
+    peft's ``create_loraplus_optimizer``'s: ``B`` and every one-dimensional trainable tensor (biases,
+    layer norms, DoRA's magnitude) at ``lr * ratio``, everything else (``A``, a trained head's weight)
+    at ``lr``. Without a ratio: one group at ``lr``, as a plain optimizer over the parameters.
+    Weight decay is left to the optimizer, the same for both groups (peft's groups take its own
+    ``loraplus_weight_decay`` instead, 0 by default, like this suite's default).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if lora_plus_ratio is None:
+        return [{"params": trainable, "lr": lr}]
+    b_factors = {id(m.lora.B) for m in lora_modules(model)}
+    if not b_factors:
+        raise ValueError("train.lora_plus_ratio sets the learning rate of LoRA's B factors, and this model has no "
+                         "LoRA layer (use it with methods lora or qlora)")
+    faster = [p for p in trainable if id(p) in b_factors or p.ndim == 1]
+    slower = [p for p in trainable if not (id(p) in b_factors or p.ndim == 1)]
+    return [g for g in ({"params": slower, "lr": lr}, {"params": faster, "lr": lr * lora_plus_ratio}) if g["params"]]
+
+
+@contextmanager
+def adapters_replaced(model: nn.Module, replacement: Callable[[LoRAWrapper], nn.Module]) -> Iterator[None]:
+    """Inside the block every LoRA layer of ``model`` is ``replacement(layer)``; afterwards it is back, unchanged.
+
+    For measuring the model as it would be served otherwise: ``lambda layer: layer.base_layer`` is the base
+    model, ``lambda layer: layer.merged_linear()`` the merged one (a dense copy for 4-bit layers).
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, LoRAWrapper)]
+    originals = {name: model.get_submodule(name) for name in names}
+    try:
+        for name in names:
+            _set_submodule(model, name, replacement(originals[name]))
+        yield
+    finally:
+        for name in names:
+            _set_submodule(model, name, originals[name])
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors counted once."""
     seen: set[int] = set()
@@ -492,9 +713,13 @@ __all__ = [
     "PEFT_SEQ_CLS_HEAD_NAMES",
     "SCALING_RULES",
     "Architecture",
+    "LORA_INITS",
     "LinearWithLoRA",
+    "LoRAInit",
     "LoRALayer",
+    "LoRAWrapper",
     "LoRASpec",
+    "adapters_replaced",
     "apply_lora",
     "architecture_of",
     "count_parameters",
@@ -504,6 +729,7 @@ __all__ = [
     "lora_modules",
     "make_lora",
     "merge_lora",
+    "optimizer_groups",
     "peft_head_modules",
     "unmerge_lora",
 ]

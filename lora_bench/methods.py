@@ -51,6 +51,8 @@ def lora_spec(method: MethodConfig) -> LoRASpec:
         targets=tuple(lora.targets),
         layers=tuple(lora.layers) if lora.layers is not None else None,
         patterns=tuple(lora.target_patterns) if lora.target_patterns else None,
+        init=lora.init,
+        dora=lora.dora,
     )
 
 
@@ -155,7 +157,7 @@ def prepare_qlora(model: nn.Module, method: MethodConfig, device: torch.device) 
 
     def wrap(linear: nn.Linear, spec: LoRASpec) -> nn.Module:
         if id(linear) in head_layers:
-            return LinearWithLoRA(ready(linear), spec.rank, spec.alpha, spec.dropout, spec.scaling)
+            return LinearWithLoRA(ready(linear), spec)
         return nf4(ready(linear), spec)
 
     info = _with_lora(model, method, wrap=wrap)

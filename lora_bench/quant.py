@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_bench.lora import LoRASpec, make_lora
+from lora_bench.lora import LoRASpec, LoRAWrapper
 
 # The 16 NF4 values exactly as bitsandbytes ships them (functional.py) and QLoRA's appendix lists
 # them: the source of truth. ``nf4_codebook_from_quantiles`` re-derives them.
@@ -354,55 +354,58 @@ class LinearNF4(nn.Module):
         )
 
 
-class LinearNF4WithLoRA(LinearNF4):
-    """QLoRA's layer: a frozen NF4 copy of an ``nn.Linear`` plus a trainable ``LoRALayer``;
-    only the LoRA factors receive gradients."""
+def _refuse_merge() -> None:
+    raise NotImplementedError(
+        "cannot merge LoRA into a 4-bit NF4 weight in place: the sum is not representable without "
+        "re-quantizing, which would add a fresh rounding error to the trained update. Use "
+        "merged_linear() for a dense nn.Linear (and quantize that again if a 4-bit model is wanted)."
+    )
+
+
+class LinearNF4WithLoRA(LoRAWrapper):
+    """QLoRA's layer: a frozen ``LinearNF4`` as ``base_layer`` plus a trainable ``LoRALayer``;
+    only the LoRA factors (and DoRA's magnitude) receive gradients.
+
+    The adapter's output is added in the base layer's ``compute_dtype`` and the sum cast back to the input's
+    dtype. DoRA works on the NF4 base (its norm reads the dequantized weight, as peft's does for
+    bitsandbytes); PiSSA takes its factors from the dense weight and quantizes the residual, as the PiSSA
+    paper and peft advise for QLoRA.
+    """
 
     def __init__(
         self,
         linear: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        scaling: str = "alpha/r",
+        spec: LoRASpec | None = None,
+        *,
         compute_dtype: torch.dtype | None = None,
         block_size: int = 64,
         double_quant: bool = True,
+        **fields,
     ):
-        # The adapter first: a bad scaling rule fails before the (slow) quantization.
-        lora = make_lora(linear.in_features, linear.out_features, rank, alpha, dropout, scaling, linear.weight.device)
-        super().__init__(linear, compute_dtype, block_size, double_quant)
-        self.lora = lora
-        self.scaling = scaling
-        self.alpha = alpha
-        self.merged = False
+        super().__init__(linear, spec, make_base=lambda dense: LinearNF4(dense, compute_dtype, block_size,
+                                                                          double_quant), **fields)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.base_layer.dequantized_weight()
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.base_layer.dequantized_weight(dtype)
+
+    @property
+    def base_nbytes(self) -> int:
+        return self.base_layer.base_nbytes
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        # In compute_dtype, so the update is added there; a base swapped for a dense copy (tests do) just runs.
+        if isinstance(self.base_layer, LinearNF4):
+            return self.base_layer.base_forward(x)
+        return self.base_layer(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
-        out = out + self.lora(x).to(out.dtype)
-        return out.to(x.dtype)
-
-    @torch.no_grad()
-    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A dense ``nn.Linear`` computing dequantized base + LoRA update (for export/inference)."""
-        merged = self.dequantized_weight(torch.float32) + self.lora.delta_weight().float()
-        if not torch.isfinite(merged).all():
-            raise ValueError("refusing to merge LoRA: the merged weight would contain NaN or Inf")
-        dtype = dtype or self.weight_dtype
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=merged.device, dtype=dtype
-        )
-        linear.weight.copy_(merged)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return super().forward(x).to(x.dtype)
 
     def merge(self) -> None:
-        raise NotImplementedError(
-            "cannot merge LoRA into a 4-bit NF4 weight in place: the sum is not representable without "
-            "re-quantizing, which would add a fresh rounding error to the trained update. Use "
-            "merged_linear() for a dense nn.Linear (and quantize that again if a 4-bit model is wanted)."
-        )
+        _refuse_merge()
 
     def unmerge(self) -> None:
         """Nothing to undo: an NF4 layer is never merged in place."""
@@ -410,10 +413,10 @@ class LinearNF4WithLoRA(LinearNF4):
 
 def nf4_wrap(linear: nn.Linear, spec: LoRASpec) -> LinearNF4WithLoRA:
     """``wrap`` for ``apply_lora(model, spec, wrap=nf4_wrap)``: QLoRA with our NF4."""
-    return LinearNF4WithLoRA(linear, spec.rank, spec.alpha, spec.dropout, spec.scaling)
+    return LinearNF4WithLoRA(linear, spec)
 
 
-class LinearBnb4bitWithLoRA(nn.Module):
+class LinearBnb4bitWithLoRA(LoRAWrapper):
     """bitsandbytes' NF4 ``Linear4bit`` (double-quantized) as ``base_layer`` plus our ``LoRALayer``.
 
     Only built on CUDA with bitsandbytes installed (see ``QUANT_BACKENDS``); the weight is
@@ -423,25 +426,26 @@ class LinearBnb4bitWithLoRA(nn.Module):
     def __init__(
         self,
         linear: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        scaling: str = "alpha/r",
+        spec: LoRASpec | None = None,
+        *,
         compute_dtype: torch.dtype | None = None,
         device: torch.device | str = "cuda",
+        **fields,
     ):
-        super().__init__()
-        self.lora = make_lora(linear.in_features, linear.out_features, rank, alpha, dropout, scaling, device)
-        self.base_layer = bnb_linear4bit(linear, device, compute_dtype)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.scaling = scaling
-        self.alpha = alpha
-        self.merged = False
+        super().__init__(linear, spec, make_base=lambda dense: bnb_linear4bit(dense, device, compute_dtype),
+                         device=device, **fields)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        return out + self.lora(x).to(out.dtype)
+    def dense_weight(self) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        weight = self.base_layer.weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    def merge(self) -> None:
+        _refuse_merge()
+
+    def unmerge(self) -> None:
+        """Nothing to undo: a 4-bit layer is never merged in place."""
 
 
 Wrap = Callable[[nn.Linear, LoRASpec], nn.Module]
@@ -504,9 +508,7 @@ def _bnb_layout(block_size: int, double_quant: bool) -> None:
 
 def _bitsandbytes_wrap(device: torch.device, block_size: int = 64, double_quant: bool = True) -> Wrap:
     _bnb_layout(block_size, double_quant)
-    return lambda linear, spec: LinearBnb4bitWithLoRA(
-        linear, spec.rank, spec.alpha, spec.dropout, spec.scaling, device=device
-    )
+    return lambda linear, spec: LinearBnb4bitWithLoRA(linear, spec, device=device)
 
 
 def _bitsandbytes_frozen(device: torch.device, block_size: int = 64, double_quant: bool = True):
@@ -515,9 +517,7 @@ def _bitsandbytes_frozen(device: torch.device, block_size: int = 64, double_quan
 
 
 def _torch_wrap(device: torch.device, block_size: int = 64, double_quant: bool = True) -> Wrap:
-    return lambda linear, spec: LinearNF4WithLoRA(
-        linear, spec.rank, spec.alpha, spec.dropout, spec.scaling, block_size=block_size, double_quant=double_quant
-    )
+    return lambda linear, spec: LinearNF4WithLoRA(linear, spec, block_size=block_size, double_quant=double_quant)
 
 
 def _torch_frozen(device: torch.device, block_size: int = 64, double_quant: bool = True):

@@ -651,6 +651,92 @@ def _memory_time_section(family: str, tables: dict) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------------------------
+# LoRA variants families (DoRA, LoRA+, inits): each variant's accuracy and costs against LoRA
+
+LORA_VARIANTS = stats.LORA_VARIANTS_KIND
+KIB = 2.0**10
+
+
+def _accuracy_phrase(test) -> str:
+    """'test accuracy +0.40 points (95% CI -0.5 to 1.3; Holm p = 0.61)', or why it was not compared."""
+    if test is None:
+        return "test accuracy not compared (too few finished runs)"
+    if not _finite(test["p_value"]):
+        return f"test accuracy {fmt_points(test['diff'])} points (not tested: {md_text(test['note']) or 'no p-value'})"
+    return (f"test accuracy {fmt_points(test['diff'])} points (95% CI {_points_interval(test)}; "
+            f"Holm {p_phrase(test['p_holm'])})")
+
+
+def _lora_variants_claim(family: str, variant: str, baseline: str, tables: dict, memory: str, cost,
+                         base_cost) -> str:
+    """One sentence per variant: accuracy difference, time and memory ratios, adapter size and serving overhead."""
+    tests = tables["tests"]
+    name, base = f"**{md_text(variant)}**", f"**{md_text(baseline)}**"
+    accuracy = tests[(tests["family"] == family) & (tests["variant"] == variant)
+                     & (tests["metric"] == PRIMARY_METRIC) & (tests["split"] == PRIMARY_SPLIT)]
+    parts = [
+        _accuracy_phrase(accuracy.iloc[0] if len(accuracy) else None),
+        _ratio_phrase(_cost_test(tests, family, variant, stats.MEMORY_TIME_TIME_METRIC),
+                      "{ratio} the time per training step", base),
+        _ratio_phrase(_cost_test(tests, family, variant, memory) if memory else None, "{ratio} the memory", base,
+                      MEMORY_LABELS.get(memory, memory)),
+        _ratio_phrase(_cost_test(tests, family, variant, "adapter_bytes"),
+                      "an adapter file {ratio} as large" + (f" ({_fmt_scaled(cost['adapter_bytes_mean'], KIB)} KiB)"
+                                                            if cost is not None else ""), base),
+    ]
+    if cost is not None and _finite(cost["inference_overhead_mean"]):
+        baseline_cost = base_cost["inference_overhead_mean"] if base_cost is not None else math.nan
+        parts.append(f"served unmerged it takes {fmt_ratio(cost['inference_overhead_mean'])} the merged model's "
+                     f"time per example ({base}: {fmt_ratio(baseline_cost)})")
+    parts = [part for part in parts if part]
+    return f"{name} vs {base}: " + "; ".join(parts) + "."
+
+
+def _ratio_and_interval(mean, low, high) -> str:
+    interval = fmt_interval(low, high, fmt_ratio) if _finite(low) and _finite(high) and low != high else "–"
+    return fmt_ratio(mean) + (f" {interval}" if interval != "–" else "")
+
+
+def _lora_variants_section(family: str, tables: dict) -> dict:
+    """Table rows and one sentence per variant of a lora_variants family, from ``cost_summary`` and ``tests``."""
+    runs, tests = tables["runs"], tables["tests"]
+    cost = _cost_summary(tables)
+    cost = cost[cost["family"] == family].set_index("variant")
+    baseline = stats.baseline_variant(runs, family)[0]
+    memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
+    rows, claims = [], []
+    for variant in plots.variant_order(runs, family):
+        if variant not in cost.index:
+            continue
+        c = cost.loc[variant]
+        row = {
+            "variant": md_text(variant),
+            "n": str(int(c["n"])) + (f" ({int(c['n_failed'])} failed)" if int(c["n_failed"]) else ""),
+            "time": _mean_and_interval(c["median_step_time_mean"], c["median_step_time_ci_low"],
+                                       c["median_step_time_ci_high"], 1e-3),
+            "memory": _mean_and_interval(c["memory_mean"], c["memory_ci_low"], c["memory_ci_high"], MIB),
+            "adapter": _mean_and_interval(c["adapter_bytes_mean"], c["adapter_bytes_ci_low"],
+                                          c["adapter_bytes_ci_high"], KIB),
+            "overhead": _ratio_and_interval(c["inference_overhead_mean"], c["inference_overhead_ci_low"],
+                                            c["inference_overhead_ci_high"]),
+            "latency": _mean_and_interval(c["inference_latency_unmerged_mean"], c["inference_latency_unmerged_ci_low"],
+                                          c["inference_latency_unmerged_ci_high"], 1e-3),
+        }
+        if variant == baseline:
+            row.update(time_ratio="baseline", memory_ratio="baseline", adapter_ratio="baseline")
+        else:
+            row["time_ratio"] = _ratio_cells(_cost_test(tests, family, variant, stats.MEMORY_TIME_TIME_METRIC))[0]
+            row["memory_ratio"] = _ratio_cells(_cost_test(tests, family, variant, memory) if memory else None)[0]
+            row["adapter_ratio"] = _ratio_cells(_cost_test(tests, family, variant, "adapter_bytes"))[0]
+            if baseline:
+                claims.append(_lora_variants_claim(family, variant, baseline, tables, memory, c,
+                                                   cost.loc[baseline] if baseline in cost.index else None))
+        rows.append(row)
+    return {"rows": rows, "claims": claims, "baseline": md_text(baseline or "none"),
+            "memory_label": md_text(MEMORY_LABELS.get(memory, memory or "not recorded"))}
+
+
 # Metrics the memory_time table already reports; the generic cost table leaves them out for these families.
 MEMORY_TIME_SHOWN = ("median_step_time", *stats.MEMORY_TIME_MEMORY_METRICS, *stats.MEMORY_TIME_OTHER_METRICS)
 
@@ -804,6 +890,7 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
                     _cost_rows(family, tests, MEMORY_TIME_SHOWN if memory_time else ()) if kind in COST_KINDS else []
                 ),
                 "memory_time": _memory_time_section(family, tables) if memory_time else None,
+                "lora_variants": _lora_variants_section(family, tables) if kind == LORA_VARIANTS else None,
                 "instruct": _instruct_section(family, tables) if kind == stats.INSTRUCT_KIND else None,
                 "baseline": md_text(stats.baseline_variant(runs, family)[0] or "none"),
             }

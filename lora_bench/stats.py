@@ -104,7 +104,7 @@ from scipy import optimize, stats
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
 from lora_bench.atomic import write_table
-from lora_bench.study import SWEEP_KIND, TUNE_KIND, VARIANCE_KIND
+from lora_bench.study import LORA_VARIANTS_KIND, SWEEP_KIND, TUNE_KIND, VARIANCE_KIND
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -133,6 +133,13 @@ SEED_CROSSING_KINDS = (VARIANCE_KIND, SWEEP_KIND, TUNE_KIND)
 MEMORY_TIME_MEMORY_METRICS = ("peak_cuda_allocated", "state_bytes")
 MEMORY_TIME_TIME_METRIC = "median_step_time"
 MEMORY_TIME_OTHER_METRICS = ("tokens_per_second", "base_weight_bytes")
+# What shipping and serving a LoRA variant costs (lora_bench.serving), compared in lora_variants families.
+SERVING_METRICS = ("adapter_bytes", "inference_overhead", "inference_latency_unmerged")
+# Kinds whose families get cost tests and the cost summary: kind -> the metrics beside memory and step time.
+COST_FAMILY_KINDS: dict[str, tuple[str, ...]] = {
+    MEMORY_TIME_KIND: MEMORY_TIME_OTHER_METRICS,
+    LORA_VARIANTS_KIND: SERVING_METRICS,
+}
 
 # Metrics whose comparisons ``run_stats`` tests when present, as (metric, split). Test accuracy is the
 # primary endpoint; the others are secondary and are not corrected across metrics.
@@ -1126,17 +1133,28 @@ def memory_metric(metrics: pd.DataFrame, family: str) -> str | None:
 
 
 def cost_metrics(metrics: pd.DataFrame, family: str) -> list[str]:
-    """The cost metrics compared in a memory_time family: memory metric, step time, tokens/s, base weights."""
+    """The cost metrics compared in a family of ``COST_FAMILY_KINDS``: memory metric, step time, then the kind's
+    own (memory_time: tokens/s, base weights; lora_variants: adapter bytes, inference overhead and latency)."""
     memory = memory_metric(metrics, family)
-    return ([memory] if memory else []) + [MEMORY_TIME_TIME_METRIC, *MEMORY_TIME_OTHER_METRICS]
+    kinds = metrics.loc[metrics["family"] == family, "family_kind"]
+    kind = str(kinds.iloc[0]) if len(kinds) else MEMORY_TIME_KIND
+    others = COST_FAMILY_KINDS.get(kind, MEMORY_TIME_OTHER_METRICS)
+    return ([memory] if memory else []) + [MEMORY_TIME_TIME_METRIC, *others]
+
+
+def _cost_families(runs: pd.DataFrame) -> list[str]:
+    if "family_kind" not in runs:
+        return []
+    return family_order(runs[runs["family_kind"].isin(list(COST_FAMILY_KINDS))])
 
 
 def _memory_time_tests(
     metrics: pd.DataFrame, runs: pd.DataFrame, done: set[tuple[str, str]]
 ) -> list[pd.DataFrame]:
-    """Cost comparisons of memory_time families that ``TESTED_METRICS`` (``done``) did not already cover."""
+    """Cost comparisons of the families of ``COST_FAMILY_KINDS`` that ``TESTED_METRICS`` (``done``) did not
+    already cover."""
     parts = []
-    for family in family_order(runs[runs["family_kind"] == MEMORY_TIME_KIND]):
+    for family in _cost_families(runs):
         family_metrics = metrics[metrics["family"] == family]
         for metric in cost_metrics(metrics, family):
             if (metric, "none") not in done and _present(family_metrics, metric, "none", "final"):
@@ -1162,6 +1180,10 @@ COST_BLOCKS = (
     ("tokens_per_second", "tokens_per_second"),
     ("base_weight_bytes", "base_weight_bytes"),
     ("state_bytes", "state_bytes"),
+    ("adapter_bytes", "adapter_bytes"),
+    ("inference_overhead", "inference_overhead"),
+    ("inference_latency_unmerged", "inference_latency_unmerged"),
+    ("inference_latency_merged", "inference_latency_merged"),
 )
 # ours / peft: a variant run with our layers beside the one run with peft's (``method.impl``), in one family.
 IMPL_COLUMN = "cfg.method.impl"
@@ -1224,23 +1246,24 @@ def _describe_setting(variant_runs: pd.DataFrame, columns: tuple[str, ...]):
 
 
 def cost_summary(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per (family, variant) of the memory_time families: what was run and what it cost.
+    """Per (family, variant) of the memory_time and lora_variants families: what was run and what it cost.
 
     One row per variant (baseline first is not enforced: config order), with the method, model, model
     source, optimizer, LoRA targets, sequence length (``cfg.data.max_length``), precision and device from
     ``runs`` (ok runs preferred), the number of ok and failed runs, and for each cost metric the mean over
     ok runs with the 95 % interval of ``summarize`` (same numbers as the summary table) and its method:
     ``memory_*`` is the family's memory metric (named in ``memory_metric``), then ``median_step_time_*``
-    (s), ``tokens_per_second_*``, ``base_weight_bytes_*`` and ``state_bytes_*`` (bytes). Metrics a run did
-    not record are NaN. ``impl`` is whose layers the variant used (``method.impl``); a variant with our layers
+    (s), ``tokens_per_second_*``, ``base_weight_bytes_*`` and ``state_bytes_*`` (bytes), and what shipping and
+    serving the adapter costs (LoRA runs, ``lora_bench.serving``): ``adapter_bytes_*``, ``inference_overhead_*``
+    (unmerged / merged latency) and ``inference_latency_unmerged_*`` / ``_merged_*`` (s per example). Metrics a
+    run did not record are NaN. ``impl`` is whose layers the variant used (``method.impl``); a variant with our
     whose twin with peft's ran in the family (``peft_counterparts``) names it in ``peft_variant`` and gets
     ``<memory|median_step_time|tokens_per_second>_ours_over_peft`` with its 95 % Fieller interval
     (``_ci_low``, ``_ci_high``; NaN with one seed): below 1 for memory and time, above 1 for tokens/s means
-    ours is cheaper. Without memory_time families the table is empty, with these columns.
+    ours is cheaper. Without such families the table is empty, with these columns.
     """
     rows = []
-    families = family_order(runs[runs["family_kind"] == MEMORY_TIME_KIND]) if "family_kind" in runs else []
-    for family in families:
+    for family in _cost_families(runs):
         family_runs = runs[runs["family"] == family]
         family_metrics = metrics[metrics["family"] == family]
         memory = memory_metric(metrics, family)
@@ -1258,7 +1281,7 @@ def cost_summary(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
             described = ok_runs if len(ok_runs) else variant_runs
             record = {
                 "family": family,
-                "family_kind": MEMORY_TIME_KIND,
+                "family_kind": str(family_runs["family_kind"].iloc[0]),
                 "variant": variant,
                 "is_baseline": bool(variant_runs["is_baseline"].astype(bool).any()),
                 **{name: _describe_setting(described, columns) for name, columns in COST_DESCRIPTION},
@@ -1312,7 +1335,7 @@ def _present(metrics: pd.DataFrame, metric: str, split: str, stage: str) -> bool
 
 def all_tests(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """The tests table over every metric of ``TESTED_METRICS`` present in ``metrics``, plus the cost metrics
-    of memory_time families (``cost_metrics``)."""
+    of memory_time and lora_variants families (``cost_metrics``)."""
     parts = []
     for metric, split in TESTED_METRICS:
         if _present(metrics, metric, split, "final") or _present(metrics, metric, split, "epoch"):

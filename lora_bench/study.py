@@ -30,8 +30,10 @@ from .config import ConfigError, RunConfig, deep_merge, load_yaml, validate
 
 # Kinds with a dedicated figure and report section; anything else is analysed as "generic".
 FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "variance", "sweep",
-                "instruct", "generic")
+                "instruct", "lora_variants", "generic")
 SWEEP_KIND, VARIANCE_KIND = "sweep", "variance"
+# LoRA vs its variants (DoRA, LoRA+, other inits): accuracy and every cost, shipping and serving included.
+LORA_VARIANTS_KIND = "lora_variants"
 TUNE_KIND = "tune"
 # What a variant may declare it is meant to show (`expect:`), so its flags are not read as a failed comparison.
 EXPECTATIONS = ("no_learning",)

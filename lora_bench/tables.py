@@ -59,6 +59,14 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     "state_bytes": ("bytes", False),
     # the stored frozen base weights, including 4-bit packed codes and their quantization scales
     "base_weight_bytes": ("bytes", False),
+    # LoRA runs (lora_bench.serving): the saved adapter, i.e. the trainable tensors as a safetensors file
+    "adapter_bytes": ("bytes", False),
+    # LoRA runs: forward latency per example with the adapter unmerged / merged into the weights / absent
+    "inference_latency_unmerged": ("s", False),
+    "inference_latency_merged": ("s", False),
+    "inference_latency_base": ("s", False),
+    # LoRA runs: inference_latency_unmerged / inference_latency_merged (1 = serving unmerged costs nothing)
+    "inference_overhead": ("ratio", False),
 }
 
 LABEL_COLUMNS = ["run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
@@ -85,6 +93,11 @@ RUN_LEVEL = [
     ("optimizer_state_bytes", "memory", "optimizer_state"),
     ("state_bytes", "memory", "state"),
     ("base_weight_bytes", "memory", "base_weights"),
+    ("adapter_bytes", "memory", "adapter_bytes"),
+    ("inference_latency_unmerged", "timing", "inference_unmerged_s"),
+    ("inference_latency_merged", "timing", "inference_merged_s"),
+    ("inference_latency_base", "timing", "inference_base_s"),
+    ("inference_overhead", "timing", "inference_overhead"),
 ]
 
 

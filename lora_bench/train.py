@@ -37,9 +37,10 @@ from .config import ConfigError, MethodConfig, RunConfig, TrainConfig
 from .data import SPLITS, macro_f1, prepare_splits
 from .diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
 from .frozen import attach_frozen_prefix
-from .lora import count_parameters
+from .lora import count_parameters, optimizer_groups
 from .methods import builds_layer_by_layer, prepare_model
 from .models import load_model, load_tokenizer, materialize, max_positions, on_meta
+from .serving import serving_batches, serving_costs
 from .warm import IN_WORKER_ENV, PROCESS_STARTED_ENV
 
 # Steps excluded from step times and throughput: the first ones pay for allocator warm-up and lazy init.
@@ -115,7 +116,7 @@ def make_collate(pad_id: int):
     return collate
 
 
-def build_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter] | list[dict], train: TrainConfig) -> torch.optim.Optimizer:
     builders = {
         "adamw": lambda: torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay),
         "sgd": lambda: torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
@@ -445,7 +446,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = train_loader(splits["train"], cfg.train, generator, task.collate)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.train)
+    optimizer = build_optimizer(optimizer_groups(model, cfg.train.lr, cfg.train.lora_plus_ratio), cfg.train)
     steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = build_schedule(optimizer, cfg.train, total_steps)
@@ -568,6 +569,10 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     if device.type == "cuda":
         memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated(device)
         memory["peak_cuda_reserved"] = torch.cuda.max_memory_reserved(device)
+    # After the peaks are read: the merged copies timed here are not part of training's memory.
+    shipped, served = serving_costs(model, task.loss, serving_batches(splits["validation"], task.collate,
+                                                                      cfg.train.batch_size), device)
+    memory.update(shipped)
     device_name = str(device)
     if device.type == "cuda":
         device_name += f" ({torch.cuda.get_device_name(device)})"
@@ -581,6 +586,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         "eval_s": eval_seconds,
         "optimizer_steps": step,
         **step_throughput(steps),
+        **served,
         "threads": torch.get_num_threads(),
         # Per optimizer step, in order (data loading + forward + backward + update): throughput and percentiles
         # over any window can be recomputed, e.g. by benchmarks/bench_peer.py.

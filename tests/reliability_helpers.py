@@ -5,7 +5,8 @@ What is left out when two runs' tables are compared, and why (README, "Guarantee
 - runs table: ``wall_time_s`` and ``started_at`` (clock time) and ``git_sha`` (the checkout's commit and
   dirtiness: editing the code between two runs changes it without changing a number);
 - metrics, summary and tests tables: the rows of ``TIMING_METRICS`` (wall, train and median step time,
-  examples/s and tokens/s: clock time; ``peak_rss``: the process's allocator history, not the run).
+  examples/s and tokens/s, the inference latencies and their ratio: clock time; ``peak_rss``: the process's
+  allocator history, not the run).
 Everything else, every accuracy, loss, macro-F1, parameter and byte count and every statistic built
 from them, must be equal bit for bit.
 """
@@ -25,7 +26,8 @@ from conftest import write_sentiment_csv
 ROOT = Path(__file__).resolve().parents[1]
 
 TIMING_METRICS = ("wall_time", "train_time", "setup_time", "eval_time", "median_step_time", "p95_step_time",
-                  "examples_per_second", "tokens_per_second", "peak_rss")
+                  "examples_per_second", "tokens_per_second", "peak_rss", "inference_latency_unmerged",
+                  "inference_latency_merged", "inference_latency_base", "inference_overhead")
 TIMING_RUN_COLUMNS = ("wall_time_s", "started_at", "git_sha")
 TABLES = ("runs", "metrics", "summary", "tests")
 # The default suite runs the smaller study to `collect` only (runs and metrics tables): each further step

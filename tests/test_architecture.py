@@ -19,7 +19,7 @@ LAYERS = {
     # sources, quantization and methods
     "quant": 1, "data": 1, "models": 1, "study": 1, "diagnostics": 1,
     "methods": 2, "record": 2, "instruct_data": 2,
-    "causal": 3, "checkpoint": 3, "frozen": 3,
+    "causal": 3, "checkpoint": 3, "frozen": 3, "serving": 3,
     "train": 4,
     # metrics: the tidy tables read from records
     "tables": 5,

@@ -210,8 +210,11 @@ def test_layer_holds_no_dense_weight():
     assert trainable == 4 * (96 + 80)
     assert total == trainable + 80  # plus the frozen bias
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora.A", "lora.B"}
-    assert {n for n, _ in layer.named_buffers()} == {"qweight", "absmax", "absmax_scale", "absmax_mean"}
-    assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == 96 * 80 // 2
+    # The NF4 base is kept as base_layer, as peft keeps its 4-bit layer (one LoRA wrapper for every kind).
+    assert {n for n, _ in layer.named_buffers()} == {f"base_layer.{n}" for n in ("qweight", "absmax", "absmax_scale",
+                                                                                 "absmax_mean")}
+    qweight = layer.base_layer.qweight
+    assert qweight.dtype == torch.uint8 and qweight.numel() == 96 * 80 // 2
     assert layer.base_nbytes < (96 * 80 + 80) * 4 / 5
     assert layer.in_features == 96 and layer.out_features == 80
 
@@ -265,7 +268,7 @@ def test_state_dict_round_trip(double_quant):
     x = torch.randn(4, 96)
     assert torch.equal(fresh(x), layer(x))
     keys = set(layer.state_dict())
-    assert ("absmax_scale" in keys) == double_quant
+    assert ("base_layer.absmax_scale" in keys) == double_quant
 
 
 def test_no_bias_and_compute_dtype():
@@ -335,7 +338,8 @@ def test_backend_selection_on_cpu():
     assert select_backend("cpu").name == "torch"
     assert select_backend("cpu", force="torch").name == "torch"
     layer = nf4_wrap_for("cpu", block_size=32, double_quant=False)(nn.Linear(64, 8), LoRASpec(rank=2, alpha=4))
-    assert isinstance(layer, LinearNF4WithLoRA) and layer.block_size == 32 and layer.absmax_scale is None
+    assert isinstance(layer, LinearNF4WithLoRA) and layer.base_layer.block_size == 32
+    assert layer.base_layer.absmax_scale is None
     with pytest.raises(RuntimeError, match="bitsandbytes.*unavailable on cpu.*CUDA"):
         select_backend("cpu", force="bitsandbytes")
     with pytest.raises(ValueError, match="unknown quantization backend"):
