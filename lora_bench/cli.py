@@ -185,6 +185,7 @@ def cmd_train(args) -> int:
         determinism=determinism_state(result.device),
         diagnostics=result.diagnostics,
         notes=result.notes,
+        predictions=result.predictions,
     )
     write_json_atomic(record, out)
     # Only now: a kill before the rename above must still find the checkpoint.
