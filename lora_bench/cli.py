@@ -283,7 +283,7 @@ def cmd_prepare_data(args) -> int:
 
 def cmd_collect(args) -> int:
     from .record import ensure_writable
-    from .tables import collect, write_tables
+    from .tables import collect_all, write_tables
 
     ensure_writable(args.out_dir)
     paths = list(args.records)
@@ -291,11 +291,12 @@ def cmd_collect(args) -> int:
         paths += [str(p) for p in Path(folder).rglob("*.json")]
     if not paths:
         raise ConfigError("collect: no run records given (use --records or --records-dir)")
-    runs, metrics = collect(paths)
-    for path in write_tables(runs, metrics, args.out_dir):
+    runs, metrics, predictions = collect_all(paths)
+    for path in write_tables(runs, metrics, args.out_dir, predictions):
         print(path)
     failed = int((runs["status"] != "ok").sum())
-    print(f"{len(runs)} runs ({failed} failed), {len(metrics)} metric rows", file=sys.stderr)
+    print(f"{len(runs)} runs ({failed} failed), {len(metrics)} metric rows, {len(predictions)} prediction rows",
+          file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,8 @@ rule collect:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         runs_csv=f"{RESULTS}/tables/runs.csv",
         metrics_csv=f"{RESULTS}/tables/metrics.csv",
+        # Per-example results of every run (lora_bench.predictions); parquet only.
+        predictions=f"{RESULTS}/tables/predictions.parquet",
     log:
         "logs/collect.log",
     conda:
