@@ -186,7 +186,7 @@ def test_calibration_false_positive_rate_and_power():
     null = table[table["effect_logit"] == 0]
     assert ((null["reject_items"] >= 0.03) & (null["reject_items"] <= 0.07)).all(), null
     planted = table[table["effect_logit"] > 0]
-    assert (planted["reject_items"] > 0.8).all(), planted  # about 8 points on 400 items, 3 seeds
+    assert (planted["reject_items"] > 0.7).all(), planted  # about 8 points on 400 items, 3 seeds
 
 
 @pytest.mark.slow
