@@ -159,6 +159,8 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         **{f"versions.{k}": v for k, v in (env.get("versions") or {}).items()},
         **{f"cfg.{k}": v for k, v in flatten(record.get("config") or {}).items()},
         **{f"data.{k}": v for k, v in (record.get("data") or {}).items() if k in ("origin", "mean_tokens")},
+        # examples each split used (after data.max_examples): what the report's setup table says was used
+        **{f"data.size.{k}": v for k, v in ((record.get("data") or {}).get("sizes") or {}).items()},
     }
     rows: list[dict] = []
     metrics = record.get("metrics") or {}
