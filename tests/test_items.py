@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 
 from lora_bench import items
+from lora_bench.cli import main
+from lora_bench.report import build_report
 from lora_bench.config import RunConfig
 from lora_bench.predictions import decode_block, item_block, predictions_section, take_items
 from lora_bench.tables import PREDICTION_COLUMNS, collect_all, write_tables
@@ -90,6 +92,18 @@ def test_runs_keep_predictions_with_stable_ids_and_collect_them(tiny_run, tmp_pa
     tests = items.item_tests(pd.read_parquet(tmp_path / "tables" / "predictions.parquet"), runs)
     # Identical runs on both sides: no difference, and nothing to test.
     assert tests.loc[0, "diff"] == 0 and tests.loc[0, "n_seeds"] == 2 and tests.loc[0, "n_items"] == len(ids["cls"])
+
+    # The CLI path of the workflow: stats (with the item tables), the rank figure, the report.
+    tables = tmp_path / "tables"
+    assert main(["stats", "--tables", str(tables)]) == 0
+    for name in ("item_tests", "item_pairs", "item_ranks", "item_summary"):
+        assert (tables / f"{name}.parquet").exists(), name
+    assert "seeds_for_1pt_items" in pd.read_parquet(tables / "seed_consistency.parquet").columns
+    assert main(["figures", "--item-ranks", "--tables", str(tables), "--out-dir", str(tmp_path / "figures")]) == 0
+    assert (tmp_path / "figures" / "item_ranks.png").exists()
+    build_report(tables, tmp_path / "figures", tmp_path / "paper")
+    text = (tmp_path / "paper" / "report.md").read_text(encoding="utf-8")
+    assert "2 seeds x" in text and "## Rank uncertainty (item level)" in text
 
 
 def _planted_predictions(effect: float, seeds: int = 3, items_n: int = 400, variants=("base", "v"),
