@@ -15,9 +15,9 @@ import pytest
 
 from lora_bench import items
 from lora_bench.cli import main
-from lora_bench.report import build_report
 from lora_bench.config import RunConfig
 from lora_bench.predictions import decode_block, item_block, predictions_section, take_items
+from lora_bench.report import build_report
 from lora_bench.tables import PREDICTION_COLUMNS, collect_all, write_tables
 from lora_bench.train import run_training
 
