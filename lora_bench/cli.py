@@ -185,6 +185,7 @@ def cmd_train(args) -> int:
         determinism=determinism_state(result.device),
         diagnostics=result.diagnostics,
         notes=result.notes,
+        predictions=result.predictions,
     )
     write_json_atomic(record, out)
     # Only now: a kill before the rename above must still find the checkpoint.
@@ -282,7 +283,7 @@ def cmd_prepare_data(args) -> int:
 
 def cmd_collect(args) -> int:
     from .atomic import ensure_writable
-    from .tables import collect, write_tables
+    from .tables import collect_all, write_tables
 
     ensure_writable(args.out_dir)
     paths = list(args.records)
@@ -290,16 +291,18 @@ def cmd_collect(args) -> int:
         paths += [str(p) for p in Path(folder).rglob("*.json")]
     if not paths:
         raise ConfigError("collect: no run records given (use --records or --records-dir)")
-    runs, metrics = collect(paths)
-    for path in write_tables(runs, metrics, args.out_dir):
+    runs, metrics, predictions = collect_all(paths)
+    for path in write_tables(runs, metrics, args.out_dir, predictions):
         print(path)
     failed = int((runs["status"] != "ok").sum())
-    print(f"{len(runs)} runs ({failed} failed), {len(metrics)} metric rows", file=sys.stderr)
+    print(f"{len(runs)} runs ({failed} failed), {len(metrics)} metric rows, {len(predictions)} prediction rows",
+          file=sys.stderr)
     return 0
 
 
 def cmd_stats(args) -> int:
     from .atomic import ensure_writable
+    from .items import run_item_stats
     from .stats import run_stats
     from .tables import check_tables
     from .tuning import write_tuning_table
@@ -311,6 +314,8 @@ def cmd_stats(args) -> int:
     run_stats(tables / "metrics.parquet", tables / "runs.parquet", args.out_dir or tables)
     run_variance_stats(tables / "runs.parquet", tables / "metrics.parquet", args.out_dir or tables)
     write_tuning_table(tables / "runs.parquet", tables / "metrics.parquet", args.out_dir or tables)
+    # After run_stats: adds the item-level seeds to its seed_consistency table.
+    run_item_stats(tables, args.out_dir or tables)
     return 0
 
 
@@ -364,6 +369,13 @@ def cmd_figures(args) -> int:
     tables = Path(args.tables)
     check_tables(tables)
     ensure_writable(args.out_dir)
+    if args.item_ranks:
+        from .plots import ITEM_RANKS_FIGURE, plot_item_ranks, save_figure
+
+        path = tables / "item_ranks.parquet"
+        ranks = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+        print(save_figure(plot_item_ranks(ranks), Path(args.out_dir) / ITEM_RANKS_FIGURE)[0])
+        return 0
     made = make_all_figures(pd.read_parquet(tables / "runs.parquet"), pd.read_parquet(tables / "metrics.parquet"),
                             args.out_dir)
     for entry in made:
@@ -463,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     figures = sub.add_parser("figures", help="tables -> figures")
     figures.add_argument("--tables", default="results/tables")
     figures.add_argument("--out-dir", default="results/figures")
+    figures.add_argument("--item-ranks", action="store_true",
+                         help="draw only the rank-probability figure (item_ranks.png) from item_ranks.parquet")
     figures.set_defaults(func=cmd_figures)
 
     report = sub.add_parser("report", help="tables + figures -> paper/report.{md,html}")

@@ -344,6 +344,7 @@ def synthetic_splits(spec: DataConfig, tokenizer):
         name: datasets.Dataset.from_dict({
             "input_ids": rng.integers(low, high, size=(n, spec.max_length)).tolist(),
             "labels": rng.integers(0, 2, size=n).tolist(),
+            "example_id": list(range(n)),
         })
         for name, n in sizes.items()
     })
@@ -369,11 +370,15 @@ def load_examples(spec: DataConfig) -> Examples:
     return DATA_SOURCES[spec.source](spec)
 
 
+# Layout of the cached tokenized splits; 2 added ``example_id`` (the source row of each example).
+CACHE_LAYOUT = 2
+
+
 def _cache_key(spec: DataConfig, examples: Examples, tokenizer_id: str) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([spec.source, spec.name, spec.text_column, spec.label_column, spec.text_pair_column,
-                              spec.split_column, spec.labels, spec.split, spec.split_seed, spec.max_examples,
-                              spec.max_length, tokenizer_id, examples.label_names],
+    digest.update(json.dumps([CACHE_LAYOUT, spec.source, spec.name, spec.text_column, spec.label_column,
+                              spec.text_pair_column, spec.split_column, spec.labels, spec.split, spec.split_seed,
+                              spec.max_examples, spec.max_length, tokenizer_id, examples.label_names],
                              sort_keys=True, default=str).encode())
     for i, (text, label) in enumerate(zip(examples.texts, examples.labels)):
         digest.update(text.encode())
@@ -419,6 +424,9 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
                 "input_ids": encoded["input_ids"],
                 **columns,
                 "labels": [examples.labels[i] for i in chosen],
+                # The example's row in the pooled source: the same sentence has the same id in every run and
+                # family on these data (lora_bench.predictions), whatever the batch order.
+                "example_id": [int(i) for i in chosen],
             })
         splits = datasets.DatasetDict(splits)
         # A per-process temporary folder renamed into place: parallel jobs never see half a cache.

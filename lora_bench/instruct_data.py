@@ -393,7 +393,7 @@ def _truncate_text(record: Record, tokenizer, chat: bool, icfg: InstructConfig, 
 
 def _encode_split(records: list[Record], tokenizer, chat: bool, icfg: InstructConfig, max_length: int,
                   answers: list[str] | None, skipped: list[BadRecord]) -> dict[str, list]:
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "prompt_len": []}
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "prompt_len": [], "example_id": []}
     if answers is not None:
         columns.update(answer=[], candidates=[])
     for record in records:
@@ -409,6 +409,9 @@ def _encode_split(records: list[Record], tokenizer, chat: bool, icfg: InstructCo
             continue
         for key in ("input_ids", "labels", "prompt_len"):
             columns[key].append(encoded[key])
+        # The record's row in its source, from 0: for labelled data the very id a classification run gives the
+        # same sentence (data.split_indices), so encoder and causal LM runs pair on it (lora_bench.predictions).
+        columns["example_id"].append(record.row - 1)
         if answers is not None:
             candidates = []
             for answer in answers:
@@ -443,7 +446,7 @@ def pack(columns: dict[str, list], max_length: int) -> dict[str, list]:
 def _cache_key(spec: DataConfig, icfg: InstructConfig, pool: RecordPool, tokenizer_id: str, chat: bool) -> str:
     digest = hashlib.sha256()
     settings = {"data": spec.__dict__, "instruct": {k: v for k, v in icfg.__dict__.items() if k != "lm_eval"},
-                "tokenizer": tokenizer_id, "chat": chat, "answers": pool.answers, "version": 1}
+                "tokenizer": tokenizer_id, "chat": chat, "answers": pool.answers, "version": 2}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name in SPLITS:
         for record in pool.splits[name]:

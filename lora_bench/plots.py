@@ -714,6 +714,45 @@ def plot_tune(runs: pd.DataFrame, metrics: pd.DataFrame, family: str) -> Figure:
     return fig
 
 
+ITEM_RANKS_FIGURE = "item_ranks"
+
+
+def plot_item_ranks(ranks: pd.DataFrame) -> Figure:
+    """Probability of each rank per variant (1 = best test accuracy), one panel per family.
+
+    From the ``item_ranks`` table (``lora_bench.items``): a two-way bootstrap over the seeds and test examples
+    every variant shares; the letters after a name are its tie groups (variants sharing a letter have no
+    significant pairwise difference by the crossed items x seeds test, Holm-corrected within the family).
+    """
+    if ranks.empty:
+        return _message_figure("Rank uncertainty", "No run kept its predictions: no item-level ranks.")
+    families = list(dict.fromkeys(ranks["family"]))
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(len(families), 1, figsize=(7.5, 1.2 + 0.45 * ranks.groupby("family")["variant"]
+                                                               .nunique().sum() + 0.6 * len(families)),
+                                 squeeze=False)
+        for ax, family in zip(axes[:, 0], families):
+            table = ranks[ranks["family"] == family]
+            wide = table.pivot_table(index="variant", columns="rank", values="probability", sort=False)
+            order = table.drop_duplicates("variant").sort_values("mean_rank")
+            wide = wide.reindex(index=order["variant"])
+            colours = sns.color_palette("viridis", wide.shape[1])
+            left = np.zeros(len(wide))
+            for position, rank in enumerate(wide.columns):
+                ax.barh(range(len(wide)), wide[rank], left=left, color=colours[position], label=f"rank {rank}")
+                left += wide[rank].to_numpy()
+            ax.set_yticks(range(len(wide)), [f"{v} ({g})" for v, g in zip(order["variant"], order["tie_group"])],
+                          fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1)
+            first = order.iloc[0]
+            ax.set_title(f"{family}: {int(first['n_seeds'])} seeds x {int(first['n_items'])} items", fontsize=10)
+            ax.legend(fontsize=7, ncol=min(6, wide.shape[1]), loc="lower right", frameon=True)
+        axes[-1, 0].set_xlabel("probability of rank")
+        fig.tight_layout()
+    return fig
+
+
 FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "methods": plot_methods,
     "rank_alpha": plot_rank_alpha,

@@ -34,7 +34,7 @@ import jinja2
 import markdown
 import pandas as pd
 
-from lora_bench import plots, reference, stats, tuning, variance
+from lora_bench import items, plots, reference, stats, tuning, variance
 from lora_bench.atomic import write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -156,7 +156,70 @@ def _read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
     _read_trust_tables(tables_dir, tables)
     path = tables_dir / "tuning.parquet"
     tables["tuning"] = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=tuning.TUNING_COLUMNS)
+    for name, columns in ITEM_TABLES.items():
+        path = tables_dir / f"{name}.parquet"
+        tables[name] = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=columns)
     return tables
+
+
+# lora_bench.items: read when present (a study whose runs kept no predictions has them empty).
+ITEM_TABLES = {"item_tests": items.ITEM_TESTS_COLUMNS, "item_ranks": items.ITEM_RANKS_COLUMNS,
+               "item_summary": items.ITEM_SUMMARY_COLUMNS}
+
+
+def _item_test(tables: dict, family: str, variant: str):
+    """The item-level test of a variant vs its baseline on test accuracy, or None when there is none."""
+    tests = tables.get("item_tests")
+    if tests is None or tests.empty:
+        return None
+    rows = tests[(tests["family"] == family) & (tests["variant"] == variant) & (tests["split"] == PRIMARY_SPLIT)]
+    return rows.iloc[0] if len(rows) and _finite(rows.iloc[0]["p_value"]) else None
+
+
+def _item_claim(test: pd.Series, item: pd.Series) -> str:
+    """One sentence for a comparison by the item-level test, with the seed-level test beside it."""
+    variant, baseline = f"**{md_text(test['variant'])}**", f"**{md_text(test['baseline'])}**"
+    evidence = (f"95% CI {fmt_points(item['diff_ci_low'])} to {fmt_points(item['diff_ci_high'])}; "
+                f"{item['test']}, Holm {p_phrase(item['p_holm'])}; n = {md_text(item['design'])}")
+    if item["verdict"] == "better":
+        sentence = f"{variant} beats {baseline}: {fmt_points(item['diff'])} points ({evidence})."
+    elif item["verdict"] == "worse":
+        sentence = f"{variant} is worse than {baseline}: {fmt_points(item['diff'])} points ({evidence})."
+    else:
+        sentence = (f"No significant difference between {variant} and {baseline}: {fmt_points(item['diff'])} points "
+                    f"({evidence}).")
+    if _finite(test["p_value"]):
+        sentence += (f" Seed-level {test['test']}: {fmt_points(test['diff'])} points, Holm {p_phrase(test['p_holm'])}"
+                     f" (n = {int(test['n_pairs']) if test['paired'] else int(test['n_variant'])} seeds).")
+    if item["n_seeds"] and int(item["n_seeds"]) / max(int(item["n_strata"]), 1) < 3:
+        sentence += (" With 2 seeds the item-level test is liberal when whole seeds shift a method's accuracy "
+                     "(see the calibration in docs/tables.md).")
+    if item["note"]:
+        sentence += f" Note: {md_text(item['note'])}."
+    return sentence
+
+
+def _family_claims(tables: dict, family: str, primary_tests: pd.DataFrame) -> list[dict]:
+    """Claims of a family: the item-level test where predictions exist, else the seed-level one."""
+    claims = []
+    for _, t in primary_tests.iterrows():
+        item = _item_test(tables, family, t["variant"])
+        if item is None:
+            claims.append({"text": _claim(t), "verdict": t["verdict"], "convergence": t.get("convergence", "unknown")})
+        else:
+            claims.append({"text": _convergence_prefix(t) + _item_claim(t, item), "verdict": item["verdict"],
+                           "convergence": t.get("convergence", "unknown")})
+    return claims
+
+
+def _item_rank_rows(ranks: pd.DataFrame) -> list[dict]:
+    rows = []
+    for r in ranks.drop_duplicates(["family", "split", "variant"]).itertuples():
+        rows.append({"family": md_text(r.family), "variant": md_text(r.variant) + (" (baseline)" if r.is_baseline
+                                                                                   else ""),
+                     "mean": fmt_percent(r.mean), "p_rank1": f"{r.p_rank1:.2f}", "mean_rank": f"{r.mean_rank:.1f}",
+                     "tie_group": r.tie_group, "n": f"{int(r.n_seeds)} seeds x {int(r.n_items)} items"})
+    return rows
 
 
 def _unique_text(runs: pd.DataFrame, column: str) -> list[str]:
@@ -243,8 +306,14 @@ def _setup_rows(runs: pd.DataFrame, meta: dict) -> list[tuple[str, str]]:
         ("Hardware / device", joined("device")),
         ("Git commit", joined("git_sha")),
     ]
+    # The split sizes the records say were used; the max_examples caps only for records from before sizes.
+    sizes = [f"data.size.{split}" for split in ("train", "validation", "test")]
     caps = [f"cfg.data.max_examples.{split}" for split in ("train", "validation", "test")]
-    if all(c in runs.columns for c in caps):
+    if any(c in runs.columns for c in sizes):
+        ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+        rows.append(("Examples used (train / validation / test)",
+                     " / ".join(", ".join(md_text(v) for v in _unique_text(ok, c)) or "–" for c in sizes)))
+    elif all(c in runs.columns for c in caps):
         rows.append(("Examples used (train / validation / test)", " / ".join(joined(c) for c in caps)))
     for label, column in RECIPE_COLUMNS:
         if column in runs.columns:
@@ -348,7 +417,8 @@ def _rank_note(family_tests: pd.DataFrame) -> str:
 
 
 def _condition_rows(
-    family: str, runs: pd.DataFrame, summary: pd.DataFrame, tests: pd.DataFrame
+    family: str, runs: pd.DataFrame, summary: pd.DataFrame, tests: pd.DataFrame,
+    item_summary: pd.DataFrame | None = None,
 ) -> list[dict]:
     """The per-variant table of a (non-epochs) family: accuracy, CI, parameters, difference, verdict."""
     family_runs = runs[runs["family"] == family]
@@ -374,6 +444,12 @@ def _condition_rows(
                 mean=fmt_percent(s["mean"]),
                 ci=fmt_interval(s["ci_low"], s["ci_high"], fmt_percent),
             )
+        if item_summary is not None and len(item_summary):
+            # The crossed items x seeds interval (logit scale, inside 0-100 %) where the runs kept predictions.
+            found = item_summary[(item_summary["family"] == family) & (item_summary["variant"] == variant)
+                                 & (item_summary["split"] == PRIMARY_SPLIT)]
+            if len(found) and _finite(found.iloc[0]["ci_low"]):
+                row["ci"] = fmt_interval(found.iloc[0]["ci_low"], found.iloc[0]["ci_high"], fmt_percent) + " (items)"
         if n_failed:
             row["n"] += f" ({n_failed} failed)"
         if variant in params.index:
@@ -876,13 +952,13 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
                 "figure": _relative_url(png, out_dir) if png.exists() else None,
                 "figure_path": png,
                 "show_accuracy": show_accuracy,
-                "rows": _condition_rows(family, runs, summary, tests) if kind != "epochs" and show_accuracy else [],
+                "rows": _condition_rows(family, runs, summary, tests, tables.get("item_summary"))
+                if kind != "epochs" and show_accuracy else [],
                 "final_rows": _condition_rows(family, runs, summary, tests.iloc[0:0])
                 if kind == "epochs"
                 else [],
                 "epoch_rows": _epoch_rows(family, runs, summary, tests) if kind == "epochs" else [],
-                "claims": [{"text": _claim(t), "verdict": t["verdict"], "convergence": t.get("convergence", "unknown")}
-                           for _, t in primary_tests.iterrows()],
+                "claims": _family_claims(tables, family, primary_tests),
                 "learning": _learning_rows(runs, family),
                 "tune": _tune_section(family, tables) if kind == TUNE_KIND else None,
                 "rank_note": _rank_note(primary_tests[primary_tests["p_value"].notna()]),
@@ -1059,9 +1135,16 @@ def _seed_rows(seed_consistency: pd.DataFrame) -> list[dict]:
                 "range": spread,
                 "seeds": fmt_count(s.seeds_for_1pt),
                 "seeds_paired": fmt_count(s.seeds_for_1pt_paired),
+                "seeds_items": _fmt_seeds(getattr(s, "seeds_for_1pt_items", math.nan)),
             }
         )
     return rows
+
+
+def _fmt_seeds(value) -> str:
+    if value is not None and not pd.isna(value) and math.isinf(float(value)):
+        return "∞"
+    return fmt_count(value)
 
 
 def _failed_runs(runs: pd.DataFrame) -> list[dict]:
@@ -1476,6 +1559,11 @@ def render_markdown(
             ).sum()
         ),
         "seed_rows": _seed_rows(tables["seed_consistency"]),
+        "has_items": not tables["item_tests"].empty,
+        "item_ranks": _item_rank_rows(tables["item_ranks"]),
+        "item_ranks_figure": _relative_url(Path(figures_dir) / f"{plots.ITEM_RANKS_FIGURE}.png", Path(out_dir))
+        if (Path(figures_dir) / f"{plots.ITEM_RANKS_FIGURE}.png").exists() else None,
+        "item_resamples": items.RANK_RESAMPLES,
         "converged": tables.get("converged"),
         "failed": _failed_runs(runs),
         "references": _reference_sections(tables),
@@ -1485,8 +1573,13 @@ def render_markdown(
         "resamples": stats.BOOTSTRAP_RESAMPLES,
         "power": stats.TARGET_POWER,
     }
-    # Figures of the trust section are embedded like the families' own.
-    return _environment().get_template("report.md.j2").render(**context), families + (trust or {}).get("families", [])
+    # Figures of the trust section (and the item-level rank figure) are embedded like the families' own.
+    ranks_figure = []
+    if context["item_ranks"] and context["item_ranks_figure"]:
+        ranks_figure = [{"figure": context["item_ranks_figure"],
+                         "figure_path": Path(figures_dir) / f"{plots.ITEM_RANKS_FIGURE}.png"}]
+    return (_environment().get_template("report.md.j2").render(**context),
+            families + (trust or {}).get("families", []) + ranks_figure)
 
 
 def _embed_figures(body: str, families: list[dict]) -> str:

@@ -14,7 +14,11 @@ Choices, and why:
   (``scipy.stats.bootstrap``, seeded, so reruns give identical tables) when there are at least three
   runs, a t interval with two runs (a bootstrap of two values has three possible means), and none
   with fewer; ``ci_method`` says which. With 3-5 seeds a bootstrap interval is somewhat too narrow,
-  so the t interval is always given too (``t_ci_low`` / ``t_ci_high``).
+  so the t interval is always given too (``t_ci_low`` / ``t_ci_high``). For metrics bounded to [0, 1] (unit
+  ``fraction``: accuracy, macro-F1) every t interval is taken on the logit scale and transformed back
+  (``ci_method`` then ends in ", logit scale"), so it stays inside [0, 1]; a bootstrap interval of a mean of
+  fractions already does. Where a run kept its predictions, ``lora_bench.items`` gives the crossed items x seeds
+  interval of the accuracy too (``item_summary``), which the report prefers.
 - **Tests** (``compare_to_baseline``): each non-baseline variant of a family against the family's
   baseline (``is_baseline`` in ``runs``). Runs that share a seed share data order and initialisation,
   so when both conditions have at least two seeds in common the comparison is *paired* on seed (only
@@ -253,9 +257,33 @@ def _mean_interval(values: np.ndarray) -> tuple[float, float, str, float, float]
     return low, high, method, float(t_low), float(t_high)
 
 
-def _describe(values: np.ndarray) -> dict:
+# Units of metrics bounded to [0, 1] (accuracy, macro-F1): their t intervals are taken on the logit scale.
+BOUNDED_UNITS = ("fraction",)
+
+
+def _logit_t_interval(values: np.ndarray) -> tuple[float, float] | None:
+    """95 % t interval of the mean on the logit scale (delta method), transformed back: inside (0, 1).
+
+    A t interval of a fraction from two or three seeds can leave [0, 1] (38.6-133.9 % for a mean of 86.3 %);
+    on the logit scale the same evidence gives an interval that respects the scale, asymmetric near the
+    bounds. None when a value is 0 or 1 (no logit) or all values are equal.
+    """
+    n, mean = len(values), float(np.mean(values))
+    if n < 2 or not (0 < mean < 1) or float(np.std(values)) == 0.0:
+        return None
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * float(stats.sem(values)) / (mean * (1 - mean))
+    centre = math.log(mean / (1 - mean))
+    return 1 / (1 + math.exp(-(centre - half))), 1 / (1 + math.exp(-(centre + half)))
+
+
+def _describe(values: np.ndarray, unit: str = "") -> dict:
     n = len(values)
     ci_low, ci_high, ci_method, t_low, t_high = _mean_interval(values)
+    bounded = _logit_t_interval(values) if unit in BOUNDED_UNITS else None
+    if bounded is not None:
+        t_low, t_high = bounded
+        if ci_method.startswith("t"):
+            ci_low, ci_high, ci_method = t_low, t_high, f"{ci_method}, logit scale"
     return {
         "n": n,
         "mean": float(np.mean(values)) if n else math.nan,
@@ -289,7 +317,7 @@ def _summary_rows(rows: pd.DataFrame, keys: list[str], metric: str, split: str, 
                 "higher_is_better": higher,
             }
         )
-        record.update(_describe(values.to_numpy()))
+        record.update(_describe(values.to_numpy(), unit))
         record["seeds"] = ",".join(str(int(s)) for s in values.index)
         out.append(record)
     return out

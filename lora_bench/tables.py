@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import SCHEMA_VERSION
@@ -16,6 +17,7 @@ from .atomic import write_table
 from .config import flatten
 from .diagnostics import FLAGS, trained
 from .faults import fault_point
+from .predictions import decode_block
 from .record import (
     READABLE_RECORD_VERSIONS,
     RecordError,
@@ -171,6 +173,8 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         **{f"versions.{k}": v for k, v in (env.get("versions") or {}).items()},
         **{f"cfg.{k}": v for k, v in flatten(record.get("config") or {}).items()},
         **{f"data.{k}": v for k, v in (record.get("data") or {}).items() if k in ("origin", "mean_tokens")},
+        # examples each split used (after data.max_examples): what the report's setup table says was used
+        **{f"data.size.{k}": v for k, v in ((record.get("data") or {}).get("sizes") or {}).items()},
     }
     rows: list[dict] = []
     metrics = record.get("metrics") or {}
@@ -220,12 +224,56 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
     return run_row, rows
 
 
+# The predictions table (docs/tables.md): one row per run x split x example, from the records' ``predictions``.
+PREDICTION_LABELS = ["run_id", "family", "family_kind", "variant", "setting", "seed", "data_seed", "train_seed",
+                     "is_baseline"]
+PREDICTION_COLUMNS = [*PREDICTION_LABELS, "data_key", "split", "epoch", "example_id", "gold", "predicted", "correct",
+                      "gold_logp", "gold_loglik", "schema_version"]
+
+
+def data_key(record: dict) -> str:
+    """What an ``example_id`` indexes: ``<data.source>:<data.name>`` (ids are rows of that source, whatever the
+    split seed, caps or task), so two runs' examples pair only when their keys are equal."""
+    data = (record.get("config") or {}).get("data") or {}
+    return f"{data.get('source')}:{data.get('name')}"
+
+
+def prediction_rows(record: dict, labels: dict) -> list[pd.DataFrame]:
+    """The predictions rows of one record (none for failed runs and records without ``predictions``)."""
+    section = record.get("predictions") or {}
+    frames = []
+    for split, block in (section.get("splits") or {}).items():
+        columns = decode_block(block)
+        n = len(columns["example_id"])
+        frame = pd.DataFrame({
+            **{key: [labels[key]] * n for key in PREDICTION_LABELS},
+            "data_key": data_key(record), "split": split, "epoch": section.get("epoch"),
+            "example_id": columns["example_id"].astype("int64"), "gold": columns["gold"].astype("int32"),
+            "predicted": columns["predicted"].astype("int32"), "correct": columns["correct"],
+            "gold_logp": columns["gold_logp"].astype("float32"),
+            "gold_loglik": columns.get("gold_loglik", np.full(n, np.nan)).astype("float32"),
+            "schema_version": SCHEMA_VERSION,
+        })
+        frames.append(frame)
+    return frames
+
+
 def collect(record_paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    run_rows, metric_rows = [], []
+    """The ``runs`` and ``metrics`` tables of the records (``collect_all`` adds ``predictions``)."""
+    return collect_all(record_paths, predictions=False)[:2]
+
+
+def collect_all(record_paths: list[str | Path], predictions: bool = True
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The ``runs``, ``metrics`` and ``predictions`` tables, each record read once."""
+    run_rows, metric_rows, prediction_frames = [], [], []
     for path in sorted(Path(p) for p in record_paths):
-        run_row, rows = record_rows(read_record(path), path)
+        record = read_record(path)
+        run_row, rows = record_rows(record, path)
         run_rows.append(run_row)
         metric_rows.extend(rows)
+        if predictions and record.get("status") == "ok":
+            prediction_frames.extend(prediction_rows(record, run_row))
     runs = pd.DataFrame(run_rows)
     metrics = pd.DataFrame(metric_rows, columns=LABEL_COLUMNS + ["metric", "split", "epoch", "stage", "value",
                                                                  "unit", "higher_is_better"])
@@ -234,15 +282,28 @@ def collect(record_paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]
         if duplicated:
             raise ValueError(f"duplicate run ids in the records: {duplicated[:5]}")
         metrics["epoch"] = metrics["epoch"].astype("Int64")
-    return runs, metrics
+    table = (pd.concat(prediction_frames, ignore_index=True) if prediction_frames
+             else pd.DataFrame({c: pd.Series(dtype=PREDICTION_DTYPES.get(c, "object")) for c in PREDICTION_COLUMNS}))
+    return runs, metrics, table.reindex(columns=PREDICTION_COLUMNS)
 
 
-def write_tables(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+PREDICTION_DTYPES = {"seed": "int64", "data_seed": "int64", "train_seed": "int64", "is_baseline": "bool",
+                     "epoch": "int64", "example_id": "int64", "gold": "int32", "predicted": "int32", "correct": "bool",
+                     "gold_logp": "float32", "gold_loglik": "float32", "schema_version": "int64"}
+
+
+def write_tables(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path,
+                 predictions: pd.DataFrame | None = None) -> list[Path]:
+    """``runs`` and ``metrics`` as parquet + CSV; ``predictions`` (when given) as parquet only: one row per
+    example per run is too many for a CSV to be worth reading by hand."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, frame in (("runs", runs), ("metrics", metrics)):
-        for suffix in (".parquet", ".csv"):
+    frames = [("runs", runs, (".parquet", ".csv")), ("metrics", metrics, (".parquet", ".csv"))]
+    if predictions is not None:
+        frames.append(("predictions", predictions, (".parquet",)))
+    for name, frame, suffixes in frames:
+        for suffix in suffixes:
             path = out_dir / f"{name}{suffix}"
             write_table(frame, path)
             written.append(path)

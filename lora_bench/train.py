@@ -40,6 +40,7 @@ from .frozen import attach_frozen_prefix
 from .lora import count_parameters, optimizer_groups
 from .methods import builds_layer_by_layer, prepare_model
 from .models import load_model, load_tokenizer, materialize, max_positions, on_meta
+from .predictions import ITEMS_KEY, dataset_example_ids, item_block, predictions_section, take_items
 from .serving import serving_batches, serving_costs
 from .warm import IN_WORKER_ENV, PROCESS_STARTED_ENV
 
@@ -208,7 +209,7 @@ def evaluate(model, loader, device, precision, accepted: frozenset[str] | None =
     """Accuracy, mean loss and macro-F1 (the mean of per-class F1, so every class counts alike)."""
     model.eval()
     loss_sum = 0.0
-    predictions, truth = [], []
+    predictions, truth, gold_logp = [], [], []
     for batch in loader:
         with _autocast(device, precision):
             logits = model(**_model_inputs(batch, device, accepted)).logits.float()
@@ -216,9 +217,14 @@ def evaluate(model, loader, device, precision, accepted: frozenset[str] | None =
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         predictions.append(logits.argmax(-1).cpu())
         truth.append(labels.cpu())
+        gold_logp.append(torch.log_softmax(logits, -1).gather(1, labels[:, None])[:, 0].cpu())
     predicted, actual = torch.cat(predictions).numpy(), torch.cat(truth).numpy()
-    return {"accuracy": float((predicted == actual).mean()), "loss": loss_sum / len(actual),
-            "macro_f1": macro_f1(actual, predicted), **prediction_shape(actual, predicted)}
+    out = {"accuracy": float((predicted == actual).mean()), "loss": loss_sum / len(actual),
+           "macro_f1": macro_f1(actual, predicted), **prediction_shape(actual, predicted)}
+    ids = dataset_example_ids(loader.dataset)  # the loader does not shuffle: its rows are the dataset's, in order
+    if ids is not None:
+        out[ITEMS_KEY] = item_block(ids, actual, predicted, torch.cat(gold_logp).numpy())
+    return out
 
 
 def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
@@ -398,6 +404,8 @@ class RunResult:
     device: str
     diagnostics: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # The selected epoch's per-example results (lora_bench.predictions), for the record's ``predictions``.
+    predictions: dict = field(default_factory=dict)
 
 
 def _progress(iterable, cfg: TrainConfig, desc: str, total: int):
@@ -562,6 +570,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         eval_start = time.perf_counter()
         best_epoch.evaluate_test(trained[-1]["epoch"])
         eval_seconds += time.perf_counter() - eval_start
+    items = {record["epoch"]: take_items(record) for record in epochs}  # only the selected epoch's are kept
     best = max(trained, key=task.select) if cfg.train.evaluate else trained[-1]
     final = {k: v for k, v in best.items() if k != "epoch"}
     final.update(task.after_training(model))
@@ -605,4 +614,5 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         method_info=method_info,
         device=device_name,
         notes=notes,
+        predictions=predictions_section(best["epoch"], items[best["epoch"]]),
     )

@@ -18,12 +18,12 @@ LAYERS = {
     "faults": 0, "warm": 0, "atomic": 0, "config": 0, "lora": 0, "reference": 0,
     # sources, quantization and methods
     "quant": 1, "data": 1, "models": 1, "study": 1, "diagnostics": 1,
-    "methods": 2, "record": 2, "instruct_data": 2,
+    "methods": 2, "record": 2, "instruct_data": 2, "predictions": 1,
     "causal": 3, "checkpoint": 3, "frozen": 3, "serving": 3,
     "train": 4,
     # metrics: the tidy tables read from records
     "tables": 5,
-    "stats": 6, "variance": 7, "tuning": 7,
+    "stats": 6, "variance": 7, "tuning": 7, "items": 7,
     "plots": 8,
     "report": 9,
     "cli": 10, "__main__": 11, "__init__": 11,

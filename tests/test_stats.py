@@ -185,10 +185,21 @@ def test_summarize_interval_contains_mean_and_is_deterministic():
 
 def test_summarize_small_samples():
     runs, metrics = make_tables(["methods"], n_seeds=2)
-    assert (stats.summarize(metrics)["ci_method"] == "t (n = 2)").all()
+    # Accuracy is bounded: its t interval is taken on the logit scale and stays inside [0, 1].
+    assert (stats.summarize(metrics)["ci_method"] == "t (n = 2), logit scale").all()
     runs, metrics = make_tables(["methods"], n_seeds=1)
     one = stats.summarize(metrics)
     assert one["ci_low"].isna().all() and (one["ci_method"] == "none (n < 2)").all() and (one["n"] == 1).all()
+
+
+def test_two_seed_interval_of_an_accuracy_stays_inside_zero_one():
+    # The case: two seeds with a mean of 86.3 % gave a t interval of 38.6-133.9 %.
+    values = np.array([0.825, 0.901])
+    described = stats._describe(values, "fraction")
+    assert 0 < described["ci_low"] < 0.863 < described["ci_high"] < 1
+    assert described["t_ci_low"] == described["ci_low"] and described["ci_method"] == "t (n = 2), logit scale"
+    plain = stats._describe(values)  # unbounded units keep the plain t interval
+    assert plain["ci_high"] > 1 and plain["ci_method"] == "t (n = 2)"
 
 
 def test_summarize_epochs_rows_per_epoch():

@@ -163,8 +163,19 @@ def test_smallest_study_end_to_end_and_resume(tmp_path):
     methods = runs[runs["family"] == "methods"]
     assert all(lr == chosen[v] for v, lr in methods[["variant", "cfg.train.lr"]].itertuples(index=False))
     assert (runs["sweep_stage"] == "rerun").sum() == 4
-    for table in ("variance_components", "sweep_reeval", "sweep_summary"):
+    for table in ("variance_components", "sweep_reeval", "sweep_summary", "predictions", "item_tests", "item_pairs",
+                  "item_ranks", "item_summary"):
         assert (workdir / f"results/tables/{table}.parquet").exists(), table
+    # Every classification and closed-answer instruct run kept its test predictions; the methods family (2 seeds)
+    # gets item-level tests and rank probabilities that sum to one per rank.
+    predictions = pd.read_parquet(workdir / "results/tables/predictions.parquet")
+    evaluated = runs[(runs["family_kind"] != "memory_time") & (runs["family_kind"] != "tune")]
+    assert set(evaluated["run_id"]) <= set(predictions["run_id"])
+    item_tests = pd.read_parquet(workdir / "results/tables/item_tests.parquet")
+    assert set(item_tests.loc[item_tests["family"] == "methods", "variant"]) == {"last_layers", "full"}
+    ranks = pd.read_parquet(workdir / "results/tables/item_ranks.parquet")
+    assert ranks.groupby(["family", "rank"])["probability"].sum().to_numpy() == pytest.approx(1.0)
+    assert (workdir / "results/figures/item_ranks.png").exists()
     assert {"zero_shot", "epoch", "final"} <= set(metrics.loc[metrics["family"] == "instruct", "stage"])
     for column in ("run_id", "family", "family_kind", "variant", "seed", "is_baseline", "status", "method",
                    "data_seed", "train_seed", "setting", "sweep_stage",

@@ -10,6 +10,8 @@ rule collect:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         runs_csv=f"{RESULTS}/tables/runs.csv",
         metrics_csv=f"{RESULTS}/tables/metrics.csv",
+        # Per-example results of every run (lora_bench.predictions); parquet only.
+        predictions=f"{RESULTS}/tables/predictions.parquet",
     log:
         "logs/collect.log",
     conda:
@@ -24,6 +26,7 @@ rule stats:
     input:
         rules.collect.output.runs,
         rules.collect.output.metrics,
+        rules.collect.output.predictions,
     output:
         tests=f"{RESULTS}/tables/tests.parquet",
         summary=f"{RESULTS}/tables/summary.parquet",
@@ -36,6 +39,11 @@ rule stats:
         sweep_summary=f"{RESULTS}/tables/sweep_summary.parquet",
         # lora_bench.tuning: written (empty) without tuned families too.
         tuning=f"{RESULTS}/tables/tuning.parquet",
+        # lora_bench.items (from predictions.parquet): written (empty) when no run kept predictions too.
+        item_tests=f"{RESULTS}/tables/item_tests.parquet",
+        item_pairs=f"{RESULTS}/tables/item_pairs.parquet",
+        item_ranks=f"{RESULTS}/tables/item_ranks.parquet",
+        item_summary=f"{RESULTS}/tables/item_summary.parquet",
     log:
         "logs/stats.log",
     conda:
@@ -70,10 +78,33 @@ rule figures:
         "python -m lora_bench figures --tables {params.tables:q} --out-dir {params.figures:q} > {log:q} 2>&1"
 
 
+# Probability of each rank per variant, from the item-level resampling (lora_bench.items).
+rule item_ranks_figure:
+    input:
+        rules.stats.output.item_ranks,
+    output:
+        report(
+            f"{RESULTS}/figures/item_ranks.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
+    log:
+        "logs/item_ranks_figure.log",
+    conda:
+        "../../envs/lora-bench.yaml"
+    params:
+        tables=lambda wildcards, input: os.path.dirname(input[0]),
+        figures=lambda wildcards, output: os.path.dirname(output[0]),
+    shell:
+        "python -m lora_bench figures --item-ranks --tables {params.tables:q} --out-dir {params.figures:q}"
+        " > {log:q} 2>&1"
+
+
 rule report:
     input:
         stats=rules.stats.output,
         figures=rules.figures.output,
+        item_ranks=rules.item_ranks_figure.output,
         reference=converged_reference_tests(),
     output:
         md=f"{REPORT}/report.md",
