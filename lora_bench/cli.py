@@ -370,11 +370,11 @@ def cmd_figures(args) -> int:
     check_tables(tables)
     ensure_writable(args.out_dir)
     if args.item_ranks:
-        from .plots import ITEM_RANKS_FIGURE, plot_item_ranks, save_figure
+        from .plots import ITEM_RANKS_FIGURE, plot_item_ranks, save_and_close
 
         path = tables / "item_ranks.parquet"
         ranks = pd.read_parquet(path) if path.exists() else pd.DataFrame()
-        print(save_figure(plot_item_ranks(ranks), Path(args.out_dir) / ITEM_RANKS_FIGURE)[0])
+        print(save_and_close(plot_item_ranks(ranks), Path(args.out_dir) / ITEM_RANKS_FIGURE)[0])
         return 0
     made = make_all_figures(pd.read_parquet(tables / "runs.parquet"), pd.read_parquet(tables / "metrics.parquet"),
                             args.out_dir)

@@ -800,6 +800,14 @@ def save_figure(fig: Figure, out_base: str | Path) -> tuple[Path, Path]:
     return png, svg
 
 
+def save_and_close(fig: Figure, out_base: str | Path) -> tuple[Path, Path]:
+    """``save_figure``, then close ``fig``: pyplot keeps every open figure alive until it is closed."""
+    try:
+        return save_figure(fig, out_base)
+    finally:
+        plt.close(fig)
+
+
 def make_all_figures(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | Path) -> list[dict]:
     """One figure per family (``<out_dir>/<family>.png`` and ``.svg``), in order of first appearance.
 

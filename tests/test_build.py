@@ -53,8 +53,10 @@ def test_a_bf16_random_model_is_built_without_an_fp32_copy(tmp_path):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     n = out["params"]
     assert out["dtypes"] == ["torch.bfloat16"] and n > 150e6
-    # The model's own 2N bytes (measured: 2.00 N) plus slack; an fp32 copy (4N more) or an fp32 build cannot fit.
-    assert out["grown"] < 2.5 * n, f"peak grew by {out['grown'] / n:.2f} bytes per parameter"
+    # The model's own 2N bytes (measured: 2.00 N alone) plus slack for one layer's transient init buffers, whose
+    # effect on the peak depends on the allocator's state (2.5 N was exceeded once inside the full suite); an
+    # fp32 build (4N) or an fp32 copy beside the bf16 model (6N) cannot fit.
+    assert out["grown"] < 3.0 * n, f"peak grew by {out['grown'] / n:.2f} bytes per parameter"
 
 
 TINY = ["tiny-bert", "tiny-distilbert", "tiny-roberta", "tiny-electra", "tiny-deberta-v2", "tiny-albert",
