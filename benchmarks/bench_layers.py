@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_bench.lora import LinearWithLoRA
-from lora_bench.quant import LinearNF4WithLoRA
+from lora_bench.adapters.lora import LinearWithLoRA
+from lora_bench.adapters.quant import LinearNF4WithLoRA
 
 RANK, ALPHA = 8, 16
 

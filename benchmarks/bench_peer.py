@@ -12,7 +12,7 @@ weight decay, 6 % linear warm-up then linear decay, 2 threads) goes through
   test accuracy after every epoch, test accuracy reported at the best-validation epoch.
 
 Both are started as subprocesses of this script, so both pay interpreter start-up and imports alike, and
-both read the same tokenized splits (``lora_bench.data.prepare_splits``, one on-disk cache, warmed before
+both read the same tokenized splits (``lora_bench.run.data.prepare_splits``, one on-disk cache, warmed before
 the timed runs); with ``--plain`` in the same batch order (a ``torch.Generator`` seeded with the run seed shuffles
 both), by default with lora_bench's own efficiency settings (length-grouped batches, test once at the selected
 epoch: ``OURS_EFFICIENT``), which the peer does not have.
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Steps left out of the loop's throughput and step-time percentiles, as lora_bench.train.WARMUP_STEPS:
+# Steps left out of the loop's throughput and step-time percentiles, as lora_bench.run.train.WARMUP_STEPS:
 # the first steps pay for allocator warm-up and lazy initialisation.
 WARMUP_STEPS = 3
 IMPLEMENTATIONS = ("lora_bench", "peft")
@@ -128,8 +128,8 @@ def prepare_data(run: dict):
     script's warm-up call) hit one on-disk cache of the same tokenized examples.
     """
     from lora_bench.config import RunConfig
-    from lora_bench.data import prepare_splits
-    from lora_bench.models import load_tokenizer
+    from lora_bench.run.data import prepare_splits
+    from lora_bench.run.models import load_tokenizer
 
     cfg = RunConfig.from_dict(run, source="bench_peer")
     tokenizer = load_tokenizer(cfg.model)
@@ -147,7 +147,7 @@ def _load_peer_model(cfg, num_labels: int):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from lora_bench.models import EMBEDDED_MODELS, random_model_config
+    from lora_bench.run.models import EMBEDDED_MODELS, random_model_config
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected
     if cfg.model.source == "random":
@@ -260,7 +260,7 @@ def peer_train(run: dict) -> dict:
 def write_json(data: dict, path: str | Path) -> None:
     """Atomic write (temporary file, fsync, rename) with the mode a plain ``open`` would give (0644 under the
     default umask): lora_bench's record writer, so a killed benchmark never leaves half a file."""
-    from lora_bench.record import write_json_atomic
+    from lora_bench.run.record import write_json_atomic
 
     write_json_atomic(data, path)
 
@@ -387,7 +387,7 @@ def machine_info() -> dict:
     """What ran the benchmark: CPU, cores, library versions, git state (the load average is added at start/end)."""
     from importlib import metadata
 
-    from lora_bench.record import git_state
+    from lora_bench.run.record import git_state
 
     cpu_model = None
     try:

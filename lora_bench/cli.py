@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, RunConfig, deep_merge, load_yaml, parse_yaml
+from lora_bench.config import ConfigError, RunConfig, deep_merge, load_yaml, parse_yaml
 
 
 def _json_mapping(text: str, flag: str) -> dict:
@@ -65,7 +65,7 @@ def _quiet_libraries() -> None:
 
 def check_method(cfg: RunConfig) -> RunConfig:
     """``method.name`` must be registered (the schema leaves it open so a new method needs no schema edit)."""
-    from .methods import METHODS
+    from lora_bench.run.methods import METHODS
 
     if cfg.method.name not in METHODS:
         raise ConfigError(f"{cfg.source}: method.name {cfg.method.name!r} is not a registered method; "
@@ -79,7 +79,7 @@ def _resolve_run(args) -> tuple[RunConfig, dict]:
 
 
 def _resolve_run_config(args) -> tuple[RunConfig, dict]:
-    from .study import load_study
+    from lora_bench.study import load_study
 
     overrides = _parse_sets(args.set)
     if args.study:
@@ -126,8 +126,8 @@ def acquire_gpu(gpu_ids: list[int], lock_dir: str | None = None):
 
 
 def cmd_train(args) -> int:
-    from .atomic import ensure_writable
-    from .faults import arm_training_faults
+    from lora_bench.atomic import ensure_writable
+    from lora_bench.faults import arm_training_faults
 
     cfg, labels = _resolve_run(args)
     if args.label:
@@ -145,10 +145,17 @@ def cmd_train(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
         labels["gpu_index"] = index
 
-    from .checkpoint import checkpoint_path, remove_checkpoint
-    from .diagnostics import failed_diagnosis
-    from .record import base_record, determinism_state, environment, failure_kind, now_iso, write_json_atomic
-    from .train import run_training
+    from lora_bench.run.checkpoint import checkpoint_path, remove_checkpoint
+    from lora_bench.run.diagnostics import failed_diagnosis
+    from lora_bench.run.record import (
+        base_record,
+        determinism_state,
+        environment,
+        failure_kind,
+        now_iso,
+        write_json_atomic,
+    )
+    from lora_bench.run.train import run_training
 
     _quiet_libraries()
     record = base_record(cfg.to_dict(), labels)
@@ -201,7 +208,7 @@ def cmd_train(args) -> int:
 def cmd_label(args) -> int:
     """Write a run's record: the trained record (shared by every run with the same resolved config) plus the
     run's labels. Failed trained records are labelled too: a failure is data for every family that shares it."""
-    from .record import label_record, read_record, write_json_atomic
+    from lora_bench.run.record import label_record, read_record, write_json_atomic
 
     labels = _json_mapping(args.label, "--label")
     write_json_atomic(label_record(read_record(args.trained), labels, args.trained), args.out)
@@ -209,7 +216,7 @@ def cmd_label(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .study import load_study
+    from lora_bench.study import load_study
 
     study = load_study(args.study)
     for family, variant, seed in study.runs():
@@ -224,7 +231,7 @@ def cmd_plan(args) -> int:
 
 def cmd_run_config(args) -> int:
     """Print one run's resolved config as JSON (what the workflow passes to `train`)."""
-    from .study import load_study
+    from lora_bench.study import load_study
 
     study = load_study(args.study)
     print(json.dumps(study.run_config(args.family, args.variant, args.seed).to_dict(), sort_keys=True))
@@ -232,7 +239,7 @@ def cmd_run_config(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .study import study_from_dict
+    from lora_bench.study import study_from_dict
 
     for path in args.paths:
         raw = load_yaml(path)
@@ -248,7 +255,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_fetch_data(args) -> int:
-    from .data import fetch_pang_lee
+    from lora_bench.run.data import fetch_pang_lee
 
     print(fetch_pang_lee(args.cache_dir))
     return 0
@@ -256,8 +263,8 @@ def cmd_fetch_data(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
-    from .study import load_study
-    from .train import TASKS
+    from lora_bench.run.train import TASKS
+    from lora_bench.study import load_study
 
     _quiet_libraries()
     specs = json.loads(args.specs_json) if args.specs_json else load_study(args.study).data_preparations()
@@ -282,8 +289,8 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_collect(args) -> int:
-    from .atomic import ensure_writable
-    from .tables import collect_all, write_tables
+    from lora_bench.analysis.tables import collect_all, write_tables
+    from lora_bench.atomic import ensure_writable
 
     ensure_writable(args.out_dir)
     paths = list(args.records)
@@ -301,12 +308,12 @@ def cmd_collect(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .atomic import ensure_writable
-    from .items import run_item_stats
-    from .stats import run_stats
-    from .tables import check_tables
-    from .tuning import write_tuning_table
-    from .variance import run_variance_stats
+    from lora_bench.analysis.items import run_item_stats
+    from lora_bench.analysis.stats import run_stats
+    from lora_bench.analysis.tables import check_tables
+    from lora_bench.analysis.tuning import write_tuning_table
+    from lora_bench.analysis.variance import run_variance_stats
+    from lora_bench.atomic import ensure_writable
 
     tables = Path(args.tables)
     check_tables(tables)
@@ -321,9 +328,9 @@ def cmd_stats(args) -> int:
 
 def cmd_select_sweep(args) -> int:
     """Pick a sweep's winner and top k from its sweep-stage records; the workflow re-runs those."""
-    from .record import write_json_atomic
-    from .tables import collect
-    from .variance import select_sweep
+    from lora_bench.analysis.tables import collect
+    from lora_bench.analysis.variance import select_sweep
+    from lora_bench.run.record import write_json_atomic
 
     paths = list(args.records)
     if not paths:
@@ -338,10 +345,10 @@ def cmd_select_sweep(args) -> int:
 
 def cmd_select_tune(args) -> int:
     """Pick each variant's value of a tuned family's key from its tuning runs' validation scores."""
-    from .record import write_json_atomic
-    from .study import load_study
-    from .tables import collect
-    from .tuning import selection
+    from lora_bench.analysis.tables import collect
+    from lora_bench.analysis.tuning import selection
+    from lora_bench.run.record import write_json_atomic
+    from lora_bench.study import load_study
 
     if args.study:
         family = load_study(args.study).families.get(args.family)
@@ -362,15 +369,15 @@ def cmd_select_tune(args) -> int:
 def cmd_figures(args) -> int:
     import pandas as pd
 
-    from .atomic import ensure_writable
-    from .plots import make_all_figures
-    from .tables import check_tables
+    from lora_bench.analysis.tables import check_tables
+    from lora_bench.atomic import ensure_writable
+    from lora_bench.report.figures import make_all_figures
 
     tables = Path(args.tables)
     check_tables(tables)
     ensure_writable(args.out_dir)
     if args.item_ranks:
-        from .plots import ITEM_RANKS_FIGURE, plot_item_ranks, save_and_close
+        from lora_bench.report.figures import ITEM_RANKS_FIGURE, plot_item_ranks, save_and_close
 
         path = tables / "item_ranks.parquet"
         ranks = pd.read_parquet(path) if path.exists() else pd.DataFrame()
@@ -384,9 +391,9 @@ def cmd_figures(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .atomic import ensure_writable
-    from .report import build_report
-    from .tables import check_tables
+    from lora_bench.analysis.tables import check_tables
+    from lora_bench.atomic import ensure_writable
+    from lora_bench.report.render import build_report
 
     check_tables(args.tables)
     ensure_writable(args.out_dir)
@@ -495,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_warm_serve(args) -> int:
-    from .warm import serve
+    from lora_bench.warm import serve
 
     serve(args.socket, main, idle_seconds=args.idle)
     return 0
@@ -505,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from .warm import delegate, wanted
+        from lora_bench.warm import delegate, wanted
 
         # Fork from a worker that has torch and transformers imported (LORA_BENCH_WARM=1, set by the Snakefile).
         code = delegate(argv) if wanted() else None
@@ -524,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         # A read-only results folder (NotWritable, before any work: exit 2) or a full disk while writing
         # (the previous file is left intact by the atomic writes: exit 1).
-        from .atomic import NotWritable
+        from lora_bench.atomic import NotWritable
 
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
         print(f"lora-bench: error: {exc}{where}", file=sys.stderr)

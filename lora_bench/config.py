@@ -222,7 +222,7 @@ class MethodConfig:
     head_patterns: list | None = None
     # What train_classifier trains: peft = the whole head module peft's SEQ_CLS trains; last_linear = its output layer.
     head: str = "peft"
-    # Whose LoRA / QLoRA layers: ours (lora_bench/lora.py, quant.py) or Hugging Face peft's (+ bitsandbytes).
+    # Whose LoRA / QLoRA layers: ours (lora_bench/adapters/lora.py, quant.py) or Hugging Face peft's (+ bitsandbytes).
     impl: str = "ours"
 
 
@@ -250,7 +250,7 @@ class TrainConfig:
     length_grouping: bool = False
     test_every_epoch: bool = True
     evaluate_test: bool = True
-    # How the frozen layers below the first trainable block run: train (dropout), eval, or cache (lora_bench/frozen.py).
+    # How the frozen layers below the first trainable block run: train (dropout), eval, or cache (lora_bench/run/frozen.py).
     frozen_prefix: str = "train"
     lora_plus_ratio: float | None = None
 

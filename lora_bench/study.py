@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, deep_merge, load_yaml, validate
+from lora_bench.config import ConfigError, RunConfig, deep_merge, load_yaml, validate
 
 # Kinds with a dedicated figure and report section; anything else is analysed as "generic".
 FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "variance", "sweep",

@@ -47,8 +47,8 @@ IN_WORKER_ENV = "LORA_BENCH_IN_WARM_WORKER"
 IDLE_SECONDS = 120.0
 CONNECT_TIMEOUT_S = 2.0
 # What a training job imports before its first step; importing them here is the whole saving.
-PRELOAD = ("torch", "transformers", "datasets", "numpy", "lora_bench.train", "lora_bench.causal",
-           "lora_bench.record", "lora_bench.checkpoint", "transformers.models.bert.modeling_bert",
+PRELOAD = ("torch", "transformers", "datasets", "numpy", "lora_bench.run.train", "lora_bench.run.causal",
+           "lora_bench.run.record", "lora_bench.run.checkpoint", "transformers.models.bert.modeling_bert",
            "transformers.models.distilbert.modeling_distilbert", "transformers.models.roberta.modeling_roberta",
            "transformers.models.llama.modeling_llama")
 _PACKAGE = Path(__file__).resolve().parent

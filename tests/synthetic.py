@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from lora_bench.tables import METRIC_INFO
+from lora_bench.analysis.tables import METRIC_INFO
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
-"""The package's imports go one way: config -> models/data/lora -> train -> metrics -> stats -> plots -> report.
+"""The package's folders are the pipeline, and its imports go one way.
 
-Each module has a layer; a module may import only modules of a lower layer (imports inside functions
-count too). A new module must be given a layer here, so the rule cannot be bypassed by omission.
+Folders: ``config``/``study`` (what to run) -> ``adapters/`` (the LoRA and 4-bit layers) -> ``run/`` (one run:
+model, data, method, training, record) -> ``analysis/`` (records -> tables -> statistics) -> ``report/``
+(tables -> figures -> report) -> ``cli``. A module may import only modules of a lower layer and of its own or an
+earlier stage folder (imports inside functions count too). Every module must be given a layer here, so the rule
+cannot be bypassed by omission.
 """
 
 from __future__ import annotations
@@ -15,55 +18,104 @@ PACKAGE = Path(lora_bench.__file__).parent
 
 LAYERS = {
     # foundations: no package imports
-    "faults": 0, "warm": 0, "atomic": 0, "config": 0, "lora": 0, "reference": 0,
+    "faults": 0, "warm": 0, "atomic": 0, "config": 0, "adapters.lora": 0, "report.reference": 0,
     # sources, quantization and methods
-    "quant": 1, "data": 1, "models": 1, "study": 1, "diagnostics": 1,
-    "methods": 2, "record": 2, "instruct_data": 2, "predictions": 1,
-    "causal": 3, "checkpoint": 3, "frozen": 3, "serving": 3,
-    "train": 4,
-    # metrics: the tidy tables read from records
-    "tables": 5,
-    "stats": 6, "variance": 7, "tuning": 7, "items": 7,
-    "plots": 8,
-    "report": 9,
+    "adapters.quant": 1, "run.data": 1, "run.models": 1, "study": 1, "run.diagnostics": 1, "run.predictions": 1,
+    "run.methods": 2, "run.record": 2, "run.instruct_data": 2,
+    "run.causal": 3, "run.checkpoint": 3, "run.frozen": 3, "adapters.serving": 3,
+    "run.train": 4,
+    # analysis: the tidy tables read from records, then statistics
+    "analysis.tables": 5,
+    "analysis.stats": 6, "analysis.variance": 7, "analysis.tuning": 7, "analysis.items": 7,
+    "report.figures": 8,
+    "report.render": 9,
     "cli": 10, "__main__": 11, "__init__": 11,
+    # the stage folders' own __init__ files import nothing
+    "adapters": 0, "run": 0, "analysis": 0, "report": 0,
 }
+# Stage folders in pipeline order; top-level modules belong to no stage.
+STAGES = ("adapters", "run", "analysis", "report")
 
 
-def package_imports(path: Path) -> set[str]:
-    """Names of lora_bench modules that ``path`` imports, at any depth of its syntax tree."""
+def module_name(path: Path) -> str:
+    """``run/train.py`` -> ``run.train``; a package's ``__init__.py`` is the package (the top one ``__init__``)."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def known_modules() -> set[str]:
+    return {module_name(p) for p in PACKAGE.rglob("*.py")}
+
+
+def package_imports(path: Path, modules: set[str] | None = None, own: str = "") -> set[str]:
+    """Dotted names (below ``lora_bench``) of the package modules that ``path`` imports, at any depth of its syntax
+    tree; ``own`` is the importing module's name, for relative imports."""
+    modules = known_modules() if modules is None else modules
     imported = set()
+
+    def resolve(base: str, names: list[str]) -> None:
+        for name in names:
+            candidate = f"{base}.{name}" if base else name
+            if candidate in modules:
+                imported.add(candidate)
+            elif base:
+                imported.add(base)
+            elif name in modules:
+                imported.add(name)
+
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                imported.add(node.module.split(".")[0])
-            elif node.level == 1:
-                imported.update(alias.name for alias in node.names)
-            elif node.level == 0 and node.module and node.module.split(".")[0] == "lora_bench":
-                parts = node.module.split(".")
-                imported.update([parts[1]] if len(parts) > 1 else [alias.name for alias in node.names])
+            names = [alias.name for alias in node.names]
+            if node.level:
+                package = own.split(".")[: max(0, len(own.split(".")) - node.level)] if "." in own else []
+                base = ".".join(package + ([node.module] if node.module else []))
+                resolve(base, names)
+            elif node.module and node.module.split(".")[0] == "lora_bench":
+                resolve(".".join(node.module.split(".")[1:]), names)
         elif isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[1] for alias in node.names
+            imported.update(alias.name.split(".", 1)[1] for alias in node.names
                             if alias.name.startswith("lora_bench."))
     return imported
 
 
+def stage(module: str) -> int | None:
+    head = module.split(".")[0]
+    return STAGES.index(head) if head in STAGES and "." in module else None
+
+
 def test_every_module_has_a_layer():
-    modules = {path.stem for path in PACKAGE.glob("*.py")}
-    assert modules - set(LAYERS) == set(), "give each new module a layer in tests/test_architecture.py"
+    assert known_modules() - set(LAYERS) == set(), "give each new module a layer in tests/test_architecture.py"
+    assert set(LAYERS) - known_modules() == set(), "a module named here no longer exists"
 
 
-def test_imports_only_go_down_the_layers():
-    upward = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        for target in package_imports(path):
-            if target in LAYERS and LAYERS[target] >= LAYERS[path.stem] and target != path.stem:
-                upward.append(f"{path.stem} (layer {LAYERS[path.stem]}) imports {target} (layer {LAYERS[target]})")
-    assert upward == []
+def test_imports_only_go_down_the_layers_and_the_stages():
+    modules = known_modules()
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = module_name(path)
+        for target in package_imports(path, modules, own):
+            if target == own or target not in LAYERS:
+                continue
+            if LAYERS[target] >= LAYERS[own]:
+                wrong.append(f"{own} (layer {LAYERS[own]}) imports {target} (layer {LAYERS[target]})")
+            if stage(own) is not None and stage(target) is not None and stage(target) > stage(own):
+                wrong.append(f"{own} (stage {STAGES[stage(own)]}) imports {target} from a later stage")
+    assert wrong == []
+
+
+def test_the_top_level_holds_only_what_to_run_and_the_shared_infrastructure():
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top == {"__init__", "__main__", "cli", "config", "study", "atomic", "faults", "warm"}
 
 
 def test_the_checker_sees_relative_absolute_and_function_level_imports(tmp_path):
     source = tmp_path / "sample.py"
-    source.write_text("from .train import x\nfrom . import plots\nimport lora_bench.stats\n"
-                      "def f():\n    from lora_bench.report import y\n")
-    assert package_imports(source) == {"train", "plots", "stats", "report"}
+    source.write_text("from .train import x\nfrom . import figures\nimport lora_bench.analysis.stats\n"
+                      "from lora_bench.report import render\nfrom lora_bench import config\n"
+                      "def f():\n    from lora_bench.run.record import y\n")
+    modules = {"run.train", "report.figures", "analysis.stats", "report.render", "config", "run.record"}
+    # Relative imports resolve against the importing module's folder (here report/).
+    assert package_imports(source, modules, own="report.sample") == {
+        "report.train", "report.figures", "analysis.stats", "report.render", "config", "run.record"}

@@ -20,13 +20,13 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from lora_bench import SCHEMA_VERSION
+from lora_bench.analysis.tables import check_tables
 from lora_bench.cli import main
 from lora_bench.config import ConfigError, RunConfig, load_schema, load_yaml
-from lora_bench.data import DataError, load_examples, prepare_splits
-from lora_bench.models import tiny_tokenizer
-from lora_bench.record import RecordError, read_record
+from lora_bench.run.data import DataError, load_examples, prepare_splits
+from lora_bench.run.models import tiny_tokenizer
+from lora_bench.run.record import RecordError, read_record
 from lora_bench.study import VARIANT_NAME, study_from_dict
-from lora_bench.tables import check_tables
 
 # ---------------------------------------------------------------------------------------------------
 # Strategies
@@ -204,12 +204,12 @@ class TrainingStarted(Exception):
 # A valid command line always runs, so the reached-training branch cannot go untested by chance.
 @example(sets=[("seed", "3")], label="{}")
 def test_any_command_line_fails_with_exit_2_before_training(tmp_path_factory, monkeypatch, capsys, sets, label):
-    import lora_bench.train
+    import lora_bench.run.train
 
     def refuse(cfg, *args, **kwargs):
         raise TrainingStarted
 
-    monkeypatch.setattr(lora_bench.train, "run_training", refuse)
+    monkeypatch.setattr(lora_bench.run.train, "run_training", refuse)
     out = tmp_path_factory.mktemp("cli") / "record.json"
     argv = ["train", "--out", str(out), "--label", label]
     for key, value in sets:
@@ -406,7 +406,7 @@ def test_tables_of_other_versions_are_refused_by_stats_figures_and_report(tmp_pa
 
 
 def test_tables_written_now_carry_the_version(tmp_path):
-    from lora_bench.tables import collect, write_tables
+    from lora_bench.analysis.tables import collect, write_tables
 
     path = _record(tmp_path, "r.json", {"schema_version": SCHEMA_VERSION, "status": "failed", "error": "x",
                                         "error_kind": "error", "run": {"family": "f", "variant": "v", "seed": 0}})
@@ -419,7 +419,7 @@ def test_tables_written_now_carry_the_version(tmp_path):
 @pytest.mark.parametrize("content", [b'"1","' + b"x" * 200_000 + b'"\n', b'"1","caf\xe9"\n'],
                          ids=["field over the csv limit", "not UTF-8"])
 def test_a_corrupted_pang_lee_download_is_named(tmp_path, content):
-    from lora_bench.data import PANG_LEE_FILES
+    from lora_bench.run.data import PANG_LEE_FILES
 
     folder = tmp_path / "pang_lee"
     folder.mkdir()
@@ -435,9 +435,9 @@ def test_a_corrupted_pang_lee_download_is_named(tmp_path, content):
 def test_a_hub_model_that_cannot_be_loaded_is_named_with_the_offline_alternative(task, monkeypatch):
     import huggingface_hub.constants
 
-    from lora_bench.causal import load_causal_lm
     from lora_bench.config import ModelConfig
-    from lora_bench.models import load_model
+    from lora_bench.run.causal import load_causal_lm
+    from lora_bench.run.models import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # The Hub library reads the variable at import; without this it would try the network and time out.

@@ -44,7 +44,7 @@ def _umask() -> int:
 
 def test_settings_are_the_cpu_full_study_and_the_suites_warmup():
     """The benchmarked run is config/cpu_full.yaml's base run (the CPU peer measurement), warm-up as train.py."""
-    from lora_bench.train import WARMUP_STEPS
+    from lora_bench.run.train import WARMUP_STEPS
 
     assert bench.BASE_RUN == load_yaml(ROOT / "config" / "cpu_full.yaml")["base"]
     assert bench.WARMUP_STEPS == WARMUP_STEPS

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from lora_bench import quant
+from lora_bench.adapters import quant
+from lora_bench.adapters.lora import count_parameters
 from lora_bench.config import ModelConfig, RunConfig
-from lora_bench.lora import count_parameters
-from lora_bench.methods import builds_layer_by_layer, prepare_model
-from lora_bench.models import load_model, materialize, on_meta, random_model_config
+from lora_bench.run.methods import builds_layer_by_layer, prepare_model
+from lora_bench.run.models import load_model, materialize, on_meta, random_model_config
 
 # About 170 M parameters (Llama blocks of width 1024, 8 of them, a 32k vocabulary): 340 MB in bf16, 680 MB in fp32.
 MID_SIZE = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
@@ -27,7 +27,7 @@ MID_SIZE = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "in
 PEAK_RSS = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from lora_bench.causal import load_causal_lm
+    from lora_bench.run.causal import load_causal_lm
     from lora_bench.config import ModelConfig
     # A tiny model first, so the modules transformers imports lazily are not counted as the model.
     load_causal_lm(ModelConfig("random", "tiny-llama", "bfloat16"))
@@ -89,7 +89,7 @@ def test_materialized_model_is_whole_initialised_and_has_the_buffers_of_a_plain_
 
 
 def test_tied_embeddings_stay_one_tensor(tmp_path):
-    from lora_bench.causal import load_causal_lm
+    from lora_bench.run.causal import load_causal_lm
 
     config = tmp_path / "tied.json"
     config.write_text(json.dumps({**json.loads((random_model_config("tiny-llama")[0]).read_text()),
@@ -143,7 +143,7 @@ def test_qlora_quantizes_a_meta_model_one_linear_layer_at_a_time(monkeypatch):
 
 
 def test_a_qlora_run_from_a_meta_model_trains_and_records_setup_time(tmp_path):
-    from lora_bench.train import run_training
+    from lora_bench.run.train import run_training
 
     cfg = RunConfig.from_dict({
         "task": "instruct", "seed": 0, "model": {"source": "random", "name": "tiny-llama", "dtype": "bfloat16"},
@@ -164,7 +164,7 @@ def test_a_7b_shaped_model_is_built_on_the_gpu_in_seconds():
     import time
 
     start = time.perf_counter()
-    from lora_bench.causal import load_causal_lm
+    from lora_bench.run.causal import load_causal_lm
 
     model = load_causal_lm(ModelConfig("random", "llama-2-7b", "bfloat16"), device="cuda").model
     torch.cuda.synchronize()

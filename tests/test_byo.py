@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from lora_bench.adapters.lora import LoRASpec, apply_lora, architecture_of, count_parameters, find_targets
 from lora_bench.cli import main
 from lora_bench.config import ConfigError, ModelConfig, RunConfig
-from lora_bench.data import DataError, load_examples, prepare_splits, split_stratified
-from lora_bench.lora import LoRASpec, apply_lora, architecture_of, count_parameters, find_targets
-from lora_bench.methods import prepare_model
-from lora_bench.models import load_model, load_tokenizer, tiny_tokenizer
-from lora_bench.train import accepted_inputs, run_training
+from lora_bench.run.data import DataError, load_examples, prepare_splits, split_stratified
+from lora_bench.run.methods import prepare_model
+from lora_bench.run.models import load_model, load_tokenizer, tiny_tokenizer
+from lora_bench.run.train import accepted_inputs, run_training
 
 ARCHITECTURES = ["tiny-roberta", "tiny-deberta-v2", "tiny-electra", "tiny-albert", "tiny-mpnet"]
 COVERAGE = {"query+value": ["query", "value"], "all": ["query", "key", "value", "projection", "mlp"]}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_bench.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from lora_bench.config import RunConfig
 from lora_bench.faults import ENV
-from lora_bench.train import build_optimizer, build_schedule, run_training
+from lora_bench.run.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from lora_bench.run.train import build_optimizer, build_schedule, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

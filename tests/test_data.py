@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from lora_bench.config import RunConfig
-from lora_bench.data import DataError, load_examples, prepare_splits, read_pang_lee_csv, split_stratified
-from lora_bench.models import tiny_tokenizer
+from lora_bench.run.data import DataError, load_examples, prepare_splits, read_pang_lee_csv, split_stratified
+from lora_bench.run.models import tiny_tokenizer
 
 
 def test_pang_lee_parser_handles_bom_multiline_and_labels(tmp_path):

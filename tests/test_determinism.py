@@ -13,7 +13,7 @@ import pytest
 from reliability_helpers import ROOT, RUN_TABLES, TABLE_TARGETS, assert_same_tables, mini_study, snakemake
 
 from lora_bench.cli import main
-from lora_bench.record import determinism_state
+from lora_bench.run.record import determinism_state
 
 
 def test_cpu_record_says_deterministic_algorithms_were_enforced(tiny_run, tmp_path):
@@ -63,7 +63,8 @@ def test_the_test_workflow_is_bit_identical_across_runs_and_core_counts(tmp_path
 def test_the_report_says_when_gpu_runs_are_not_bitwise_reproducible(tmp_path):
     from synthetic import make_tables
 
-    from lora_bench import report, stats
+    from lora_bench.analysis import stats
+    from lora_bench.report import render
 
     runs, metrics = make_tables(("methods",), n_seeds=3, n_epochs=1)
     tables = tmp_path / "tables"
@@ -73,6 +74,6 @@ def test_the_report_says_when_gpu_runs_are_not_bitwise_reproducible(tmp_path):
         runs.to_parquet(tables / "runs.parquet")
         metrics.to_parquet(tables / "metrics.parquet")
         stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
-        text, _ = report.render_markdown(report._read_tables(tables), tmp_path / "figures", tmp_path / "paper")
+        text, _ = render.render_markdown(render._read_tables(tables), tmp_path / "figures", tmp_path / "paper")
         sentence = "2 finished\n  runs used GPU kernels that are not bitwise deterministic"
         assert (sentence in text) == bool(not_bitwise), text[:3000]

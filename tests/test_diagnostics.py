@@ -1,4 +1,4 @@
-"""The learning diagnostics on constructed curves and predictions (lora_bench.diagnostics), and in records."""
+"""The learning diagnostics on constructed curves and predictions (lora_bench.run.diagnostics), and in records."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from lora_bench.config import RunConfig
-from lora_bench.diagnostics import (
+from lora_bench.run.diagnostics import (
     binomial_upper_tail,
     diagnose,
     failed_diagnosis,
@@ -17,7 +17,7 @@ from lora_bench.diagnostics import (
     still_falling,
     trained,
 )
-from lora_bench.train import run_training
+from lora_bench.run.train import run_training
 
 
 @pytest.mark.parametrize(("k", "n", "p"), [(0, 10, 0.5), (7, 10, 0.5), (120, 200, 0.5), (200, 200, 0.5),

@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 from reliability_helpers import mini_study, snakemake
 
-import lora_bench.train
+import lora_bench.run.train
+from lora_bench.analysis.tables import write_tables
 from lora_bench.atomic import NotWritable, ensure_writable
 from lora_bench.cli import main
-from lora_bench.record import write_json_atomic
-from lora_bench.tables import write_tables
+from lora_bench.run.record import write_json_atomic
 
 
 def _mount_tmpfs(path, *options) -> bool:
@@ -122,7 +122,7 @@ def test_read_only_results_folder_is_named_before_training(read_only_dir, tiny_r
     def refuse(cfg, *args, **kwargs):
         raise AssertionError("training started although the results folder is read-only")
 
-    monkeypatch.setattr(lora_bench.train, "run_training", refuse)
+    monkeypatch.setattr(lora_bench.run.train, "run_training", refuse)
     config = tmp_path / "run.json"
     config.write_text(json.dumps(tiny_run))
     out = read_only_dir / "runs" / "seed0.json"
@@ -163,7 +163,7 @@ def test_every_writer_gives_the_mode_of_a_plain_open_and_leaves_no_temporary(tmp
     import torch
 
     from lora_bench.atomic import replace_atomically, write_table, write_text
-    from lora_bench.plots import save_figure
+    from lora_bench.report.figures import save_figure
 
     previous = os.umask(0o027)
     try:

@@ -11,8 +11,8 @@ import torch
 from sklearn.metrics import f1_score
 
 from lora_bench.config import RunConfig
-from lora_bench.data import macro_f1
-from lora_bench.train import WARMUP_STEPS, LengthGroupedBatches, run_training, step_throughput
+from lora_bench.run.data import macro_f1
+from lora_bench.run.train import WARMUP_STEPS, LengthGroupedBatches, run_training, step_throughput
 from lora_bench.warm import PROCESS_STARTED_ENV
 
 
@@ -96,7 +96,7 @@ def test_test_split_once_at_the_selected_epoch_gives_the_same_final_numbers(tiny
 
 
 def test_best_epoch_weights_are_restored_for_the_one_test_pass():
-    from lora_bench.train import BestEpoch
+    from lora_bench.run.train import BestEpoch
 
     model = torch.nn.Linear(2, 1)
     seen = []

@@ -19,9 +19,9 @@ from reliability_helpers import mini_study, snakemake, trained_path
 
 from lora_bench.cli import main
 from lora_bench.config import ConfigError
-from lora_bench.data import DataError
-from lora_bench.record import failure_kind
-from lora_bench.train import NonFiniteLoss
+from lora_bench.run.data import DataError
+from lora_bench.run.record import failure_kind
+from lora_bench.run.train import NonFiniteLoss
 
 NAN = {"train": {"optimizer": "sgd", "lr": 1.0e30, "max_grad_norm": None}}
 MISSING_MODEL = {"model": {"name": "no-such-config"}}

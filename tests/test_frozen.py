@@ -1,4 +1,4 @@
-"""Frozen work computed once (``train.frozen_prefix``, lora_bench/frozen.py): the cached path gives the losses and
+"""Frozen work computed once (``train.frozen_prefix``, lora_bench/run/frozen.py): the cached path gives the losses and
 metrics of the uncached one with the frozen prefix in eval mode, on every architecture with a known split; the
 cache is shared across seeds' learning rates and variants with the same cut, and invalidated when the model,
 the data or the cut changes; anything without a known split falls back, with a note, to what it did before."""
@@ -15,9 +15,9 @@ from conftest import write_sentiment_csv
 
 from lora_bench.config import ConfigError, RunConfig
 from lora_bench.faults import ENV, InjectedFault
-from lora_bench.frozen import SPLITS, FrozenPrefixModel, attach_frozen_prefix, cache_key, find_cut
-from lora_bench.methods import prepare_model
-from lora_bench.train import ClassificationTask, run_training
+from lora_bench.run.frozen import SPLITS, FrozenPrefixModel, attach_frozen_prefix, cache_key, find_cut
+from lora_bench.run.methods import prepare_model
+from lora_bench.run.train import ClassificationTask, run_training
 
 ATOL = 1e-5
 LAST_BLOCK_LORA = {"name": "lora", "lora": {"rank": 4, "alpha": 8, "layers": [1], "dropout": 0.1}}

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from lora_bench.adapters.lora import ARCHITECTURES, LinearWithLoRA, count_parameters, find_targets, peft_head_modules
+from lora_bench.adapters.quant import LinearNF4
 from lora_bench.config import ConfigError, ModelConfig, RunConfig
-from lora_bench.lora import ARCHITECTURES, LinearWithLoRA, count_parameters, find_targets, peft_head_modules
-from lora_bench.methods import lora_spec, method_architecture, prepare_model
-from lora_bench.models import load_model
-from lora_bench.quant import LinearNF4
+from lora_bench.run.methods import lora_spec, method_architecture, prepare_model
+from lora_bench.run.models import load_model
 
 # A tiny random model of every architecture in the name map (hidden 32, 2 blocks, ALBERT 1 shared block).
 TINY = {

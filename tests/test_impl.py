@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
+from lora_bench.adapters.lora import ARCHITECTURES, LinearWithLoRA, count_parameters
 from lora_bench.config import PEFT_METHODS, ConfigError, ModelConfig, RunConfig
-from lora_bench.lora import ARCHITECTURES, LinearWithLoRA, count_parameters
-from lora_bench.methods import IMPLEMENTATIONS, prepare_model
-from lora_bench.models import load_model
-from lora_bench.train import state_bytes
+from lora_bench.run.methods import IMPLEMENTATIONS, prepare_model
+from lora_bench.run.models import load_model
+from lora_bench.run.train import state_bytes
 
 peft = pytest.importorskip("peft")
 
@@ -91,7 +91,7 @@ def test_every_scaling_rule_maps_onto_peft(scaling):
 
 
 def test_causal_lm_same_counts_same_loss_same_base_bytes():
-    from lora_bench.causal import causal_method, load_causal_lm, response_logits
+    from lora_bench.run.causal import causal_method, load_causal_lm, response_logits
 
     torch.manual_seed(0)
     ours = load_causal_lm(ModelConfig("random", "tiny-llama", "float32")).model.eval()

@@ -11,19 +11,19 @@ import pandas as pd
 import pytest
 import torch
 
-from lora_bench.causal import (
+from lora_bench.adapters.lora import count_parameters
+from lora_bench.config import ConfigError, InstructConfig, ModelConfig, RunConfig
+from lora_bench.run.causal import (
     InstructTask,
     causal_tiny_tokenizer,
     closed_answer_metrics,
     load_causal_lm,
     score_candidates,
 )
-from lora_bench.config import ConfigError, InstructConfig, ModelConfig, RunConfig
-from lora_bench.data import DataError
-from lora_bench.instruct_data import Record, add_noise, encode, load_records, pack, prepare_instruct_splits
-from lora_bench.lora import count_parameters
-from lora_bench.methods import prepare_model
-from lora_bench.train import run_training
+from lora_bench.run.data import DataError
+from lora_bench.run.instruct_data import Record, add_noise, encode, load_records, pack, prepare_instruct_splits
+from lora_bench.run.methods import prepare_model
+from lora_bench.run.train import run_training
 
 # A minimal ChatML-like template (as SmolLM2's), so the chat path runs without a download.
 CHAT_TEMPLATE = (
@@ -362,8 +362,8 @@ def test_closed_answer_task_on_labelled_data_records_zero_shot_and_gain(sentimen
     assert result.data_info["answers"] == ["0", "1"] and result.data_info["noisy_train_records"] > 0
     assert result.data_info["sizes"]["train"] < result.data_info["examples"]["train"]  # packed rows
 
-    from lora_bench.record import base_record
-    from lora_bench.tables import record_rows
+    from lora_bench.analysis.tables import record_rows
+    from lora_bench.run.record import base_record
 
     record = {**base_record(RunConfig.from_dict(raw).to_dict(), {"family": "f", "variant": "v", "seed": 0}),
               "status": "ok", "metrics": result.metrics}
@@ -393,7 +393,7 @@ def test_zero_shot_evaluation_is_shared_by_runs_of_the_same_model_and_data(senti
 
 
 def test_instruct_claims_pair_variants_by_their_configs():
-    from lora_bench import stats
+    from lora_bench.analysis import stats
 
     variants = {
         "lora": {"cfg.method.lora.targets": "query+value", "cfg.method.lora.rank": 8, "cfg.method.lora.alpha": 16,

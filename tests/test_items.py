@@ -1,4 +1,4 @@
-"""Per-example predictions and the item-level statistics (lora_bench.predictions, lora_bench.items).
+"""Per-example predictions and the item-level statistics (lora_bench.run.predictions, lora_bench.analysis.items).
 
 Planted effects: simulated predictions with a known difference (and none) must be found (and not), the
 false-positive rate of the crossed test must stay within [0.03, 0.07], McNemar must match a hand count,
@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lora_bench import items
+from lora_bench.analysis import items
+from lora_bench.analysis.tables import PREDICTION_COLUMNS, collect_all, write_tables
 from lora_bench.cli import main
 from lora_bench.config import RunConfig
-from lora_bench.predictions import decode_block, item_block, predictions_section, take_items
-from lora_bench.report import build_report
-from lora_bench.tables import PREDICTION_COLUMNS, collect_all, write_tables
-from lora_bench.train import run_training
+from lora_bench.report.render import build_report
+from lora_bench.run.predictions import decode_block, item_block, predictions_section, take_items
+from lora_bench.run.train import run_training
 
 
 def test_item_block_round_trip_sorted_by_id_and_compact():

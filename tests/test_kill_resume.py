@@ -22,7 +22,7 @@ from reliability_helpers import (
     trained_path,
 )
 
-from lora_bench.record import read_record
+from lora_bench.run.record import read_record
 
 KILLED_IN_TRAINING = ("methods", "lora", 0)
 KILLED_WRITING = "methods/last_layers/seed1"
@@ -115,7 +115,7 @@ def test_only_temporary_files_of_dead_writers_on_this_host_are_cleaned(tmp_path)
     import subprocess
     import sys
 
-    from lora_bench.record import write_json_atomic
+    from lora_bench.run.record import write_json_atomic
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, host = int(finished.stdout), socket.gethostname().replace(".", "_")

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_bench.config import ModelConfig
-from lora_bench.lora import (
+from lora_bench.adapters.lora import (
     LinearWithLoRA,
     LoRASpec,
     apply_lora,
@@ -18,7 +17,8 @@ from lora_bench.lora import (
     merge_lora,
     unmerge_lora,
 )
-from lora_bench.models import load_model
+from lora_bench.config import ModelConfig
+from lora_bench.run.models import load_model
 
 peft = pytest.importorskip("peft")
 

@@ -7,12 +7,12 @@ import copy
 import torch
 from torch import nn
 
+from lora_bench.adapters.lora import LinearWithLoRA, count_parameters
+from lora_bench.adapters.quant import LinearNF4, LinearNF4WithLoRA
 from lora_bench.config import RunConfig
-from lora_bench.lora import LinearWithLoRA, count_parameters
-from lora_bench.methods import prepare_model
-from lora_bench.models import load_model
-from lora_bench.quant import LinearNF4, LinearNF4WithLoRA
-from lora_bench.train import run_training
+from lora_bench.run.methods import prepare_model
+from lora_bench.run.models import load_model
+from lora_bench.run.train import run_training
 
 
 def _prepared(method: str):

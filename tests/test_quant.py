@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_bench.lora import LoRASpec, apply_lora, count_parameters
-from lora_bench.quant import (
+from lora_bench.adapters.lora import LoRASpec, apply_lora, count_parameters
+from lora_bench.adapters.quant import (
     NF4_CODEBOOK,
     NF4_MAX_HALF_GAP,
     NF4_QUANTILE_OFFSET,

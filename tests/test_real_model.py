@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
+from lora_bench.adapters.lora import count_parameters
 from lora_bench.config import RunConfig
-from lora_bench.data import load_examples
-from lora_bench.lora import count_parameters
-from lora_bench.methods import prepare_model
-from lora_bench.models import load_model
-from lora_bench.train import run_training
+from lora_bench.run.data import load_examples
+from lora_bench.run.methods import prepare_model
+from lora_bench.run.models import load_model
+from lora_bench.run.train import run_training
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Tests of lora_bench.report: the report builds from tables and figures alone and says what it must."""
+"""Tests of lora_bench.report.render: the report builds from tables and figures alone and says what it must."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from synthetic import REALISTIC_EFFECTS, make_tables, memory_time_family
 
-from lora_bench import plots, report, stats
+from lora_bench.analysis import stats
+from lora_bench.report import figures, render
 
 FAMILIES = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time")
 GPU = "cuda:0 (NVIDIA H100 80GB HBM3)"
@@ -26,9 +27,9 @@ def built(tmp_path_factory):
     runs.to_parquet(tables / "runs.parquet")
     metrics.to_parquet(tables / "metrics.parquet")
     stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
-    figures = root / "results" / "figures"
-    plots.make_all_figures(runs, metrics, figures)
-    paths = report.build_report(tables, figures, root / "paper", meta={"config": "config/test.yaml"})
+    figures_dir = root / "results" / "figures"
+    figures.make_all_figures(runs, metrics, figures_dir)
+    paths = render.build_report(tables, figures_dir, root / "paper", meta={"config": "config/test.yaml"})
     return {
         "root": root,
         "paths": paths,
@@ -38,7 +39,7 @@ def built(tmp_path_factory):
 
 
 def test_files_exist(built):
-    assert built["paths"]["markdown"] == built["root"] / "paper" / "report.md"
+    assert built["paths"]["markdown"] == built["root"] / "paper" / "render.md"
     assert built["paths"]["markdown"].stat().st_size > 0 and built["paths"]["html"].stat().st_size > 0
 
 
@@ -98,7 +99,7 @@ def test_epochs_family_has_per_epoch_table(built):
 
 def test_report_refuses_missing_tables(tmp_path):
     with pytest.raises(FileNotFoundError, match="lora_bench"):
-        report.build_report(tmp_path, tmp_path, tmp_path / "paper")
+        render.build_report(tmp_path, tmp_path, tmp_path / "paper")
 
 
 def test_report_from_single_seed_tables(tmp_path):
@@ -106,7 +107,7 @@ def test_report_from_single_seed_tables(tmp_path):
     runs.to_parquet(tmp_path / "runs.parquet")
     metrics.to_parquet(tmp_path / "metrics.parquet")
     stats.run_stats(tmp_path / "metrics.parquet", tmp_path / "runs.parquet", tmp_path)
-    paths = report.build_report(tmp_path, tmp_path / "figures-not-built", tmp_path / "paper")
+    paths = render.build_report(tmp_path, tmp_path / "figures-not-built", tmp_path / "paper")
     md = paths["markdown"].read_text(encoding="utf-8")
     assert "was not tested" in md and "Figure missing" in md and "None: all" in md
 
@@ -115,20 +116,20 @@ def test_report_from_single_seed_tables(tmp_path):
     ("p", "text"), [(0.0004, "< 0.001"), (0.01234, "0.0123"), (0.5, "0.5"), (float("nan"), "–")]
 )
 def test_p_value_format(p, text):
-    assert report.fmt_p(p) == text
+    assert render.fmt_p(p) == text
 
 
 def test_number_formats():
-    assert report.fmt_percent(0.89437) == "89.44"
-    assert report.fmt_points(0.0123) == "+1.23" and report.fmt_points(-0.0123) == "−1.23"
-    assert report.fmt_count(22713986) == "22,713,986"
+    assert render.fmt_percent(0.89437) == "89.44"
+    assert render.fmt_points(0.0123) == "+1.23" and render.fmt_points(-0.0123) == "−1.23"
+    assert render.fmt_count(22713986) == "22,713,986"
 
 
 @pytest.mark.parametrize(
     "kind", ["methods", "rank_alpha", "coverage", "epochs", "optimizer", "generic", "new"]
 )
 def test_snakemake_caption_is_rst(kind):
-    caption = report.snakemake_report_caption(kind)
+    caption = render.snakemake_report_caption(kind)
     assert caption.startswith("**") and "95 %" in caption and caption.endswith("\n")
 
 
@@ -168,16 +169,16 @@ def test_memory_time_references_compare_only_ratios_in_another_setting(built):
     assert "ours is time per step, theirs total training time" in alpaca
 
 
-def _build(tmp_path, families, n_seeds=3, device="cpu", figures=True):
+def _build(tmp_path, families, n_seeds=3, device="cpu", draw_figures=True):
     runs, metrics = make_tables(families, n_seeds=n_seeds, device=device)
     tables = tmp_path / "tables"
     tables.mkdir()
     runs.to_parquet(tables / "runs.parquet")
     metrics.to_parquet(tables / "metrics.parquet")
     stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
-    if figures:
-        plots.make_all_figures(runs, metrics, tmp_path / "figures")
-    paths = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")
+    if draw_figures:
+        figures.make_all_figures(runs, metrics, tmp_path / "figures")
+    paths = render.build_report(tables, tmp_path / "figures", tmp_path / "paper")
     return paths["markdown"].read_text(encoding="utf-8"), paths["html"].read_text(encoding="utf-8")
 
 
@@ -192,7 +193,7 @@ def test_report_of_a_study_without_accuracy(tmp_path):
 
 
 def test_report_compares_absolute_numbers_only_in_the_same_setting(tmp_path):
-    md, _ = _build(tmp_path, [memory_time_family(model="llama-2-7b")], device=GPU, figures=False)
+    md, _ = _build(tmp_path, [memory_time_family(model="llama-2-7b")], device=GPU, draw_figures=False)
     h100 = _section(md, "### Llama-2-7B-shaped model")
     assert "Same model config as ours" in h100 and "Setting differs" not in h100
     assert "absolute values not compared" not in h100
@@ -204,16 +205,16 @@ def test_report_compares_absolute_numbers_only_in_the_same_setting(tmp_path):
 
 
 def test_report_same_model_on_cpu_is_a_different_setting(tmp_path):
-    md, _ = _build(tmp_path, [memory_time_family(model="llama-2-7b")], n_seeds=2, figures=False)
+    md, _ = _build(tmp_path, [memory_time_family(model="llama-2-7b")], n_seeds=2, draw_figures=False)
     h100 = _section(md, "### Llama-2-7B-shaped model")
     assert "**Setting differs**" in h100 and "on cpu" in h100 and "absolute values not compared" in h100
 
 
 def test_report_requires_cost_summary_for_memory_time(tmp_path):
-    _build(tmp_path, ["memory_time"], n_seeds=1, figures=False)
+    _build(tmp_path, ["memory_time"], n_seeds=1, draw_figures=False)
     (tmp_path / "tables" / "cost_summary.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="lora_bench stats"):
-        report.build_report(tmp_path / "tables", tmp_path, tmp_path / "paper")
+        render.build_report(tmp_path / "tables", tmp_path, tmp_path / "paper")
 
 
 def _study_with_flags(tmp_path, untrained: dict[str, dict], expect: dict[str, str] | None = None):
@@ -245,7 +246,7 @@ def test_a_comparison_with_a_run_that_did_not_learn_is_inconclusive_not_a_findin
     full = tests.set_index("variant").loc["full"]
     assert full["verdict"] == "better" and full["convergence"] == "inconclusive" and full["untrained_variant"] == 1
     assert tests.set_index("variant").loc["last_layers", "convergence"] == "trained"
-    md = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
+    md = render.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
     findings = md.split("**Main findings**")[1].split("\n\n## ")[0] if "**Main findings**" in md else ""
     assert "**full**" not in findings
     assert "1 comparison is inconclusive: training did not" in md
@@ -258,9 +259,9 @@ def test_a_comparison_with_a_run_that_did_not_learn_is_inconclusive_not_a_findin
 def test_a_variant_that_expects_no_learning_reads_as_expected(tmp_path):
     tables = _study_with_flags(tmp_path, {f"methods/last_layers/seed{s}": {"learned": False} for s in range(3)},
                                expect={"last_layers": "no_learning"})
-    md = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
+    md = render.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
     assert "**As expected**: the variant declares `expect: no_learning`" in md
-    assert f"| {report.md_text('methods/last_layers/seed0')} | did not learn | yes (expect: no_learning) |" in md
+    assert f"| {render.md_text('methods/last_layers/seed0')} | did not learn | yes (expect: no_learning) |" in md
 
 
 def test_converged_reference_section_says_which_differences_hold(tmp_path):
@@ -273,15 +274,15 @@ def test_converged_reference_section_says_which_differences_hold(tmp_path):
         runs.to_parquet(folder / "runs.parquet")
         metrics.to_parquet(folder / "metrics.parquet")
         stats.run_stats(folder / "metrics.parquet", folder / "runs.parquet", folder)
-    rows = {r["variant"]: r for r in report.converged_rows(
+    rows = {r["variant"]: r for r in render.converged_rows(
         pd.read_parquet(ours / "tests.parquet"),
         pd.read_parquet(converged / "tests.parquet"), "methods")}
-    assert rows[report.md_text("last_layers")]["holds"] == "yes" and rows["full"]["holds"] == "**no**"
-    md = report.build_report(ours, tmp_path / "figures", tmp_path / "paper",
+    assert rows[render.md_text("last_layers")]["holds"] == "yes" and rows["full"]["holds"] == "**no**"
+    md = render.build_report(ours, tmp_path / "figures", tmp_path / "paper",
                              reference={"tables": str(converged), "family": "methods"})["markdown"].read_text()
     assert "## This study vs the converged reference" in md and "| full | lora |" in md
     with pytest.raises(FileNotFoundError, match="converged_reference"):
-        report.build_report(ours, tmp_path / "figures", tmp_path / "paper",
+        render.build_report(ours, tmp_path / "figures", tmp_path / "paper",
                             reference={"tables": str(tmp_path / "nowhere"), "family": "methods"})
 
 
@@ -294,12 +295,12 @@ def test_memory_time_shows_ours_over_peft_in_the_table_and_the_figure(tmp_path):
     runs.to_parquet(tables / "runs.parquet")
     metrics.to_parquet(tables / "metrics.parquet")
     stats.run_stats(tables / "metrics.parquet", tables / "runs.parquet", tables)
-    fig = plots.plot_memory_time(runs, metrics, "memory_time")
+    fig = figures.plot_memory_time(runs, metrics, "memory_time")
     labels = [t.get_text() for t in fig.axes[0].texts]
-    plots.plt.close(fig)
+    figures.plt.close(fig)
     assert "ours/peft time 0.80x" in labels
-    plots.make_all_figures(runs, metrics, tmp_path / "figures")
-    md = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
+    figures.make_all_figures(runs, metrics, tmp_path / "figures")
+    md = render.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
     section = _section(md, "## Family: memory\\_time")
     assert "| Ours | peft | Memory ours/peft (95% CI) |" in section
     assert "| lora | lora-peft | 0.80× (0.80× to 0.80×) | 0.80× (0.80× to 0.80×) | 1.25× (1.25× to 1.25×) |" in section

@@ -1,4 +1,4 @@
-"""Tests of lora_bench.stats: p-values match scipy, planted effects are found, and the error rates hold.
+"""Tests of lora_bench.analysis.stats: p-values match scipy, planted effects are found, and the error rates hold.
 
 The null simulation is the important one: with 4 variants that truly equal the baseline, Holm's
 correction must keep the chance of any false claim in a family near 5 %, while each single test
@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 from synthetic import MEMORY_TIME_PLANTED, FamilySpec, make_tables, memory_time_family
 
-from lora_bench import stats
+from lora_bench.analysis import stats
 
 NULL_FAMILY = FamilySpec(name="null", kind="generic", variants=("base", "v1", "v2", "v3", "v4"))
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from lora_bench.analysis.tables import collect, write_tables
 from lora_bench.cli import main
-from lora_bench.tables import collect, write_tables
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import math
 import pytest
 
 from lora_bench import SCHEMA_VERSION
+from lora_bench.adapters.lora import count_parameters
 from lora_bench.cli import main
 from lora_bench.config import MethodConfig, RunConfig
-from lora_bench.lora import count_parameters
-from lora_bench.methods import METHODS, prepare_model
-from lora_bench.models import load_model
-from lora_bench.train import run_training
+from lora_bench.run.methods import METHODS, prepare_model
+from lora_bench.run.models import load_model
+from lora_bench.run.train import run_training
 
 
 def _distilbert_count(method: str, **lora) -> int:

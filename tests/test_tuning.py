@@ -1,4 +1,4 @@
-"""Tuning with an equal budget (lora_bench.tuning, study `tune` blocks, the select_tune checkpoint)."""
+"""Tuning with an equal budget (lora_bench.analysis.tuning, study `tune` blocks, the select_tune checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import yaml
 from reliability_helpers import jobs_run, mini_study, snakemake
 
+from lora_bench.analysis.tuning import select_tuned, selection, tuning_scores, tuning_table
 from lora_bench.config import ConfigError, RunConfig
+from lora_bench.run.train import ClassificationTask, run_training
 from lora_bench.study import study_from_dict
-from lora_bench.train import ClassificationTask, run_training
-from lora_bench.tuning import select_tuned, selection, tuning_scores, tuning_table
 
 VALUES = [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]
 

@@ -1,4 +1,4 @@
-"""Data and train seeds, variance components and the sweep that checks its own winner (lora_bench.variance).
+"""Data and train seeds, variance components and the sweep that checks its own winner (lora_bench.analysis.variance).
 
 Synthetic tables with known truth: planted variance components must lie inside their intervals; a sweep of
 configurations with equal true accuracy must show a positive optimism for its winner and no real
@@ -17,11 +17,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from lora_bench import SCHEMA_VERSION, plots, report, stats, variance
+from lora_bench import SCHEMA_VERSION
+from lora_bench.analysis import stats, variance
+from lora_bench.analysis.tables import LABEL_COLUMNS, collect, write_tables
 from lora_bench.cli import main
 from lora_bench.config import ConfigError
+from lora_bench.report import figures, render
 from lora_bench.study import study_from_dict
-from lora_bench.tables import LABEL_COLUMNS, collect, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -381,14 +383,14 @@ def test_generic_tests_and_seed_table_leave_these_kinds_out():
 
 
 def test_figures_are_registered_and_draw(tmp_path):
-    assert plots.FIGURES["variance"] is plots.plot_variance and plots.FIGURES["sweep"] is plots.plot_sweep
+    assert figures.FIGURES["variance"] is figures.plot_variance and figures.FIGURES["sweep"] is figures.plot_sweep
     runs_v, metrics_v = variance_tables(0.02, 0.0, 0.01, n_data=3, n_train=3, settings=("lora", "last_layers"))
     runs_s, metrics_s, _ = sweep_tables(EQUAL, noise=0.02, top_k=4, rerun_data=3, rerun_train=1)
     runs, metrics = pd.concat([runs_v, runs_s]), pd.concat([metrics_v, metrics_s])
-    made = plots.make_all_figures(runs, metrics, tmp_path)
+    made = figures.make_all_figures(runs, metrics, tmp_path)
     assert {m["kind"] for m in made} == {"variance", "sweep"}
     assert all(m["png"].stat().st_size > 10_000 for m in made)
-    assert "identity line" in plots.figure_caption("sweep")
+    assert "identity line" in figures.figure_caption("sweep")
 
 
 def test_report_has_the_trust_section(tmp_path, monkeypatch):
@@ -403,7 +405,7 @@ def test_report_has_the_trust_section(tmp_path, monkeypatch):
     write_tables(runs, metrics, tables)
     assert main(["stats", "--tables", str(tables)]) == 0
     assert main(["figures", "--tables", str(tables), "--out-dir", str(tmp_path / "figures")]) == 0
-    paths = report.build_report(tables, tmp_path / "figures", tmp_path / "paper")
+    paths = render.build_report(tables, tmp_path / "figures", tmp_path / "paper")
     text = paths["markdown"].read_text()
     assert "## How much to trust a single run" in text
     assert "**optimism**" in text and selection["winner"] in text
@@ -419,7 +421,7 @@ def test_report_without_trust_tables_names_the_command(tmp_path):
     metrics.to_parquet(tmp_path / "metrics.parquet")
     stats.run_stats(tmp_path / "metrics.parquet", tmp_path / "runs.parquet", tmp_path)
     with pytest.raises(FileNotFoundError, match="lora_bench stats"):
-        report.build_report(tmp_path, tmp_path, tmp_path)
+        render.build_report(tmp_path, tmp_path, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------

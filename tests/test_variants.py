@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_bench.config import ModelConfig, RunConfig
-from lora_bench.lora import (
+from lora_bench.adapters.lora import (
     LinearWithLoRA,
     LoRALayer,
     LoRASpec,
@@ -21,9 +20,10 @@ from lora_bench.lora import (
     optimizer_groups,
     unmerge_lora,
 )
-from lora_bench.methods import prepare_model
-from lora_bench.models import load_model
-from lora_bench.quant import LinearNF4WithLoRA
+from lora_bench.adapters.quant import LinearNF4WithLoRA
+from lora_bench.config import ModelConfig, RunConfig
+from lora_bench.run.methods import prepare_model
+from lora_bench.run.models import load_model
 
 peft = pytest.importorskip("peft")
 
@@ -313,7 +313,7 @@ def test_adapter_bytes_is_the_safetensors_file_of_the_trainable_tensors(tmp_path
 
     from safetensors.torch import save_file
 
-    from lora_bench.serving import adapter_bytes
+    from lora_bench.adapters.serving import adapter_bytes
 
     model = _tiny()
     apply_lora(model, LoRASpec(rank=4, alpha=8, dora=True))
@@ -329,7 +329,7 @@ def test_adapter_bytes_is_the_safetensors_file_of_the_trainable_tensors(tmp_path
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_inference_latency_leaves_the_model_as_it_was(method):
-    from lora_bench.serving import inference_latency
+    from lora_bench.adapters.serving import inference_latency
 
     cfg = RunConfig.from_dict({"model": {"source": "random", "name": "tiny-bert"},
                                "method": {"name": method, "lora": {"dora": True}}})
@@ -359,8 +359,8 @@ def test_inference_latency_leaves_the_model_as_it_was(method):
 
 
 def test_lora_runs_record_the_serving_costs(tiny_run):
-    from lora_bench.tables import RUN_LEVEL
-    from lora_bench.train import run_training
+    from lora_bench.analysis.tables import RUN_LEVEL
+    from lora_bench.run.train import run_training
 
     tiny_run["train"].update(epochs=1, lora_plus_ratio=4.0)
     tiny_run["method"]["lora"]["dora"] = True
@@ -387,8 +387,9 @@ def test_lora_variants_family_costs_and_report_section(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from synthetic import FamilySpec, make_tables
 
-    from lora_bench import plots, report, stats
-    from lora_bench.tables import METRIC_INFO
+    from lora_bench.analysis import stats
+    from lora_bench.analysis.tables import METRIC_INFO
+    from lora_bench.report import figures, render
 
     spec = FamilySpec("lora_variants", "lora_variants", ("lora", "dora", "lora_plus"))
     runs, metrics = make_tables([spec], n_seeds=3, n_epochs=1)
@@ -419,9 +420,9 @@ def test_lora_variants_family_costs_and_report_section(tmp_path):
     assert tests.loc[("dora", "adapter_bytes"), "ratio"] == pytest.approx(1.02) and tests.loc[("dora", "adapter_bytes"),
                                                                                                "exact"]
     assert tests.loc[("dora", "inference_overhead"), "ratio"] == pytest.approx(1.45 / 1.10)
-    figures = tmp_path / "figures"
-    plots.make_all_figures(runs, metrics, figures)
-    text = report.build_report(tables, figures, tmp_path / "paper")["markdown"].read_text(encoding="utf-8")
+    figures_dir = tmp_path / "figures"
+    figures.make_all_figures(runs, metrics, figures_dir)
+    text = render.build_report(tables, figures_dir, tmp_path / "paper")["markdown"].read_text(encoding="utf-8")
     section = text[text.index("## Family: lora\\_variants"):]
     assert "| Variant | n | Step time (ms, 95% CI) | Time vs lora |" in section
     assert "| dora | 3 |" in section and "1.02× (exact)" in section

@@ -10,7 +10,7 @@ rule collect:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         runs_csv=f"{RESULTS}/tables/runs.csv",
         metrics_csv=f"{RESULTS}/tables/metrics.csv",
-        # Per-example results of every run (lora_bench.predictions); parquet only.
+        # Per-example results of every run (lora_bench.run.predictions); parquet only.
         predictions=f"{RESULTS}/tables/predictions.parquet",
     log:
         "logs/collect.log",
@@ -33,13 +33,13 @@ rule stats:
         seeds=f"{RESULTS}/tables/seed_consistency.parquet",
         # Written (empty) even without a memory_time family, so the outputs do not depend on the config.
         cost=f"{RESULTS}/tables/cost_summary.parquet",
-        # lora_bench.variance: written (empty) without variance or sweep families too.
+        # lora_bench.analysis.variance: written (empty) without variance or sweep families too.
         variance=f"{RESULTS}/tables/variance_components.parquet",
         sweep=f"{RESULTS}/tables/sweep_reeval.parquet",
         sweep_summary=f"{RESULTS}/tables/sweep_summary.parquet",
-        # lora_bench.tuning: written (empty) without tuned families too.
+        # lora_bench.analysis.tuning: written (empty) without tuned families too.
         tuning=f"{RESULTS}/tables/tuning.parquet",
-        # lora_bench.items (from predictions.parquet): written (empty) when no run kept predictions too.
+        # lora_bench.analysis.items (from predictions.parquet): written (empty) when no run kept predictions too.
         item_tests=f"{RESULTS}/tables/item_tests.parquet",
         item_pairs=f"{RESULTS}/tables/item_pairs.parquet",
         item_ranks=f"{RESULTS}/tables/item_ranks.parquet",
@@ -78,7 +78,7 @@ rule figures:
         "python -m lora_bench figures --tables {params.tables:q} --out-dir {params.figures:q} > {log:q} 2>&1"
 
 
-# Probability of each rank per variant, from the item-level resampling (lora_bench.items).
+# Probability of each rank per variant, from the item-level resampling (lora_bench.analysis.items).
 rule item_ranks_figure:
     input:
         rules.stats.output.item_ranks,

@@ -9,7 +9,7 @@ module analyses it with the crossed random-effects model
     d[s, i] = D + a[s] + b[i] + e[s, i],   a ~ (0, s2_seed), b ~ (0, s2_item), e ~ (0, s2_resid)
 
 fitted by **moments** (the two-way ANOVA of the k x m array: MS_seed, MS_item, MS_resid; components
-truncated at 0, as ``lora_bench.variance`` does for its ANOVA fallback; the seed component is kept only when the
+truncated at 0, as ``analysis.variance`` does for its ANOVA fallback; the seed component is kept only when the
 F test MS_seed / MS_resid has p < 0.25, the "sometimes pool" rule, else it is 0), so that
 
     Var(mean d) = s2_seed / k + s2_item / m + s2_resid / (k m)
@@ -69,7 +69,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from lora_bench import stats
+from lora_bench.analysis import stats
 from lora_bench.atomic import write_table
 from lora_bench.study import SWEEP_KIND, TUNE_KIND, VARIANCE_KIND
 

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from . import SCHEMA_VERSION, __version__
-from .atomic import ensure_writable, replace_atomically
-from .faults import fault_point
+from lora_bench import SCHEMA_VERSION, __version__
+from lora_bench.atomic import ensure_writable, replace_atomically
+from lora_bench.faults import fault_point
 
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "peft", "bitsandbytes", "numpy", "snakemake", "gguf")
 
@@ -134,8 +134,8 @@ def failure_kind(exc: BaseException) -> str:
     """A short, stable name for why a run failed (a column of the runs table), from the exception."""
     import torch
 
-    from .config import ConfigError
-    from .data import DataError
+    from lora_bench.config import ConfigError
+    from lora_bench.run.data import DataError
 
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return "out_of_memory"

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .lora import LoRAWrapper, adapters_replaced, lora_modules
+from lora_bench.adapters.lora import LoRAWrapper, adapters_replaced, lora_modules
 
 # Batches timed per mode after WARMUP_BATCHES untimed ones, of at most MAX_BATCH_EXAMPLES examples: a few
 # seconds on a CPU at most, so every LoRA run can afford it.

@@ -1,13 +1,13 @@
 """The study's report: ``paper/report.md`` and a self-contained ``paper/report.html``, from tables alone.
 
-``build_report`` reads the tidy tables (``runs``, ``metrics``) and what ``lora_bench.stats`` derived from
+``build_report`` reads the tidy tables (``runs``, ``metrics``) and what ``lora_bench.analysis.stats`` derived from
 them (``tests``, ``summary``, ``seed_consistency``) plus the figure files, and fills the Jinja2 template
 ``templates/report.md.j2``. It never recomputes statistics: a report that disagreed with the committed
 tables would be worse than none, so a missing table is an error that names the command to run.
 
 Every sentence that states a result is generated from a row of the tests table, with its interval,
 test, Holm-adjusted p-value and number of seeds, and "no significant difference" is said as plainly
-as a win. The reference section puts each published number (``lora_bench.reference``) beside ours and
+as a win. The reference section puts each published number (``lora_bench.report.reference``) beside ours and
 says whether it lies inside our 95 % interval and whether the setting is the same at all.
 
 Families of kind ``memory_time`` (QLoRA vs LoRA vs full: memory and time) get their own table from
@@ -34,8 +34,9 @@ import jinja2
 import markdown
 import pandas as pd
 
-from lora_bench import items, plots, reference, stats, tuning, variance
+from lora_bench.analysis import items, stats, tuning, variance
 from lora_bench.atomic import write_text
+from lora_bench.report import figures, reference
 
 TEMPLATES = Path(__file__).parent / "templates"
 PRIMARY_METRIC, PRIMARY_SPLIT = "accuracy", "test"
@@ -162,7 +163,7 @@ def _read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
-# lora_bench.items: read when present (a study whose runs kept no predictions has them empty).
+# lora_bench.analysis.items: read when present (a study whose runs kept no predictions has them empty).
 ITEM_TABLES = {"item_tests": items.ITEM_TESTS_COLUMNS, "item_ranks": items.ITEM_RANKS_COLUMNS,
                "item_summary": items.ITEM_SUMMARY_COLUMNS}
 
@@ -434,7 +435,7 @@ def _condition_rows(
     family_tests = tests[(tests["family"] == family) & (tests["metric"] == PRIMARY_METRIC)]
     family_tests = family_tests[family_tests["split"] == PRIMARY_SPLIT].set_index("variant")
     rows = []
-    for variant in plots.variant_order(runs, family):
+    for variant in figures.variant_order(runs, family):
         n_failed = int(((family_runs["variant"] == variant) & (family_runs["status"] != "ok")).sum())
         row = {"variant": md_text(variant), "n": "0", "mean": "–", "ci": "–", "params": "–"}
         if variant in primary.index:
@@ -487,7 +488,7 @@ def _epoch_rows(family: str, runs: pd.DataFrame, summary: pd.DataFrame, tests: p
         (tests["family"] == family) & (tests["metric"] == "accuracy") & (tests["split"] == PRIMARY_SPLIT)
     ].set_index("variant")
     rows = []
-    for variant in plots.variant_order(runs, family):
+    for variant in figures.variant_order(runs, family):
         part = per_epoch[per_epoch["variant"] == variant]
         for epoch in sorted({int(e) for e in part["epoch"].dropna()}):
             cells = {"variant": md_text(variant), "epoch": str(epoch)}
@@ -681,7 +682,7 @@ def _memory_time_section(family: str, tables: dict) -> dict:
     baseline = stats.baseline_variant(runs, family)[0]
     memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
     rows, claims = [], []
-    for variant in plots.variant_order(runs, family):
+    for variant in figures.variant_order(runs, family):
         if variant not in cost.index:
             continue
         c = cost.loc[variant]
@@ -782,7 +783,7 @@ def _lora_variants_section(family: str, tables: dict) -> dict:
     baseline = stats.baseline_variant(runs, family)[0]
     memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
     rows, claims = [], []
-    for variant in plots.variant_order(runs, family):
+    for variant in figures.variant_order(runs, family):
         if variant not in cost.index:
             continue
         c = cost.loc[variant]
@@ -849,7 +850,7 @@ def _instruct_section(family: str, tables: dict) -> dict:
     """Zero-shot vs finetuned per variant, and each reference-B claim with n, CI, Holm p and a verdict."""
     runs, summary, metrics = tables["runs"], tables["summary"], tables["metrics"]
     rows = []
-    for variant in plots.variant_order(runs, family):
+    for variant in figures.variant_order(runs, family):
         rows.append({
             "variant": md_text(variant),
             "zero_shot": _summary_cell(summary, family, variant, "accuracy", "test", "zero_shot"),
@@ -859,8 +860,8 @@ def _instruct_section(family: str, tables: dict) -> dict:
             "ppl": _ppl_cell(summary, family, variant, "final"),
         })
     epoch_rows = []
-    per_epoch = plots.per_epoch_with_zero_shot(metrics[metrics["family"] == family], "accuracy", "test")
-    multi = [v for v in plots.variant_order(runs, family)
+    per_epoch = figures.per_epoch_with_zero_shot(metrics[metrics["family"] == family], "accuracy", "test")
+    multi = [v for v in figures.variant_order(runs, family)
              if len(per_epoch) and (per_epoch[per_epoch["variant"] == v]["epoch"].astype(int) >= 2).any()]
     for variant in multi:
         part = per_epoch[per_epoch["variant"] == variant].sort_values("epoch")
@@ -906,7 +907,7 @@ def _learning_rows(runs: pd.DataFrame, family: str) -> list[dict]:
 
 
 def _tune_section(family: str, tables: dict) -> dict | None:
-    """A tuning family's chosen values, scores per value and budget (lora_bench.tuning)."""
+    """A tuning family's chosen values, scores per value and budget (lora_bench.analysis.tuning)."""
     table = tables.get("tuning")
     if table is None or table.empty:
         return None
@@ -934,7 +935,7 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
         kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
         if kind in TRUST_KINDS:
             continue  # shown in "How much to trust a single run"
-        png = figures_dir / f"{plots.figure_stem(family)}.png"
+        png = figures_dir / f"{figures.figure_stem(family)}.png"
         primary_tests = tests[
             (tests["family"] == family)
             & (tests["metric"] == PRIMARY_METRIC)
@@ -948,7 +949,7 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
                 "name": md_text(family),
                 "anchor": family,
                 "kind": kind,
-                "caption": md_text(plots.figure_caption(kind)),
+                "caption": md_text(figures.figure_caption(kind)),
                 "figure": _relative_url(png, out_dir) if png.exists() else None,
                 "figure_path": png,
                 "show_accuracy": show_accuracy,
@@ -975,7 +976,7 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
 
 
 # ----------------------------------------------------------------------------------------------------
-# How much to trust a single run (variance and sweep families; lora_bench.variance)
+# How much to trust a single run (variance and sweep families; lora_bench.analysis.variance)
 
 TRUST_KINDS = (variance.VARIANCE_KIND, variance.SWEEP_KIND)
 TUNE_KIND = tuning.TUNE_KIND
@@ -1100,11 +1101,11 @@ def _trust_section(tables: dict, figures_dir: Path, out_dir: Path) -> dict | Non
     entries = []
     for family in families:
         kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
-        png = figures_dir / f"{plots.figure_stem(family)}.png"
+        png = figures_dir / f"{figures.figure_stem(family)}.png"
         entries.append({
             "name": md_text(family),
             "kind": kind,
-            "caption": md_text(plots.figure_caption(kind)),
+            "caption": md_text(figures.figure_caption(kind)),
             "figure": _relative_url(png, out_dir) if png.exists() else None,
             "figure_path": png,
             "sentences": _sweep_sentences(tables["sweep_summary"], family) if kind == variance.SWEEP_KIND else [],
@@ -1561,8 +1562,8 @@ def render_markdown(
         "seed_rows": _seed_rows(tables["seed_consistency"]),
         "has_items": not tables["item_tests"].empty,
         "item_ranks": _item_rank_rows(tables["item_ranks"]),
-        "item_ranks_figure": _relative_url(Path(figures_dir) / f"{plots.ITEM_RANKS_FIGURE}.png", Path(out_dir))
-        if (Path(figures_dir) / f"{plots.ITEM_RANKS_FIGURE}.png").exists() else None,
+        "item_ranks_figure": _relative_url(Path(figures_dir) / f"{figures.ITEM_RANKS_FIGURE}.png", Path(out_dir))
+        if (Path(figures_dir) / f"{figures.ITEM_RANKS_FIGURE}.png").exists() else None,
         "item_resamples": items.RANK_RESAMPLES,
         "converged": tables.get("converged"),
         "failed": _failed_runs(runs),
@@ -1577,7 +1578,7 @@ def render_markdown(
     ranks_figure = []
     if context["item_ranks"] and context["item_ranks_figure"]:
         ranks_figure = [{"figure": context["item_ranks_figure"],
-                         "figure_path": Path(figures_dir) / f"{plots.ITEM_RANKS_FIGURE}.png"}]
+                         "figure_path": Path(figures_dir) / f"{figures.ITEM_RANKS_FIGURE}.png"}]
     return (_environment().get_template("report.md.j2").render(**context),
             families + (trust or {}).get("families", []) + ranks_figure)
 
@@ -1642,7 +1643,7 @@ def build_report(
     """Write ``<out_dir>/report.md`` and a self-contained ``<out_dir>/report.html``; returns both paths.
 
     ``tables_dir`` holds runs, metrics, tests, summary and seed_consistency (``.parquet``);
-    ``figures_dir`` the PNGs from ``lora_bench.plots.make_all_figures``. ``meta`` adds lines to the
+    ``figures_dir`` the PNGs from ``lora_bench.report.figures.make_all_figures``. ``meta`` adds lines to the
     setup table (e.g. ``{"config": "config/default.yaml"}``) and may set ``title``.
     """
     tables_dir, figures_dir, out_dir = Path(tables_dir), Path(figures_dir), Path(out_dir)
@@ -1666,7 +1667,7 @@ def build_report(
 
 def snakemake_report_caption(kind: str) -> str:
     """reStructuredText caption for a family kind's figure, for Snakemake's ``report(..., caption=...)``."""
-    caption = plots.figure_caption(kind)
+    caption = figures.figure_caption(kind)
     escaped = re.sub(r"([*`|_\\])", r"\\\1", caption)
     details = (
         "Diamonds or lines are means over seeds; error bars and bands are 95 % bootstrap confidence "

@@ -1,6 +1,6 @@
 """How much to trust a single run: where the variance comes from, and the winner's curse of a sweep.
 
-Tables in, tables out, like ``lora_bench.stats`` (which this module builds on). Two family kinds:
+Tables in, tables out, like ``lora_bench.analysis.stats`` (which this module builds on). Two family kinds:
 
 - **variance**: a few data seeds (``data.split_seed``: which examples land in train, validation and test)
   crossed with a few train seeds (``seed``: initialisation, data order, dropout) per setting (method).
@@ -66,7 +66,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from lora_bench import stats
+from lora_bench.analysis import stats
 from lora_bench.atomic import write_table
 
 VARIANCE_KIND, SWEEP_KIND = "variance", "sweep"

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import replace_atomically
-from .faults import fault_point
+from lora_bench.atomic import replace_atomically
+from lora_bench.faults import fault_point
 
 CHECKPOINT_VERSION = 1
 

@@ -1,7 +1,7 @@
 """Per-example results of a run: what it predicted for every validation and test example, kept in its record.
 
 A run's accuracy is the mean of one 0/1 outcome per example; keeping the outcomes lets two methods be compared
-on the *same* examples (``lora_bench.items``), which needs far fewer seeds than comparing their means alone.
+on the *same* examples (``lora_bench.analysis.items``), which needs far fewer seeds than comparing their means alone.
 
 Each example carries an ``example_id``: its row in the pooled source (``data.load_examples``: the file's or
 dataset's own row order), not its position in a batch or a split. The same sentence therefore has the same id

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_bench.lora import LoRASpec, LoRAWrapper
+from lora_bench.adapters.lora import LoRASpec, LoRAWrapper
 
 # The 16 NF4 values exactly as bitsandbytes ships them (functional.py) and QLoRA's appendix lists
 # them: the source of truth. ``nf4_codebook_from_quantiles`` re-derives them.

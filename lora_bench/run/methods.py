@@ -23,8 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, MethodConfig
-from .lora import (
+from lora_bench.adapters.lora import (
     PEFT_SEQ_CLS_HEAD_NAMES,
     Architecture,
     LinearWithLoRA,
@@ -37,8 +36,9 @@ from .lora import (
     linear_layer_names,
     peft_head_modules,
 )
-from .models import materialize, on_meta
-from .quant import nf4_wrap_for, quantize_remaining_linears, select_backend
+from lora_bench.adapters.quant import nf4_wrap_for, quantize_remaining_linears, select_backend
+from lora_bench.config import ConfigError, MethodConfig
+from lora_bench.run.models import materialize, on_meta
 
 
 def lora_spec(method: MethodConfig) -> LoRASpec:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig
+from lora_bench.config import DataConfig
 
 SPLITS = ("train", "validation", "test")
 
@@ -425,7 +425,7 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
                 **columns,
                 "labels": [examples.labels[i] for i in chosen],
                 # The example's row in the pooled source: the same sentence has the same id in every run and
-                # family on these data (lora_bench.predictions), whatever the batch order.
+                # family on these data (lora_bench.run.predictions), whatever the batch order.
                 "example_id": [int(i) for i in chosen],
             })
         splits = datasets.DatasetDict(splits)

@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import replace_atomically
-from .config import RunConfig
-from .data import SPLITS as SPLIT_NAMES
+from lora_bench.atomic import replace_atomically
+from lora_bench.config import RunConfig
+from lora_bench.run.data import SPLITS as SPLIT_NAMES
 
 # Bump when the file layout or what a key covers changes: old files are then never read.
 CACHE_VERSION = 1
@@ -374,7 +374,7 @@ def attach_frozen_prefix(model: nn.Module, cfg: RunConfig, task, splits, device:
     split = SPLITS.get(model_type)
     if cfg.task != "classification" or split is None or not hasattr(model, "base_model"):
         why = (f"task {cfg.task}" if cfg.task != "classification"
-               else f"model_type {model_type!r} has no known block split (lora_bench/frozen.py SPLITS)")
+               else f"model_type {model_type!r} has no known block split (lora_bench/run/frozen.py SPLITS)")
         info["notes"] = [f"train.frozen_prefix {mode} not applied ({why}): the frozen layers ran in training "
                          "mode, dropout active, as with frozen_prefix train"]
         return model, info

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig, InstructConfig
-from .data import SPLITS, DataError, load_examples, split_indices
+from lora_bench.config import DataConfig, InstructConfig
+from lora_bench.run.data import SPLITS, DataError, load_examples, split_indices
 
 PLAIN_HEADERS = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 # ShareGPT and similar dumps name the speakers differently; all map onto user / assistant / system.
@@ -410,7 +410,7 @@ def _encode_split(records: list[Record], tokenizer, chat: bool, icfg: InstructCo
         for key in ("input_ids", "labels", "prompt_len"):
             columns[key].append(encoded[key])
         # The record's row in its source, from 0: for labelled data the very id a classification run gives the
-        # same sentence (data.split_indices), so encoder and causal LM runs pair on it (lora_bench.predictions).
+        # same sentence (data.split_indices), so encoder and causal LM runs pair on it (lora_bench.run.predictions).
         columns["example_id"].append(record.row - 1)
         if answers is not None:
             candidates = []

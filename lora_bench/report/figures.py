@@ -2,7 +2,7 @@
 
 Every function takes the tidy ``runs`` and ``metrics`` tables (``docs/tables.md``) and a family name and
 returns a ``Figure``; ``save_figure`` writes it as PNG and SVG. Means and 95 % intervals come from
-``lora_bench.stats.summarize`` so the figures show the same numbers as the report's tables (seaborn's
+``lora_bench.analysis.stats.summarize`` so the figures show the same numbers as the report's tables (seaborn's
 own bootstrap would draw slightly different intervals). Failed runs are left out; a condition with a
 single run is drawn as a point without an interval.
 
@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from lora_bench import stats, tuning, variance  # noqa: E402
+from lora_bench.analysis import stats, tuning, variance  # noqa: E402
 from lora_bench.atomic import replace_atomically  # noqa: E402
 
 PNG_DPI = 150
@@ -575,7 +575,7 @@ def _n_variants(runs: pd.DataFrame, family: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# How much to trust a single run (lora_bench.variance)
+# How much to trust a single run (lora_bench.analysis.variance)
 
 
 def _short(setting: str, width: int = 28) -> str:
@@ -720,7 +720,7 @@ ITEM_RANKS_FIGURE = "item_ranks"
 def plot_item_ranks(ranks: pd.DataFrame) -> Figure:
     """Probability of each rank per variant (1 = best test accuracy), one panel per family.
 
-    From the ``item_ranks`` table (``lora_bench.items``): a two-way bootstrap over the seeds and test examples
+    From the ``item_ranks`` table (``lora_bench.analysis.items``): a two-way bootstrap over the seeds and test examples
     every variant shares; the letters after a name are its tie groups (variants sharing a letter have no
     significant pairwise difference by the crossed items x seeds test, Holm-corrected within the family).
     """

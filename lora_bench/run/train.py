@@ -31,18 +31,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .causal import InstructTask
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, MethodConfig, RunConfig, TrainConfig
-from .data import SPLITS, macro_f1, prepare_splits
-from .diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
-from .frozen import attach_frozen_prefix
-from .lora import count_parameters, optimizer_groups
-from .methods import builds_layer_by_layer, prepare_model
-from .models import load_model, load_tokenizer, materialize, max_positions, on_meta
-from .predictions import ITEMS_KEY, dataset_example_ids, item_block, predictions_section, take_items
-from .serving import serving_batches, serving_costs
-from .warm import IN_WORKER_ENV, PROCESS_STARTED_ENV
+from lora_bench.adapters.lora import count_parameters, optimizer_groups
+from lora_bench.adapters.serving import serving_batches, serving_costs
+from lora_bench.config import ConfigError, MethodConfig, RunConfig, TrainConfig
+from lora_bench.run.causal import InstructTask
+from lora_bench.run.checkpoint import load_checkpoint, save_checkpoint
+from lora_bench.run.data import SPLITS, macro_f1, prepare_splits
+from lora_bench.run.diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
+from lora_bench.run.frozen import attach_frozen_prefix
+from lora_bench.run.methods import builds_layer_by_layer, prepare_model
+from lora_bench.run.models import load_model, load_tokenizer, materialize, max_positions, on_meta
+from lora_bench.run.predictions import ITEMS_KEY, dataset_example_ids, item_block, predictions_section, take_items
+from lora_bench.warm import IN_WORKER_ENV, PROCESS_STARTED_ENV
 
 # Steps excluded from step times and throughput: the first ones pay for allocator warm-up and lazy init.
 WARMUP_STEPS = 3
@@ -404,7 +404,7 @@ class RunResult:
     device: str
     diagnostics: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # The selected epoch's per-example results (lora_bench.predictions), for the record's ``predictions``.
+    # The selected epoch's per-example results (lora_bench.run.predictions), for the record's ``predictions``.
     predictions: dict = field(default_factory=dict)
 
 

@@ -506,7 +506,7 @@ def _pattern_help(model_type, linears: list[str]) -> str:
         "    head_patterns: ['classifier(\\..*)?']  # every linear layer of the classification head\n"
         "    lora:\n"
         "      target_patterns: ['.*\\.layer\\.(?P<layer>\\d+)\\.attention\\.(query|value)']\n"
-        f"or add an Architecture for model_type {model_type!r} to ARCHITECTURES in lora_bench/lora.py."
+        f"or add an Architecture for model_type {model_type!r} to ARCHITECTURES in lora_bench/adapters/lora.py."
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_bench import stats
+from lora_bench.analysis import stats
 from lora_bench.atomic import write_table
 from lora_bench.study import TUNE_KIND
 

@@ -1,0 +1,1 @@
+"""Records -> tidy tables -> summaries, significance tests, variance components, tuning and item-level statistics."""

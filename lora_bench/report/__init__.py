@@ -1,0 +1,1 @@
+"""Tables -> figures -> the report (paper/report.md and .html)."""
