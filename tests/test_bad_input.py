@@ -16,7 +16,7 @@ import string
 import pandas as pd
 import pytest
 import yaml
-from hypothesis import assume, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lora_bench import SCHEMA_VERSION
@@ -325,11 +325,9 @@ def test_any_table_loads_or_is_a_data_error(tmp_path_factory, table, suffix):
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps(dict(zip(columns, row))) + "\n" for row in rows), encoding="utf-8")
     elif suffix == ".parquet":
-        assume(all(isinstance(c, str) for c in columns))
-        try:
-            pd.DataFrame(rows, columns=columns).astype(str).to_parquet(path)
-        except Exception:
-            assume(False)
+        # Every such table is writable (unique string column names, cells cast to str), so a failure to write
+        # it is a failure of the test, not an input to skip.
+        pd.DataFrame(rows, columns=columns).astype(str).to_parquet(path)
     else:
         import csv
 
