@@ -124,8 +124,8 @@ def _merged(run: dict, overrides: dict | None) -> dict:
 def prepare_data(run: dict):
     """(tokenized splits, data info) exactly as lora_bench's classification task prepares them.
 
-    The tokenizer id is the one ``ClassificationTask.prepare_data`` uses, so both implementations (and this
-    script's warm-up call) hit one on-disk cache of the same tokenized examples.
+    The tokenizer id is the one ``lora_bench.run.tasks.ClassificationTask.prepare_data`` uses, so both
+    implementations (and this script's warm-up call) hit one on-disk cache of the same tokenized examples.
     """
     from lora_bench.config import RunConfig
     from lora_bench.run.data import prepare_splits

@@ -263,7 +263,7 @@ def cmd_fetch_data(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
-    from lora_bench.run.train import TASKS
+    from lora_bench.run.tasks import TASKS
     from lora_bench.study import load_study
 
     _quiet_libraries()

@@ -47,7 +47,7 @@ IN_WORKER_ENV = "LORA_BENCH_IN_WARM_WORKER"
 IDLE_SECONDS = 120.0
 CONNECT_TIMEOUT_S = 2.0
 # What a training job imports before its first step; importing them here is the whole saving.
-PRELOAD = ("torch", "transformers", "datasets", "numpy", "lora_bench.run.train", "lora_bench.run.causal",
+PRELOAD = ("torch", "transformers", "datasets", "numpy", "lora_bench.run.train", "lora_bench.run.causal_lm",
            "lora_bench.run.record", "lora_bench.run.checkpoint", "transformers.models.bert.modeling_bert",
            "transformers.models.distilbert.modeling_distilbert", "transformers.models.roberta.modeling_roberta",
            "transformers.models.llama.modeling_llama")

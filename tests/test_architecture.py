@@ -1,7 +1,7 @@
 """The package's folders are the pipeline, and its imports go one way.
 
 Folders: ``config``/``study`` (what to run) -> ``adapters/`` (the LoRA and 4-bit layers) -> ``run/`` (one run:
-model, data, method, training, record) -> ``analysis/`` (records -> tables -> statistics) -> ``report/``
+model, data, method, task, training, record) -> ``analysis/`` (records -> tables -> statistics) -> ``report/``
 (tables -> figures -> report) -> ``cli``. A module may import only modules of a lower layer and of its own or an
 earlier stage folder (imports inside functions count too). Every module must be given a layer here, so the rule
 cannot be bypassed by omission.
@@ -21,15 +21,17 @@ LAYERS = {
     "faults": 0, "warm": 0, "atomic": 0, "config": 0, "adapters.lora": 0, "report.reference": 0,
     # sources, quantization and methods
     "adapters.quant": 1, "run.data": 1, "run.models": 1, "study": 1, "run.diagnostics": 1, "run.predictions": 1,
-    "run.methods": 2, "run.record": 2, "run.instruct_data": 2,
-    "run.causal": 3, "run.checkpoint": 3, "run.frozen": 3, "adapters.serving": 3,
-    "run.train": 4,
+    "run.methods": 2, "run.record": 2, "run.instruct_data": 2, "run.causal_lm": 2, "run.tasks.base": 2,
+    "run.checkpoint": 3, "run.frozen": 3, "adapters.serving": 3,
+    # the tasks (one module each) and their registry, which the loop reads
+    "run.tasks.classification": 3, "run.tasks.instruct": 3, "run.tasks": 4,
+    "run.train": 5,
     # analysis: the tidy tables read from records, then statistics
-    "analysis.tables": 5,
-    "analysis.stats": 6, "analysis.variance": 7, "analysis.tuning": 7, "analysis.items": 7,
-    "report.figures": 8,
-    "report.render": 9,
-    "cli": 10, "__main__": 11, "__init__": 11,
+    "analysis.tables": 6,
+    "analysis.stats": 7, "analysis.variance": 8, "analysis.tuning": 8, "analysis.items": 8,
+    "report.figures": 9,
+    "report.render": 10,
+    "cli": 11, "__main__": 12, "__init__": 12,
     # the stage folders' own __init__ files import nothing
     "adapters": 0, "run": 0, "analysis": 0, "report": 0,
 }

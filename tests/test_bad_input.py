@@ -434,7 +434,7 @@ def test_a_hub_model_that_cannot_be_loaded_is_named_with_the_offline_alternative
     import huggingface_hub.constants
 
     from lora_bench.config import ModelConfig
-    from lora_bench.run.causal import load_causal_lm
+    from lora_bench.run.causal_lm import load_causal_lm
     from lora_bench.run.models import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

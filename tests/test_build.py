@@ -27,7 +27,7 @@ MID_SIZE = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "in
 PEAK_RSS = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from lora_bench.run.causal import load_causal_lm
+    from lora_bench.run.causal_lm import load_causal_lm
     from lora_bench.config import ModelConfig
     # A tiny model first, so the modules transformers imports lazily are not counted as the model.
     load_causal_lm(ModelConfig("random", "tiny-llama", "bfloat16"))
@@ -89,7 +89,7 @@ def test_materialized_model_is_whole_initialised_and_has_the_buffers_of_a_plain_
 
 
 def test_tied_embeddings_stay_one_tensor(tmp_path):
-    from lora_bench.run.causal import load_causal_lm
+    from lora_bench.run.causal_lm import load_causal_lm
 
     config = tmp_path / "tied.json"
     config.write_text(json.dumps({**json.loads((random_model_config("tiny-llama")[0]).read_text()),
@@ -164,7 +164,7 @@ def test_a_7b_shaped_model_is_built_on_the_gpu_in_seconds():
     import time
 
     start = time.perf_counter()
-    from lora_bench.run.causal import load_causal_lm
+    from lora_bench.run.causal_lm import load_causal_lm
 
     model = load_causal_lm(ModelConfig("random", "llama-2-7b", "bfloat16"), device="cuda").model
     torch.cuda.synchronize()

@@ -15,7 +15,8 @@ from lora_bench.config import ConfigError, ModelConfig, RunConfig
 from lora_bench.run.data import DataError, load_examples, prepare_splits, split_stratified
 from lora_bench.run.methods import prepare_model
 from lora_bench.run.models import load_model, load_tokenizer, tiny_tokenizer
-from lora_bench.run.train import accepted_inputs, run_training
+from lora_bench.run.tasks.classification import accepted_inputs
+from lora_bench.run.train import run_training
 
 ARCHITECTURES = ["tiny-roberta", "tiny-deberta-v2", "tiny-electra", "tiny-albert", "tiny-mpnet"]
 COVERAGE = {"query+value": ["query", "value"], "all": ["query", "key", "value", "projection", "mlp"]}

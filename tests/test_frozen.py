@@ -17,7 +17,8 @@ from lora_bench.config import ConfigError, RunConfig
 from lora_bench.faults import ENV, InjectedFault
 from lora_bench.run.frozen import SPLITS, FrozenPrefixModel, attach_frozen_prefix, cache_key, find_cut
 from lora_bench.run.methods import prepare_model
-from lora_bench.run.train import ClassificationTask, run_training
+from lora_bench.run.tasks import ClassificationTask
+from lora_bench.run.train import run_training
 
 ATOL = 1e-5
 LAST_BLOCK_LORA = {"name": "lora", "lora": {"rank": 4, "alpha": 8, "layers": [1], "dropout": 0.1}}

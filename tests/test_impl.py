@@ -91,7 +91,8 @@ def test_every_scaling_rule_maps_onto_peft(scaling):
 
 
 def test_causal_lm_same_counts_same_loss_same_base_bytes():
-    from lora_bench.run.causal import causal_method, load_causal_lm, response_logits
+    from lora_bench.run.causal_lm import load_causal_lm
+    from lora_bench.run.tasks.instruct import causal_method, response_logits
 
     torch.manual_seed(0)
     ours = load_causal_lm(ModelConfig("random", "tiny-llama", "float32")).model.eval()

@@ -13,16 +13,11 @@ import torch
 
 from lora_bench.adapters.lora import count_parameters
 from lora_bench.config import ConfigError, InstructConfig, ModelConfig, RunConfig
-from lora_bench.run.causal import (
-    InstructTask,
-    causal_tiny_tokenizer,
-    closed_answer_metrics,
-    load_causal_lm,
-    score_candidates,
-)
+from lora_bench.run.causal_lm import causal_tiny_tokenizer, load_causal_lm
 from lora_bench.run.data import DataError
 from lora_bench.run.instruct_data import Record, add_noise, encode, load_records, pack, prepare_instruct_splits
 from lora_bench.run.methods import prepare_model
+from lora_bench.run.tasks.instruct import InstructTask, closed_answer_metrics, score_candidates
 from lora_bench.run.train import run_training
 
 # A minimal ChatML-like template (as SmolLM2's), so the chat path runs without a download.

@@ -13,7 +13,8 @@ from reliability_helpers import jobs_run, mini_study, snakemake
 
 from lora_bench.analysis.tuning import select_tuned, selection, tuning_scores, tuning_table
 from lora_bench.config import ConfigError, RunConfig
-from lora_bench.run.train import ClassificationTask, run_training
+from lora_bench.run.tasks import ClassificationTask
+from lora_bench.run.train import run_training
 from lora_bench.study import study_from_dict
 
 VALUES = [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]

@@ -8,14 +8,15 @@ on test (the reference recipe) gives, without storing checkpoints. With ``train.
 loop saves its whole state after every epoch (``checkpoint.py``) and a re-started run continues from
 there, with the metrics an uninterrupted run gives.
 
-The loop is shared by every task (``TASKS``: classification here, instruction finetuning of a causal LM in
-``causal.py``): the task supplies the model, batches, loss and evaluation (and, for causal LMs, an epoch-0
-zero-shot evaluation); the loop owns optimizer, schedule, accumulation, precision, the NaN stop and the records.
+The loop is shared by every task (``lora_bench.run.tasks``: classification, instruction finetuning of a causal
+LM; the contract is ``tasks.base.Task``): the task supplies the model, batches, loss and evaluation (and, for
+causal LMs, an epoch-0 zero-shot evaluation); the loop owns optimizer, schedule, accumulation, precision, the NaN
+stop and the records. ``run_training`` reads as its three parts: ``set_up`` (device, seeds, task, model, method,
+optimizer, schedule), ``start`` (resume or the zero-shot epoch), ``train_epoch`` per epoch, and ``result``.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import random
@@ -33,15 +34,16 @@ from torch import nn
 
 from lora_bench.adapters.lora import count_parameters, optimizer_groups
 from lora_bench.adapters.serving import serving_batches, serving_costs
-from lora_bench.config import ConfigError, MethodConfig, RunConfig, TrainConfig
-from lora_bench.run.causal import InstructTask
+from lora_bench.config import RunConfig, TrainConfig
 from lora_bench.run.checkpoint import load_checkpoint, save_checkpoint
-from lora_bench.run.data import SPLITS, macro_f1, prepare_splits
-from lora_bench.run.diagnostics import LOSS_POINTS_PER_EPOCH, diagnose, prediction_shape
+from lora_bench.run.data import SPLITS
+from lora_bench.run.diagnostics import LOSS_POINTS_PER_EPOCH, diagnose
 from lora_bench.run.frozen import attach_frozen_prefix
-from lora_bench.run.methods import builds_layer_by_layer, prepare_model
-from lora_bench.run.models import load_model, load_tokenizer, materialize, max_positions, on_meta
-from lora_bench.run.predictions import ITEMS_KEY, dataset_example_ids, item_block, predictions_section, take_items
+from lora_bench.run.methods import prepare_model
+from lora_bench.run.models import LoadedModel, materialize, on_meta
+from lora_bench.run.predictions import predictions_section, take_items
+from lora_bench.run.tasks import TASKS, Task
+from lora_bench.run.tasks.base import precision_autocast
 from lora_bench.warm import IN_WORKER_ENV, PROCESS_STARTED_ENV
 
 # Steps excluded from step times and throughput: the first ones pay for allocator warm-up and lazy init.
@@ -94,29 +96,6 @@ def resolve_device(train: TrainConfig) -> torch.device:
     return torch.device(train.device)
 
 
-def make_collate(pad_id: int):
-    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-        # Dynamic padding: each batch is padded only to its own longest example.
-        longest = max(len(example["input_ids"]) for example in batch)
-        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, example in enumerate(batch):
-            ids = example["input_ids"]
-            input_ids[row, : len(ids)] = torch.as_tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        labels = torch.as_tensor([example["labels"] for example in batch], dtype=torch.long)
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if "token_type_ids" in batch[0]:
-            # Sentence pairs: segment ids, padded with 0 like the first segment.
-            token_types = torch.zeros((len(batch), longest), dtype=torch.long)
-            for row, example in enumerate(batch):
-                token_types[row, : len(example["token_type_ids"])] = torch.as_tensor(example["token_type_ids"])
-            out["token_type_ids"] = token_types
-        return out
-
-    return collate
-
-
 def build_optimizer(params: list[nn.Parameter] | list[dict], train: TrainConfig) -> torch.optim.Optimizer:
     builders = {
         "adamw": lambda: torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay),
@@ -143,17 +122,6 @@ def build_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig, total_s
         return decay((step - warmup) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-
-
-def _by_length(split):
-    lengths = [len(ids) for ids in split["input_ids"]]
-    return split.select(sorted(range(len(lengths)), key=lengths.__getitem__))
 
 
 class LengthGroupedBatches(torch.utils.data.Sampler):
@@ -189,117 +157,6 @@ def train_loader(split, train: TrainConfig, generator: torch.Generator, collate)
                                                                                      generator), collate_fn=collate)
     return torch.utils.data.DataLoader(split, batch_size=train.batch_size, shuffle=True, generator=generator,
                                        collate_fn=collate)
-
-
-def accepted_inputs(model: nn.Module) -> frozenset[str]:
-    """The batch keys ``model.forward`` takes: DistilBERT, MPNet and Llama have no ``token_type_ids``, and
-    RoBERTa/DeBERTa take them but have fewer than two segment embeddings, so segment 1 would not exist."""
-    names = set(inspect.signature(model.forward).parameters)
-    if getattr(model.config, "type_vocab_size", 2) < 2:
-        names.discard("token_type_ids")
-    return frozenset(names & {"input_ids", "attention_mask", "token_type_ids"})
-
-
-def _model_inputs(batch: dict, device: torch.device, accepted: frozenset[str] | None = None) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k != "labels" and (accepted is None or k in accepted)}
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, precision, accepted: frozenset[str] | None = None) -> dict:
-    """Accuracy, mean loss and macro-F1 (the mean of per-class F1, so every class counts alike)."""
-    model.eval()
-    loss_sum = 0.0
-    predictions, truth, gold_logp = [], [], []
-    for batch in loader:
-        with _autocast(device, precision):
-            logits = model(**_model_inputs(batch, device, accepted)).logits.float()
-        labels = batch["labels"].to(device)
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        predictions.append(logits.argmax(-1).cpu())
-        truth.append(labels.cpu())
-        gold_logp.append(torch.log_softmax(logits, -1).gather(1, labels[:, None])[:, 0].cpu())
-    predicted, actual = torch.cat(predictions).numpy(), torch.cat(truth).numpy()
-    out = {"accuracy": float((predicted == actual).mean()), "loss": loss_sum / len(actual),
-           "macro_f1": macro_f1(actual, predicted), **prediction_shape(actual, predicted)}
-    ids = dataset_example_ids(loader.dataset)  # the loader does not shuffle: its rows are the dataset's, in order
-    if ids is not None:
-        out[ITEMS_KEY] = item_block(ids, actual, predicted, torch.cat(gold_logp).numpy())
-    return out
-
-
-def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
-    """``data.max_length`` must fit the model's position embeddings, or long inputs would index past them."""
-    limit = max_positions(model.config)
-    if limit is not None and cfg.data.max_length > limit:
-        raise ConfigError(
-            f"{cfg.source}: data.max_length {cfg.data.max_length} is longer than model {cfg.model.name!r} "
-            f"accepts ({limit} positions, from its max_position_embeddings); set data.max_length <= {limit}"
-        )
-
-
-class ClassificationTask:
-    """A sequence-classification head on the model, cross-entropy on the labels, accuracy and macro-F1.
-
-    A task gives the shared training loop in ``run_training`` its model, batches, loss and evaluation; the
-    loop keeps everything else (optimizer, schedule, accumulation, precision, NaN stop, per-epoch records).
-    """
-
-    name = "classification"
-    zero_shot = False  # a freshly initialised head has nothing to measure before training
-
-    def __init__(self, cfg: RunConfig, device: torch.device, autocast=None):
-        self.cfg, self.device = cfg, device
-        self.eval_loaders: dict = {}
-
-    @staticmethod
-    def prepare_data(cfg: RunConfig):
-        tokenizer_id = f"{cfg.model.source}:{cfg.model.name}"
-        return prepare_splits(cfg.data, load_tokenizer(cfg.model), tokenizer_id)
-
-    def load(self):
-        # The label set comes from the data, so the data is prepared first and the head sized to it.
-        splits, data_info = self.prepare_data(self.cfg)
-        loaded = load_model(self.cfg.model, num_labels=len(data_info["label_names"]), device=self.device,
-                            defer=builds_layer_by_layer(self.cfg.method))
-        check_max_length(self.cfg, loaded.model)
-        self.accepted = accepted_inputs(loaded.model)
-        pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-        self.collate = make_collate(pad_id)
-        # Evaluation order does not change accuracy, so sort by length: batches of similar lengths pad less.
-        self.eval_loaders = {
-            name: torch.utils.data.DataLoader(_by_length(splits[name]), batch_size=self.cfg.train.eval_batch_size,
-                                              collate_fn=self.collate)
-            for name in SPLITS
-        }
-        return loaded, splits, data_info
-
-    def method(self, method: MethodConfig) -> MethodConfig:
-        return method
-
-    def loss(self, model: nn.Module, batch: dict):
-        """(mean loss, its weight in the epoch's mean, examples, tokens) of one micro-batch."""
-        labels = batch["labels"].to(self.device)
-        with _autocast(self.device, self.cfg.train.precision):
-            logits = model(**_model_inputs(batch, self.device, self.accepted)).logits.float()
-        loss = nn.functional.cross_entropy(logits, labels)
-        return loss, len(labels), len(labels), int(batch["attention_mask"].sum())
-
-    def evaluate(self, model: nn.Module, split: str) -> dict:
-        return evaluate(model, self.eval_loaders[split], self.device, self.cfg.train.precision, self.accepted)
-
-    @staticmethod
-    def select(record: dict):
-        return (record["validation_accuracy"], -record["epoch"])
-
-    def after_training(self, model: nn.Module) -> dict:
-        return {}
-
-    def zero_shot_metrics(self, compute):
-        return compute()
-
-
-# Task name (the run config's `task`) -> what the shared loop trains and how it is evaluated.
-TASKS = {"classification": ClassificationTask, "instruct": InstructTask}
 
 
 def _evaluate_splits(task, model: nn.Module, train_cfg: TrainConfig, splits=SPLITS) -> dict:
@@ -417,20 +274,89 @@ def _progress(iterable, cfg: TrainConfig, desc: str, total: int):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> RunResult:
-    """Train and evaluate one run as ``cfg`` says.
+@dataclass
+class Setup:
+    """A run ready for its first step: the task, the adapted model on its device, and what updates it.
 
-    ``checkpoint_file``: where per-epoch checkpoints go when ``cfg.train.checkpoint`` is ``epoch``; a
-    checkpoint already there for the same config is resumed from.
+    Built by ``set_up`` in a fixed order (seed, load, re-seed, adapt, then the data order and the optimizer), which
+    is what makes a seed give the same run; ``checkpoint_file`` is None unless per-epoch checkpoints are on.
     """
-    started = time.perf_counter()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train)
-    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
-    seed_everything(cfg.seed)
 
-    task = TASKS[cfg.task](cfg, device, lambda: _autocast(device, cfg.train.precision))
+    cfg: RunConfig
+    device: torch.device
+    task: Task
+    loaded: LoadedModel
+    splits: dict
+    data_info: dict
+    model: nn.Module
+    method_info: dict
+    trainable: int
+    total: int
+    generator: torch.Generator
+    loader: torch.utils.data.DataLoader
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    total_steps: int
+    checkpoint_file: str | Path | None
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.checkpoint_file is not None
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint saves and restores besides the loop's progress."""
+        return {"config": self.cfg.to_dict(), "model": self.model, "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "scaler": self.scaler, "generator": self.generator}
+
+
+@dataclass
+class Progress:
+    """The loop's bookkeeping so far; all of it but the notes and the first step's clock goes into checkpoints."""
+
+    epochs: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    loss_curve: list = field(default_factory=list)
+    # Per optimizer step: seconds, examples, real tokens, padded tokens (throughput leaves out warm-up steps).
+    steps: dict = field(default_factory=lambda: {"seconds": [], "examples": [], "tokens": [], "padded": []})
+    step: int = 0
+    first_epoch: int = 1
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    first_step_at: float | None = None
+
+    @property
+    def trained(self) -> list[dict]:
+        """The records of trained epochs (without a zero-shot epoch 0)."""
+        return [record for record in self.epochs if record["epoch"] >= 1]
+
+    def resume(self, saved: dict) -> None:
+        """Continue from a checkpoint's progress (older checkpoints kept only the step times)."""
+        self.epochs, self.step, self.loss_curve = saved["epochs"], saved["step"], saved.get("loss_curve", [])
+        self.steps = saved.get("steps") or {"seconds": saved["step_times"], "examples": [], "tokens": [],
+                                            "padded": []}
+        self.train_seconds, self.first_epoch = saved["train_seconds"], saved["epoch"] + 1
+        self.eval_seconds = saved.get("eval_seconds", 0.0)
+        self.notes.append(f"resumed from the checkpoint saved after epoch {saved['epoch']}")
+
+    def saved(self, epoch: int) -> dict:
+        """The progress a checkpoint written after ``epoch`` holds."""
+        return {"epoch": epoch, "epochs": self.epochs, "step": self.step, "steps": self.steps,
+                "step_times": self.steps["seconds"], "loss_curve": self.loss_curve,
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
+
+    def count_step(self, seconds: float, examples: int, tokens: int, padded: int) -> None:
+        self.first_step_at = self.first_step_at or time.time()
+        for key, value in (("seconds", seconds), ("examples", examples), ("tokens", tokens), ("padded", padded)):
+            self.steps[key].append(value)
+
+
+def _load_and_adapt(cfg: RunConfig, device: torch.device) -> tuple:
+    """(task, loaded, splits, data info, the model to train, method info, trainable and total parameter counts)."""
+    seed_everything(cfg.seed)
+    task = TASKS[cfg.task](cfg, device, lambda: precision_autocast(device, cfg.train.precision))
     loaded, splits, data_info = task.load()
     model = loaded.model
     # Re-seed after loading so the LoRA init and data order do not depend on how many random
@@ -450,150 +376,169 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         raise TrainingFailed(f"method {cfg.method.name!r} left no trainable parameter")
     # train.frozen_prefix: the frozen layers below the first trainable block in eval mode, their outputs cached.
     model, method_info["frozen_prefix"] = attach_frozen_prefix(model, cfg, task, splits, device)
+    return task, loaded, splits, data_info, model, method_info, trainable, total
 
+
+def set_up(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> Setup:
+    """Device, threads and determinism, the task's model and data, the method, data order, optimizer, schedule."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train)
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    task, loaded, splits, data_info, model, method_info, trainable, total = _load_and_adapt(cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = train_loader(splits["train"], cfg.train, generator, task.collate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(optimizer_groups(model, cfg.train.lr, cfg.train.lora_plus_ratio), cfg.train)
     steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     total_steps = steps_per_epoch * cfg.train.epochs
-    scheduler = build_schedule(optimizer, cfg.train, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    return Setup(
+        cfg=cfg, device=device, task=task, loaded=loaded, splits=splits, data_info=data_info, model=model,
+        method_info=method_info, trainable=trainable, total=total, generator=generator, loader=loader,
+        params=params, optimizer=optimizer, scheduler=build_schedule(optimizer, cfg.train, total_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        checkpoint_file=checkpoint_file if cfg.train.checkpoint == "epoch" else None,
+    )
 
-    epochs, notes, loss_curve = [], [], []
-    notes += method_info["frozen_prefix"].get("notes", [])
-    # Per optimizer step: seconds, examples, real tokens, padded tokens (throughput leaves out warm-up steps).
-    steps: dict[str, list] = {"seconds": [], "examples": [], "tokens": [], "padded": []}
-    train_seconds = eval_seconds = 0.0
-    first_step_at = None
-    step = 0
-    first_epoch = 1
-    checkpointing = cfg.train.checkpoint == "epoch" and checkpoint_file is not None
-    state = {"config": cfg.to_dict(), "model": model, "optimizer": optimizer, "scheduler": scheduler,
-             "scaler": scaler, "generator": generator}
-    resumed, note = load_checkpoint(checkpoint_file, **state) if checkpointing else (None, None)
-    notes += [note] if note else []
+
+def start(run: Setup) -> Progress:
+    """The progress to start from: a checkpoint's, else none, with the zero-shot epoch 0 when the task has one."""
+    cfg, task = run.cfg, run.task
+    progress = Progress(notes=list(run.method_info["frozen_prefix"].get("notes", [])))
+    resumed, note = (load_checkpoint(run.checkpoint_file, **run.checkpoint_state()) if run.checkpointing
+                     else (None, None))
+    progress.notes += [note] if note else []
     if resumed:
-        epochs, step, loss_curve = resumed["epochs"], resumed["step"], resumed.get("loss_curve", [])
-        steps = resumed.get("steps") or {"seconds": resumed["step_times"], "examples": [], "tokens": [],
-                                         "padded": []}
-        train_seconds, first_epoch = resumed["train_seconds"], resumed["epoch"] + 1
-        eval_seconds = resumed.get("eval_seconds", 0.0)
-        notes.append(f"resumed from the checkpoint saved after epoch {resumed['epoch']}")
+        progress.resume(resumed)
     elif task.zero_shot and cfg.train.evaluate:
         # Epoch 0: the adapted but untrained model (LoRA's B is zero, so it computes what the base model does).
         eval_start = time.perf_counter()
-        zero_shot = task.zero_shot_metrics(lambda: _evaluate_splits(task, model, cfg.train))
+        zero_shot = task.zero_shot_metrics(lambda: _evaluate_splits(task, run.model, cfg.train))
         # A cached zero-shot result holds every split; a run that must not see the test split drops it.
-        epochs.append({"epoch": 0, **{k: v for k, v in zero_shot.items()
-                                      if cfg.train.evaluate_test or not k.startswith("test_")}})
-        eval_seconds += time.perf_counter() - eval_start
-    if device.type == "cuda":
+        progress.epochs.append({"epoch": 0, **{k: v for k, v in zero_shot.items()
+                                               if cfg.train.evaluate_test or not k.startswith("test_")}})
+        progress.eval_seconds += time.perf_counter() - eval_start
+    if run.device.type == "cuda":
         # Peak memory of training, not of loading the dense model before quantizing it.
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return progress
 
+
+def _optimizer_step(run: Setup) -> None:
+    """Clip (if asked), step, update the fp16 loss scale, clear the gradients, advance the schedule."""
+    if run.cfg.train.max_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+
+
+def train_epoch(run: Setup, progress: Progress, epoch: int, max_steps: int) -> dict:
+    """One pass over the training batches (or until ``max_steps``): the epoch's record, with its mean train loss.
+
+    Gradients accumulate over ``train.grad_accum`` micro-batches (the last one of the epoch always steps). The
+    training loss is also logged at ``LOSS_POINTS_PER_EPOCH`` evenly spaced steps (mean since the previous point),
+    for the plateau diagnostic: the epoch's mean alone says nothing about the slope at the end of a one-epoch run.
+    """
+    cfg, model, loader = run.cfg.train, run.model, run.loader
+    model.train()
+    loss_sum, loss_count = 0.0, 0
+    epoch_start = step_start = time.perf_counter()
+    examples = tokens = padded = 0
+    epoch_first_step = progress.step
+    epoch_steps = min(run.steps_per_epoch, max_steps - progress.step)
+    point_sum, point_count, points_logged = 0.0, 0, 0
+    for micro_step, batch in enumerate(_progress(loader, cfg, f"epoch {epoch}", len(loader))):
+        loss, weight, n_examples, n_tokens = run.task.loss(model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, step {progress.step + 1}")
+        run.scaler.scale(loss / cfg.grad_accum).backward()
+        loss_value = loss.item()
+        loss_sum += loss_value * weight
+        loss_count += weight
+        point_sum += loss_value * weight
+        point_count += weight
+        examples += n_examples
+        tokens += n_tokens
+        padded += batch["input_ids"].numel() if "input_ids" in batch else n_tokens
+        if (micro_step + 1) % cfg.grad_accum and micro_step + 1 != len(loader):
+            continue
+        _optimizer_step(run)
+        progress.step += 1
+        point = (progress.step - epoch_first_step) * LOSS_POINTS_PER_EPOCH // max(1, epoch_steps)
+        if point > points_logged:
+            progress.loss_curve.append([progress.step, point_sum / point_count])
+            point_sum, point_count, points_logged = 0.0, 0, point
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        now = time.perf_counter()
+        progress.count_step(now - step_start, examples, tokens, padded)
+        step_start, examples, tokens, padded = now, 0, 0, 0
+        if progress.step >= max_steps:
+            break
+    progress.train_seconds += time.perf_counter() - epoch_start
+    return {"epoch": epoch, "train_loss": loss_sum / loss_count}
+
+
+def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> RunResult:
+    """Train and evaluate one run as ``cfg`` says.
+
+    ``checkpoint_file``: where per-epoch checkpoints go when ``cfg.train.checkpoint`` is ``epoch``; a
+    checkpoint already there for the same config is resumed from.
+    """
+    started = time.perf_counter()
+    run = set_up(cfg, checkpoint_file)
+    progress = start(run)
     # Per-epoch test passes are kept when a family asks for test curves, and with checkpoints (a resumed run has
     # no copy of an earlier epoch's weights).
-    test_once = cfg.train.evaluate_test and not cfg.train.test_every_epoch and not checkpointing
-    best_epoch = BestEpoch(task, model, cfg.train) if cfg.train.evaluate and test_once else None
+    test_once = cfg.train.evaluate_test and not cfg.train.test_every_epoch and not run.checkpointing
+    best_epoch = BestEpoch(run.task, run.model, cfg.train) if cfg.train.evaluate and test_once else None
     epoch_splits = tuple(s for s in SPLITS if s != "test" or (cfg.train.evaluate_test and not test_once))
-    max_steps = cfg.train.max_steps or total_steps
-    for epoch in range(first_epoch, cfg.train.epochs + 1):
-        if step >= max_steps:
+    max_steps = cfg.train.max_steps or run.total_steps
+    for epoch in range(progress.first_epoch, cfg.train.epochs + 1):
+        if progress.step >= max_steps:
             break
-        model.train()
-        loss_sum, loss_count = 0.0, 0
-        epoch_start = time.perf_counter()
-        step_start = time.perf_counter()
-        examples = tokens = padded = 0
-        # The training loss at LOSS_POINTS_PER_EPOCH evenly spaced steps (mean since the previous point), for the
-        # plateau diagnostic: the epoch's mean alone says nothing about the slope at the end of a one-epoch run.
-        epoch_first_step = step
-        epoch_steps = min(steps_per_epoch, max_steps - step)
-        point_sum, point_count, points_logged = 0.0, 0, 0
-        for micro_step, batch in enumerate(_progress(loader, cfg.train, f"epoch {epoch}", len(loader))):
-            loss, weight, n_examples, n_tokens = task.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}")
-            scaler.scale(loss / cfg.train.grad_accum).backward()
-            loss_value = loss.item()
-            loss_sum += loss_value * weight
-            loss_count += weight
-            point_sum += loss_value * weight
-            point_count += weight
-            examples += n_examples
-            tokens += n_tokens
-            padded += batch["input_ids"].numel() if "input_ids" in batch else n_tokens
-            last_micro = micro_step + 1 == len(loader)
-            if (micro_step + 1) % cfg.train.grad_accum and not last_micro:
-                continue
-            if cfg.train.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            point = (step - epoch_first_step) * LOSS_POINTS_PER_EPOCH // max(1, epoch_steps)
-            if point > points_logged:
-                loss_curve.append([step, point_sum / point_count])
-                point_sum, point_count, points_logged = 0.0, 0, point
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            first_step_at = first_step_at or time.time()
-            for key, value in (("seconds", now - step_start), ("examples", examples), ("tokens", tokens),
-                               ("padded", padded)):
-                steps[key].append(value)
-            step_start, examples, tokens, padded = now, 0, 0, 0
-            if step >= max_steps:
-                break
-        train_seconds += time.perf_counter() - epoch_start
-        record = {"epoch": epoch, "train_loss": loss_sum / loss_count}
+        record = train_epoch(run, progress, epoch, max_steps)
         if cfg.train.evaluate:
             eval_start = time.perf_counter()
-            record.update(_evaluate_splits(task, model, cfg.train, epoch_splits))
-            eval_seconds += time.perf_counter() - eval_start
+            record.update(_evaluate_splits(run.task, run.model, cfg.train, epoch_splits))
+            progress.eval_seconds += time.perf_counter() - eval_start
             if best_epoch:
                 best_epoch.after_epoch(record)
-        epochs.append(record)
-        if checkpointing:
-            save_checkpoint(checkpoint_file, **state, progress={
-                "epoch": epoch, "epochs": epochs, "step": step, "steps": steps, "step_times": steps["seconds"],
-                "loss_curve": loss_curve,
-                "train_seconds": train_seconds, "eval_seconds": eval_seconds})
-
-    trained = [r for r in epochs if r["epoch"] >= 1]
+        progress.epochs.append(record)
+        if run.checkpointing:
+            save_checkpoint(run.checkpoint_file, **run.checkpoint_state(), progress=progress.saved(epoch))
     if best_epoch:
         eval_start = time.perf_counter()
-        best_epoch.evaluate_test(trained[-1]["epoch"])
-        eval_seconds += time.perf_counter() - eval_start
-    items = {record["epoch"]: take_items(record) for record in epochs}  # only the selected epoch's are kept
-    best = max(trained, key=task.select) if cfg.train.evaluate else trained[-1]
-    final = {k: v for k, v in best.items() if k != "epoch"}
-    final.update(task.after_training(model))
-    memory = {"peak_rss": peak_rss_bytes(), **state_bytes(model, optimizer)}
-    if device.type == "cuda":
-        memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated(device)
-        memory["peak_cuda_reserved"] = torch.cuda.max_memory_reserved(device)
-    # After the peaks are read: the merged copies timed here are not part of training's memory.
-    shipped, served = serving_costs(model, task.loss, serving_batches(splits["validation"], task.collate,
-                                                                      cfg.train.batch_size), device)
-    memory.update(shipped)
-    device_name = str(device)
-    if device.type == "cuda":
-        device_name += f" ({torch.cuda.get_device_name(device)})"
-    timing = {
+        best_epoch.evaluate_test(progress.trained[-1]["epoch"])
+        progress.eval_seconds += time.perf_counter() - eval_start
+    return result(run, progress, started)
+
+
+def _memory(run: Setup) -> dict:
+    """Peak memory of the process (and of CUDA), the exact state bytes, then the shipped adapter's bytes."""
+    memory = {"peak_rss": peak_rss_bytes(), **state_bytes(run.model, run.optimizer)}
+    if run.device.type == "cuda":
+        memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated(run.device)
+        memory["peak_cuda_reserved"] = torch.cuda.max_memory_reserved(run.device)
+    return memory
+
+
+def _timing(progress: Progress, started: float, served: dict) -> dict:
+    steps = progress.steps
+    return {
         "wall_time_s": time.perf_counter() - started,
         # Process start (interpreter, imports, model and data loading) to the end of the first optimizer step.
-        "setup_s": first_step_at - process_started() if first_step_at else None,
+        "setup_s": progress.first_step_at - process_started() if progress.first_step_at else None,
         # Forked from a warm worker that had imported torch and transformers already (lora_bench.warm).
         "warm_worker": IN_WORKER_ENV in os.environ,
-        "train_time_s": train_seconds,
-        "eval_s": eval_seconds,
-        "optimizer_steps": step,
+        "train_time_s": progress.train_seconds,
+        "eval_s": progress.eval_seconds,
+        "optimizer_steps": progress.step,
         **step_throughput(steps),
         **served,
         "threads": torch.get_num_threads(),
@@ -602,17 +547,36 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         "step_times_s": steps["seconds"],
         **({"step_examples": steps["examples"]} if len(steps["examples"]) == len(steps["seconds"]) else {}),
     }
+
+
+def result(run: Setup, progress: Progress, started: float) -> RunResult:
+    """The run's record sections: the selected epoch's metrics, diagnostics, parameters, memory, timing, serving."""
+    cfg, task, model, epochs = run.cfg, run.task, run.model, progress.epochs
+    trained = progress.trained
+    items = {record["epoch"]: take_items(record) for record in epochs}  # only the selected epoch's are kept
+    best = max(trained, key=task.select) if cfg.train.evaluate else trained[-1]
+    final = {k: v for k, v in best.items() if k != "epoch"}
+    final.update(task.after_training(model))
+    memory = _memory(run)
+    # After the peaks are read: the merged copies timed here are not part of training's memory.
+    shipped, served = serving_costs(model, task.loss, serving_batches(run.splits["validation"], task.collate,
+                                                                      cfg.train.batch_size), run.device)
+    memory.update(shipped)
+    device_name = str(run.device)
+    if run.device.type == "cuda":
+        device_name += f" ({torch.cuda.get_device_name(run.device)})"
     return RunResult(
-        metrics={"epochs": epochs, "selected_epoch": best["epoch"], "final": final, "train_loss_curve": loss_curve},
-        diagnostics=diagnose(best, loss_curve, best["epoch"], trained[-1]["epoch"],
+        metrics={"epochs": epochs, "selected_epoch": best["epoch"], "final": final,
+                 "train_loss_curve": progress.loss_curve},
+        diagnostics=diagnose(best, progress.loss_curve, best["epoch"], trained[-1]["epoch"],
                              [e.get("validation_loss") for e in trained]) if cfg.train.evaluate else {},
-        params={"trainable": trainable, "total": total, "trainable_fraction": trainable / total},
-        timing=timing,
+        params={"trainable": run.trainable, "total": run.total, "trainable_fraction": run.trainable / run.total},
+        timing=_timing(progress, started, served),
         memory=memory,
-        model_info=loaded.info,
-        data_info=data_info,
-        method_info=method_info,
+        model_info=run.loaded.info,
+        data_info=run.data_info,
+        method_info=run.method_info,
         device=device_name,
-        notes=notes,
+        notes=progress.notes,
         predictions=predictions_section(best["epoch"], items[best["epoch"]]),
     )
