@@ -11,8 +11,9 @@ there, with the metrics an uninterrupted run gives.
 The loop is shared by every task (``lora_bench.run.tasks``: classification, instruction finetuning of a causal
 LM; the contract is ``tasks.base.Task``): the task supplies the model, batches, loss and evaluation (and, for
 causal LMs, an epoch-0 zero-shot evaluation); the loop owns optimizer, schedule, accumulation, precision, the NaN
-stop and the records. ``run_training`` reads as its three parts: ``set_up`` (device, seeds, task, model, method,
-optimizer, schedule), ``start`` (resume or the zero-shot epoch), ``train_epoch`` per epoch, and ``result``.
+stop and the records. ``run_training`` reads as its parts: ``set_up`` (device, seeds, task, model, method,
+optimizer, schedule), ``resume_or_start`` (a checkpoint's progress, or the zero-shot epoch 0), ``train_epoch``
+(the step loop of one epoch) and its evaluation, then ``collect_result`` (selection, memory, timing, the record).
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ class Setup:
 
 @dataclass
 class Progress:
-    """The loop's bookkeeping so far; all of it but the notes and the first step's clock goes into checkpoints."""
+    """The loop's bookkeeping so far; checkpoints save it (``saved``) but for the notes and the first step's clock."""
 
     epochs: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -402,7 +403,7 @@ def set_up(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> Setup:
     )
 
 
-def start(run: Setup) -> Progress:
+def resume_or_start(run: Setup) -> Progress:
     """The progress to start from: a checkpoint's, else none, with the zero-shot epoch 0 when the task has one."""
     cfg, task = run.cfg, run.task
     progress = Progress(notes=list(run.method_info["frozen_prefix"].get("notes", [])))
@@ -492,7 +493,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
     """
     started = time.perf_counter()
     run = set_up(cfg, checkpoint_file)
-    progress = start(run)
+    progress = resume_or_start(run)
     # Per-epoch test passes are kept when a family asks for test curves, and with checkpoints (a resumed run has
     # no copy of an earlier epoch's weights).
     test_once = cfg.train.evaluate_test and not cfg.train.test_every_epoch and not run.checkpointing
@@ -516,7 +517,7 @@ def run_training(cfg: RunConfig, checkpoint_file: str | Path | None = None) -> R
         eval_start = time.perf_counter()
         best_epoch.evaluate_test(progress.trained[-1]["epoch"])
         progress.eval_seconds += time.perf_counter() - eval_start
-    return result(run, progress, started)
+    return collect_result(run, progress, started)
 
 
 def _memory(run: Setup) -> dict:
@@ -549,7 +550,7 @@ def _timing(progress: Progress, started: float, served: dict) -> dict:
     }
 
 
-def result(run: Setup, progress: Progress, started: float) -> RunResult:
+def collect_result(run: Setup, progress: Progress, started: float) -> RunResult:
     """The run's record sections: the selected epoch's metrics, diagnostics, parameters, memory, timing, serving."""
     cfg, task, model, epochs = run.cfg, run.task, run.model, progress.epochs
     trained = progress.trained
