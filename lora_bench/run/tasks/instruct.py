@@ -32,7 +32,6 @@ from lora_bench.run.methods import builds_layer_by_layer
 from lora_bench.run.predictions import ITEMS_KEY, dataset_example_ids, item_block
 from lora_bench.run.tasks.base import Autocast
 
-
 # ----------------------------------------------------------------------------------------------------
 # Loss and scoring
 
