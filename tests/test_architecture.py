@@ -26,10 +26,11 @@ LAYERS = {
     "run.train": 4,
     # analysis: the tidy tables read from records, then statistics
     "analysis.tables": 5,
-    "analysis.stats": 6, "analysis.variance": 7, "analysis.tuning": 7, "analysis.items": 7,
-    "report.figures": 8,
-    "report.render": 9,
-    "cli": 10, "__main__": 11, "__init__": 11,
+    "analysis.summary": 6, "analysis.compare": 7, "analysis.power": 8, "analysis.cost": 8, "analysis.claims": 8,
+    "analysis.stats": 9, "analysis.variance": 9, "analysis.tuning": 9, "analysis.items": 9,
+    "report.figures": 10,
+    "report.render": 11,
+    "cli": 12, "__main__": 13, "__init__": 13,
     # the stage folders' own __init__ files import nothing
     "adapters": 0, "run": 0, "analysis": 0, "report": 0,
 }

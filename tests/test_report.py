@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from synthetic import REALISTIC_EFFECTS, make_tables, memory_time_family
 
-from lora_bench.analysis import stats
+from lora_bench.analysis import compare, stats
 from lora_bench.report import figures, render
 
 FAMILIES = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time")
@@ -241,7 +241,7 @@ def _study_with_flags(tmp_path, untrained: dict[str, dict], expect: dict[str, st
 
 def test_a_comparison_with_a_run_that_did_not_learn_is_inconclusive_not_a_finding(tmp_path):
     tables = _study_with_flags(tmp_path, {"methods/full/seed1": {"learned": False, "collapsed": True}})
-    tests = stats.compare_to_baseline(*[pd.read_parquet(tables / f"{n}.parquet")
+    tests = compare.compare_to_baseline(*[pd.read_parquet(tables / f"{n}.parquet")
                                         for n in ("metrics", "runs")])
     full = tests.set_index("variant").loc["full"]
     assert full["verdict"] == "better" and full["convergence"] == "inconclusive" and full["untrained_variant"] == 1

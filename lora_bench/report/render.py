@@ -34,9 +34,22 @@ import jinja2
 import markdown
 import pandas as pd
 
-from lora_bench.analysis import items, stats, tuning, variance
+from lora_bench.analysis import items, tuning, variance
+from lora_bench.analysis.claims import INSTRUCT_CLAIMS, instruct_claims
+from lora_bench.analysis.compare import baseline_variant, welch_from_summary
+from lora_bench.analysis.cost import (
+    COST_SUMMARY_COLUMNS,
+    IMPL_RATIO_BLOCKS,
+    IMPL_RATIO_PARTS,
+    MEMORY_TIME_MEMORY_METRICS,
+    MEMORY_TIME_TIME_METRIC,
+    as_text,
+)
+from lora_bench.analysis.power import TARGET_POWER
+from lora_bench.analysis.summary import ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE, family_order, prediction_interval
 from lora_bench.atomic import write_text
 from lora_bench.report import figures, reference
+from lora_bench.study import LORA_VARIANTS_KIND, MEMORY_TIME_OTHER_METRICS
 
 TEMPLATES = Path(__file__).parent / "templates"
 PRIMARY_METRIC, PRIMARY_SPLIT = "accuracy", "test"
@@ -47,7 +60,7 @@ ERROR_CHARS = 400
 DEFAULT_TITLE = "lora-bench: LoRA finetuning with seeds and error bars"
 REQUIRED_TABLES = ("runs", "metrics", "tests", "summary", "seed_consistency")
 # ``cost_summary`` (from ``stats`` too) is read when present and required only by a memory_time study.
-MEMORY_TIME = stats.MEMORY_TIME_KIND
+MEMORY_TIME = "memory_time"
 GIB, MIB = 2.0**30, 2.0**20
 
 
@@ -153,7 +166,7 @@ def _read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
             f"{path} is missing and the study has a memory_time family: run `python -m lora_bench stats` first"
         )
     else:
-        tables["cost_summary"] = pd.DataFrame(columns=stats.COST_SUMMARY_COLUMNS)
+        tables["cost_summary"] = pd.DataFrame(columns=COST_SUMMARY_COLUMNS)
     _read_trust_tables(tables_dir, tables)
     path = tables_dir / "tuning.parquet"
     tables["tuning"] = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=tuning.TUNING_COLUMNS)
@@ -227,7 +240,7 @@ def _unique_text(runs: pd.DataFrame, column: str) -> list[str]:
     if column not in runs.columns:
         return []
     # A column that only some families set holds NaN elsewhere, which turns its integers into floats.
-    values = runs[column].dropna().map(stats.as_text)
+    values = runs[column].dropna().map(as_text)
     return [v for v in dict.fromkeys(values) if v]
 
 
@@ -247,7 +260,7 @@ def _overview(runs: pd.DataFrame, meta: dict) -> dict:
     ok = runs["status"] == "ok"
     seeds = sorted({int(s) for s in runs["seed"].dropna()})
     per_condition = runs.groupby(["family", "variant"])["seed"].nunique()
-    families = stats.family_order(runs)
+    families = family_order(runs)
     return {
         "n_runs": len(runs),
         "n_ok": int(ok.sum()),
@@ -388,7 +401,7 @@ def _claim_numbers(test: pd.Series) -> str:
         )
     rank_p = test["p_nonparametric_holm"]
     if test["verdict"] != "n.s." and _finite(rank_p) and not _rank_test_powerless(test):
-        agrees = float(rank_p) < stats.ALPHA
+        agrees = float(rank_p) < ALPHA
         sentence += f" The rank test ({test['nonparametric_test']}, Holm {p_phrase(rank_p)}) " + (
             "agrees." if agrees else "does not confirm it."
         )
@@ -399,7 +412,7 @@ def _claim_numbers(test: pd.Series) -> str:
 
 def _rank_test_powerless(test: pd.Series) -> bool:
     """Whether the exact Wilcoxon test could not reach p < alpha with this many pairs, whatever the data."""
-    return bool(test["paired"]) and 2.0 ** (1 - int(test["n_pairs"])) >= stats.ALPHA
+    return bool(test["paired"]) and 2.0 ** (1 - int(test["n_pairs"])) >= ALPHA
 
 
 def _rank_note(family_tests: pd.DataFrame) -> str:
@@ -585,7 +598,7 @@ def _mean_and_interval(mean, low, high, scale: float) -> str:
 
 def _cost_summary(tables: dict) -> pd.DataFrame:
     cost = tables.get("cost_summary")
-    return cost if cost is not None else pd.DataFrame(columns=stats.COST_SUMMARY_COLUMNS)
+    return cost if cost is not None else pd.DataFrame(columns=COST_SUMMARY_COLUMNS)
 
 
 def _cost_test(tests: pd.DataFrame, family: str, variant: str, metric: str, baseline: str | None = None):
@@ -641,7 +654,7 @@ def _memory_time_claim(family: str, variant: str, baseline: str, tests: pd.DataF
     """One sentence per variant: its memory and time per step as multiples of the baseline's."""
     name, base = f"**{md_text(variant)}**", f"**{md_text(baseline)}**"
     memory_test = _cost_test(tests, family, variant, memory) if memory else None
-    time_test = _cost_test(tests, family, variant, stats.MEMORY_TIME_TIME_METRIC)
+    time_test = _cost_test(tests, family, variant, MEMORY_TIME_TIME_METRIC)
     time_what = "takes {ratio} the time per step" + ("" if memory_test is not None else " of {baseline}")
     parts = [
         _ratio_phrase(memory_test, "uses {ratio} the memory of {baseline}", base, MEMORY_LABELS.get(memory, memory)),
@@ -666,8 +679,8 @@ def _impl_rows(cost: pd.DataFrame) -> list[dict]:
         return rows
     for variant, c in cost[cost["peft_variant"].fillna("") != ""].iterrows():
         row = {"ours": md_text(variant), "peft": md_text(c["peft_variant"])}
-        for prefix in stats.IMPL_RATIO_BLOCKS:
-            ratio, low, high = (c[f"{prefix}_{part}"] for part in stats.IMPL_RATIO_PARTS)
+        for prefix in IMPL_RATIO_BLOCKS:
+            ratio, low, high = (c[f"{prefix}_{part}"] for part in IMPL_RATIO_PARTS)
             row[prefix] = (fmt_ratio(ratio) + (f" ({fmt_ratio(low)} to {fmt_ratio(high)})"
                                                if _finite(low) and _finite(high) else "")) if _finite(ratio) else "–"
         rows.append(row)
@@ -679,7 +692,7 @@ def _memory_time_section(family: str, tables: dict) -> dict:
     runs, tests = tables["runs"], tables["tests"]
     cost = _cost_summary(tables)
     cost = cost[cost["family"] == family].set_index("variant")
-    baseline = stats.baseline_variant(runs, family)[0]
+    baseline = baseline_variant(runs, family)[0]
     memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
     rows, claims = [], []
     for variant in figures.variant_order(runs, family):
@@ -707,7 +720,7 @@ def _memory_time_section(family: str, tables: dict) -> dict:
             row.update(memory_ratio="baseline", memory_p="", time_ratio="baseline", time_p="")
         else:
             memory_test = _cost_test(tests, family, variant, memory) if memory else None
-            time_test = _cost_test(tests, family, variant, stats.MEMORY_TIME_TIME_METRIC)
+            time_test = _cost_test(tests, family, variant, MEMORY_TIME_TIME_METRIC)
             row["memory_ratio"], row["memory_p"] = _ratio_cells(memory_test)
             row["time_ratio"], row["time_p"] = _ratio_cells(time_test)
             if baseline:
@@ -731,7 +744,7 @@ def _memory_time_section(family: str, tables: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # LoRA variants families (DoRA, LoRA+, inits): each variant's accuracy and costs against LoRA
 
-LORA_VARIANTS = stats.LORA_VARIANTS_KIND
+LORA_VARIANTS = LORA_VARIANTS_KIND
 KIB = 2.0**10
 
 
@@ -754,7 +767,7 @@ def _lora_variants_claim(family: str, variant: str, baseline: str, tables: dict,
                      & (tests["metric"] == PRIMARY_METRIC) & (tests["split"] == PRIMARY_SPLIT)]
     parts = [
         _accuracy_phrase(accuracy.iloc[0] if len(accuracy) else None),
-        _ratio_phrase(_cost_test(tests, family, variant, stats.MEMORY_TIME_TIME_METRIC),
+        _ratio_phrase(_cost_test(tests, family, variant, MEMORY_TIME_TIME_METRIC),
                       "{ratio} the time per training step", base),
         _ratio_phrase(_cost_test(tests, family, variant, memory) if memory else None, "{ratio} the memory", base,
                       MEMORY_LABELS.get(memory, memory)),
@@ -780,7 +793,7 @@ def _lora_variants_section(family: str, tables: dict) -> dict:
     runs, tests = tables["runs"], tables["tests"]
     cost = _cost_summary(tables)
     cost = cost[cost["family"] == family].set_index("variant")
-    baseline = stats.baseline_variant(runs, family)[0]
+    baseline = baseline_variant(runs, family)[0]
     memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
     rows, claims = [], []
     for variant in figures.variant_order(runs, family):
@@ -803,7 +816,7 @@ def _lora_variants_section(family: str, tables: dict) -> dict:
         if variant == baseline:
             row.update(time_ratio="baseline", memory_ratio="baseline", adapter_ratio="baseline")
         else:
-            row["time_ratio"] = _ratio_cells(_cost_test(tests, family, variant, stats.MEMORY_TIME_TIME_METRIC))[0]
+            row["time_ratio"] = _ratio_cells(_cost_test(tests, family, variant, MEMORY_TIME_TIME_METRIC))[0]
             row["memory_ratio"] = _ratio_cells(_cost_test(tests, family, variant, memory) if memory else None)[0]
             row["adapter_ratio"] = _ratio_cells(_cost_test(tests, family, variant, "adapter_bytes"))[0]
             if baseline:
@@ -815,7 +828,7 @@ def _lora_variants_section(family: str, tables: dict) -> dict:
 
 
 # Metrics the memory_time table already reports; the generic cost table leaves them out for these families.
-MEMORY_TIME_SHOWN = ("median_step_time", *stats.MEMORY_TIME_MEMORY_METRICS, *stats.MEMORY_TIME_OTHER_METRICS)
+MEMORY_TIME_SHOWN = ("median_step_time", *MEMORY_TIME_MEMORY_METRICS, *MEMORY_TIME_OTHER_METRICS)
 
 
 def _has_primary(summary: pd.DataFrame, family: str) -> bool:
@@ -871,7 +884,7 @@ def _instruct_section(family: str, tables: dict) -> dict:
                                "n": str(int(s.n)), "accuracy": fmt_percent(s.mean),
                                "ci": fmt_interval(s.ci_low, s.ci_high, fmt_percent)})
     claims = []
-    for c in stats.instruct_claims(metrics, runs).query("family == @family").itertuples():
+    for c in instruct_claims(metrics, runs).query("family == @family").itertuples():
         accuracy = c.metric in ("accuracy", "lm_eval")
         number = fmt_points if accuracy else (lambda x: fmt_signed(x, 3))
         diff = f"{number(c.diff)} {fmt_interval(c.diff_ci_low, c.diff_ci_high, number)}" if _finite(c.diff) else "–"
@@ -883,7 +896,7 @@ def _instruct_section(family: str, tables: dict) -> dict:
                        "verdict": SUPPORT_WORDS.get(c.support, c.support) if _finite(c.p_value)
                        else f"not tested: {md_text(c.note) or 'no p-value'}"})
     tested = {c["statement"] for c in claims}
-    missing = [md_text(text) for _, text in stats.INSTRUCT_CLAIMS if md_text(text) not in tested]
+    missing = [md_text(text) for _, text in INSTRUCT_CLAIMS if md_text(text) not in tested]
     return {"rows": rows, "epoch_rows": epoch_rows, "claims": claims, "untested": missing}
 
 
@@ -931,7 +944,7 @@ def _tune_section(family: str, tables: dict) -> dict | None:
 def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dict]:
     runs, summary, tests = tables["runs"], tables["summary"], tables["tests"]
     sections = []
-    for family in stats.family_order(runs):
+    for family in family_order(runs):
         kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
         if kind in TRUST_KINDS:
             continue  # shown in "How much to trust a single run"
@@ -968,8 +981,8 @@ def _family_sections(tables: dict, figures_dir: Path, out_dir: Path) -> list[dic
                 ),
                 "memory_time": _memory_time_section(family, tables) if memory_time else None,
                 "lora_variants": _lora_variants_section(family, tables) if kind == LORA_VARIANTS else None,
-                "instruct": _instruct_section(family, tables) if kind == stats.INSTRUCT_KIND else None,
-                "baseline": md_text(stats.baseline_variant(runs, family)[0] or "none"),
+                "instruct": _instruct_section(family, tables) if kind == "instruct" else None,
+                "baseline": md_text(baseline_variant(runs, family)[0] or "none"),
             }
         )
     return sections
@@ -1094,7 +1107,7 @@ def _sweep_rows(reeval: pd.DataFrame, family: str) -> list[dict]:
 
 def _trust_section(tables: dict, figures_dir: Path, out_dir: Path) -> dict | None:
     runs = tables["runs"]
-    families = [f for f in stats.family_order(runs)
+    families = [f for f in family_order(runs)
                 if str(runs.loc[runs["family"] == f, "family_kind"].iloc[0]) in TRUST_KINDS]
     if not families:
         return None
@@ -1220,7 +1233,7 @@ def _our_condition(ref: reference.ReferenceResult, runs: pd.DataFrame) -> tuple[
             with_method = list(
                 dict.fromkeys(family_runs.loc[family_runs["method"] == ref.ours_method, "variant"])
             )
-            baseline = stats.baseline_variant(runs, family)[0]
+            baseline = baseline_variant(runs, family)[0]
             if len(with_method) == 1:
                 return family, with_method[0]
             if baseline in with_method:
@@ -1301,13 +1314,13 @@ def _reference_row(ref: reference.ReferenceResult, tables: dict, same_setting: b
         verdict = f"outside our 95% CI (ours {'higher' if gap > 0 else 'lower'} by {gap_text.lstrip('+−')})"
     if ref.std is not None and ref.n_runs >= 2:
         # Both sides are means over seeds: ask whether they differ beyond both spreads.
-        p = stats.welch_from_summary(mean, std, n, ref.value, ref.std, ref.n_runs)
+        p = welch_from_summary(mean, std, n, ref.value, ref.std, ref.n_runs)
         if _finite(p):
             verdict += f"; Welch t on both means and spreads: {p_phrase(p)}"
-            verdict += ", consistent" if p >= stats.ALPHA else ", they differ"
+            verdict += ", consistent" if p >= ALPHA else ", they differ"
     elif not (low <= ref.value <= high):
         # A published single run scatters by the whole seed-to-seed spread, not by the standard error.
-        single_low, single_high = stats.prediction_interval(mean, std, n)
+        single_low, single_high = prediction_interval(mean, std, n)
         if _finite(single_low) and single_low <= ref.value <= single_high:
             verdict += "; but within the 95% range of a single run of ours"
     row["verdict"] = verdict
@@ -1340,9 +1353,9 @@ def _ratio_metrics(ref: reference.ReferenceResult, family: str, kind: str, table
     if kind == MEMORY_TIME and ref.metric in MEMORY_REFERENCES:
         cost = _cost_summary(tables)
         memory = next((str(m) for m in cost.loc[cost["family"] == family, "memory_metric"] if m), "")
-        return [memory] if memory else list(stats.MEMORY_TIME_MEMORY_METRICS)
+        return [memory] if memory else list(MEMORY_TIME_MEMORY_METRICS)
     if kind == MEMORY_TIME and ref.metric in TIME_REFERENCES:
-        return [stats.MEMORY_TIME_TIME_METRIC]
+        return [MEMORY_TIME_TIME_METRIC]
     return list(CHANGE_METRICS.get(ref.metric, ()))
 
 
@@ -1369,7 +1382,7 @@ def _ratio_reference_row(
     """
     runs, tests = tables["runs"], tables["tests"]
     kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
-    versus = ref.ours_versus or stats.baseline_variant(runs, family)[0] or ""
+    versus = ref.ours_versus or baseline_variant(runs, family)[0] or ""
     theirs = ref.value + 1 if ref.unit == "relative" else ref.value
     for metric in _ratio_metrics(ref, family, kind, tables):
         condition = md_text(f"{family}/{variant} vs {versus} ({metric.replace('_', ' ')})")
@@ -1399,7 +1412,7 @@ def _ratio_reference_row(
                 )
             else:
                 row["verdict"] = "ours has no interval"
-            if ref.metric == "wall_time_change" and metric == stats.MEMORY_TIME_TIME_METRIC:
+            if ref.metric == "wall_time_change" and metric == MEMORY_TIME_TIME_METRIC:
                 row["verdict"] += "; ours is time per step, theirs total training time"
             if metric == "state_bytes":
                 row["verdict"] += "; ours counts weights, gradients and optimizer state, theirs peak memory"
@@ -1569,10 +1582,10 @@ def render_markdown(
         "failed": _failed_runs(runs),
         "references": _reference_sections(tables),
         "caveats": [md_text(c) for c in reference.CAVEATS],
-        "confidence": int(stats.CONFIDENCE * 100),
-        "alpha": stats.ALPHA,
-        "resamples": stats.BOOTSTRAP_RESAMPLES,
-        "power": stats.TARGET_POWER,
+        "confidence": int(CONFIDENCE * 100),
+        "alpha": ALPHA,
+        "resamples": BOOTSTRAP_RESAMPLES,
+        "power": TARGET_POWER,
     }
     # Figures of the trust section (and the item-level rank figure) are embedded like the families' own.
     ranks_figure = []
