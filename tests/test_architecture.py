@@ -28,11 +28,19 @@ LAYERS = {
     "analysis.tables": 5,
     "analysis.summary": 6, "analysis.compare": 7, "analysis.power": 8, "analysis.cost": 8, "analysis.claims": 8,
     "analysis.stats": 9, "analysis.variance": 9, "analysis.tuning": 9, "analysis.items": 9,
-    "report.figures": 10,
-    "report.render": 11,
-    "cli": 12, "__main__": 13, "__init__": 13,
+    "report.figures": 10, "report.formatting": 10,
+    # the report's sections: shared parts, then one module per section, then the per-family dispatch
+    "report.sections.common": 11,
+    "report.sections.findings": 12, "report.sections.conditions": 12, "report.sections.overview": 12,
+    "report.sections.memory_time": 12, "report.sections.lora_variants": 12, "report.sections.instruct": 12,
+    "report.sections.tune": 12, "report.sections.trust": 12, "report.sections.seeds": 12,
+    "report.sections.item_ranks": 12, "report.sections.failed": 12, "report.sections.references": 12,
+    "report.sections.converged": 12, "report.sections.epochs": 13,
+    "report.sections.family": 14,
+    "report.render": 15,
+    "cli": 16, "__main__": 17, "__init__": 17,
     # the stage folders' own __init__ files import nothing
-    "adapters": 0, "run": 0, "analysis": 0, "report": 0,
+    "adapters": 0, "run": 0, "analysis": 0, "report": 0, "report.sections": 0,
 }
 # Stage folders in pipeline order; top-level modules belong to no stage.
 STAGES = ("adapters", "run", "analysis", "report")

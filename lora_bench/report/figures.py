@@ -754,6 +754,8 @@ def plot_item_ranks(ranks: pd.DataFrame) -> Figure:
     return fig
 
 
+# Family kind -> its figure: the kind-keyed registry of figures (every kind of lora_bench.study.KINDS has an entry;
+# a kind unknown to the registry, from an old table, gets plot_generic).
 FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "methods": plot_methods,
     "rank_alpha": plot_rank_alpha,
@@ -764,6 +766,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "variance": plot_variance,
     "sweep": plot_sweep,
     "instruct": plot_instruct,
+    "lora_variants": plot_generic,  # its costs are tables in the report; accuracy reads as a generic family's
     "tune": plot_tune,
     "generic": plot_generic,
 }
