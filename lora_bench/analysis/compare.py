@@ -293,61 +293,8 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
         result["note"] = "; ".join(n for n in notes if n)
         return result
 
-    if len(common) >= 2:
-        v = variant.loc[common].to_numpy()
-        b = baseline.loc[common].to_numpy()
-        dropped = (len(variant) - len(common)) + (len(baseline) - len(common))
-        if dropped:
-            notes.append(f"paired on the {len(common)} common seeds ({dropped} unpaired run(s) left out)")
-        differences = v - b
-        result.update(
-            paired=True,
-            mean_variant=float(v.mean()),
-            mean_baseline=float(b.mean()),
-            diff=float(differences.mean()),
-            test="paired t",
-            nonparametric_test="Wilcoxon signed-rank",
-            effect_size_kind="d_z",
-        )
-        if np.std(differences) == 0.0:
-            # A t statistic of +-inf (p = 0) would claim certainty from a degenerate sample.
-            notes.append("the paired differences have zero variance: t test undefined")
-            result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
-        else:
-            _t_test(lambda: stats.ttest_rel(v, b), result, notes)
-        if np.all(differences == 0):
-            result["p_nonparametric"] = 1.0  # identical results: no evidence of any difference
-        else:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    result["p_nonparametric"] = float(stats.wilcoxon(v, b).pvalue)
-            except NUMERICAL_ERRORS as error:
-                notes.append(f"Wilcoxon test failed ({type(error).__name__})")
-        result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_dz(differences)
-        ratio = ratio_interval(v, b, paired=True)
-    else:
-        v, b = variant.to_numpy(), baseline.to_numpy()
-        if len(common):
-            notes.append(f"only {len(common)} common seed: compared unpaired")
-        result.update(
-            paired=False,
-            diff=float(v.mean() - b.mean()),
-            test="Welch t",
-            nonparametric_test="Mann-Whitney U",
-            effect_size_kind="d",
-        )
-        if np.std(v) == 0.0 and np.std(b) == 0.0:
-            notes.append("both conditions have zero variance: t test undefined")
-            result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
-        else:
-            _t_test(lambda: stats.ttest_ind(v, b, equal_var=False), result, notes)
-        try:
-            result["p_nonparametric"] = float(stats.mannwhitneyu(v, b, alternative="two-sided").pvalue)
-        except NUMERICAL_ERRORS as error:
-            notes.append(f"Mann-Whitney U test failed ({type(error).__name__})")
-        result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_d(v, b)
-        ratio = ratio_interval(v, b, paired=False)
+    compare = _paired if len(common) >= 2 else _unpaired
+    ratio = compare(variant, baseline, common, result, notes)
     if np.isfinite(result["effect_size"]) and not (
         np.isfinite(result["effect_ci_low"]) and np.isfinite(result["effect_ci_high"])
     ):
@@ -356,6 +303,67 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
     notes.append(ratio[3])
     result["note"] = "; ".join(n for n in notes if n)
     return result
+
+
+def _paired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result: dict, notes: list[str]) -> tuple:
+    """The paired tests of ``compare_two`` on the common seeds, into ``result``; returns the ratio interval."""
+    v = variant.loc[common].to_numpy()
+    b = baseline.loc[common].to_numpy()
+    dropped = (len(variant) - len(common)) + (len(baseline) - len(common))
+    if dropped:
+        notes.append(f"paired on the {len(common)} common seeds ({dropped} unpaired run(s) left out)")
+    differences = v - b
+    result.update(
+        paired=True,
+        mean_variant=float(v.mean()),
+        mean_baseline=float(b.mean()),
+        diff=float(differences.mean()),
+        test="paired t",
+        nonparametric_test="Wilcoxon signed-rank",
+        effect_size_kind="d_z",
+    )
+    if np.std(differences) == 0.0:
+        # A t statistic of +-inf (p = 0) would claim certainty from a degenerate sample.
+        notes.append("the paired differences have zero variance: t test undefined")
+        result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
+    else:
+        _t_test(lambda: stats.ttest_rel(v, b), result, notes)
+    if np.all(differences == 0):
+        result["p_nonparametric"] = 1.0  # identical results: no evidence of any difference
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result["p_nonparametric"] = float(stats.wilcoxon(v, b).pvalue)
+        except NUMERICAL_ERRORS as error:
+            notes.append(f"Wilcoxon test failed ({type(error).__name__})")
+    result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_dz(differences)
+    return ratio_interval(v, b, paired=True)
+
+
+def _unpaired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result: dict, notes: list[str]) -> tuple:
+    """Welch's and the Mann-Whitney U test of ``compare_two``, into ``result``; returns the ratio interval."""
+    v, b = variant.to_numpy(), baseline.to_numpy()
+    if len(common):
+        notes.append(f"only {len(common)} common seed: compared unpaired")
+    result.update(
+        paired=False,
+        diff=float(v.mean() - b.mean()),
+        test="Welch t",
+        nonparametric_test="Mann-Whitney U",
+        effect_size_kind="d",
+    )
+    if np.std(v) == 0.0 and np.std(b) == 0.0:
+        notes.append("both conditions have zero variance: t test undefined")
+        result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
+    else:
+        _t_test(lambda: stats.ttest_ind(v, b, equal_var=False), result, notes)
+    try:
+        result["p_nonparametric"] = float(stats.mannwhitneyu(v, b, alternative="two-sided").pvalue)
+    except NUMERICAL_ERRORS as error:
+        notes.append(f"Mann-Whitney U test failed ({type(error).__name__})")
+    result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_d(v, b)
+    return ratio_interval(v, b, paired=False)
 
 
 def holm_adjust(p_values: np.ndarray) -> np.ndarray:

@@ -101,16 +101,10 @@ def seed_consistency(
         paired_needed, paired_std = math.nan, math.nan
         baseline = baselines.get(family)
         if baseline and variant != baseline:
-            base_values = by_seed(
-                selected[(selected["family"] == family) & (selected["variant"] == baseline)]
-            )
-            common = values.index.intersection(base_values.index)
-            if len(common) >= 2:
-                paired_std = float((values.loc[common] - base_values.loc[common]).std(ddof=1))
-                if paired_std > 0:
-                    paired_needed, note = seeds_needed_noted(delta / paired_std, paired=True)
-                    if note:
-                        notes.append(f"paired: {note}")
+            base_values = by_seed(selected[(selected["family"] == family) & (selected["variant"] == baseline)])
+            paired_needed, paired_std, note = _paired_seeds(values, base_values, delta)
+            if note:
+                notes.append(f"paired: {note}")
         records.append(
             {
                 "family": family,
@@ -136,6 +130,19 @@ def seed_consistency(
     if not records:
         return pd.DataFrame(columns=SEED_CONSISTENCY_COLUMNS)  # e.g. a study of memory and time only
     return order_like_input(pd.DataFrame(records), source).reindex(columns=SEED_CONSISTENCY_COLUMNS)
+
+
+def _paired_seeds(values: pd.Series, base_values: pd.Series, delta: float) -> tuple[float, float, str]:
+    """(seeds needed, standard deviation of the seed-paired differences, note) of a variant against its baseline;
+    NaN without two common seeds or with differences that do not vary."""
+    common = values.index.intersection(base_values.index)
+    if len(common) < 2:
+        return math.nan, math.nan, ""
+    paired_std = float((values.loc[common] - base_values.loc[common]).std(ddof=1))
+    if not paired_std > 0:
+        return math.nan, paired_std, ""
+    needed, note = seeds_needed_noted(delta / paired_std, paired=True)
+    return needed, paired_std, note
 
 
 SEED_CONSISTENCY_COLUMNS = [
