@@ -1,4 +1,5 @@
-"""Tests of lora_bench.analysis.stats: p-values match scipy, planted effects are found, and the error rates hold.
+"""Tests of lora_bench.analysis (summary, compare, power, cost, stats): p-values match scipy, planted effects are
+found, and the error rates hold.
 
 The null simulation is the important one: with 4 variants that truly equal the baseline, Holm's
 correction must keep the chance of any false claim in a family near 5 %, while each single test

@@ -1,6 +1,6 @@
 """How much to trust a single run: where the variance comes from, and the winner's curse of a sweep.
 
-Tables in, tables out, like ``lora_bench.analysis.stats`` (which this module builds on). Two family kinds:
+Tables in, tables out, like ``lora_bench.analysis.summary`` (which this module builds on). Two family kinds:
 
 - **variance**: a few data seeds (``data.split_seed``: which examples land in train, validation and test)
   crossed with a few train seeds (``seed``: initialisation, data order, dropout) per setting (method).
