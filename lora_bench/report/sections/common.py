@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_bench.analysis.compare import baseline_variant
 from lora_bench.analysis.cost import (
     COST_SUMMARY_COLUMNS,
     as_text,
 )
+from lora_bench.report import figures
 from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_ratio, md_text, p_phrase
 from lora_bench.study import kind_spec
 
@@ -136,3 +138,32 @@ def show_accuracy(family: str, tables: dict) -> bool:
     runs = tables["runs"]
     spec = kind_spec(str(runs.loc[runs["family"] == family, "family_kind"].iloc[0]))
     return (not spec.cost_only or has_primary(tables["summary"], family)) and spec.accuracy_table
+
+
+def family_costs(family: str, tables: dict) -> tuple[pd.DataFrame, str | None, str]:
+    """(the family's rows of ``cost_summary`` by variant, its baseline, its memory metric or '')."""
+    cost = cost_summary(tables)
+    cost = cost[cost["family"] == family].set_index("variant")
+    memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
+    return cost, baseline_variant(tables["runs"], family)[0], memory
+
+
+def cost_by_variant(family: str, tables: dict, cost: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """(variant, its cost-summary row) in the figure's order, for the variants the cost summary has."""
+    return [(variant, cost.loc[variant]) for variant in figures.variant_order(tables["runs"], family)
+            if variant in cost.index]
+
+
+def runs_cell(cost_row: pd.Series) -> str:
+    """Finished runs of a variant, with its failed ones: '3' or '2 (1 failed)'."""
+    failed = int(cost_row["n_failed"])
+    return str(int(cost_row["n"])) + (f" ({failed} failed)" if failed else "")
+
+
+def test_cells(test, diff: str) -> dict:
+    """The difference, Holm p and verdict cells of a tests-table row (verdict 'not tested' without a p-value)."""
+    return {"diff": diff, "p": fmt_p(test["p_holm"]),
+            "verdict": str(test["verdict"]) if finite(test["p_value"]) else "not tested"}
+
+
+NOT_TESTED = {"diff": "–", "p": "–", "verdict": "not tested"}

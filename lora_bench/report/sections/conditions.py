@@ -6,8 +6,15 @@ from __future__ import annotations
 import pandas as pd
 
 from lora_bench.report import figures
-from lora_bench.report.formatting import finite, fmt_count, fmt_interval, fmt_p, fmt_percent, fmt_points, md_text
-from lora_bench.report.sections.common import PRIMARY_METRIC, PRIMARY_SPLIT, SectionPart, show_accuracy
+from lora_bench.report.formatting import finite, fmt_count, fmt_interval, fmt_percent, fmt_points, md_text
+from lora_bench.report.sections.common import (
+    NOT_TESTED,
+    PRIMARY_METRIC,
+    PRIMARY_SPLIT,
+    SectionPart,
+    show_accuracy,
+    test_cells,
+)
 
 
 def condition_rows(
@@ -62,13 +69,9 @@ def condition_rows(
             t = family_tests.loc[variant]
             diff = fmt_points(t["diff"])
             interval = fmt_interval(t["diff_ci_low"], t["diff_ci_high"], fmt_points)
-            row.update(
-                diff=f"{diff} {interval}" if interval != "–" else diff,
-                p=fmt_p(t["p_holm"]),
-                verdict=str(t["verdict"]) if finite(t["p_value"]) else "not tested",
-            )
+            row.update(test_cells(t, f"{diff} {interval}" if interval != "–" else diff))
         else:
-            row.update(diff="–", p="–", verdict="not tested")
+            row.update(NOT_TESTED)
         rows.append(row)
     return rows
 

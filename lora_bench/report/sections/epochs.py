@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 
 from lora_bench.report import figures
-from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_percent, fmt_points, md_text, points_interval
-from lora_bench.report.sections.common import PRIMARY_SPLIT, SectionPart
+from lora_bench.report.formatting import fmt_interval, fmt_percent, fmt_points, md_text, points_interval
+from lora_bench.report.sections.common import NOT_TESTED, PRIMARY_SPLIT, SectionPart, test_cells
 from lora_bench.report.sections.conditions import condition_rows
 
 
@@ -39,13 +39,9 @@ def epoch_rows(family: str, runs: pd.DataFrame, summary: pd.DataFrame, tests: pd
                 cells.update(diff="reference", p="", verdict="")
             elif key in epoch_tests.index:
                 t = epoch_tests.loc[key]
-                cells.update(
-                    diff=f"{fmt_points(t['diff'])} {points_interval(t)}",
-                    p=fmt_p(t["p_holm"]),
-                    verdict=str(t["verdict"]) if finite(t["p_value"]) else "not tested",
-                )
+                cells.update(test_cells(t, f"{fmt_points(t['diff'])} {points_interval(t)}"))
             else:
-                cells.update(diff="–", p="–", verdict="not tested")
+                cells.update(NOT_TESTED)
             rows.append(cells)
     return rows
 

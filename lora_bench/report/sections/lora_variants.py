@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import math
 
-from lora_bench.analysis.compare import baseline_variant
 from lora_bench.analysis.cost import (
     MEMORY_TIME_TIME_METRIC,
 )
-from lora_bench.report import figures
 from lora_bench.report.formatting import (
     KIB,
     MIB,
@@ -28,10 +26,12 @@ from lora_bench.report.sections.common import (
     PRIMARY_METRIC,
     PRIMARY_SPLIT,
     SectionPart,
-    cost_summary,
+    cost_by_variant,
     cost_test,
+    family_costs,
     ratio_cells,
     ratio_phrase,
+    runs_cell,
 )
 
 
@@ -72,19 +72,13 @@ def _lora_variants_claim(family: str, variant: str, baseline: str, tables: dict,
 
 def lora_variants_section(family: str, tables: dict) -> dict:
     """Table rows and one sentence per variant of a lora_variants family, from ``cost_summary`` and ``tests``."""
-    runs, tests = tables["runs"], tables["tests"]
-    cost = cost_summary(tables)
-    cost = cost[cost["family"] == family].set_index("variant")
-    baseline = baseline_variant(runs, family)[0]
-    memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
+    tests = tables["tests"]
+    cost, baseline, memory = family_costs(family, tables)
     rows, claims = [], []
-    for variant in figures.variant_order(runs, family):
-        if variant not in cost.index:
-            continue
-        c = cost.loc[variant]
+    for variant, c in cost_by_variant(family, tables, cost):
         row = {
             "variant": md_text(variant),
-            "n": str(int(c["n"])) + (f" ({int(c['n_failed'])} failed)" if int(c["n_failed"]) else ""),
+            "n": runs_cell(c),
             "time": mean_and_interval(c["median_step_time_mean"], c["median_step_time_ci_low"],
                                        c["median_step_time_ci_high"], 1e-3),
             "memory": mean_and_interval(c["memory_mean"], c["memory_ci_low"], c["memory_ci_high"], MIB),

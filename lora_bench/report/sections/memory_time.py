@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lora_bench.analysis.compare import baseline_variant
 from lora_bench.analysis.cost import (
     IMPL_RATIO_BLOCKS,
     IMPL_RATIO_PARTS,
     MEMORY_TIME_TIME_METRIC,
 )
-from lora_bench.report import figures
 from lora_bench.report.formatting import GIB, MIB, finite, fmt_count, fmt_ratio, fmt_scaled, md_text, mean_and_interval
 from lora_bench.report.sections.common import (
     MEMORY_LABELS,
     SectionPart,
-    cost_summary,
+    cost_by_variant,
     cost_test,
+    family_costs,
     ratio_cells,
     ratio_phrase,
+    runs_cell,
 )
 
 
@@ -63,18 +63,12 @@ def _impl_rows(cost: pd.DataFrame) -> list[dict]:
 
 def memory_time_section(family: str, tables: dict) -> dict:
     """Table rows, sentences and notes of a memory_time family, from ``cost_summary`` and ``tests``."""
-    runs, tests = tables["runs"], tables["tests"]
-    cost = cost_summary(tables)
-    cost = cost[cost["family"] == family].set_index("variant")
-    baseline = baseline_variant(runs, family)[0]
-    memory = next((str(m) for m in cost["memory_metric"] if m), "") if len(cost) else ""
+    tests = tables["tests"]
+    cost, baseline, memory = family_costs(family, tables)
     rows, claims = [], []
-    for variant in figures.variant_order(runs, family):
-        if variant not in cost.index:
-            continue
-        c = cost.loc[variant]
+    for variant, c in cost_by_variant(family, tables, cost):
         method = str(c["method"] or "")
-        n = str(int(c["n"])) + (f" ({int(c['n_failed'])} failed)" if int(c["n_failed"]) else "")
+        n = runs_cell(c)
         row = {
             "variant": md_text(variant),
             "method": md_text(method or "–"),
