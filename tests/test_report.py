@@ -40,7 +40,7 @@ def built(tmp_path_factory):
 
 
 def test_files_exist(built):
-    assert built["paths"]["markdown"] == built["root"] / "paper" / "render.md"
+    assert built["paths"]["markdown"] == built["root"] / "paper" / "report.md"
     assert built["paths"]["markdown"].stat().st_size > 0 and built["paths"]["html"].stat().st_size > 0
 
 
