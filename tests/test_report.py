@@ -11,6 +11,7 @@ from synthetic import REALISTIC_EFFECTS, make_tables, memory_time_family
 
 from lora_bench.analysis import compare, stats
 from lora_bench.report import figures, formatting, render
+from lora_bench.report.sections.converged import converged_rows
 
 FAMILIES = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time")
 GPU = "cuda:0 (NVIDIA H100 80GB HBM3)"
@@ -275,7 +276,7 @@ def test_converged_reference_section_says_which_differences_hold(tmp_path):
         runs.to_parquet(folder / "runs.parquet")
         metrics.to_parquet(folder / "metrics.parquet")
         stats.run_stats(folder / "metrics.parquet", folder / "runs.parquet", folder)
-    rows = {r["variant"]: r for r in converged.converged_rows(
+    rows = {r["variant"]: r for r in converged_rows(
         pd.read_parquet(ours / "tests.parquet"),
         pd.read_parquet(converged / "tests.parquet"), "methods")}
     assert rows[formatting.md_text("last_layers")]["holds"] == "yes" and rows["full"]["holds"] == "**no**"
