@@ -250,7 +250,7 @@ class TrainConfig:
     length_grouping: bool = False
     test_every_epoch: bool = True
     evaluate_test: bool = True
-    # How the frozen layers below the first trainable block run: train (dropout), eval, or cache (lora_bench/run/frozen.py).
+    # How the frozen layers below the first trainable block run: train (dropout), eval, or cache (run/frozen.py).
     frozen_prefix: str = "train"
     lora_plus_ratio: float | None = None
 

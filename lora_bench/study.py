@@ -2,8 +2,8 @@
 
 The Snakemake workflow and the CLI both use this module, so "which runs exist and what exactly
 each one does" has a single answer. Families are config blocks (see ``study.schema.yaml``); a
-family's ``kind`` picks its figure and analysis from ``FAMILY_KINDS``, and a family of an
-unregistered kind still runs and is analysed generically, so adding one needs no code edit.
+family's ``kind`` picks its analysis, figure and report section from ``KINDS`` (one ``KindSpec`` per kind), and
+a family without a kind is analysed generically.
 
 Two seeds make a run: the *data seed* (``data.split_seed``: the train/validation/test split and any
 subsampling) and the *train seed* (``seed``: LoRA and head initialisation, data order, dropout). A family
@@ -28,13 +28,87 @@ from pathlib import Path
 
 from lora_bench.config import ConfigError, RunConfig, deep_merge, load_yaml, validate
 
-# Kinds with a dedicated figure and report section; anything else is analysed as "generic".
-FAMILY_KINDS = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time", "variance", "sweep",
-                "instruct", "lora_variants", "generic")
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What a family kind means to the analysis and the report: one declarative entry per kind in ``KINDS``.
+
+    The analysis (``lora_bench.analysis``) reads these flags instead of naming kinds, so adding a kind is one
+    entry here plus its figure (``lora_bench.report.figures.FIGURES``) and report section
+    (``lora_bench.report.sections.KIND_SECTIONS``), each of which may be the generic one.
+    """
+
+    name: str
+    # May a config name this kind? ``tune`` families are made from a family's ``tune`` block, not configured.
+    selectable: bool = True
+    # Are its variants tested against the family's baseline (tests, seed power)? Variance and sweep families cross
+    # data and train seeds (lora_bench.analysis.variance); tune families only choose a value for the family they tune.
+    baseline_tests: bool = True
+    # Is every epoch of a variant compared with epoch 1 of the same variant, instead of with the baseline?
+    epoch_tests: bool = False
+    # Are its per-epoch results summarised (``stage == "epoch"`` rows of the summary table)?
+    epoch_summaries: bool = False
+    # Does it measure cost only, so that it may evaluate no accuracy at all (no rows of NaN, no accuracy table)?
+    cost_only: bool = False
+    # Cost tests and the cost summary: the metrics compared beside the memory metric and step time (None: no cost
+    # analysis).
+    cost_metrics: tuple[str, ...] | None = None
+    # Does the report show the generic table of cost changes against the baseline (time, memory)? In a rank/alpha
+    # grid they are noise.
+    cost_table: bool = False
+    # Does the report show the accuracy table of its conditions (tune families show their own table instead)?
+    accuracy_table: bool = True
+    # Are its variants compared item by item (lora_bench.analysis.items)?
+    item_level: bool = True
+    # The runs-table column that names a condition: "setting" where variants are expanded per data seed.
+    setting_column: str = "variant"
+    # Is it reported under "How much to trust a single run" instead of in a family section of its own?
+    trust: bool = False
+    # Are the reference-B claims about instruction finetuning tested on it (lora_bench.analysis.claims)?
+    reference_claims: bool = False
+
+
+# What a memory_time family compares beside memory and step time, and what shipping and serving a LoRA variant costs
+# (lora_bench.adapters.serving), compared in lora_variants families.
+MEMORY_TIME_OTHER_METRICS = ("tokens_per_second", "base_weight_bytes")
+SERVING_METRICS = ("adapter_bytes", "inference_overhead", "inference_latency_unmerged")
+
 SWEEP_KIND, VARIANCE_KIND = "sweep", "variance"
 # LoRA vs its variants (DoRA, LoRA+, other inits): accuracy and every cost, shipping and serving included.
 LORA_VARIANTS_KIND = "lora_variants"
 TUNE_KIND = "tune"
+GENERIC_KIND = "generic"
+
+# Every family kind, in config order; a family without ``kind`` whose name is a kind takes it, else "generic".
+KINDS: dict[str, KindSpec] = {spec.name: spec for spec in (
+    KindSpec("methods", cost_table=True),
+    KindSpec("rank_alpha"),
+    KindSpec("coverage", cost_table=True),
+    KindSpec("epochs", epoch_tests=True, epoch_summaries=True, item_level=False),
+    KindSpec("optimizer", cost_table=True),
+    KindSpec("memory_time", cost_only=True, cost_metrics=MEMORY_TIME_OTHER_METRICS, cost_table=True,
+             item_level=False),
+    KindSpec(VARIANCE_KIND, baseline_tests=False, setting_column="setting", trust=True),
+    KindSpec(SWEEP_KIND, baseline_tests=False, setting_column="setting", trust=True),
+    KindSpec("instruct", epoch_summaries=True, reference_claims=True),
+    KindSpec(LORA_VARIANTS_KIND, cost_metrics=SERVING_METRICS),
+    KindSpec(GENERIC_KIND, cost_table=True),
+    KindSpec(TUNE_KIND, selectable=False, baseline_tests=False, accuracy_table=False, item_level=False),
+)}
+# Kinds a config may name.
+FAMILY_KINDS = tuple(name for name, spec in KINDS.items() if spec.selectable)
+
+
+def kinds_where(predicate) -> tuple[str, ...]:
+    """Names of the registered kinds whose ``KindSpec`` satisfies ``predicate``, in registry order."""
+    return tuple(name for name, spec in KINDS.items() if predicate(spec))
+
+
+def kind_spec(kind: str) -> KindSpec:
+    """The registry entry of a kind; a kind the registry does not know (an old table) is analysed as generic."""
+    return KINDS.get(kind, KINDS[GENERIC_KIND])
+
+
 # What a variant may declare it is meant to show (`expect:`), so its flags are not read as a failed comparison.
 EXPECTATIONS = ("no_learning",)
 
@@ -404,7 +478,7 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
             raise ConfigError(f"{where}: seed is set in {sorted(seeded)}; seeds come from the `seeds` list")
         family_base = deep_merge(cfg["base"], block["base"])
         variants = {v: deep_merge(family_base, o) for v, o in variants_raw.items()}
-        kind = block.get("kind") or (name if name in FAMILY_KINDS else "generic")
+        kind = block.get("kind") or (name if name in FAMILY_KINDS else GENERIC_KIND)
         if kind not in FAMILY_KINDS:
             raise ConfigError(f"{where}: unknown kind {kind!r}; choose one of {list(FAMILY_KINDS)}")
         seeds = tuple(block.get("seeds") or cfg["seeds"])

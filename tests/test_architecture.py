@@ -28,12 +28,21 @@ LAYERS = {
     "run.train": 5,
     # analysis: the tidy tables read from records, then statistics
     "analysis.tables": 6,
-    "analysis.stats": 7, "analysis.variance": 8, "analysis.tuning": 8, "analysis.items": 8,
-    "report.figures": 9,
-    "report.render": 10,
-    "cli": 11, "__main__": 12, "__init__": 12,
+    "analysis.summary": 7, "analysis.compare": 8, "analysis.power": 9, "analysis.cost": 9, "analysis.claims": 9,
+    "analysis.stats": 10, "analysis.variance": 10, "analysis.tuning": 10, "analysis.items": 10,
+    "report.figures": 11, "report.formatting": 11,
+    # the report's sections: shared parts, then one module per section, then the per-family dispatch
+    "report.sections.common": 12,
+    "report.sections.findings": 13, "report.sections.conditions": 13, "report.sections.overview": 13,
+    "report.sections.memory_time": 13, "report.sections.lora_variants": 13, "report.sections.instruct": 13,
+    "report.sections.tune": 13, "report.sections.trust": 13, "report.sections.seeds": 13,
+    "report.sections.item_ranks": 13, "report.sections.failed": 13, "report.sections.references": 13,
+    "report.sections.converged": 13, "report.sections.epochs": 14,
+    "report.sections.family": 15,
+    "report.render": 16,
+    "cli": 17, "__main__": 18, "__init__": 18,
     # the stage folders' own __init__ files import nothing
-    "adapters": 0, "run": 0, "analysis": 0, "report": 0,
+    "adapters": 0, "run": 0, "analysis": 0, "report": 0, "report.sections": 0,
 }
 # Stage folders in pipeline order; top-level modules belong to no stage.
 STAGES = ("adapters", "run", "analysis", "report")

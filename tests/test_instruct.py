@@ -386,7 +386,7 @@ def test_zero_shot_evaluation_is_shared_by_runs_of_the_same_model_and_data(senti
 
 
 def test_instruct_claims_pair_variants_by_their_configs():
-    from lora_bench.analysis import stats
+    from lora_bench.analysis.claims import instruct_claims
 
     variants = {
         "lora": {"cfg.method.lora.targets": "query+value", "cfg.method.lora.rank": 8, "cfg.method.lora.alpha": 16,
@@ -413,7 +413,7 @@ def test_instruct_claims_pair_variants_by_their_configs():
             if variant == "epochs3":
                 for epoch, drop in ((1, 0.0), (2, -0.03 - 0.002 * seed), (3, -0.05)):
                     metrics.append({**metrics[-1], "stage": "epoch", "epoch": epoch, "value": value + drop})
-    claims = stats.instruct_claims(pd.DataFrame(metrics), pd.DataFrame(runs)).set_index("claim")
+    claims = instruct_claims(pd.DataFrame(metrics), pd.DataFrame(runs)).set_index("claim")
     assert claims.loc["epochs", "comparison"] == "epochs3@epoch1 vs epochs3@epoch2"
     assert claims.loc["data_quality", "comparison"] == "lora vs large-noisy"
     assert claims.loc["coverage", "comparison"] == "all-layers vs lora"

@@ -1,4 +1,5 @@
-"""Tests of lora_bench.report.render: the report builds from tables and figures alone and says what it must."""
+"""Tests of lora_bench.report (render, sections, formatting): the report builds from tables and figures alone
+and says what it must."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pandas as pd
 import pytest
 from synthetic import REALISTIC_EFFECTS, make_tables, memory_time_family
 
-from lora_bench.analysis import stats
-from lora_bench.report import figures, render
+from lora_bench.analysis import compare, stats
+from lora_bench.report import figures, formatting, render
+from lora_bench.report.sections.converged import converged_rows
 
 FAMILIES = ("methods", "rank_alpha", "coverage", "epochs", "optimizer", "memory_time")
 GPU = "cuda:0 (NVIDIA H100 80GB HBM3)"
@@ -39,7 +41,7 @@ def built(tmp_path_factory):
 
 
 def test_files_exist(built):
-    assert built["paths"]["markdown"] == built["root"] / "paper" / "render.md"
+    assert built["paths"]["markdown"] == built["root"] / "paper" / "report.md"
     assert built["paths"]["markdown"].stat().st_size > 0 and built["paths"]["html"].stat().st_size > 0
 
 
@@ -116,13 +118,13 @@ def test_report_from_single_seed_tables(tmp_path):
     ("p", "text"), [(0.0004, "< 0.001"), (0.01234, "0.0123"), (0.5, "0.5"), (float("nan"), "–")]
 )
 def test_p_value_format(p, text):
-    assert render.fmt_p(p) == text
+    assert formatting.fmt_p(p) == text
 
 
 def test_number_formats():
-    assert render.fmt_percent(0.89437) == "89.44"
-    assert render.fmt_points(0.0123) == "+1.23" and render.fmt_points(-0.0123) == "−1.23"
-    assert render.fmt_count(22713986) == "22,713,986"
+    assert formatting.fmt_percent(0.89437) == "89.44"
+    assert formatting.fmt_points(0.0123) == "+1.23" and formatting.fmt_points(-0.0123) == "−1.23"
+    assert formatting.fmt_count(22713986) == "22,713,986"
 
 
 @pytest.mark.parametrize(
@@ -241,7 +243,7 @@ def _study_with_flags(tmp_path, untrained: dict[str, dict], expect: dict[str, st
 
 def test_a_comparison_with_a_run_that_did_not_learn_is_inconclusive_not_a_finding(tmp_path):
     tables = _study_with_flags(tmp_path, {"methods/full/seed1": {"learned": False, "collapsed": True}})
-    tests = stats.compare_to_baseline(*[pd.read_parquet(tables / f"{n}.parquet")
+    tests = compare.compare_to_baseline(*[pd.read_parquet(tables / f"{n}.parquet")
                                         for n in ("metrics", "runs")])
     full = tests.set_index("variant").loc["full"]
     assert full["verdict"] == "better" and full["convergence"] == "inconclusive" and full["untrained_variant"] == 1
@@ -261,7 +263,7 @@ def test_a_variant_that_expects_no_learning_reads_as_expected(tmp_path):
                                expect={"last_layers": "no_learning"})
     md = render.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
     assert "**As expected**: the variant declares `expect: no_learning`" in md
-    assert f"| {render.md_text('methods/last_layers/seed0')} | did not learn | yes (expect: no_learning) |" in md
+    assert f"| {formatting.md_text('methods/last_layers/seed0')} | did not learn | yes (expect: no_learning) |" in md
 
 
 def test_converged_reference_section_says_which_differences_hold(tmp_path):
@@ -274,10 +276,10 @@ def test_converged_reference_section_says_which_differences_hold(tmp_path):
         runs.to_parquet(folder / "runs.parquet")
         metrics.to_parquet(folder / "metrics.parquet")
         stats.run_stats(folder / "metrics.parquet", folder / "runs.parquet", folder)
-    rows = {r["variant"]: r for r in render.converged_rows(
+    rows = {r["variant"]: r for r in converged_rows(
         pd.read_parquet(ours / "tests.parquet"),
         pd.read_parquet(converged / "tests.parquet"), "methods")}
-    assert rows[render.md_text("last_layers")]["holds"] == "yes" and rows["full"]["holds"] == "**no**"
+    assert rows[formatting.md_text("last_layers")]["holds"] == "yes" and rows["full"]["holds"] == "**no**"
     md = render.build_report(ours, tmp_path / "figures", tmp_path / "paper",
                              reference={"tables": str(converged), "family": "methods"})["markdown"].read_text()
     assert "## This study vs the converged reference" in md and "| full | lora |" in md

@@ -1,4 +1,5 @@
-"""Tests of lora_bench.analysis.stats: p-values match scipy, planted effects are found, and the error rates hold.
+"""Tests of lora_bench.analysis (summary, compare, power, cost, stats): p-values match scipy, planted effects are
+found, and the error rates hold.
 
 The null simulation is the important one: with 4 variants that truly equal the baseline, Holm's
 correction must keep the chance of any false claim in a family near 5 %, while each single test
@@ -16,7 +17,9 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 from synthetic import MEMORY_TIME_PLANTED, FamilySpec, make_tables, memory_time_family
 
-from lora_bench.analysis import stats
+from lora_bench.analysis import compare, power, stats
+from lora_bench.analysis.cost import COST_SUMMARY_COLUMNS, cost_metrics, cost_summary, memory_metric, peft_counterparts
+from lora_bench.analysis.summary import _describe, _mean_interval, summarize, summarize_epochs
 
 NULL_FAMILY = FamilySpec(name="null", kind="generic", variants=("base", "v1", "v2", "v3", "v4"))
 
@@ -60,7 +63,7 @@ VARIANT = {0: 0.815, 1: 0.822, 2: 0.805, 3: 0.83, 4: 0.84}
 
 def test_paired_p_values_equal_scipy():
     runs, metrics = _tables_from_values({"base": BASE, "better": VARIANT})
-    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    row = compare.compare_to_baseline(metrics, runs).iloc[0]
     v, b = np.array(list(VARIANT.values())), np.array(list(BASE.values()))
     assert row["paired"] and row["test"] == "paired t" and row["n_pairs"] == 5
     assert row["p_value"] == pytest.approx(scipy_stats.ttest_rel(v, b).pvalue, rel=1e-12)
@@ -78,7 +81,7 @@ def test_paired_p_values_equal_scipy():
 def test_unpaired_path_when_seeds_do_not_overlap():
     shifted = {seed + 100: value for seed, value in VARIANT.items()}
     runs, metrics = _tables_from_values({"base": BASE, "other": shifted})
-    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    row = compare.compare_to_baseline(metrics, runs).iloc[0]
     v, b = np.array(list(shifted.values())), np.array(list(BASE.values()))
     assert not row["paired"] and row["test"] == "Welch t" and row["n_pairs"] == 0
     assert row["p_value"] == pytest.approx(scipy_stats.ttest_ind(v, b, equal_var=False).pvalue, rel=1e-12)
@@ -91,21 +94,21 @@ def test_unpaired_path_when_seeds_do_not_overlap():
 
 def test_unpaired_path_is_also_taken_by_synthetic_tables():
     runs, metrics = make_tables(["methods"], n_seeds=4, variant_seeds={("methods", "full"): [10, 11, 12, 13]})
-    tests = stats.compare_to_baseline(metrics, runs).set_index("variant")
+    tests = compare.compare_to_baseline(metrics, runs).set_index("variant")
     assert not tests.loc["full", "paired"]
     assert tests.loc["last_layers", "paired"]
 
 
 def test_holm_matches_statsmodels():
     p = np.random.default_rng(1).uniform(0, 0.2, 7)
-    assert stats.holm_adjust(p) == pytest.approx(multipletests(p, method="holm")[1])
+    assert compare.holm_adjust(p) == pytest.approx(multipletests(p, method="holm")[1])
 
 
 def test_planted_difference_is_significant():
     runs, metrics = make_tables(
         ["methods"], n_seeds=5, effects={("methods", "full"): 0.03}, seed_std=0.0, noise_std=0.005, rng_seed=3
     )
-    tests = stats.compare_to_baseline(metrics, runs).set_index("variant")
+    tests = compare.compare_to_baseline(metrics, runs).set_index("variant")
     full = tests.loc["full"]
     assert full["significant"] and full["direction"] == "higher" and full["verdict"] == "better"
     assert full["diff_ci_low"] < 0.03 < full["diff_ci_high"]
@@ -117,7 +120,7 @@ def test_direction_follows_lower_is_better_metrics():
     lower = {seed: 2.0e9 - 3e8 + 1e6 * seed for seed in BASE}
     base = {seed: 2.0e9 + 2e6 * seed for seed in BASE}
     runs, metrics = _tables_from_values({"base": base, "smaller": lower}, metric="peak_rss")
-    row = stats.compare_to_baseline(metrics, runs, metric="peak_rss", split="none").iloc[0]
+    row = compare.compare_to_baseline(metrics, runs, metric="peak_rss", split="none").iloc[0]
     assert row["direction"] == "lower" and row["verdict"] == "better"
     assert not row["higher_is_better"]
 
@@ -127,7 +130,7 @@ def test_null_simulation_controls_family_wise_error():
     families_with_a_false_claim, raw_rejections, comparisons = 0, 0, 0
     for dataset in range(300):
         runs, metrics = make_tables([NULL_FAMILY], n_seeds=5, rng_seed=1000 + dataset)
-        tests = stats.compare_to_baseline(metrics, runs)
+        tests = compare.compare_to_baseline(metrics, runs)
         assert len(tests) == 4
         families_with_a_false_claim += bool((tests["p_holm"] < 0.05).any())
         raw_rejections += int((tests["p_value"] < 0.05).sum())
@@ -141,7 +144,7 @@ def test_null_simulation_controls_family_wise_error():
 
 def test_wilcoxon_all_zero_differences_gives_p_one():
     runs, metrics = _tables_from_values({"base": BASE, "same": dict(BASE)})
-    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    row = compare.compare_to_baseline(metrics, runs).iloc[0]
     assert row["p_nonparametric"] == 1.0
     assert math.isnan(row["p_value"]) and "zero variance" in row["note"]
     assert row["verdict"] == "n.s."
@@ -149,7 +152,7 @@ def test_wilcoxon_all_zero_differences_gives_p_one():
 
 def test_fewer_than_two_runs_gives_nan_and_note():
     runs, metrics = _tables_from_values({"base": BASE, "lonely": {0: 0.9}})
-    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    row = compare.compare_to_baseline(metrics, runs).iloc[0]
     assert math.isnan(row["p_value"]) and math.isnan(row["p_holm"]) and math.isnan(row["p_nonparametric"])
     assert "at least 2" in row["note"]
     assert row["n_variant"] == 1 and not row["significant"] and row["direction"] == "n.s."
@@ -159,16 +162,16 @@ def test_failed_runs_are_excluded_and_noted():
     runs, metrics = make_tables(["methods"], n_seeds=3, failed=["methods/full/seed1"])
     # The failed run left an epoch-1 row behind; it must not count anywhere.
     assert (metrics["run_id"] == "methods/full/seed1").any()
-    tests = stats.compare_to_baseline(metrics, runs).set_index("variant")
+    tests = compare.compare_to_baseline(metrics, runs).set_index("variant")
     assert tests.loc["full", "n_variant"] == 2
     assert "failed" in tests.loc["full", "note"]
-    summary = stats.summarize(metrics).set_index("variant")
+    summary = summarize(metrics).set_index("variant")
     assert summary.loc["full", "n"] == 2
 
 
 def test_epochs_family_compares_each_epoch_with_epoch_one():
     runs, metrics = make_tables(["epochs"], n_seeds=4, n_epochs=3)
-    tests = stats.compare_to_baseline(metrics, runs)
+    tests = compare.compare_to_baseline(metrics, runs)
     assert set(tests["variant"]) == {"lora@epoch2", "lora@epoch3", "full@epoch2", "full@epoch3"}
     assert set(tests["baseline"]) == {"lora@epoch1", "full@epoch1"}
     assert (tests["stage"] == "epoch").all() and tests["paired"].all()
@@ -176,35 +179,35 @@ def test_epochs_family_compares_each_epoch_with_epoch_one():
 
 def test_summarize_interval_contains_mean_and_is_deterministic():
     runs, metrics = make_tables(["methods", "coverage"], n_seeds=5)
-    summary = stats.summarize(metrics)
+    summary = summarize(metrics)
     assert (summary["ci_low"] <= summary["mean"]).all() and (summary["mean"] <= summary["ci_high"]).all()
     assert (summary["ci_method"] == "bootstrap BCa").all()
     assert list(summary["variant"][:4]) == ["lora", "lora_head_frozen", "last_layers", "full"]
-    pd.testing.assert_frame_equal(summary, stats.summarize(metrics))
+    pd.testing.assert_frame_equal(summary, summarize(metrics))
 
 
 def test_summarize_small_samples():
     runs, metrics = make_tables(["methods"], n_seeds=2)
     # Accuracy is bounded: its t interval is taken on the logit scale and stays inside [0, 1].
-    assert (stats.summarize(metrics)["ci_method"] == "t (n = 2), logit scale").all()
+    assert (summarize(metrics)["ci_method"] == "t (n = 2), logit scale").all()
     runs, metrics = make_tables(["methods"], n_seeds=1)
-    one = stats.summarize(metrics)
+    one = summarize(metrics)
     assert one["ci_low"].isna().all() and (one["ci_method"] == "none (n < 2)").all() and (one["n"] == 1).all()
 
 
 def test_two_seed_interval_of_an_accuracy_stays_inside_zero_one():
     # The issue's case: two seeds with a mean of 86.3 % gave a t interval of 38.6-133.9 %.
     values = np.array([0.825, 0.901])
-    described = stats._describe(values, "fraction")
+    described = _describe(values, "fraction")
     assert 0 < described["ci_low"] < 0.863 < described["ci_high"] < 1
     assert described["t_ci_low"] == described["ci_low"] and described["ci_method"] == "t (n = 2), logit scale"
-    plain = stats._describe(values)  # unbounded units keep the plain t interval
+    plain = _describe(values)  # unbounded units keep the plain t interval
     assert plain["ci_high"] > 1 and plain["ci_method"] == "t (n = 2)"
 
 
 def test_summarize_epochs_rows_per_epoch():
     runs, metrics = make_tables(["epochs"], n_seeds=3, n_epochs=4)
-    summary = stats.summarize_epochs(metrics, "accuracy", "validation")
+    summary = summarize_epochs(metrics, "accuracy", "validation")
     assert len(summary) == 2 * 4
     assert list(summary["epoch"][:4]) == [1, 2, 3, 4]
 
@@ -213,7 +216,7 @@ def test_seeds_for_one_point_decreases_with_std():
     needed = []
     for noise in (0.02, 0.01, 0.004):
         runs, metrics = make_tables(["methods"], n_seeds=5, seed_std=0.0, noise_std=noise, rng_seed=7)
-        table = stats.seed_consistency(metrics, runs).set_index("variant")
+        table = power.seed_consistency(metrics, runs).set_index("variant")
         needed.append(table.loc["lora", "seeds_for_1pt"])
     assert needed[0] > needed[1] > needed[2] >= 2
     assert table["seeds_for_1pt_paired"].isna()["lora"]  # the baseline has no paired requirement
@@ -221,7 +224,7 @@ def test_seeds_for_one_point_decreases_with_std():
 
 def test_seeds_for_one_point_nan_for_constant_or_single():
     runs, metrics = _tables_from_values({"base": {0: 0.8, 1: 0.8}, "one": {0: 0.7}})
-    table = stats.seed_consistency(metrics, runs).set_index("variant")
+    table = power.seed_consistency(metrics, runs).set_index("variant")
     assert math.isnan(table.loc["base", "seeds_for_1pt"]) and math.isnan(table.loc["one", "seeds_for_1pt"])
 
 
@@ -235,13 +238,13 @@ def test_run_stats_writes_all_tables(tmp_path):
         assert (out / f"{name}.parquet").stat().st_size > 0 and (out / f"{name}.csv").stat().st_size > 0
         assert written[name] == out / f"{name}.parquet"
     tests = pd.read_parquet(out / "tests.parquet")
-    assert list(tests.columns) == stats.TESTS_COLUMNS
+    assert list(tests.columns) == compare.TESTS_COLUMNS
     assert {"accuracy", "wall_time", "peak_rss"} <= set(tests["metric"])
     summary = pd.read_parquet(out / "summary.parquet")
     assert {"final", "epoch"} == set(summary["stage"])
     # No memory_time family: the cost summary is empty but has its columns, so the outputs are stable.
     cost = pd.read_parquet(out / "cost_summary.parquet")
-    assert cost.empty and list(cost.columns) == stats.COST_SUMMARY_COLUMNS
+    assert cost.empty and list(cost.columns) == COST_SUMMARY_COLUMNS
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -252,7 +255,7 @@ def test_family_whose_runs_all_failed_still_gets_rows():
         for seed in (0, 1)
     ]
     runs, metrics = make_tables(["methods", "coverage"], n_seeds=2, failed=everything_in_methods)
-    tests = stats.compare_to_baseline(metrics, runs)
+    tests = compare.compare_to_baseline(metrics, runs)
     methods = tests[tests["family"] == "methods"]
     assert len(methods) == 3 and methods["p_value"].isna().all()
     assert methods["note"].str.contains("0 ok run").all()
@@ -270,14 +273,14 @@ def test_ratio_interval_inverts_the_paired_t_test():
     rng = np.random.default_rng(5)
     b = rng.normal(10.0, 1.0, 5)
     v = 0.6 * b + rng.normal(0.0, 0.3, 5)
-    ratio, low, high, note = stats.ratio_interval(v, b, paired=True)
+    ratio, low, high, note = compare.ratio_interval(v, b, paired=True)
     assert ratio == pytest.approx(v.mean() / b.mean()) and low < ratio < high and note == ""
     for end in (low, high):
         assert scipy_stats.ttest_1samp(v - end * b, 0.0).pvalue == pytest.approx(0.05, abs=1e-9)
     # Unpaired: Welch's t statistic at the ends is the critical value, with Welch-Satterthwaite degrees of
     # freedom taken at the estimated ratio (so Welch's own p at the ends is only near 0.05).
     w = b + 1.0
-    ratio, low, high, _ = stats.ratio_interval(v, w, paired=False)
+    ratio, low, high, _ = compare.ratio_interval(v, w, paired=False)
     s_v, s_w = v.var(ddof=1) / 5, w.var(ddof=1) / 5
     df = (s_v + ratio**2 * s_w) ** 2 / ((s_v**2 + (ratio**2 * s_w) ** 2) / 4)
     for end in (low, high):
@@ -287,13 +290,13 @@ def test_ratio_interval_inverts_the_paired_t_test():
 
 
 def test_ratio_interval_edge_cases():
-    exact = stats.ratio_interval(np.array([6.0, 6.0, 6.0]), np.array([10.0, 10.0, 10.0]), paired=True)
+    exact = compare.ratio_interval(np.array([6.0, 6.0, 6.0]), np.array([10.0, 10.0, 10.0]), paired=True)
     assert exact[:3] == pytest.approx((0.6, 0.6, 0.6))
-    unbounded = stats.ratio_interval(np.array([1.0, 2.0, 3.0]), np.array([-1.0, 1.0, 0.5]), paired=True)
+    unbounded = compare.ratio_interval(np.array([1.0, 2.0, 3.0]), np.array([-1.0, 1.0, 0.5]), paired=True)
     assert math.isnan(unbounded[1]) and math.isnan(unbounded[2]) and "unbounded" in unbounded[3]
-    single = stats.ratio_interval(np.array([3.0]), np.array([2.0]), paired=False)
+    single = compare.ratio_interval(np.array([3.0]), np.array([2.0]), paired=False)
     assert single[0] == 1.5 and math.isnan(single[1])
-    assert "zero" in stats.ratio_interval(np.array([1.0, 2.0]), np.array([0.0, 0.0]), paired=True)[3]
+    assert "zero" in compare.ratio_interval(np.array([1.0, 2.0]), np.array([0.0, 0.0]), paired=True)[3]
 
 
 def _memory_time_tests(**kwargs) -> pd.DataFrame:
@@ -331,8 +334,8 @@ def test_memory_time_ratios_recover_the_planted_ones_on_gpu():
 
 def test_memory_time_on_cpu_uses_exact_state_bytes():
     runs, metrics = make_tables(["memory_time"], n_seeds=3, device="cpu")
-    assert stats.memory_metric(metrics, "memory_time") == "state_bytes"
-    assert stats.cost_metrics(metrics, "memory_time") == [
+    assert memory_metric(metrics, "memory_time") == "state_bytes"
+    assert cost_metrics(metrics, "memory_time") == [
         "state_bytes", "median_step_time", "tokens_per_second", "base_weight_bytes"
     ]  # fmt: skip
     tests = stats.all_tests(metrics, runs).set_index(["variant", "metric"])
@@ -350,7 +353,7 @@ def test_memory_time_on_cpu_uses_exact_state_bytes():
 def test_exact_applies_only_to_deterministic_units():
     # Constant accuracies (a small test set can do that) are not "exact": the t test stays undefined.
     runs, metrics = _tables_from_values({"base": {0: 0.8, 1: 0.8}, "other": {0: 0.9, 1: 0.9}})
-    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    row = compare.compare_to_baseline(metrics, runs).iloc[0]
     assert not row["exact"] and not row["significant"] and row["verdict"] == "n.s."
 
 
@@ -363,8 +366,8 @@ def test_memory_time_unpaired_ratio():
 
 def test_cost_summary_per_variant():
     runs, metrics = make_tables(["methods", "memory_time"], n_seeds=3, device=GPU, failed=["memory_time/full/seed2"])
-    cost = stats.cost_summary(runs, metrics)
-    assert list(cost.columns) == stats.COST_SUMMARY_COLUMNS
+    cost = cost_summary(runs, metrics)
+    assert list(cost.columns) == COST_SUMMARY_COLUMNS
     assert list(cost["variant"]) == ["lora", "qlora", "full"] and set(cost["family"]) == {"memory_time"}
     by = cost.set_index("variant")
     assert list(by["method"]) == ["lora", "qlora", "full"]
@@ -373,7 +376,7 @@ def test_cost_summary_per_variant():
     assert (by["memory_metric"] == "peak_cuda_allocated").all() and by.loc["lora", "is_baseline"]
     assert by.loc["full", "n"] == 2 and by.loc["full", "n_failed"] == 1
     # The same numbers as the summary table.
-    summary = stats.summarize(metrics, "peak_cuda_allocated", "none").set_index("variant")
+    summary = summarize(metrics, "peak_cuda_allocated", "none").set_index("variant")
     for column in ("mean", "ci_low", "ci_high"):
         assert by.loc["qlora", f"memory_{column}"] == pytest.approx(summary.loc["qlora", column])
     assert by.loc["qlora", "memory_ci_low"] < by.loc["qlora", "memory_mean"] < by.loc["qlora", "memory_ci_high"]
@@ -389,7 +392,7 @@ def test_study_without_any_accuracy(tmp_path):
     metrics.to_parquet(tmp_path / "metrics.parquet")
     stats.run_stats(tmp_path / "metrics.parquet", tmp_path / "runs.parquet", tmp_path)
     seeds = pd.read_parquet(tmp_path / "seed_consistency.parquet")
-    assert seeds.empty and list(seeds.columns) == stats.SEED_CONSISTENCY_COLUMNS
+    assert seeds.empty and list(seeds.columns) == power.SEED_CONSISTENCY_COLUMNS
     tests = pd.read_parquet(tmp_path / "tests.parquet")
     assert len(tests) and tests["ratio"].notna().all() and not tests["metric"].isin(["accuracy", "loss"]).any()
     summary = pd.read_parquet(tmp_path / "summary.parquet")
@@ -403,7 +406,7 @@ def test_memory_time_family_whose_runs_all_failed():
     runs, metrics = make_tables(["methods", spec], n_seeds=2, failed=failed)
     tests = stats.all_tests(metrics, runs)
     assert not (tests["family"] == "memory_time").any()  # no rows of NaN for a family that measured nothing
-    cost = stats.cost_summary(runs, metrics)
+    cost = cost_summary(runs, metrics)
     assert (cost["n"] == 0).all() and (cost["n_failed"] == 2).all() and cost["memory_mean"].isna().all()
 
 
@@ -421,12 +424,12 @@ def _raises(error):
 def test_ratio_interval_overflow_is_a_note_not_an_exception():
     huge, ordinary = np.array([1e200, 1.2e200, 0.8e200]), np.array([1.0, 1.01, 0.99])
     for paired in (False, True):
-        ratio, low, high, note = stats.ratio_interval(huge, ordinary, paired=paired)
+        ratio, low, high, note = compare.ratio_interval(huge, ordinary, paired=paired)
         assert ratio == pytest.approx(1e200) and math.isnan(low) and math.isnan(high)
         assert note == "ratio interval not computable (OverflowError)"
     runs, metrics = _tables_from_values({"base": dict(enumerate(ordinary)), "huge": dict(enumerate(huge)),
                                          "v1": {0: 1.1, 1: 1.12, 2: 1.09}}, metric="state_bytes")
-    tests = stats.compare_to_baseline(metrics, runs, "state_bytes", "none").set_index("variant")
+    tests = compare.compare_to_baseline(metrics, runs, "state_bytes", "none").set_index("variant")
     assert "ratio interval not computable" in tests.loc["huge", "note"]
     assert np.isfinite(tests.loc["v1", ["ratio", "ratio_ci_low", "ratio_ci_high", "p_value"]].to_numpy(float)).all()
 
@@ -434,9 +437,9 @@ def test_ratio_interval_overflow_is_a_note_not_an_exception():
 @pytest.mark.parametrize(
     ("target", "error", "column", "note"),
     [
-        ((stats.optimize, "brentq"), ValueError("f(a) and f(b) must have different signs"), "effect_ci_low",
+        ((compare.optimize, "brentq"), ValueError("f(a) and f(b) must have different signs"), "effect_ci_low",
          "effect-size interval not computable"),
-        ((stats.optimize, "brentq"), RuntimeError("Failed to converge after 100 iterations"), "effect_ci_high",
+        ((compare.optimize, "brentq"), RuntimeError("Failed to converge after 100 iterations"), "effect_ci_high",
          "effect-size interval not computable"),
         ((scipy_stats, "wilcoxon"), ValueError("zero_method"), "p_nonparametric", "Wilcoxon test failed (ValueError)"),
         ((scipy_stats, "ttest_rel"), FloatingPointError("overflow"), "p_value", "t test failed (FloatingPointError)"),
@@ -444,9 +447,9 @@ def test_ratio_interval_overflow_is_a_note_not_an_exception():
 )
 def test_paired_comparison_failures_leave_nan_and_a_note(monkeypatch, target, error, column, note):
     runs, metrics = _tables_from_values({"base": BASE, "variant": VARIANT})
-    before = stats.compare_to_baseline(metrics, runs).iloc[0]
+    before = compare.compare_to_baseline(metrics, runs).iloc[0]
     monkeypatch.setattr(*target, _raises(error))
-    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    row = compare.compare_to_baseline(metrics, runs).iloc[0]
     assert math.isnan(row[column]) and note in row["note"]
     kept = [c for c in ("diff", "ratio", "ratio_ci_low", "p_value", "p_nonparametric", "effect_size") if c != column]
     assert row[kept].tolist() == pytest.approx(before[kept].tolist())
@@ -455,7 +458,7 @@ def test_paired_comparison_failures_leave_nan_and_a_note(monkeypatch, target, er
 def test_unpaired_rank_test_failure_leaves_nan_and_a_note(monkeypatch):
     runs, metrics = _tables_from_values({"base": BASE, "variant": {s + 10: v for s, v in VARIANT.items()}})
     monkeypatch.setattr(scipy_stats, "mannwhitneyu", _raises(ValueError("x and y must not be empty")))
-    row = stats.compare_to_baseline(metrics, runs).iloc[0]
+    row = compare.compare_to_baseline(metrics, runs).iloc[0]
     assert not row["paired"] and math.isnan(row["p_nonparametric"]) and "Mann-Whitney U test failed" in row["note"]
     assert math.isfinite(row["p_value"]) and math.isfinite(row["effect_ci_low"])
 
@@ -463,7 +466,7 @@ def test_unpaired_rank_test_failure_leaves_nan_and_a_note(monkeypatch):
 def test_bootstrap_failure_falls_back_to_the_t_interval(monkeypatch):
     values = np.array(list(BASE.values()))
     monkeypatch.setattr(scipy_stats, "bootstrap", _raises(ValueError("degenerate")))
-    low, high, method, t_low, t_high = stats._mean_interval(values)
+    low, high, method, t_low, t_high = _mean_interval(values)
     assert method == "t (bootstrap failed)" and (low, high) == (t_low, t_high) and low < values.mean() < high
 
 
@@ -472,7 +475,7 @@ def test_power_search_failure_is_noted_in_seed_consistency(monkeypatch):
 
     runs, metrics = _tables_from_values({"base": BASE, "variant": VARIANT})
     monkeypatch.setattr(TTestIndPower, "power", _raises(ZeroDivisionError("float division by zero")))
-    table = stats.seed_consistency(metrics, runs).set_index("variant")
+    table = power.seed_consistency(metrics, runs).set_index("variant")
     assert table["seeds_for_1pt"].isna().all()
     assert (table["note"] == "unpaired: power search failed (ZeroDivisionError)").all()
     assert math.isfinite(table.loc["variant", "seeds_for_1pt_paired"]) and table["std"].notna().all()
@@ -497,9 +500,9 @@ def _with_peft_twin(runs: pd.DataFrame, metrics: pd.DataFrame, factor: float):
 
 def test_cost_summary_shows_ours_over_peft_with_intervals():
     runs, metrics = _with_peft_twin(*make_tables(["memory_time"], n_seeds=3, device=GPU), factor=1.25)
-    assert stats.peft_counterparts(runs[runs["family"] == "memory_time"]) == {"lora": "lora-peft"}
-    cost = stats.cost_summary(runs, metrics).set_index("variant")
-    assert list(cost.columns) == stats.COST_SUMMARY_COLUMNS[:2] + stats.COST_SUMMARY_COLUMNS[3:]
+    assert peft_counterparts(runs[runs["family"] == "memory_time"]) == {"lora": "lora-peft"}
+    cost = cost_summary(runs, metrics).set_index("variant")
+    assert list(cost.columns) == COST_SUMMARY_COLUMNS[:2] + COST_SUMMARY_COLUMNS[3:]
     assert cost.loc["lora", "impl"] == "ours" and cost.loc["lora-peft", "impl"] == "peft"
     assert cost.loc["lora", "peft_variant"] == "lora-peft" and cost.loc["qlora", "peft_variant"] == ""
     for prefix, expected in (("memory", 0.8), ("median_step_time", 0.8), ("tokens_per_second", 1.25)):
@@ -515,13 +518,13 @@ def test_ours_over_peft_interval_covers_a_noisy_ratio():
     runs, metrics = _with_peft_twin(*make_tables(["memory_time"], n_seeds=5, device=GPU), factor=1.0)
     noisy = (metrics["variant"] == "lora-peft") & (metrics["metric"] == "median_step_time")
     metrics.loc[noisy, "value"] *= np.random.default_rng(0).normal(1.0, 0.05, noisy.sum())
-    row = stats.cost_summary(runs, metrics).set_index("variant").loc["lora"]
+    row = cost_summary(runs, metrics).set_index("variant").loc["lora"]
     low, high = row["median_step_time_ours_over_peft_ci_low"], row["median_step_time_ours_over_peft_ci_high"]
     assert low < row["median_step_time_ours_over_peft"] < high and low < 1.0 < high
 
 
 def test_one_seed_gives_the_ratio_without_an_interval():
     runs, metrics = _with_peft_twin(*make_tables(["memory_time"], n_seeds=1, device=GPU), factor=1.1)
-    row = stats.cost_summary(runs, metrics).set_index("variant").loc["lora"]
+    row = cost_summary(runs, metrics).set_index("variant").loc["lora"]
     assert row["median_step_time_ours_over_peft"] == pytest.approx(1 / 1.1)
     assert math.isnan(row["median_step_time_ours_over_peft_ci_low"])

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from lora_bench import SCHEMA_VERSION
-from lora_bench.analysis import stats, variance
+from lora_bench.analysis import compare, power, stats, variance
+from lora_bench.analysis.summary import ALPHA, select_values
 from lora_bench.analysis.tables import LABEL_COLUMNS, collect, write_tables
 from lora_bench.cli import main
 from lora_bench.config import ConfigError
@@ -222,7 +223,7 @@ def test_anova_equals_reml_on_a_balanced_design_with_interior_estimates():
 
 
 def _ok_frame(metrics: pd.DataFrame) -> pd.DataFrame:
-    frame = stats.select_values(metrics, "accuracy", "test")[["value", "data_seed", "train_seed"]]
+    frame = select_values(metrics, "accuracy", "test")[["value", "data_seed", "train_seed"]]
     frame = frame.reset_index(drop=True)
     return frame.assign(y=(frame["value"] - frame["value"].mean()) / frame["value"].std())
 
@@ -305,7 +306,7 @@ def test_equal_configurations_winner_is_optimistic_and_reruns_show_no_difference
     # The best of 40 single runs sits about two noise SDs above its true accuracy.
     assert val["optimism"] > 0.02 and val["optimism_ci_low"] > 0
     assert val["topk_optimism"] > 0 and val["topk_optimism_ci_low"] > 0
-    assert val["differ_p"] > stats.ALPHA and not val["differ"]
+    assert val["differ_p"] > ALPHA and not val["differ"]
     assert val["p_winner_best"] < 0.6
     winner = reeval[(reeval["split"] == "validation") & reeval["is_winner"]].iloc[0]
     assert winner["sweep_rank"] == 1 and winner["in_top_k"]
@@ -374,8 +375,8 @@ def test_stats_tables_are_written_empty_without_such_families(tmp_path):
 
 def test_generic_tests_and_seed_table_leave_these_kinds_out():
     runs, metrics = variance_tables(0.01, 0.0, 0.01, n_data=2, n_train=3)
-    assert stats.compare_to_baseline(metrics, runs).empty
-    assert stats.seed_consistency(metrics, runs).empty
+    assert compare.compare_to_baseline(metrics, runs).empty
+    assert power.seed_consistency(metrics, runs).empty
 
 
 # ----------------------------------------------------------------------------------------------------

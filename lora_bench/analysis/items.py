@@ -69,15 +69,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from lora_bench.analysis import stats
+from lora_bench.analysis.compare import holm
+from lora_bench.analysis.power import ONE_POINT, TARGET_POWER, seeds_needed_noted
+from lora_bench.analysis.summary import ALPHA, CONFIDENCE, family_order
 from lora_bench.atomic import write_table
-from lora_bench.study import SWEEP_KIND, TUNE_KIND, VARIANCE_KIND
+from lora_bench.study import kind_spec
 
-# Kinds with no item-level comparison: epochs families compare epochs of one variant (predictions are kept
-# at the selected epoch only); tune families only choose a value; memory_time families measure cost.
-SKIPPED_KINDS = ("epochs", TUNE_KIND, stats.MEMORY_TIME_KIND)
-# Kinds whose variants are the expansion of a setting over data seeds: compared by ``setting``.
-SETTING_KINDS = (VARIANCE_KIND, SWEEP_KIND)
 SPLIT = "test"
 RANK_RESAMPLES = 2000
 RANK_SEED = 20240607
@@ -166,13 +163,13 @@ def t_result(fit: dict) -> dict:
                 "diff_ci_high": mean if var == 0 else math.nan, "se": math.sqrt(max(var, 0.0)), "df": df,
                 "p_value": math.nan}
     se = math.sqrt(var)
-    half = float(scipy_stats.t.ppf(0.5 + stats.CONFIDENCE / 2, df)) * se
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * se
     return {"diff": mean, "diff_ci_low": mean - half, "diff_ci_high": mean + half, "se": se, "df": df,
             "p_value": float(2 * scipy_stats.t.sf(abs(mean) / se, df))}
 
 
-def seeds_needed(s2_seed: float, s2_item: float, s2_resid: float, m: int, delta: float = stats.ONE_POINT,
-                 power: float = stats.TARGET_POWER, alpha: float = stats.ALPHA) -> float:
+def seeds_needed(s2_seed: float, s2_item: float, s2_resid: float, m: int, delta: float = ONE_POINT,
+                 power: float = TARGET_POWER, alpha: float = ALPHA) -> float:
     """Seeds (paired runs per condition) for the crossed test to detect ``delta`` with ``power`` on ``m`` items.
 
     Power with the t quantile at the df the fit would have at k seeds (expected mean squares) and a normal
@@ -222,7 +219,9 @@ def _conditions(runs: pd.DataFrame, family: str) -> tuple[str, list[str], str | 
     """(column naming the conditions, the conditions in config order, the baseline condition)."""
     family_runs = runs[runs["family"] == family]
     kind = str(family_runs["family_kind"].iloc[0])
-    column = "setting" if kind in SETTING_KINDS and "setting" in family_runs else "variant"
+    # Variants that expand a setting over data seeds are compared by ``setting`` (KindSpec.setting_column).
+    column = kind_spec(kind).setting_column
+    column = column if column in family_runs else "variant"
     baseline_rows = family_runs[family_runs["is_baseline"].astype(bool)]
     baseline = str(baseline_rows[column].iloc[0]) if len(baseline_rows) else None
     return column, [str(c) for c in dict.fromkeys(family_runs[column].tolist())], baseline
@@ -282,8 +281,11 @@ def _design(fit: dict | None, strata: list[dict]) -> str:
 
 
 def _families(runs: pd.DataFrame) -> list[tuple[str, str]]:
-    return [(f, str(runs.loc[runs["family"] == f, "family_kind"].iloc[0])) for f in stats.family_order(runs)
-            if str(runs.loc[runs["family"] == f, "family_kind"].iloc[0]) not in SKIPPED_KINDS]
+    """(family, kind) of the families compared item by item (``KindSpec.item_level``): not epochs families, which
+    compare epochs of one variant (predictions are kept at the selected epoch only), tune families, which only
+    choose a value, nor memory_time families, which measure cost."""
+    return [(f, str(runs.loc[runs["family"] == f, "family_kind"].iloc[0])) for f in family_order(runs)
+            if kind_spec(str(runs.loc[runs["family"] == f, "family_kind"].iloc[0])).item_level]
 
 
 def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT) -> pd.DataFrame:
@@ -319,8 +321,8 @@ def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT
     if tests.empty:
         return tests
     for index in tests.groupby(["family", "split"], sort=False).groups.values():
-        tests.loc[index, "p_holm"] = stats._holm(tests.loc[index, "p_value"]).to_numpy()
-    tests["significant"] = (tests["p_holm"] < stats.ALPHA).fillna(False).astype(bool)
+        tests.loc[index, "p_holm"] = holm(tests.loc[index, "p_value"]).to_numpy()
+    tests["significant"] = (tests["p_holm"] < ALPHA).fillna(False).astype(bool)
     tests["direction"] = np.where(tests["significant"], np.where(tests["diff"] > 0, "higher", "lower"), "n.s.")
     tests["verdict"] = np.where(tests["significant"], np.where(tests["diff"] > 0, "better", "worse"), "n.s.")
     for column in ("n_seeds", "n_items", "n_strata", "n_discordant"):
@@ -409,8 +411,8 @@ def item_ranks(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT
                 fit, _ = _pair_fit(strata, present[i], present[j])
                 pair_p.append(t_result(fit)["p_value"] if fit else math.nan)
                 pairs.append(frozenset((present[i], present[j])))
-        adjusted = stats._holm(pd.Series(pair_p)).to_numpy()
-        significant = {pair: bool(p < stats.ALPHA) for pair, p in zip(pairs, adjusted)}
+        adjusted = holm(pd.Series(pair_p)).to_numpy()
+        significant = {pair: bool(p < ALPHA) for pair, p in zip(pairs, adjusted)}
         groups = tie_groups(present, means, significant)
         k_total = sum(len(s["seeds"]) for s in strata)
         m_total = sum(len(s["items"]) for s in strata)
@@ -430,21 +432,21 @@ def logit_interval(fit: dict) -> tuple[float, float]:
     p, var, df = float(fit["mean"]), float(fit["var"]), float(fit["df"])
     if p in (0.0, 1.0):
         # Every run right (or wrong) on every example: the exact binomial (Clopper-Pearson) bound for the m items.
-        bound = (1 - stats.CONFIDENCE) / 2
+        bound = (1 - CONFIDENCE) / 2
         return (bound ** (1 / fit["m"]), 1.0) if p == 1.0 else (0.0, 1 - bound ** (1 / fit["m"]))
     if not (var > 0 and np.isfinite(df)):
         return math.nan, math.nan
     centre = math.log(p / (1 - p))
-    half = float(scipy_stats.t.ppf(0.5 + stats.CONFIDENCE / 2, df)) * math.sqrt(var) / (p * (1 - p))
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * math.sqrt(var) / (p * (1 - p))
     return 1 / (1 + math.exp(-(centre - half))), 1 / (1 + math.exp(-(centre + half)))
 
 
 def item_summary(predictions: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Each condition's accuracy per split with the crossed model's interval (logit scale, inside [0, 1])."""
     rows = []
-    for family in stats.family_order(runs):
+    for family in family_order(runs):
         kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
-        column = "setting" if kind in SETTING_KINDS else "variant"
+        column = kind_spec(kind).setting_column
         family_predictions = predictions[predictions["family"] == family]
         for (split, condition), group in family_predictions.groupby(["split", column], sort=False):
             fits = []
@@ -489,7 +491,7 @@ def with_item_seeds(seed_consistency: pd.DataFrame, tests: pd.DataFrame) -> pd.D
         m = int(test["n_items"] / max(int(test["n_strata"]), 1))
         out.loc[position, "n_items"] = m
         out.loc[position, "seeds_for_1pt_items"] = seeds_needed(
-            test["sd_seed"] ** 2, test["sd_item"] ** 2, test["sd_residual"] ** 2, m, row.get("delta", stats.ONE_POINT))
+            test["sd_seed"] ** 2, test["sd_item"] ** 2, test["sd_residual"] ** 2, m, row.get("delta", ONE_POINT))
     return out
 
 
@@ -557,11 +559,11 @@ def calibrate(replicates: int = 2000, seeds: tuple[int, ...] = (3, 5), items: in
                 per_seed_sd = math.sqrt(float(truth["s2_seed"]) + float(truth["s2_resid"]) / items)
                 rows.append({"scenario": name, "sd_method_item": sd_item, "sd_method_seed": sd_seed, "seeds": k,
                              "items": items, "effect_logit": effect, "effect_points": float(d.mean()) * 100,
-                             "reject_items": float(np.nanmean(p_items < stats.ALPHA)),
-                             "reject_seeds": float(np.nanmean(p_seeds < stats.ALPHA)),
+                             "reject_items": float(np.nanmean(p_items < ALPHA)),
+                             "reject_seeds": float(np.nanmean(p_seeds < ALPHA)),
                              "seeds_for_1pt_items": seeds_needed(float(truth["s2_seed"]), float(truth["s2_item"]),
                                                                  float(truth["s2_resid"]), items),
-                             "seeds_for_1pt_seeds": stats._seeds_needed_noted(stats.ONE_POINT / per_seed_sd,
+                             "seeds_for_1pt_seeds": seeds_needed_noted(ONE_POINT / per_seed_sd,
                                                                               paired=True)[0]})
     return pd.DataFrame(rows)
 

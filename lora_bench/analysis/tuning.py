@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_bench.analysis import stats
+from lora_bench.analysis.summary import family_order, select_values
 from lora_bench.atomic import write_table
 from lora_bench.study import TUNE_KIND
 
@@ -33,7 +33,7 @@ def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str,
     """One row per (variant = setting, value) of a tuning family: runs, failures, mean and sd of ``metric``."""
     name, split = TUNE_METRICS[metric]
     family_runs = runs[runs["family"] == tuning_family]
-    scores = stats.select_values(metrics, name, split, "final")
+    scores = select_values(metrics, name, split, "final")
     scores = scores[scores["family"] == tuning_family].merge(
         family_runs[["run_id", "tune_value"]], on="run_id", how="left")
     rows = []
@@ -82,7 +82,7 @@ def tuning_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     (epochs and step cap, equal for every variant by construction)."""
     parts = []
     tuning = runs[runs["family_kind"] == TUNE_KIND] if "family_kind" in runs else runs.iloc[0:0]
-    for tuning_family in stats.family_order(tuning):
+    for tuning_family in family_order(tuning):
         family_runs = tuning[tuning["family"] == tuning_family]
         first = family_runs.iloc[0]
         metric = str(first.get("tune_metric") or "validation_accuracy")

@@ -1,6 +1,6 @@
 """How much to trust a single run: where the variance comes from, and the winner's curse of a sweep.
 
-Tables in, tables out, like ``lora_bench.analysis.stats`` (which this module builds on). Two family kinds:
+Tables in, tables out, like ``lora_bench.analysis.summary`` (which this module builds on). Two family kinds:
 
 - **variance**: a few data seeds (``data.split_seed``: which examples land in train, validation and test)
   crossed with a few train seeds (``seed``: initialisation, data order, dropout) per setting (method).
@@ -66,10 +66,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from lora_bench.analysis import stats
+from lora_bench.analysis.summary import ALPHA, BOOTSTRAP_SEED, CONFIDENCE, family_order, select_values
 from lora_bench.atomic import write_table
+from lora_bench.study import SWEEP_KIND, VARIANCE_KIND
 
-VARIANCE_KIND, SWEEP_KIND = "variance", "sweep"
 SELECTION_METRIC, SELECTION_SPLIT = "accuracy", "validation"
 SWEEP_SPLITS = ("validation", "test")
 VC_RESAMPLES = 200
@@ -107,7 +107,7 @@ SUMMARY_COLUMNS = [
 
 
 def _ok_rows(metrics: pd.DataFrame, family: str, metric: str, split: str, stage: str = "final") -> pd.DataFrame:
-    rows = stats.select_values(metrics, metric, split, stage)
+    rows = select_values(metrics, metric, split, stage)
     return rows[rows["family"] == family]
 
 
@@ -116,7 +116,7 @@ def _t_interval(values: np.ndarray) -> tuple[float, float]:
     if n < 2:
         return math.nan, math.nan
     mean, se = float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(n))
-    half = scipy_stats.t.ppf(0.5 + stats.CONFIDENCE / 2, n - 1) * se
+    half = scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * se
     return mean - half, mean + half
 
 
@@ -124,12 +124,12 @@ def _percentile(samples: np.ndarray) -> tuple[float, float]:
     samples = samples[np.isfinite(samples)]
     if len(samples) == 0:
         return math.nan, math.nan
-    tail = (1 - stats.CONFIDENCE) / 2 * 100
+    tail = (1 - CONFIDENCE) / 2 * 100
     return float(np.percentile(samples, tail)), float(np.percentile(samples, 100 - tail))
 
 
 def families_of_kind(runs: pd.DataFrame, kind: str) -> list[str]:
-    return [f for f in stats.family_order(runs) if (runs.loc[runs["family"] == f, "family_kind"] == kind).any()]
+    return [f for f in family_order(runs) if (runs.loc[runs["family"] == f, "family_kind"] == kind).any()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ METHOD_NAMES = {
 
 
 def fit_variance_components(
-    values: pd.DataFrame, resamples: int | None = None, seed: int = stats.BOOTSTRAP_SEED
+    values: pd.DataFrame, resamples: int | None = None, seed: int = BOOTSTRAP_SEED
 ) -> dict:
     """Variance components of ``value`` by ``data_seed`` x ``train_seed``, with bootstrap intervals.
 
@@ -366,14 +366,14 @@ def sweep_scores(runs: pd.DataFrame, metrics: pd.DataFrame, family: str) -> pd.D
     ids = set(sweep_runs["run_id"])
 
     def per_setting(metric: str, split: str, stage: str = "final", epochs: pd.DataFrame | None = None):
-        rows = stats.select_values(metrics, metric, split, stage)
+        rows = select_values(metrics, metric, split, stage)
         rows = rows[rows["run_id"].isin(ids)]
         if epochs is not None:
             rows = rows.merge(epochs, on=["run_id", "epoch"])
         return rows.groupby("setting")["value"]
 
     score = per_setting(SELECTION_METRIC, SELECTION_SPLIT)
-    final = stats.select_values(metrics, SELECTION_METRIC, SELECTION_SPLIT, "final")
+    final = select_values(metrics, SELECTION_METRIC, SELECTION_SPLIT, "final")
     selected_epochs = final[final["run_id"].isin(ids)][["run_id", "epoch"]]
     table = pd.DataFrame({"score": score.mean(), "n": score.size()})
     table["tie_break"] = per_setting("loss", SELECTION_SPLIT, "epoch", selected_epochs).mean()
@@ -469,7 +469,7 @@ def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
 
 
 def sweep_tables(
-    runs: pd.DataFrame, metrics: pd.DataFrame, resamples: int = P_BEST_RESAMPLES, seed: int = stats.BOOTSTRAP_SEED
+    runs: pd.DataFrame, metrics: pd.DataFrame, resamples: int = P_BEST_RESAMPLES, seed: int = BOOTSTRAP_SEED
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(``sweep_reeval``, ``sweep_summary``) of every sweep family; see the module docstring."""
     reeval_rows, summary_rows = [], []
@@ -534,7 +534,7 @@ def _summary_row(family: str, split: str, rows: list[dict], values: dict, reruns
     df = sum(len(a) - 1 for a in arrays)
     if df > 0 and all(len(a) > 1 for a in arrays):
         se = math.sqrt(sum(np.var(a, ddof=1) / len(a) for a in arrays)) / len(arrays)
-        half = scipy_stats.t.ppf(0.5 + stats.CONFIDENCE / 2, df) * se
+        half = scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df) * se
         out["topk_optimism_ci_low"] = out["topk_optimism"] - half
         out["topk_optimism_ci_high"] = out["topk_optimism"] + half
     x = np.array([r["sweep_score"] for r in top])
@@ -545,7 +545,7 @@ def _summary_row(family: str, split: str, rows: list[dict], values: dict, reruns
         notes.append(note)
     out["differ_p"], note = _differ_p(reruns[reruns["setting"].isin([r["setting"] for r in top])])
     notes.append(note)
-    out["differ"] = bool(out["differ_p"] < stats.ALPHA) if not math.isnan(out["differ_p"]) else False
+    out["differ"] = bool(out["differ_p"] < ALPHA) if not math.isnan(out["differ_p"]) else False
     out["note"] = "; ".join(n for n in notes if n)
     return out
 

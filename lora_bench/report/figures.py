@@ -2,7 +2,7 @@
 
 Every function takes the tidy ``runs`` and ``metrics`` tables (``docs/tables.md``) and a family name and
 returns a ``Figure``; ``save_figure`` writes it as PNG and SVG. Means and 95 % intervals come from
-``lora_bench.analysis.stats.summarize`` so the figures show the same numbers as the report's tables (seaborn's
+``lora_bench.analysis.summary.summarize`` so the figures show the same numbers as the report's tables (seaborn's
 own bootstrap would draw slightly different intervals). Failed runs are left out; a condition with a
 single run is drawn as a point without an interval.
 
@@ -27,7 +27,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from lora_bench.analysis import stats, tuning, variance  # noqa: E402
+from lora_bench.analysis import cost, tuning, variance  # noqa: E402
+from lora_bench.analysis.summary import family_order, select_values, summarize, summarize_epochs  # noqa: E402
 from lora_bench.atomic import replace_atomically  # noqa: E402
 
 PNG_DPI = 150
@@ -61,14 +62,14 @@ def variant_order(runs: pd.DataFrame, family: str) -> list[str]:
 def _per_run(
     metrics: pd.DataFrame, family: str, metric: str, split: str, stage: str = "final"
 ) -> pd.DataFrame:
-    rows = stats.select_values(_family_metrics(metrics, family), metric, split, stage)
+    rows = select_values(_family_metrics(metrics, family), metric, split, stage)
     return rows[["variant", "seed", "epoch", "value"]]
 
 
 def _summary(
     metrics: pd.DataFrame, family: str, metric: str, split: str, variants: list[str]
 ) -> pd.DataFrame:
-    summary = stats.summarize(_family_metrics(metrics, family), metric, split)
+    summary = summarize(_family_metrics(metrics, family), metric, split)
     if summary.empty:
         return summary
     order = {v: i for i, v in enumerate(variants)}
@@ -329,7 +330,7 @@ def plot_epochs(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "epochs
     splits = [
         s
         for s in ("validation", "test")
-        if not stats.select_values(family_metrics, "accuracy", s, "epoch").empty
+        if not select_values(family_metrics, "accuracy", s, "epoch").empty
     ]
     if not splits:
         return _message_figure(family, "no per-epoch accuracy of successful runs to plot")
@@ -337,7 +338,7 @@ def plot_epochs(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "epochs
         fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.2), sharey=True, squeeze=False)
         colors = dict(zip(variants, sns.color_palette(PALETTE, len(variants)), strict=True))
         for ax, split in zip(axes[0], splits, strict=True):
-            summary = stats.summarize_epochs(family_metrics, "accuracy", split)
+            summary = summarize_epochs(family_metrics, "accuracy", split)
             for variant in variants:
                 part = summary[summary["variant"] == variant].sort_values("epoch")
                 if part.empty:
@@ -366,7 +367,7 @@ def plot_optimizer(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "opt
     """
     family_metrics = _family_metrics(metrics, family)
     memory = next(
-        (m for m in MEMORY_METRICS if not stats.select_values(family_metrics, m, "none").empty),
+        (m for m in MEMORY_METRICS if not select_values(family_metrics, m, "none").empty),
         None,
     )
     with sns.axes_style(STYLE):
@@ -406,15 +407,15 @@ LOG_SPREAD = 20.0
 
 
 def _link_peft_twins(ax, runs, metrics, family, mem, time, shown, gib, ms) -> None:
-    """A dotted line from each variant with our layers to its twin with peft's (``stats.peft_counterparts``),
+    """A dotted line from each variant with our layers to its twin with peft's (``cost.peft_counterparts``),
     labelled with ours / peft of the step time (the cost summary has the intervals)."""
-    for ours, peft in stats.peft_counterparts(runs[runs["family"] == family]).items():
+    for ours, peft in cost.peft_counterparts(runs[runs["family"] == family]).items():
         if ours not in shown or peft not in shown:
             continue
         xs = [mem.loc[ours, "mean"] * gib, mem.loc[peft, "mean"] * gib]
         ys = [time.loc[ours, "mean"] * ms, time.loc[peft, "mean"] * ms]
         ax.plot(xs, ys, linestyle=":", color="grey", zorder=2)
-        ratio = stats.ours_over_peft(metrics, family, ours, peft, stats.MEMORY_TIME_TIME_METRIC)[0]
+        ratio = cost.ours_over_peft(metrics, family, ours, peft, cost.MEMORY_TIME_TIME_METRIC)[0]
         if math.isfinite(ratio):
             ax.annotate(f"ours/peft time {ratio:.2f}x", (sum(xs) / 2, sum(ys) / 2), fontsize=7, color="dimgrey",
                         textcoords="offset points", xytext=(4, -10))
@@ -429,11 +430,11 @@ def plot_memory_time(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "m
     (4-bit codes and their scales for QLoRA), on a log scale when they span more than a factor of 20.
     """
     variants = variant_order(runs, family)
-    memory = stats.memory_metric(metrics, family)
-    time = _summary(metrics, family, stats.MEMORY_TIME_TIME_METRIC, "none", variants)
+    memory = cost.memory_metric(metrics, family)
+    time = _summary(metrics, family, cost.MEMORY_TIME_TIME_METRIC, "none", variants)
     if memory is None or time.empty:
         # Without both axes there is no scatter; show what there is rather than nothing.
-        metric = stats.MEMORY_TIME_TIME_METRIC if not time.empty else memory
+        metric = cost.MEMORY_TIME_TIME_METRIC if not time.empty else memory
         if metric is None:
             return _message_figure(family, "no memory or time measurements of successful runs to plot")
         return plot_generic(runs, metrics, family, metric, "none")
@@ -517,8 +518,8 @@ def plot_generic(
 
 def per_epoch_with_zero_shot(family_metrics: pd.DataFrame, metric: str, split: str) -> pd.DataFrame:
     """Per-epoch summaries with the zero-shot evaluation as epoch 0."""
-    per_epoch = stats.summarize_epochs(family_metrics, metric, split)
-    zero = stats.summarize(family_metrics, metric, split, stage="zero_shot")
+    per_epoch = summarize_epochs(family_metrics, metric, split)
+    zero = summarize(family_metrics, metric, split, stage="zero_shot")
     if not zero.empty:
         zero = zero.assign(epoch=pd.array([0] * len(zero), dtype="Int64"))
     parts = [p for p in (zero, per_epoch) if not p.empty]
@@ -533,8 +534,8 @@ def plot_instruct(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "inst
     panels show the test response loss instead.
     """
     family_metrics = _family_metrics(metrics, family)
-    has_gain = not stats.select_values(family_metrics, "accuracy_gain", "test").empty
-    metric = "accuracy" if not stats.select_values(family_metrics, "accuracy", "test").empty else "loss"
+    has_gain = not select_values(family_metrics, "accuracy_gain", "test").empty
+    metric = "accuracy" if not select_values(family_metrics, "accuracy", "test").empty else "loss"
     left_metric = "accuracy_gain" if has_gain else metric
     variants = variant_order(runs, family)
     with sns.axes_style(STYLE):
@@ -590,7 +591,7 @@ def plot_variance(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "vari
     Short lines are the mean of each data seed; the variance-components table gives the shares with intervals.
     """
     runs, metrics = variance.with_seed_columns(runs), variance.with_seed_columns(metrics)
-    rows = stats.select_values(metrics[metrics["family"] == family], "accuracy", "test", "final")
+    rows = select_values(metrics[metrics["family"] == family], "accuracy", "test", "final")
     settings = [s for s in dict.fromkeys(runs.loc[runs["family"] == family, "setting"]) if s in set(rows["setting"])]
     if not settings:
         return _message_figure(family, "no successful runs with test accuracy to plot")
@@ -651,7 +652,7 @@ def plot_sweep(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "sweep")
                 ax.text(0.5, 0.5, "no finished re-runs", ha="center", va="center", transform=ax.transAxes)
                 continue
             # Single re-runs as small dots at their configuration's sweep score.
-            singles = stats.select_values(metrics[metrics["run_id"].isin(rerun_ids)], "accuracy", split, "final")
+            singles = select_values(metrics[metrics["run_id"].isin(rerun_ids)], "accuracy", split, "final")
             x = singles["setting"].map(part.set_index("setting")["sweep_score"])
             ax.scatter(x * 100, singles["value"] * 100, s=10, color="0.35", alpha=0.6, zorder=2,
                        label="single re-run")
@@ -690,7 +691,7 @@ def plot_tune(runs: pd.DataFrame, metrics: pd.DataFrame, family: str) -> Figure:
     if table.empty or table["mean"].isna().all():
         return _message_figure(family, "no finished tuning runs to plot")
     name, split = tuning.TUNE_METRICS[str(table["metric"].iloc[0])]
-    singles = stats.select_values(metrics[metrics["family"] == family], name, split, "final").merge(
+    singles = select_values(metrics[metrics["family"] == family], name, split, "final").merge(
         runs[["run_id", "tune_value"]], on="run_id")
     settings = list(dict.fromkeys(table["setting"]))
     colors = dict(zip(settings, sns.color_palette(PALETTE, len(settings)), strict=True))
@@ -753,6 +754,8 @@ def plot_item_ranks(ranks: pd.DataFrame) -> Figure:
     return fig
 
 
+# Family kind -> its figure: the kind-keyed registry of figures (every kind of lora_bench.study.KINDS has an entry;
+# a kind unknown to the registry, from an old table, gets plot_generic).
 FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "methods": plot_methods,
     "rank_alpha": plot_rank_alpha,
@@ -763,6 +766,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, str], Figure]] = {
     "variance": plot_variance,
     "sweep": plot_sweep,
     "instruct": plot_instruct,
+    "lora_variants": plot_generic,  # its costs are tables in the report; accuracy reads as a generic family's
     "tune": plot_tune,
     "generic": plot_generic,
 }
@@ -815,7 +819,7 @@ def make_all_figures(runs: pd.DataFrame, metrics: pd.DataFrame, out_dir: str | P
     """
     out_dir = Path(out_dir)
     made = []
-    for family in stats.family_order(runs):
+    for family in family_order(runs):
         kind = str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
         fig = figure_function(kind)(runs, metrics, family)
         try:

@@ -1,0 +1,156 @@
+"""The claims of reference B (the LLM instruction-finetuning write-up), tested on instruct families.
+
+Each claim compares two conditions of one family, found from the runs' resolved configs (``cfg.*`` columns) rather
+than from variant names, so a study may name its variants freely; ``instruct_claims`` tests each with
+``compare.compare_two`` and Holm's correction over the claims of the family.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from lora_bench.analysis.compare import baseline_variant, compare_two, holm
+from lora_bench.analysis.summary import ALPHA, by_seed, family_order, metric_meta, select_values
+from lora_bench.study import kind_spec
+
+# (key, the reference's claim, what is compared). Each claim compares two conditions of one instruct family,
+# found from the runs' resolved configs rather than from variant names, so a study may name them freely.
+INSTRUCT_CLAIMS: tuple[tuple[str, str], ...] = (
+    ("epochs", "Two epochs over the instructions are worse than one (overfitting)"),
+    ("data_quality", "A small clean instruction set beats a several times larger noisy one (LIMA 1k beat Alpaca 50k)"),
+    ("coverage", "LoRA on all linear layers beats query+value only"),
+    ("alpha", "alpha = 2r is a good default (against alpha = r at the same r)"),
+    ("cosine_sgd", "A cosine schedule helps SGD (against a constant learning rate)"),
+)
+ALL_LINEAR = {"query", "key", "value", "projection", "mlp"}
+CLAIM_COLUMNS = ["family", "claim", "statement", "comparison", "metric", "split", "stage", "better", "worse",
+                 "unit", "higher_is_better", "n_pairs", "paired", "mean_better", "mean_worse", "diff",
+                 "diff_ci_low", "diff_ci_high", "test", "p_value", "p_holm", "support", "note"]
+
+
+def _kind(runs: pd.DataFrame, family: str) -> str:
+    return str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
+
+
+def _variant_settings(runs: pd.DataFrame, family: str) -> dict[str, dict]:
+    """Resolved config values (``cfg.*`` columns) of each variant of ``family``, from its first run."""
+    part = runs[runs["family"] == family]
+    return {variant: rows.iloc[0].to_dict() for variant, rows in part.groupby("variant", sort=False)}
+
+
+def _number(value, default=math.nan) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return default if math.isnan(out) else out
+
+
+def _targets(settings: dict) -> set[str]:
+    return set(str(settings.get("cfg.method.lora.targets") or "").split("+")) - {""}
+
+
+def _same_method(a: dict, b: dict) -> bool:
+    return a.get("cfg.method.name") == b.get("cfg.method.name")
+
+
+def instruct_pairs(runs: pd.DataFrame, family: str) -> dict[str, tuple]:
+    """For each claim: (condition claimed better, condition claimed worse, stage), where a condition is a
+    variant, or ``(variant, epoch)`` for the epochs claim. Claims whose conditions the family lacks are left out."""
+    settings = _variant_settings(runs, family)
+    baseline, _ = baseline_variant(runs, family)
+    base = settings.get(baseline, {})
+    pairs: dict[str, tuple] = {}
+    multi_epoch = [v for v, c in settings.items() if _number(c.get("cfg.train.epochs"), 1) >= 2]
+    if multi_epoch:
+        variant = baseline if baseline in multi_epoch else multi_epoch[0]
+        pairs["epochs"] = ((variant, 1), (variant, 2), "epoch")
+    noisy = [v for v, c in settings.items() if _number(c.get("cfg.instruct.noise_fraction"), 0.0) > 0]
+    # On the Hub profile the real thing: LIMA (1k curated) against the Alpaca baseline (50k).
+    lima = [v for v, c in settings.items() if "lima" in str(c.get("cfg.data.name", "")).lower()]
+    if noisy and baseline and _number(base.get("cfg.instruct.noise_fraction"), 0.0) == 0:
+        pairs["data_quality"] = (baseline, noisy[0], "final")
+    elif lima and "alpaca" in str(base.get("cfg.data.name", "")).lower():
+        pairs["data_quality"] = (lima[0], baseline, "final")
+    if baseline and _targets(base) == {"query", "value"}:
+        wide = [v for v, c in settings.items() if ALL_LINEAR <= _targets(c) and _same_method(c, base)
+                and _number(c.get("cfg.method.lora.rank")) == _number(base.get("cfg.method.lora.rank"))]
+        if wide:
+            pairs["coverage"] = (wide[0], baseline, "final")
+    rank, alpha = _number(base.get("cfg.method.lora.rank")), _number(base.get("cfg.method.lora.alpha"))
+    if baseline and alpha == 2 * rank:
+        equal = [v for v, c in settings.items() if _number(c.get("cfg.method.lora.rank")) == rank
+                 and _number(c.get("cfg.method.lora.alpha")) == rank and _targets(c) == _targets(base)]
+        if equal:
+            pairs["alpha"] = (baseline, equal[0], "final")
+    sgd = {c.get("cfg.train.schedule"): v for v, c in settings.items() if c.get("cfg.train.optimizer") == "sgd"}
+    if "cosine" in sgd and "constant" in sgd:
+        pairs["cosine_sgd"] = (sgd["cosine"], sgd["constant"], "final")
+    return pairs
+
+
+def _condition_values(rows: pd.DataFrame, condition) -> pd.Series:
+    if isinstance(condition, tuple):
+        variant, epoch = condition
+        rows = rows[(rows["variant"] == variant) & (rows["epoch"] == epoch)]
+    else:
+        rows = rows[rows["variant"] == condition]
+    return by_seed(rows)
+
+
+def _condition_name(condition) -> str:
+    return f"{condition[0]}@epoch{condition[1]}" if isinstance(condition, tuple) else str(condition)
+
+
+def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Each reference-B claim an instruct family can test: the claimed-better condition minus the claimed-worse
+    one on test accuracy (test response loss when there is no closed answer set), paired on seed when possible,
+    Holm-adjusted over the claims of the family. ``support``: ``supported`` (significant in the claimed
+    direction), ``contradicted`` (significant the other way) or ``not shown`` (n.s., or untestable)."""
+    rows: list[dict] = []
+    families = [f for f in family_order(runs) if kind_spec(_kind(runs, f)).reference_claims] \
+        if "family_kind" in runs else []
+    statements = dict(INSTRUCT_CLAIMS)
+    for family in families:
+        family_rows = []
+        family_metrics = metrics[metrics["family"] == family]
+        # Closed answers give accuracy; open-ended data the LM evaluation harness (its mean over tasks) when it
+        # ran, else the held-out response loss (comparable only between variants trained on the same data).
+        if not select_values(family_metrics, "accuracy", "test").empty:
+            metric, split = "accuracy", "test"
+        elif not select_values(family_metrics, "lm_eval", "mean").empty:
+            metric, split = "lm_eval", "mean"
+        else:
+            metric, split = "loss", "test"
+        for claim, (better, worse, stage) in instruct_pairs(runs, family).items():
+            claim_split = "test" if stage == "epoch" and metric == "lm_eval" else split
+            claim_metric = "loss" if stage == "epoch" and metric == "lm_eval" else metric
+            selected = select_values(metrics, claim_metric, claim_split, stage)
+            selected = selected[selected["family"] == family]
+            unit, higher = metric_meta(selected) if len(selected) else ("", claim_metric != "loss")
+            first, second = _condition_values(selected, better), _condition_values(selected, worse)
+            comparison = compare_two(first, second)
+            family_rows.append({
+                "family": family, "claim": claim, "statement": statements[claim],
+                "comparison": f"{_condition_name(better)} vs {_condition_name(worse)}",
+                "metric": claim_metric, "split": claim_split, "stage": stage,
+                "better": _condition_name(better), "worse": _condition_name(worse),
+                "unit": unit, "higher_is_better": higher,
+                "n_pairs": comparison["n_pairs"], "paired": comparison["paired"],
+                "mean_better": comparison["mean_variant"], "mean_worse": comparison["mean_baseline"],
+                "diff": comparison["diff"], "diff_ci_low": comparison["diff_ci_low"],
+                "diff_ci_high": comparison["diff_ci_high"], "test": comparison["test"],
+                "p_value": comparison["p_value"], "note": comparison.get("note", ""),
+            })
+        if not family_rows:
+            continue
+        frame = pd.DataFrame(family_rows)
+        frame["p_holm"] = holm(frame["p_value"]).to_numpy()
+        significant = (frame["p_holm"] < ALPHA).fillna(False)
+        as_claimed = np.where(frame["higher_is_better"].astype(bool), frame["diff"] > 0, frame["diff"] < 0)
+        frame["support"] = np.where(significant, np.where(as_claimed, "supported", "contradicted"), "not shown")
+        rows.extend(frame.to_dict("records"))
+    return pd.DataFrame(rows).reindex(columns=CLAIM_COLUMNS)

@@ -1,0 +1,77 @@
+"""The section part of an instruct family: zero-shot against finetuned accuracy and perplexity, per-epoch accuracy,
+and the claims of reference B tested here (lora_bench.analysis.claims)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from lora_bench.analysis.claims import INSTRUCT_CLAIMS, instruct_claims
+from lora_bench.report import figures
+from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_percent, fmt_points, fmt_signed, md_text
+from lora_bench.report.sections.common import SectionPart
+
+
+def _summary_cell(summary: pd.DataFrame, family: str, variant: str, metric: str, split: str, stage: str,
+                  formatter=fmt_percent) -> str:
+    match = summary[(summary["family"] == family) & (summary["variant"] == variant) & (summary["metric"] == metric)
+                    & (summary["split"] == split) & (summary["stage"] == stage)]
+    if match.empty:
+        return "–"
+    s = match.iloc[0]
+    interval = fmt_interval(s["ci_low"], s["ci_high"], formatter)
+    return f"{formatter(s['mean'])} {interval}" if interval != "–" else formatter(s["mean"])
+
+
+def _gain_cell(summary, family, variant) -> str:
+    return _summary_cell(summary, family, variant, "accuracy_gain", "test", "final", fmt_points)
+
+
+def _ppl_cell(summary, family, variant, stage) -> str:
+    return _summary_cell(summary, family, variant, "perplexity", "test", stage, lambda x: f"{x:.3g}")
+
+
+SUPPORT_WORDS = {"supported": "supported", "contradicted": "contradicted", "not shown": "not shown (n.s.)"}
+
+
+def instruct_section(family: str, tables: dict) -> dict:
+    """Zero-shot vs finetuned per variant, and each reference-B claim with n, CI, Holm p and a verdict."""
+    runs, summary, metrics = tables["runs"], tables["summary"], tables["metrics"]
+    rows = []
+    for variant in figures.variant_order(runs, family):
+        rows.append({
+            "variant": md_text(variant),
+            "zero_shot": _summary_cell(summary, family, variant, "accuracy", "test", "zero_shot"),
+            "final": _summary_cell(summary, family, variant, "accuracy", "test", "final"),
+            "gain": _gain_cell(summary, family, variant),
+            "ppl_zero": _ppl_cell(summary, family, variant, "zero_shot"),
+            "ppl": _ppl_cell(summary, family, variant, "final"),
+        })
+    epoch_rows = []
+    per_epoch = figures.per_epoch_with_zero_shot(metrics[metrics["family"] == family], "accuracy", "test")
+    multi = [v for v in figures.variant_order(runs, family)
+             if len(per_epoch) and (per_epoch[per_epoch["variant"] == v]["epoch"].astype(int) >= 2).any()]
+    for variant in multi:
+        part = per_epoch[per_epoch["variant"] == variant].sort_values("epoch")
+        for s in part.itertuples():
+            epoch_rows.append({"variant": md_text(variant),
+                               "epoch": "0 (zero-shot)" if int(s.epoch) == 0 else str(int(s.epoch)),
+                               "n": str(int(s.n)), "accuracy": fmt_percent(s.mean),
+                               "ci": fmt_interval(s.ci_low, s.ci_high, fmt_percent)})
+    claims = []
+    for c in instruct_claims(metrics, runs).query("family == @family").itertuples():
+        accuracy = c.metric in ("accuracy", "lm_eval")
+        number = fmt_points if accuracy else (lambda x: fmt_signed(x, 3))
+        diff = f"{number(c.diff)} {fmt_interval(c.diff_ci_low, c.diff_ci_high, number)}" if finite(c.diff) else "–"
+        n = f"{int(c.n_pairs)} pairs" if c.paired else (f"{int(c.n_pairs)} common seeds" if c.n_pairs else "–")
+        claims.append({"statement": md_text(c.statement), "comparison": md_text(c.comparison),
+                       "metric": (f"test {c.metric}" if c.metric != "lm_eval" else "LM harness mean")
+                       + (" (points)" if accuracy else " (nats)"),
+                       "n": n, "diff": diff, "p": fmt_p(c.p_holm),
+                       "verdict": SUPPORT_WORDS.get(c.support, c.support) if finite(c.p_value)
+                       else f"not tested: {md_text(c.note) or 'no p-value'}"})
+    tested = {c["statement"] for c in claims}
+    missing = [md_text(text) for _, text in INSTRUCT_CLAIMS if md_text(text) not in tested]
+    return {"rows": rows, "epoch_rows": epoch_rows, "claims": claims, "untested": missing}
+
+
+PART = SectionPart("instruct.md.j2", instruct_section)

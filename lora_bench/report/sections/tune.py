@@ -1,0 +1,31 @@
+"""The section part of a tune family: the values tried, their validation scores and the one chosen."""
+
+from __future__ import annotations
+
+from lora_bench.report.formatting import finite, fmt_percent, md_text
+from lora_bench.report.sections.common import SectionPart
+
+
+def tune_section(family: str, tables: dict) -> dict | None:
+    """A tuning family's chosen values, scores per value and budget (lora_bench.analysis.tuning)."""
+    table = tables.get("tuning")
+    if table is None or table.empty:
+        return None
+    part = table[table["tuning_family"] == family]
+    if part.empty:
+        return None
+    runs = tables["runs"]
+    family_runs = runs[runs["family"] == family]
+    rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}", "n": int(r.n_runs - r.n_failed),
+             "score": fmt_percent(r.mean), "chosen": "**chosen**" if r.chosen else ""} for r in part.itertuples()]
+    epochs = part["epochs"].iloc[0]
+    n_variants = part["setting"].nunique()
+    budget = (f"{len(part) // max(1, n_variants)} values x {n_variants} variants x "
+              f"{int(family_runs['seed'].nunique())} tuning seed(s) = {len(family_runs)} runs"
+              f"{f' of {int(epochs)} epoch(s)' if finite(epochs) else ''}, the same for every variant; validation "
+              "split only (the test split was not evaluated)")
+    return {"tuned": md_text(part["family"].iloc[0]), "key": md_text(part["key"].iloc[0]),
+            "metric": md_text(part["metric"].iloc[0]), "rows": rows, "budget": budget}
+
+
+PART = SectionPart("tune.md.j2", tune_section)
