@@ -510,14 +510,6 @@ def cmd_warm_serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        from lora_bench.warm import delegate, wanted
-
-        # Fork from a worker that has torch and transformers imported (LORA_BENCH_WARM=1, set by the Snakefile).
-        code = delegate(argv) if wanted() else None
-        if code is not None:
-            return code
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -75,8 +75,8 @@ def wanted() -> bool:
             and "LORA_BENCH_FAULT" not in os.environ and not Path("/dev/nvidiactl").exists())
 
 
-def own_start_time() -> float:
-    """``time.time()`` at which this process started (Linux /proc), else now."""
+def own_start_time(fallback: float | None = None) -> float:
+    """``time.time()`` at which this process started (Linux /proc), else ``fallback`` (default: now)."""
     try:
         with open("/proc/self/stat") as stat:
             start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
@@ -84,7 +84,7 @@ def own_start_time() -> float:
             boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
         return boot + start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
+        return time.time() if fallback is None else fallback
 
 
 def delegate(argv: list[str], path: Path | None = None) -> int | None:

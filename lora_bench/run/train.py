@@ -45,7 +45,7 @@ from lora_bench.run.models import LoadedModel, materialize, on_meta
 from lora_bench.run.predictions import predictions_section, take_items
 from lora_bench.run.tasks import TASKS, Task
 from lora_bench.run.tasks.base import precision_autocast
-from lora_bench.warm import IN_WORKER_ENV, PROCESS_STARTED_ENV
+from lora_bench.warm import IN_WORKER_ENV, PROCESS_STARTED_ENV, own_start_time
 
 # Steps excluded from step times and throughput: the first ones pay for allocator warm-up and lazy init.
 WARMUP_STEPS = 3
@@ -62,14 +62,7 @@ def process_started() -> float:
     """
     if PROCESS_STARTED_ENV in os.environ:
         return float(os.environ[PROCESS_STARTED_ENV])
-    try:
-        with open("/proc/self/stat") as stat:
-            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as handle:
-            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
-        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _IMPORTED_AT
+    return own_start_time(fallback=_IMPORTED_AT)
 
 
 _IMPORTED_AT = time.time()
