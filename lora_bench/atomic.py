@@ -116,3 +116,15 @@ def write_table(table: pd.DataFrame, path: str | Path) -> None:
             table.to_parquet(temporary, index=False)
         else:
             table.to_csv(temporary, index=False)
+
+
+def write_named_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> dict[str, Path]:
+    """Each table as ``<out_dir>/<name>.parquet`` and ``.csv`` (for reading by hand), atomically; returns the
+    parquet paths by name."""
+    out_dir = Path(out_dir)
+    written = {}
+    for name, table in tables.items():
+        for suffix in (".parquet", ".csv"):
+            write_table(table, out_dir / f"{name}{suffix}")
+        written[name] = out_dir / f"{name}.parquet"
+    return written

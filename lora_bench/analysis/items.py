@@ -72,7 +72,7 @@ from scipy import stats as scipy_stats
 from lora_bench.analysis.compare import holm
 from lora_bench.analysis.power import ONE_POINT, TARGET_POWER, seeds_needed_noted
 from lora_bench.analysis.summary import ALPHA, CONFIDENCE, family_order
-from lora_bench.atomic import write_table
+from lora_bench.atomic import write_named_tables
 from lora_bench.study import kind_spec
 
 SPLIT = "test"
@@ -288,9 +288,9 @@ def _families(runs: pd.DataFrame) -> list[tuple[str, str]]:
             if kind_spec(str(runs.loc[runs["family"] == f, "family_kind"].iloc[0])).item_level]
 
 
-def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT) -> pd.DataFrame:
-    """Every condition against its family's baseline by the crossed test (one row each; Holm within family)."""
-    rows = []
+def _pairs_with_baseline(predictions: pd.DataFrame, runs: pd.DataFrame, split: str):
+    """(family, kind, condition column, condition, baseline, the family's predictions on ``split``) for every
+    condition of an item-level family that has a baseline and predictions."""
     selected = predictions[predictions["split"] == split]
     for family, kind in _families(runs):
         column, conditions, baseline = _conditions(runs, family)
@@ -298,25 +298,31 @@ def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT
         if baseline is None or family_predictions.empty:
             continue
         for variant in conditions:
-            if variant == baseline:
-                continue
-            strata = crossed_arrays(family_predictions, column, [variant, baseline])
-            fit, note = _pair_fit(strata, variant, baseline)
-            row = {"family": family, "family_kind": kind, "metric": "accuracy", "split": split, "variant": variant,
-                   "baseline": baseline, "test": ITEM_TEST, "n_strata": 0, "n_seeds": 0, "n_items": 0}
-            if fit is None:
-                row["note"] = note or "no shared seeds and examples"
-                rows.append(row)
-                continue
-            used = [s for s in strata if len(s["seeds"]) >= 2]
-            v = np.concatenate([s["arrays"][variant].ravel() for s in used])
-            b = np.concatenate([s["arrays"][baseline].ravel() for s in used])
-            row.update(t_result(fit), n_strata=fit["strata"], n_seeds=int(fit["k"]), n_items=int(fit["m"]),
-                       design=_design(fit, strata), mean_variant=float(v.mean()), mean_baseline=float(b.mean()),
-                       sd_seed=math.sqrt(fit["s2_seed"]), sd_item=math.sqrt(fit["s2_item"]),
-                       sd_residual=math.sqrt(fit["s2_resid"]), n_discordant=int((v != b).sum()),
-                       note=note if note else ("" if fit["var"] > 0 else "every pair of runs agrees on every example"))
+            if variant != baseline:
+                yield family, kind, column, variant, baseline, family_predictions
+
+
+def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT) -> pd.DataFrame:
+    """Every condition against its family's baseline by the crossed test (one row each; Holm within family)."""
+    rows = []
+    for family, kind, column, variant, baseline, family_predictions in _pairs_with_baseline(predictions, runs, split):
+        strata = crossed_arrays(family_predictions, column, [variant, baseline])
+        fit, note = _pair_fit(strata, variant, baseline)
+        row = {"family": family, "family_kind": kind, "metric": "accuracy", "split": split, "variant": variant,
+               "baseline": baseline, "test": ITEM_TEST, "n_strata": 0, "n_seeds": 0, "n_items": 0}
+        if fit is None:
+            row["note"] = note or "no shared seeds and examples"
             rows.append(row)
+            continue
+        used = [s for s in strata if len(s["seeds"]) >= 2]
+        v = np.concatenate([s["arrays"][variant].ravel() for s in used])
+        b = np.concatenate([s["arrays"][baseline].ravel() for s in used])
+        row.update(t_result(fit), n_strata=fit["strata"], n_seeds=int(fit["k"]), n_items=int(fit["m"]),
+                   design=_design(fit, strata), mean_variant=float(v.mean()), mean_baseline=float(b.mean()),
+                   sd_seed=math.sqrt(fit["s2_seed"]), sd_item=math.sqrt(fit["s2_item"]),
+                   sd_residual=math.sqrt(fit["s2_resid"]), n_discordant=int((v != b).sum()),
+                   note=note if note else ("" if fit["var"] > 0 else "every pair of runs agrees on every example"))
+        rows.append(row)
     tests = pd.DataFrame(rows).reindex(columns=ITEM_TESTS_COLUMNS)
     if tests.empty:
         return tests
@@ -335,25 +341,17 @@ def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT
 def item_pairs(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT) -> pd.DataFrame:
     """McNemar's exact test for every seed pair (same data seed and train seed) of a condition and its baseline."""
     rows = []
-    selected = predictions[predictions["split"] == split]
-    for family, kind in _families(runs):
-        column, conditions, baseline = _conditions(runs, family)
-        family_predictions = selected[selected["family"] == family]
-        if baseline is None or family_predictions.empty:
-            continue
-        for variant in conditions:
-            if variant == baseline:
-                continue
-            for stratum in crossed_arrays(family_predictions, column, [variant, baseline]):
-                for index, seed in enumerate(stratum["seeds"]):
-                    v, b = stratum["arrays"][variant][index], stratum["arrays"][baseline][index]
-                    v_only, b_only = int(((v == 1) & (b == 0)).sum()), int(((v == 0) & (b == 1)).sum())
-                    rows.append({"family": family, "family_kind": kind, "split": split, "variant": variant,
-                                 "baseline": baseline, "data_seed": stratum["data_seed"], "train_seed": int(seed),
-                                 "n_items": len(v), "both_correct": int(((v == 1) & (b == 1)).sum()),
-                                 "variant_only": v_only, "baseline_only": b_only,
-                                 "both_wrong": int(((v == 0) & (b == 0)).sum()), "diff": float((v - b).mean()),
-                                 "p_mcnemar": mcnemar_exact(v_only, b_only)})
+    for family, kind, column, variant, baseline, family_predictions in _pairs_with_baseline(predictions, runs, split):
+        for stratum in crossed_arrays(family_predictions, column, [variant, baseline]):
+            for index, seed in enumerate(stratum["seeds"]):
+                v, b = stratum["arrays"][variant][index], stratum["arrays"][baseline][index]
+                v_only, b_only = int(((v == 1) & (b == 0)).sum()), int(((v == 0) & (b == 1)).sum())
+                rows.append({"family": family, "family_kind": kind, "split": split, "variant": variant,
+                             "baseline": baseline, "data_seed": stratum["data_seed"], "train_seed": int(seed),
+                             "n_items": len(v), "both_correct": int(((v == 1) & (b == 1)).sum()),
+                             "variant_only": v_only, "baseline_only": b_only,
+                             "both_wrong": int(((v == 0) & (b == 0)).sum()), "diff": float((v - b).mean()),
+                             "p_mcnemar": mcnemar_exact(v_only, b_only)})
     return pd.DataFrame(rows, columns=ITEM_PAIRS_COLUMNS)
 
 
@@ -593,9 +591,4 @@ def run_item_stats(tables_dir: str | Path, out_dir: str | Path) -> dict[str, Pat
     seed_path = out_dir / "seed_consistency.parquet"
     if seed_path.exists():
         tables["seed_consistency"] = with_item_seeds(pd.read_parquet(seed_path), tables["item_tests"])
-    written = {}
-    for name, table in tables.items():
-        for suffix in (".parquet", ".csv"):
-            write_table(table, out_dir / f"{name}{suffix}")
-        written[name] = out_dir / f"{name}.parquet"
-    return written
+    return write_named_tables(tables, out_dir)

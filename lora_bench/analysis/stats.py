@@ -16,7 +16,7 @@ from lora_bench.analysis.compare import TESTS_COLUMNS, compare_to_baseline
 from lora_bench.analysis.cost import cost_summary, cost_tests
 from lora_bench.analysis.power import seed_consistency
 from lora_bench.analysis.summary import SUMMARY_COLUMNS, ok_rows, present, summarize, summarize_epochs
-from lora_bench.atomic import write_table
+from lora_bench.atomic import write_named_tables
 from lora_bench.study import kind_spec
 
 # Metrics whose comparisons ``run_stats`` tests when present, as (metric, split). Test accuracy is the
@@ -97,10 +97,4 @@ def run_stats(metrics_path: str | Path, runs_path: str | Path, out_dir: str | Pa
         "seed_consistency": seed_consistency(metrics, runs),
         "cost_summary": cost_summary(runs, metrics),
     }
-    written = {}
-    for name, table in tables.items():
-        for suffix in (".parquet", ".csv"):
-            path = out_dir / f"{name}{suffix}"
-            write_table(table, path)
-        written[name] = out_dir / f"{name}.parquet"
-    return written
+    return write_named_tables(tables, out_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from lora_bench.analysis.summary import family_order, select_values
-from lora_bench.atomic import write_table
+from lora_bench.atomic import write_named_tables
 from lora_bench.study import TUNE_KIND
 
 # The tune block's metric -> (metric, split) of the tidy metrics table.
@@ -108,6 +108,4 @@ def _single(frame: pd.DataFrame, column: str):
 def write_tuning_table(runs_path: str | Path, metrics_path: str | Path, out_dir: str | Path) -> Path:
     """``tuning.parquet`` (+ CSV): empty with its columns when the study tunes nothing."""
     table = tuning_table(pd.read_parquet(runs_path), pd.read_parquet(metrics_path))
-    for suffix in (".parquet", ".csv"):
-        write_table(table, Path(out_dir) / f"tuning{suffix}")
-    return Path(out_dir) / "tuning.parquet"
+    return write_named_tables({"tuning": table}, out_dir)["tuning"]

@@ -67,7 +67,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from lora_bench.analysis.summary import ALPHA, BOOTSTRAP_SEED, CONFIDENCE, family_order, select_values
-from lora_bench.atomic import write_table
+from lora_bench.atomic import write_named_tables
 from lora_bench.study import SWEEP_KIND, VARIANCE_KIND
 
 SELECTION_METRIC, SELECTION_SPLIT = "accuracy", "validation"
@@ -577,9 +577,4 @@ def run_variance_stats(runs_path: str | Path, metrics_path: str | Path, out_dir:
     tables = {"variance_components": variance_components(runs, metrics), "sweep_reeval": reeval,
               "sweep_summary": summary}
     out_dir = Path(out_dir)
-    written = {}
-    for name, table in tables.items():
-        for suffix in (".parquet", ".csv"):
-            write_table(table, out_dir / f"{name}{suffix}")
-        written[name] = out_dir / f"{name}.parquet"
-    return written
+    return write_named_tables(tables, out_dir)
