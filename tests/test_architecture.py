@@ -27,7 +27,7 @@ LAYERS = {
     "run.tasks.classification": 3, "run.tasks.instruct": 3, "run.tasks": 4,
     "run.train": 5,
     # analysis: the tidy tables read from records, then statistics
-    "analysis.tables": 6,
+    "analysis.tables": 6, "analysis.columns": 1,
     "analysis.summary": 7, "analysis.compare": 8, "analysis.power": 9, "analysis.cost": 9, "analysis.claims": 9,
     "analysis.stats": 10, "analysis.variance": 10, "analysis.tuning": 10, "analysis.items": 10,
     "report.figures": 11, "report.formatting": 11,

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.compare import baseline_variant, compare_two, holm
 from lora_bench.analysis.summary import ALPHA, by_seed, family_order, metric_meta, select_values
 from lora_bench.study import kind_spec
@@ -50,11 +51,11 @@ def _number(value, default=math.nan) -> float:
 
 
 def _targets(settings: dict) -> set[str]:
-    return set(str(settings.get("cfg.method.lora.targets") or "").split("+")) - {""}
+    return set(str(settings.get(cfg("method.lora.targets")) or "").split("+")) - {""}
 
 
 def _same_method(a: dict, b: dict) -> bool:
-    return a.get("cfg.method.name") == b.get("cfg.method.name")
+    return a.get(cfg("method.name")) == b.get(cfg("method.name"))
 
 
 def instruct_pairs(runs: pd.DataFrame, family: str) -> dict[str, tuple]:
@@ -64,29 +65,29 @@ def instruct_pairs(runs: pd.DataFrame, family: str) -> dict[str, tuple]:
     baseline, _ = baseline_variant(runs, family)
     base = settings.get(baseline, {})
     pairs: dict[str, tuple] = {}
-    multi_epoch = [v for v, c in settings.items() if _number(c.get("cfg.train.epochs"), 1) >= 2]
+    multi_epoch = [v for v, c in settings.items() if _number(c.get(cfg("train.epochs")), 1) >= 2]
     if multi_epoch:
         variant = baseline if baseline in multi_epoch else multi_epoch[0]
         pairs["epochs"] = ((variant, 1), (variant, 2), "epoch")
-    noisy = [v for v, c in settings.items() if _number(c.get("cfg.instruct.noise_fraction"), 0.0) > 0]
+    noisy = [v for v, c in settings.items() if _number(c.get(cfg("instruct.noise_fraction")), 0.0) > 0]
     # On the Hub profile the real thing: LIMA (1k curated) against the Alpaca baseline (50k).
-    lima = [v for v, c in settings.items() if "lima" in str(c.get("cfg.data.name", "")).lower()]
-    if noisy and baseline and _number(base.get("cfg.instruct.noise_fraction"), 0.0) == 0:
+    lima = [v for v, c in settings.items() if "lima" in str(c.get(cfg("data.name"), "")).lower()]
+    if noisy and baseline and _number(base.get(cfg("instruct.noise_fraction")), 0.0) == 0:
         pairs["data_quality"] = (baseline, noisy[0], "final")
-    elif lima and "alpaca" in str(base.get("cfg.data.name", "")).lower():
+    elif lima and "alpaca" in str(base.get(cfg("data.name"), "")).lower():
         pairs["data_quality"] = (lima[0], baseline, "final")
     if baseline and _targets(base) == {"query", "value"}:
         wide = [v for v, c in settings.items() if ALL_LINEAR <= _targets(c) and _same_method(c, base)
-                and _number(c.get("cfg.method.lora.rank")) == _number(base.get("cfg.method.lora.rank"))]
+                and _number(c.get(cfg("method.lora.rank"))) == _number(base.get(cfg("method.lora.rank")))]
         if wide:
             pairs["coverage"] = (wide[0], baseline, "final")
-    rank, alpha = _number(base.get("cfg.method.lora.rank")), _number(base.get("cfg.method.lora.alpha"))
+    rank, alpha = _number(base.get(cfg("method.lora.rank"))), _number(base.get(cfg("method.lora.alpha")))
     if baseline and alpha == 2 * rank:
-        equal = [v for v, c in settings.items() if _number(c.get("cfg.method.lora.rank")) == rank
-                 and _number(c.get("cfg.method.lora.alpha")) == rank and _targets(c) == _targets(base)]
+        equal = [v for v, c in settings.items() if _number(c.get(cfg("method.lora.rank"))) == rank
+                 and _number(c.get(cfg("method.lora.alpha"))) == rank and _targets(c) == _targets(base)]
         if equal:
             pairs["alpha"] = (baseline, equal[0], "final")
-    sgd = {c.get("cfg.train.schedule"): v for v, c in settings.items() if c.get("cfg.train.optimizer") == "sgd"}
+    sgd = {c.get(cfg("train.schedule")): v for v, c in settings.items() if c.get(cfg("train.optimizer")) == "sgd"}
     if "cosine" in sgd and "constant" in sgd:
         pairs["cosine_sgd"] = (sgd["cosine"], sgd["constant"], "final")
     return pairs

@@ -19,6 +19,7 @@ import math
 
 import pandas as pd
 
+from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.compare import compare_to_baseline, ratio_interval
 from lora_bench.analysis.summary import by_seed, family_order, ok_rows, present, select_values, summarize
 from lora_bench.study import MEMORY_TIME_OTHER_METRICS, kind_spec, kinds_where
@@ -80,13 +81,13 @@ def cost_tests(
 
 # Run-table columns described in the cost summary: (output column, runs columns, first present wins).
 COST_DESCRIPTION = (
-    ("method", ("cfg.method.name", "method")),
-    ("model", ("cfg.model.name",)),
-    ("model_source", ("cfg.model.source",)),
-    ("optimizer", ("cfg.train.optimizer",)),
-    ("targets", ("cfg.method.lora.targets",)),
-    ("seq_length", ("cfg.data.max_length",)),
-    ("precision", ("cfg.train.precision",)),
+    ("method", (cfg("method.name"), "method")),
+    ("model", (cfg("model.name"),)),
+    ("model_source", (cfg("model.source"),)),
+    ("optimizer", (cfg("train.optimizer"),)),
+    ("targets", (cfg("method.lora.targets"),)),
+    ("seq_length", (cfg("data.max_length"),)),
+    ("precision", (cfg("train.precision"),)),
     ("device", ("device",)),
 )
 # Metric blocks of the cost summary: (column prefix, metric); the memory block's metric is per family.
@@ -102,7 +103,7 @@ COST_BLOCKS = (
     ("inference_latency_merged", "inference_latency_merged"),
 )
 # ours / peft: a variant run with our layers beside the one run with peft's (``method.impl``), in one family.
-IMPL_COLUMN = "cfg.method.impl"
+IMPL_COLUMN = cfg("method.impl")
 IMPL_RATIO_BLOCKS = ("memory", "median_step_time", "tokens_per_second")
 IMPL_RATIO_PARTS = ("ours_over_peft", "ours_over_peft_ci_low", "ours_over_peft_ci_high")
 COST_SUMMARY_COLUMNS = [
@@ -125,7 +126,7 @@ def peft_counterparts(family_runs: pd.DataFrame) -> dict[str, str]:
     """Variant with our layers -> the variant of the same family that differs from it only by ``method.impl:
     peft`` (every other resolved config key equal, the seed aside): the pairs whose ours / peft ratio is shown."""
     impl = _impl(family_runs)
-    keys = [c for c in family_runs.columns if c.startswith("cfg.") and c not in (IMPL_COLUMN, "cfg.seed")]
+    keys = [c for c in family_runs.columns if c.startswith("cfg.") and c not in (IMPL_COLUMN, cfg("seed"))]
 
     def signature(run: pd.Series) -> tuple:
         return tuple(as_text(run[c]) for c in keys)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.summary import family_order, select_values
 from lora_bench.atomic import write_named_tables
 from lora_bench.study import TUNE_KIND
@@ -91,8 +92,8 @@ def tuning_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         scores["chosen"] = [chosen.get(r.setting) == r.value for r in scores.itertuples()]
         scores["family"], scores["tuning_family"] = first.get("tunes", ""), tuning_family
         scores["key"], scores["metric"] = first.get("tune_key", ""), metric
-        scores["optimizer_steps"] = _single(family_runs, "cfg.train.max_steps")
-        scores["epochs"] = _single(family_runs, "cfg.train.epochs")
+        scores["optimizer_steps"] = _single(family_runs, cfg("train.max_steps"))
+        scores["epochs"] = _single(family_runs, cfg("train.epochs"))
         parts.append(scores)
     if not parts:
         return pd.DataFrame(columns=TUNING_COLUMNS)

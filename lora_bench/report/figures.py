@@ -28,15 +28,16 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lora_bench.analysis import cost, tuning, variance  # noqa: E402
+from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.summary import family_order, select_values, summarize, summarize_epochs  # noqa: E402
 from lora_bench.atomic import replace_atomically  # noqa: E402
 
 PNG_DPI = 150
 STYLE = "whitegrid"
 PALETTE = "colorblind"
-LORA_RANK = "cfg.method.lora.rank"
-LORA_ALPHA = "cfg.method.lora.alpha"
-LORA_SCALING = "cfg.method.lora.scaling"
+LORA_RANK = cfg("method.lora.rank")
+LORA_ALPHA = cfg("method.lora.alpha")
+LORA_SCALING = cfg("method.lora.scaling")
 MEMORY_METRICS = ("peak_cuda_allocated", "peak_rss")  # first one present wins: GPU runs report both
 
 
@@ -387,7 +388,7 @@ def plot_optimizer(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "opt
 def _method_of(runs: pd.DataFrame, family: str) -> dict[str, str]:
     """Method per variant (``cfg.method.name``, else ``method``), for colouring by method."""
     family_runs = runs[runs["family"] == family]
-    column = next((c for c in ("cfg.method.name", "method") if c in family_runs.columns), None)
+    column = next((c for c in (cfg("method.name"), "method") if c in family_runs.columns), None)
     if column is None:
         return {}
     named = family_runs.dropna(subset=[column])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.compare import baseline_variant
 from lora_bench.analysis.cost import (
     COST_SUMMARY_COLUMNS,
@@ -52,8 +53,8 @@ def seed_text(seeds: list[int]) -> str:
 
 def data_description(runs: pd.DataFrame) -> str:
     """Data set names with their source, e.g. 'sentences (pang_lee)'."""
-    names = unique_text(runs, "cfg.data.name")
-    sources = unique_text(runs, "cfg.data.source")
+    names = unique_text(runs, cfg("data.name"))
+    sources = unique_text(runs, cfg("data.source"))
     if not names:
         return ", ".join(sources) or "unknown data"
     text = ", ".join(names)

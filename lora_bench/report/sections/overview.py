@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.summary import family_order
 from lora_bench.report.formatting import md_text
 from lora_bench.report.sections.common import PRIMARY_METRIC, PRIMARY_SPLIT, data_description, seed_text, unique_text
@@ -30,7 +31,7 @@ def overview(runs: pd.DataFrame, meta: dict) -> dict:
             if per_condition.min() == per_condition.max()
             else f"{per_condition.min()}–{per_condition.max()}"
         ),
-        "models": ", ".join(md_text(m) for m in unique_text(runs, "cfg.model.name")) or "unknown model",
+        "models": ", ".join(md_text(m) for m in unique_text(runs, cfg("model.name"))) or "unknown model",
         "data": md_text(data_description(runs)),
         "devices": ", ".join(md_text(d) for d in unique_text(runs, "device")) or "unknown device",
         # Finished runs whose record says its numbers may not repeat bit for bit (CUDA kernels).
@@ -42,13 +43,13 @@ def overview(runs: pd.DataFrame, meta: dict) -> dict:
 # Recipe settings worth a line in the setup table when the runs table has them (values differ per
 # variant where a family varies them, e.g. the learning rate per method).
 RECIPE_COLUMNS = (
-    ("Max tokens per example", "cfg.data.max_length"),
-    ("Epochs", "cfg.train.epochs"),
-    ("Batch size", "cfg.train.batch_size"),
-    ("Learning rates", "cfg.train.lr"),
-    ("Optimizer", "cfg.train.optimizer"),
-    ("Schedule", "cfg.train.schedule"),
-    ("Precision", "cfg.train.precision"),
+    ("Max tokens per example", cfg("data.max_length")),
+    ("Epochs", cfg("train.epochs")),
+    ("Batch size", cfg("train.batch_size")),
+    ("Learning rates", cfg("train.lr")),
+    ("Optimizer", cfg("train.optimizer")),
+    ("Schedule", cfg("train.schedule")),
+    ("Precision", cfg("train.precision")),
 )
 
 
@@ -58,15 +59,15 @@ def setup_rows(runs: pd.DataFrame, meta: dict) -> list[tuple[str, str]]:
         return ", ".join(md_text(v) for v in values) if values else "not recorded"
 
     rows = [
-        ("Model", joined("cfg.model.name")),
-        ("Model source", joined("cfg.model.source")),
+        ("Model", joined(cfg("model.name"))),
+        ("Model source", joined(cfg("model.source"))),
         ("Data", md_text(data_description(runs))),
         ("Hardware / device", joined("device")),
         ("Git commit", joined("git_sha")),
     ]
     # The split sizes the records say were used; the max_examples caps only for records from before sizes.
     sizes = [f"data.size.{split}" for split in ("train", "validation", "test")]
-    caps = [f"cfg.data.max_examples.{split}" for split in ("train", "validation", "test")]
+    caps = [cfg(f"data.max_examples.{split}") for split in ("train", "validation", "test")]
     if any(c in runs.columns for c in sizes):
         ok = runs[runs["status"] == "ok"] if "status" in runs else runs
         rows.append(("Examples used (train / validation / test)",

@@ -8,6 +8,7 @@ import re
 
 import pandas as pd
 
+from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.compare import baseline_variant, welch_from_summary
 from lora_bench.analysis.cost import (
     MEMORY_TIME_MEMORY_METRICS,
@@ -47,8 +48,8 @@ def _setting_matches(setting: reference.Setting, runs: pd.DataFrame) -> bool | N
     same setting"); the data need to match only when the setting names data (``data_keys``), and the
     device only when it names devices (``device_keys``, e.g. CUDA for GPU memory and time).
     """
-    models = unique_text(runs, "cfg.model.name") or unique_text(runs, "cfg.model.source")
-    datasets = unique_text(runs, "cfg.data.name") + unique_text(runs, "cfg.data.source")
+    models = unique_text(runs, cfg("model.name")) or unique_text(runs, cfg("model.source"))
+    datasets = unique_text(runs, cfg("data.name")) + unique_text(runs, cfg("data.source"))
     devices = unique_text(runs, "device")
     if not models or (setting.data_keys and not datasets) or (setting.device_keys and not devices):
         return None
@@ -298,7 +299,7 @@ def _setting_verdict(
     setting: reference.Setting, refs: list[reference.ReferenceResult], runs: pd.DataFrame, match: bool | None
 ) -> str:
     """Whether the reference's setting is ours, in words, and what that means for the comparison."""
-    ours_model = ", ".join(unique_text(runs, "cfg.model.name")) or "unknown model"
+    ours_model = ", ".join(unique_text(runs, cfg("model.name"))) or "unknown model"
     ours_where = data_description(runs)
     if setting.device_keys:
         ours_where += f", on {', '.join(unique_text(runs, 'device')) or 'an unknown device'}"
