@@ -13,10 +13,12 @@ import textwrap
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_bench.adapters import quant
 from lora_bench.adapters.lora import count_parameters
 from lora_bench.config import ModelConfig, RunConfig
+from lora_bench.run.causal_lm import load_causal_lm
 from lora_bench.run.methods import builds_layer_by_layer, prepare_model
 from lora_bench.run.models import load_model, materialize, on_meta, random_model_config
 
@@ -45,22 +47,59 @@ PEAK_RSS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss in KiB")
+class AllocationsByDtype(TorchDispatchMode):
+    """Bytes of every tensor that an operation creates on a real device (not meta), by dtype: what a build
+    allocates, whatever the allocator later keeps resident."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        created = func.overloadpacket in CREATING_OPS
+        for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+            if created and isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self.bytes[tensor.dtype] = self.bytes.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
+        return out
+
+
+CREATING_OPS = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like,
+                torch.ops.aten.zeros, torch.ops.aten.ones, torch.ops.aten.full, torch.ops.aten.randn,
+                torch.ops.aten.rand, torch.ops.aten._to_copy, torch.ops.aten.clone, torch.ops.aten.arange,
+                torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided, torch.ops.aten.new_zeros}
+
+
 def test_a_bf16_random_model_is_built_without_an_fp32_copy(tmp_path):
+    """Exact and load-independent: every tensor the build creates, by dtype. An fp32 build or an fp32 copy would
+    create >= 4 bytes per parameter in float32; the bf16 build creates its 2 bytes per parameter in bf16."""
     config = tmp_path / "mid.json"
     config.write_text(json.dumps(MID_SIZE))
-    # A fixed mmap threshold: glibc otherwise raises it after large frees, and then freed temporaries stay resident
-    # and count towards the peak, by an amount that depends on the machine's load, not on what the build keeps.
+    with AllocationsByDtype() as allocations:
+        model = load_causal_lm(ModelConfig("random", str(config), "bfloat16")).model
+    n = sum(p.numel() for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and n > 150e6
+    assert allocations.bytes.get(torch.bfloat16, 0) >= 2 * n  # the measurement sees the model itself
+    # Small float32 buffers (rotary frequencies, norms' statistics) are fine; a copy of the weights is not.
+    assert allocations.bytes.get(torch.float32, 0) < 0.05 * 4 * n, allocations.bytes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss in KiB")
+def test_the_peak_resident_memory_of_a_bf16_build_stays_near_two_bytes_per_parameter(tmp_path):
+    """The same bound as the process sees it (peak RSS). Slow tier: the resident size before the build depends on
+    what ran before in the machine and the process (2.00 N alone, up to 3.1 N measured on a loaded machine)."""
+    config = tmp_path / "mid.json"
+    config.write_text(json.dumps(MID_SIZE))
+    # A fixed mmap threshold: glibc otherwise raises it after large frees, and then freed temporaries stay resident.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(config)], capture_output=True, text=True,
                             check=True, env=env)
     out = json.loads(result.stdout.strip().splitlines()[-1])
     n = out["params"]
     assert out["dtypes"] == ["torch.bfloat16"] and n > 150e6
-    # The model's own 2N bytes (measured alone: 2.00 N; after some other test files in the same pytest session
-    # up to 2.56 N: how much of the process is resident before the build varies) plus that slack; an fp32 build
-    # (4N) or an fp32 copy beside the bf16 model (6N) cannot fit.
-    assert out["grown"] < 3.0 * n, f"peak grew by {out['grown'] / n:.2f} bytes per parameter"
+    # An fp32 build (4N) or an fp32 copy beside the bf16 model (6N) cannot fit under 3.5 N.
+    assert out["grown"] < 3.5 * n, f"peak grew by {out['grown'] / n:.2f} bytes per parameter"
 
 
 TINY = ["tiny-bert", "tiny-distilbert", "tiny-roberta", "tiny-electra", "tiny-deberta-v2", "tiny-albert",
