@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from oracle_helpers import assert_same_forward_and_input_grad
 from torch import nn
 
 from lora_bench.adapters.lora import (
@@ -84,14 +85,7 @@ def test_dora_matches_peft_outputs_and_gradients(training):
         layer.lora_magnitude_vector["default"].weight.copy_(ours.lora.magnitude)
     ours.train(training)
     reference.train(training)
-    x1 = torch.randn(5, 3, 16, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_(True)
-    out_ours, out_ref = ours(x1), reference(x2)
-    torch.testing.assert_close(out_ours, out_ref)
-    grad = torch.randn_like(out_ours)
-    out_ours.backward(grad)
-    out_ref.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad)
+    assert_same_forward_and_input_grad(ours, reference)
     torch.testing.assert_close(ours.lora.A.grad, layer.lora_A["default"].weight.grad.T)
     torch.testing.assert_close(ours.lora.B.grad, layer.lora_B["default"].weight.grad.T)
     torch.testing.assert_close(ours.lora.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad)
