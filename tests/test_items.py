@@ -200,7 +200,12 @@ def test_calibration_false_positive_rate_and_power():
     null = table[table["effect_logit"] == 0]
     assert ((null["reject_items"] >= 0.03) & (null["reject_items"] <= 0.07)).all(), null
     planted = table[table["effect_logit"] > 0]
-    assert (planted["reject_items"] > 0.7).all(), planted  # about 8 points on 400 items, 3 seeds
+    # About 8 points on 400 items with 3 seeds; seeds that shift a method by ~3 points as a whole cost power.
+    usual = planted["sd_method_seed"] <= 0.1
+    assert (planted.loc[usual, "reject_items"] > 0.7).all(), planted
+    assert (planted.loc[~usual, "reject_items"] > 0.45).all(), planted
+    # Keeping the seed mean square costs the item-level test no power against the seed-level one.
+    assert (planted["reject_items"] > planted["reject_seeds"] - 0.05).all(), planted
 
 
 @pytest.mark.slow

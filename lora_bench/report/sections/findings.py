@@ -116,9 +116,6 @@ def _item_claim(test: pd.Series, item: pd.Series) -> str:
     if finite(test["p_value"]):
         sentence += (f" Seed-level {test['test']}: {fmt_points(test['diff'])} points, Holm {p_phrase(test['p_holm'])}"
                      f" (n = {int(test['n_pairs']) if test['paired'] else int(test['n_variant'])} seeds).")
-    if item["n_seeds"] and int(item["n_seeds"]) / max(int(item["n_strata"]), 1) < 3:
-        sentence += (" With 2 seeds the item-level test is liberal when whole seeds shift a method's accuracy "
-                     "(see the calibration in docs/tables.md).")
     if item["note"]:
         sentence += f" Note: {md_text(item['note'])}."
     return sentence
