@@ -13,6 +13,7 @@ from reliability_helpers import jobs_run, mini_study, snakemake
 
 from lora_bench.analysis.tuning import select_tuned, selection, tuning_scores, tuning_table
 from lora_bench.config import ConfigError, RunConfig
+from lora_bench.report.sections.findings import _tuning_caveat
 from lora_bench.run.tasks import ClassificationTask
 from lora_bench.run.train import run_training
 from lora_bench.study import study_from_dict
@@ -57,6 +58,22 @@ def test_planted_response_curves_pick_each_variants_own_best_value():
     table = tuning_table(runs, metrics)
     assert table.loc[table["chosen"], ["setting", "value"]].set_index("setting")["value"].to_dict() == best
     assert (table["epochs"] == 3).all() and (table["family"] == "m").all()
+
+
+def test_a_value_chosen_at_an_end_of_its_grid_is_flagged_in_table_selection_and_findings():
+    best = {"lora": 1.0e-3, "full": 3.0e-5, "last_layers": 3.0e-2}  # inside, below and above VALUES
+    runs, metrics = _tuning_frames(best, noise=0)
+    table = tuning_table(runs, metrics)
+    edges = table.drop_duplicates("setting").set_index("setting")["chosen_edge"].to_dict()
+    assert edges == {"lora": "", "full": "low", "last_layers": "high"}
+    tune = {"key": "train.lr", "values": VALUES, "seeds": [100, 101], "metric": "validation_accuracy"}
+    assert selection(runs, metrics, "m", tune)["chosen_edge"] == edges
+    tests = pd.DataFrame({"variant": ["full", "last_layers"], "baseline": "lora"})
+    caveats = [_tuning_caveat({"tuning": table}, "m", t) for _, t in tests.iterrows()]
+    assert "full's tuned train.lr (0.0001) is the smallest value of its grid" in caveats[0]
+    assert "may lie above" in caveats[1] and "lora" not in caveats[1].split(";")[0].split("'s")[0]
+    inside = pd.Series({"variant": "lora", "baseline": "lora"})
+    assert _tuning_caveat({"tuning": table}, "m", inside) == ""
 
 
 def test_ties_go_to_the_smaller_value_and_failed_values_cannot_win():

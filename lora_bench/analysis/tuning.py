@@ -10,6 +10,11 @@ ties go to the smaller value (for a learning rate: the gentler setting). Failed 
 a value none of whose runs finished cannot be chosen. The workflow's ``select_tune`` checkpoint writes the
 selection as JSON (``results/tune/<family>/selection.json``) and the family's runs are derived from it.
 ``tuning_table`` is the tidy table of every (family, variant, value) score the report and figure read.
+
+**Edges.** A value chosen at the end of its grid (the smallest or the largest tried) says only that the best
+value is there *or beyond*: the variant may be further from its own best rate than the others. ``chosen_edge``
+("low" / "high", empty inside the grid) marks it in the table and the selection, and the report's findings
+state it beside every comparison of that variant, so the grid can be widened in that direction.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from lora_bench.study import TUNE_KIND
 # The tune block's metric -> (metric, split) of the tidy metrics table.
 TUNE_METRICS = {"validation_accuracy": ("accuracy", "validation"), "validation_macro_f1": ("macro_f1", "validation")}
 TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "metric", "n_runs", "n_failed", "mean",
-                  "std", "chosen", "optimizer_steps", "epochs"]
+                  "std", "chosen", "chosen_edge", "optimizer_steps", "epochs"]
 
 
 def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str, metric: str) -> pd.DataFrame:
@@ -60,6 +65,18 @@ def select_tuned(scores: pd.DataFrame) -> dict[str, float]:
     return chosen
 
 
+def chosen_edges(scores: pd.DataFrame, chosen: dict) -> dict[str, str]:
+    """Variant -> "low" / "high" when its chosen value is the smallest / largest of its grid, else ""."""
+    edges = {}
+    for setting, group in scores.groupby("setting", sort=False):
+        values, value = sorted(group["value"].unique()), chosen.get(setting)
+        if value is None or len(values) < 2:
+            edges[setting] = ""
+        else:
+            edges[setting] = "low" if value == values[0] else "high" if value == values[-1] else ""
+    return edges
+
+
 def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict) -> dict:
     """The JSON the workflow derives a tuned family's runs from: chosen value per variant, scores, budget."""
     tuning_family = f"{family}_tune"
@@ -73,7 +90,7 @@ def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict
         "family": family, "tuning_family": tuning_family, "key": tune["key"], "grids": tune.get("grids") or {},
         "seeds": list(tune["seeds"]), "metric": tune["metric"],
         "rule": "highest mean validation score over the tuning seeds; ties to the smaller value",
-        "chosen": chosen,
+        "chosen": chosen, "chosen_edge": chosen_edges(scores, chosen),
         "scores": {s: {str(r.value): r.mean for r in g.itertuples()} for s, g in scores.groupby("setting", sort=False)},
     }
 
@@ -90,6 +107,7 @@ def tuning_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         scores = tuning_scores(runs, metrics, tuning_family, metric)
         chosen = select_tuned(scores)
         scores["chosen"] = [chosen.get(r.setting) == r.value for r in scores.itertuples()]
+        scores["chosen_edge"] = scores["setting"].map(chosen_edges(scores, chosen))
         scores["family"], scores["tuning_family"] = first.get("tunes", ""), tuning_family
         scores["key"], scores["metric"] = first.get("tune_key", ""), metric
         scores["optimizer_steps"] = _single(family_runs, cfg("train.max_steps"))

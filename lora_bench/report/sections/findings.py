@@ -121,14 +121,34 @@ def _item_claim(test: pd.Series, item: pd.Series) -> str:
     return sentence
 
 
+def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
+    """A sentence for each side of a comparison whose tuned value is an end of its grid (else empty)."""
+    tuning = tables.get("tuning")
+    if tuning is None or tuning.empty or "chosen_edge" not in tuning:
+        return ""
+    chosen = tuning[(tuning["family"] == family) & tuning["chosen"].astype(bool)]
+    caveats = []
+    for side in (test["variant"], test["baseline"]):
+        row = chosen[chosen["setting"] == side]
+        edge = str(row["chosen_edge"].iloc[0]) if len(row) and isinstance(row["chosen_edge"].iloc[0], str) else ""
+        if edge in ("low", "high"):
+            word = "smallest" if edge == "low" else "largest"
+            caveats.append(f"{md_text(side)}'s tuned {md_text(row['key'].iloc[0])} ({row['value'].iloc[0]:g}) is the "
+                           f"{word} value of its grid, so its best value may lie {'below' if edge == 'low' else 'above'} it")
+    return f" Tuning caveat: {'; '.join(caveats)}." if caveats else ""
+
+
 def family_claims(tables: dict, family: str, primary_tests: pd.DataFrame) -> list[dict]:
-    """Claims of a family: the item-level test where predictions exist, else the seed-level one."""
+    """Claims of a family: the item-level test where predictions exist, else the seed-level one; each with the
+    caveat of a tuned value at the end of its grid."""
     claims = []
     for _, t in primary_tests.iterrows():
         item = _item_test(tables, family, t["variant"])
+        caveat = _tuning_caveat(tables, family, t)
         if item is None:
-            claims.append({"text": _claim(t), "verdict": t["verdict"], "convergence": t.get("convergence", "unknown")})
+            claims.append({"text": _claim(t) + caveat, "verdict": t["verdict"],
+                           "convergence": t.get("convergence", "unknown")})
         else:
-            claims.append({"text": _convergence_prefix(t) + _item_claim(t, item), "verdict": item["verdict"],
+            claims.append({"text": _convergence_prefix(t) + _item_claim(t, item) + caveat, "verdict": item["verdict"],
                            "convergence": t.get("convergence", "unknown")})
     return claims

@@ -17,7 +17,7 @@ def tune_section(family: str, tables: dict) -> dict | None:
     runs = tables["runs"]
     family_runs = runs[runs["family"] == family]
     rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}", "n": int(r.n_runs - r.n_failed),
-             "score": fmt_percent(r.mean), "chosen": "**chosen**" if r.chosen else ""} for r in part.itertuples()]
+             "score": fmt_percent(r.mean), "chosen": _chosen_mark(r)} for r in part.itertuples()]
     epochs = part["epochs"].iloc[0]
     n_variants = part["setting"].nunique()
     budget = (f"{len(part) // max(1, n_variants)} values x {n_variants} variants x "
@@ -26,6 +26,16 @@ def tune_section(family: str, tables: dict) -> dict | None:
               "split only (the test split was not evaluated)")
     return {"tuned": md_text(part["family"].iloc[0]), "key": md_text(part["key"].iloc[0]),
             "metric": md_text(part["metric"].iloc[0]), "rows": rows, "budget": budget}
+
+
+def _chosen_mark(row) -> str:
+    """"chosen", and where the chosen value is an end of the grid, that the best value may lie beyond it."""
+    if not row.chosen:
+        return ""
+    edge = getattr(row, "chosen_edge", "") or ""
+    beyond = {"low": "the smallest value tried: the best may be lower",
+              "high": "the largest value tried: the best may be higher"}.get(edge)
+    return f"**chosen** ({beyond})" if beyond else "**chosen**"
 
 
 PART = SectionPart("tune.md.j2", tune_section)
