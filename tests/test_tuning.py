@@ -70,7 +70,7 @@ def test_a_value_chosen_at_an_end_of_its_grid_is_flagged_in_table_selection_and_
     assert selection(runs, metrics, "m", tune)["chosen_edge"] == edges
     tests = pd.DataFrame({"variant": ["full", "last_layers"], "baseline": "lora"})
     caveats = [_tuning_caveat({"tuning": table}, "m", t) for _, t in tests.iterrows()]
-    assert "full's tuned train.lr (0.0001) is the smallest value of its grid" in caveats[0]
+    assert "full's tuned train.lr (0.0001, validation 83.91 % vs 81.00 % at 0.0003) is the smallest value" in caveats[0]
     assert "may lie above" in caveats[1] and "lora" not in caveats[1].split(";")[0].split("'s")[0]
     inside = pd.Series({"variant": "lora", "baseline": "lora"})
     assert _tuning_caveat({"tuning": table}, "m", inside) == ""

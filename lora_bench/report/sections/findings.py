@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lora_bench.analysis.summary import ALPHA
-from lora_bench.report.formatting import finite, fmt_p, fmt_points, fmt_signed, md_text, p_phrase
+from lora_bench.report.formatting import finite, fmt_p, fmt_percent, fmt_points, fmt_signed, md_text, p_phrase
 from lora_bench.report.sections.common import PRIMARY_SPLIT
 
 
@@ -126,15 +126,19 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
     tuning = tables.get("tuning")
     if tuning is None or tuning.empty or "chosen_edge" not in tuning:
         return ""
-    chosen = tuning[(tuning["family"] == family) & tuning["chosen"].astype(bool)]
+    family_rows = tuning[tuning["family"] == family]
     caveats = []
     for side in (test["variant"], test["baseline"]):
-        row = chosen[chosen["setting"] == side]
-        edge = str(row["chosen_edge"].iloc[0]) if len(row) and isinstance(row["chosen_edge"].iloc[0], str) else ""
-        if edge in ("low", "high"):
-            word = "smallest" if edge == "low" else "largest"
-            caveats.append(f"{md_text(side)}'s tuned {md_text(row['key'].iloc[0])} ({row['value'].iloc[0]:g}) is the "
-                           f"{word} value of its grid, so its best value may lie {'below' if edge == 'low' else 'above'} it")
+        grid = family_rows[family_rows["setting"] == side].sort_values("value")
+        chosen = grid[grid["chosen"].astype(bool)]
+        edge = str(chosen["chosen_edge"].iloc[0]) if len(chosen) and isinstance(chosen["chosen_edge"].iloc[0], str) else ""
+        if edge not in ("low", "high"):
+            continue
+        row, neighbour = chosen.iloc[0], grid.iloc[1] if edge == "low" else grid.iloc[-2]
+        caveats.append(f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}, validation "
+                       f"{fmt_percent(row['mean'])} % vs {fmt_percent(neighbour['mean'])} % at {neighbour['value']:g}) is "
+                       f"the {'smallest' if edge == 'low' else 'largest'} value of its grid, so its best value may lie "
+                       f"{'below' if edge == 'low' else 'above'} it")
     return f" Tuning caveat: {'; '.join(caveats)}." if caveats else ""
 
 
