@@ -73,7 +73,7 @@ def test_lint_is_clean():
 @pytest.mark.parametrize(
     ("args", "train_jobs", "runs"),
     [
-        ((), 33, 42),
+        ((), 36, 45),
         (("--configfile", ".test/config.yaml"), TEST_STUDY_TRAIN_JOBS, TEST_STUDY_RUNS),
         (("--configfile", "config/paper.yaml"), 369, 438),
         (("--configfile", "config/gpu_memory.yaml"), 33, 33),
@@ -82,7 +82,7 @@ def test_lint_is_clean():
         (("--configfile", "config/llm.yaml"), 24, 24),
         (("--configfile", "config/cpu_more.yaml"), 62, 83),
         (("--configfile", "config/cpu_full.yaml"), 9, 18),
-        (("--profile", "profiles/workstation-gpu"), 33, 42),
+        (("--profile", "profiles/workstation-gpu"), 36, 45),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 369, 438),
     ],
     ids=["default", "test", "paper", "gpu-memory", "gpu-smoke", "instruct", "llm", "cpu-more", "cpu-full",
