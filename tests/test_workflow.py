@@ -123,6 +123,30 @@ def test_families_sharing_a_config_train_it_once_and_renaming_retrains_nothing(t
     assert "train" not in renamed and renamed["label_run"] == 2
 
 
+def test_an_edited_variant_is_relabelled_without_snakemake_metadata(tmp_path):
+    """A copied results folder (or lost .snakemake metadata) must not keep the record of a config since edited:
+    Snakemake alone sees the new training's missing file as an intermediate and reruns nothing."""
+    import shutil
+
+    from reliability_helpers import jobs_run, mini_study
+    from reliability_helpers import snakemake as run_in
+
+    workdir = tmp_path / "edited"
+    path = mini_study(workdir, seeds=[0])
+    run_in(workdir, "--cores", "2", "results/tables/runs.parquet")
+    config = yaml.safe_load(path.read_text())
+    config["families"]["methods"]["variants"]["last_layers"]["train"] = {"lr": 3.0e-2}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.rmtree(workdir / ".snakemake")
+    planned = jobs_run(run_in(workdir, "-n", "results/tables/runs.parquet"))
+    assert planned.get("train") == 1 and planned.get("label_run") == 1
+    run_in(workdir, "--cores", "2", "results/tables/runs.parquet")
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet").set_index("variant")
+    assert runs.loc["last_layers", "cfg.train.lr"] == 3.0e-2 and runs.loc["lora", "cfg.train.lr"] == 1.0e-2
+    assert not [p for p in (workdir / "results/stale").rglob("*") if p.is_file()]  # the marker is gone
+    assert "train" not in jobs_run(run_in(workdir, "-n", "results/tables/runs.parquet"))
+
+
 def test_a_new_family_is_one_config_block(tmp_path, clean_checkout):
     config = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
     config["families"]["dropout"] = {

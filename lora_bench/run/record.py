@@ -156,6 +156,21 @@ def label_record(trained: dict, labels: dict, trained_path: str | Path) -> dict:
     return {**trained, "run": {**(trained.get("run") or {}), **labels}, "trained_from": Path(trained_path).name}
 
 
+def labelled_from(record_path: str | Path) -> str | None:
+    """The ``trained_from`` of a labelled run record: the training it was made from; None when there is no
+    record yet or it cannot be read (the workflow then remakes it anyway).
+
+    The workflow compares it with the training the current config gives: Snakemake notices a changed input
+    only through its ``.snakemake`` metadata, so a copied results folder, lost metadata or
+    ``--rerun-triggers mtime`` would otherwise keep a run record of a config that was since edited.
+    """
+    try:
+        with open(record_path, encoding="utf-8") as handle:
+            return json.load(handle).get("trained_from")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def base_record(config: dict, labels: dict | None = None) -> dict:
     return {"schema_version": SCHEMA_VERSION, "run": labels or {}, "config": config, "status": "running",
             "error": None, "started_at": now_iso()}

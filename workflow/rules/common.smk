@@ -6,6 +6,7 @@ import shlex
 from snakemake.utils import validate
 
 from lora_bench.config import load_yaml
+from lora_bench.run.record import labelled_from
 from lora_bench.study import study_from_dict
 
 # Snakemake's YAML reader keeps the last of two equal keys (two variants of one name would silently be
@@ -79,6 +80,28 @@ def trained_record(wildcards):
         with open(selection) as handle:
             value = json.load(handle)["chosen"][variant]
     return f"{RESULTS}/trained/{STUDY.run_key(family, variant, seed, value)}.json"
+
+
+def stale_label_marker(wildcards):
+    """A fresh marker file that makes a run record be labelled again when it was made from another training
+    than its config now gives (lora_bench.run.record.labelled_from).
+
+    Snakemake sees a changed input only through its .snakemake metadata, which a copied results folder or
+    `--rerun-triggers mtime` lacks; and a missing input of a job whose output exists counts as an
+    intermediate, not as a reason to run. An input newer than the record does make it run, so the marker is
+    written here, when the DAG is built (label_run removes it).
+    """
+    expected = os.path.basename(trained_record(wildcards))
+    made_from = labelled_from(
+        record_path(wildcards.family, wildcards.variant, wildcards.seed)
+    )
+    if made_from in (None, expected):
+        return []
+    marker = f"{RESULTS}/stale/{wildcards.family}/{wildcards.variant}/seed{wildcards.seed}"
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as handle:
+        handle.write(f"made from {made_from}; the config now gives {expected}\n")
+    return [marker]
 
 
 def tuning_record_paths(wildcards):

@@ -47,7 +47,8 @@ localrules:
 
 rule label_run:
     input:
-        trained_record,
+        trained=trained_record,
+        stale=stale_label_marker,
     output:
         f"{RESULTS}/runs/{{family}}/{{variant}}/seed{{seed}}.json",
     log:
@@ -57,4 +58,6 @@ rule label_run:
     params:
         labels=run_labels_json,
     shell:
-        "python -m lora_bench label --trained {input:q} --label {params.labels:q} --out {output:q} > {log:q} 2>&1"
+        "python -m lora_bench label --trained {input.trained:q} --label {params.labels:q} --out {output:q}"
+        " > {log:q} 2>&1 && rm -f {input.stale:q}"
+

@@ -131,13 +131,14 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
     for side in (test["variant"], test["baseline"]):
         grid = family_rows[family_rows["setting"] == side].sort_values("value")
         chosen = grid[grid["chosen"].astype(bool)]
-        edge = str(chosen["chosen_edge"].iloc[0]) if len(chosen) and isinstance(chosen["chosen_edge"].iloc[0], str) else ""
+        edge = chosen["chosen_edge"].iloc[0] if len(chosen) else ""
         if edge not in ("low", "high"):
             continue
         row, neighbour = chosen.iloc[0], grid.iloc[1] if edge == "low" else grid.iloc[-2]
-        caveats.append(f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}, validation "
-                       f"{fmt_percent(row['mean'])} % vs {fmt_percent(neighbour['mean'])} % at {neighbour['value']:g}) is "
-                       f"the {'smallest' if edge == 'low' else 'largest'} value of its grid, so its best value may lie "
+        scores = (f"validation {fmt_percent(row['mean'])} % vs {fmt_percent(neighbour['mean'])} % at "
+                  f"{neighbour['value']:g}")
+        caveats.append(f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}, {scores}) is the "
+                       f"{'smallest' if edge == 'low' else 'largest'} value of its grid, so its best value may lie "
                        f"{'below' if edge == 'low' else 'above'} it")
     return f" Tuning caveat: {'; '.join(caveats)}." if caveats else ""
 
