@@ -11,7 +11,7 @@ import pytest
 import yaml
 from reliability_helpers import jobs_run, mini_study, snakemake
 
-from lora_bench.analysis.tuning import select_tuned, selection, tuning_scores, tuning_table
+from lora_bench.analysis.tuning import chosen_edges, select_tuned, selection, tuning_scores, tuning_table
 from lora_bench.config import ConfigError, RunConfig
 from lora_bench.report.sections.findings import _tuning_caveat
 from lora_bench.run.tasks import ClassificationTask
@@ -74,6 +74,10 @@ def test_a_value_chosen_at_an_end_of_its_grid_is_flagged_in_table_selection_and_
     assert "may lie above" in caveats[1] and "lora" not in caveats[1].split(";")[0].split("'s")[0]
     inside = pd.Series({"variant": "lora", "baseline": "lora"})
     assert _tuning_caveat({"tuning": table}, "m", inside) == ""
+    # A flat end (the smallest value ties its neighbour and wins by the tie rule) is not an edge.
+    flat = pd.DataFrame({"setting": "a", "value": [3e-3, 1e-2, 3e-2], "mean": [0.715, 0.715, 0.6975]})
+    assert chosen_edges(flat, {"a": 3e-3}) == {"a": ""}
+    assert chosen_edges(flat.assign(mean=[0.72, 0.715, 0.6975]), {"a": 3e-3}) == {"a": "low"}
 
 
 def test_ties_go_to_the_smaller_value_and_failed_values_cannot_win():

@@ -11,10 +11,11 @@ a value none of whose runs finished cannot be chosen. The workflow's ``select_tu
 selection as JSON (``results/tune/<family>/selection.json``) and the family's runs are derived from it.
 ``tuning_table`` is the tidy table of every (family, variant, value) score the report and figure read.
 
-**Edges.** A value chosen at the end of its grid (the smallest or the largest tried) says only that the best
-value is there *or beyond*: the variant may be further from its own best rate than the others. ``chosen_edge``
-("low" / "high", empty inside the grid) marks it in the table and the selection, and the report's findings
-state it beside every comparison of that variant, so the grid can be widened in that direction.
+**Edges.** A value chosen at the end of its grid (the smallest or the largest tried), with a better score than
+the value next to it, says only that the best value is there *or beyond*: the variant may be further from its
+own best rate than the others. ``chosen_edge`` ("low" / "high", empty inside the grid or on a flat end) marks it
+in the table and the selection, and the report's findings state it beside every comparison of that variant, so
+the grid can be widened in that direction.
 """
 
 from __future__ import annotations
@@ -66,14 +67,18 @@ def select_tuned(scores: pd.DataFrame) -> dict[str, float]:
 
 
 def chosen_edges(scores: pd.DataFrame, chosen: dict) -> dict[str, str]:
-    """Variant -> "low" / "high" when its chosen value is the smallest / largest of its grid, else ""."""
+    """Variant -> "low" / "high" when its chosen value is the smallest / largest of its grid and scored better
+    than its neighbour (the curve still rises towards that end), else "". A tie with the neighbour is not an
+    edge: the smaller of tied values is chosen by rule, and a flat curve says nothing about what lies beyond."""
     edges = {}
     for setting, group in scores.groupby("setting", sort=False):
-        values, value = sorted(group["value"].unique()), chosen.get(setting)
-        if value is None or len(values) < 2:
-            edges[setting] = ""
-        else:
-            edges[setting] = "low" if value == values[0] else "high" if value == values[-1] else ""
+        curve = group.dropna(subset=["mean"]).sort_values("value")
+        value, edge = chosen.get(setting), ""
+        if value is not None and len(curve) >= 2:
+            for end, at, neighbour in (("low", 0, 1), ("high", -1, -2)):
+                if curve["value"].iloc[at] == value and curve["mean"].iloc[at] > curve["mean"].iloc[neighbour]:
+                    edge = end
+        edges[setting] = edge
     return edges
 
 
