@@ -116,6 +116,19 @@ def _study(tune: dict, seeds=(0, 1)):
                             "families": {"methods": {"baseline": "lora", "tune": tune, "variants": variants}}})
 
 
+def test_a_selection_made_for_another_grid_is_a_named_error_not_a_missing_training(tmp_path):
+    study = _study({"key": "train.lr", "factors": [0.3, 1, 3], "seeds": [100]})
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"chosen": {"lora": 0.001 * 0.3, "full": 0.009}}))
+    assert study.tuned_value("methods", "lora", selection) == 3.0e-4  # the grid's own float, so the key matches
+    with pytest.raises(ConfigError, match=r"selection.json: family 'methods' variant 'full' was tuned to 0.009, "
+                                          r"which is not in its current grid"):
+        study.tuned_value("methods", "full", selection)
+    selection.write_text("{")
+    with pytest.raises(ConfigError, match="delete the file to select again"):
+        study.tuned_value("methods", "lora", selection)
+
+
 def test_a_tune_block_adds_a_tuning_family_with_the_same_grid_for_every_variant():
     study = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100]})
     tuning = study.families["methods_tune"]

@@ -77,8 +77,7 @@ def trained_record(wildcards):
     value = None
     if STUDY.families[family].is_tuned:
         selection = checkpoints.select_tune.get(family=family).output[0]
-        with open(selection) as handle:
-            value = json.load(handle)["chosen"][variant]
+        value = STUDY.tuned_value(family, variant, selection)
     return f"{RESULTS}/trained/{STUDY.run_key(family, variant, seed, value)}.json"
 
 
