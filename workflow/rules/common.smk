@@ -96,7 +96,9 @@ def stale_label_marker(wildcards):
     )
     if made_from in (None, expected):
         return []
-    marker = f"{RESULTS}/stale/{wildcards.family}/{wildcards.variant}/seed{wildcards.seed}"
+    marker = (
+        f"{RESULTS}/stale/{wildcards.family}/{wildcards.variant}/seed{wildcards.seed}"
+    )
     os.makedirs(os.path.dirname(marker), exist_ok=True)
     with open(marker, "w") as handle:
         handle.write(f"made from {made_from}; the config now gives {expected}\n")

@@ -60,4 +60,3 @@ rule label_run:
     shell:
         "python -m lora_bench label --trained {input.trained:q} --label {params.labels:q} --out {output:q}"
         " > {log:q} 2>&1 && rm -f {input.stale:q}"
-
