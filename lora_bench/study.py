@@ -178,8 +178,8 @@ class Study:
         """The value of its tune key that a tuned family's variant runs at, read from the family's selection.
 
         A named error when the selection chose a value that is not in the variant's current grid: the file was
-        made for an earlier config (its grid since changed, or an older file was restored). Deleting it is
-        safe: the tuning runs are kept, so only the selection is made again.
+        made for an earlier config (its grid since changed without Snakemake's metadata to notice, or an older
+        file was restored); the message says how to select again (``--forcerun select_tune``).
         """
         grid = self.families[family].tune["grids"][variant]
         try:
@@ -187,13 +187,16 @@ class Study:
                 value = json.load(handle)["chosen"][variant]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{selection_path}: no chosen value for variant {variant!r} of family {family!r} "
-                              f"({exc}); delete the file to select again from the tuning runs") from exc
+                              f"({exc}); run again with `--forcerun select_tune` to select again from the tuning "
+                              "runs") from exc
         for candidate in grid:
             if isinstance(value, (int, float)) and abs(value - candidate) <= 1e-9 * abs(candidate):
                 return candidate
         raise ConfigError(f"{selection_path}: family {family!r} variant {variant!r} was tuned to {value!r}, which is "
-                          f"not in its current grid {grid}: the selection was made for an earlier config. Delete "
-                          "the file and run again; the tuning runs are kept, so only the selection is made again")
+                          f"not in its current grid {grid}: the selection was made for an earlier config (Snakemake "
+                          "re-selects on a grid change only through its .snakemake metadata). Run again with "
+                          "`--forcerun select_tune`: the selection is made again from the tuning runs and the "
+                          "family's runs follow it; no kept training is retrained")
 
     def run_key(self, family: str, variant: str, seed: int, tuned_value=None) -> str:
         """The name of what the run trains: see ``config_key``. Runs with the same key are trained once.

@@ -125,7 +125,7 @@ def test_a_selection_made_for_another_grid_is_a_named_error_not_a_missing_traini
                                           r"which is not in its current grid"):
         study.tuned_value("methods", "full", selection)
     selection.write_text("{")
-    with pytest.raises(ConfigError, match="delete the file to select again"):
+    with pytest.raises(ConfigError, match="forcerun select_tune"):
         study.tuned_value("methods", "lora", selection)
 
 
@@ -167,6 +167,35 @@ def test_tuning_through_the_workflow_then_the_family_runs_at_the_chosen_values(t
     assert not (tuning_rows["split"] == "test").any(), "a tuning run evaluated the test split"
     table = pd.read_parquet(workdir / "results/tables/tuning.parquet")
     assert table["chosen"].sum() == 2
+
+
+def test_a_stale_selection_is_named_and_forcerun_selects_again(tmp_path):
+    """A selection of another grid (a copied results folder: no Snakemake metadata to re-run it) stops the
+    workflow naming the file and the way out; `--forcerun select_tune` then selects again at the new values."""
+    import shutil
+
+    workdir = tmp_path / "stale"
+    path = mini_study(workdir, seeds=[0])
+    config = yaml.safe_load(path.read_text())
+    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [1.0e-3, 3.0e-2], "seeds": [100]}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(workdir, "--cores", "2", "results/tables/runs.parquet")
+    config["families"]["methods"]["tune"]["values"] = [2.0e-3, 1.0e-2]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.rmtree(workdir / ".snakemake")
+    stopped = snakemake(workdir, "-n", "results/tables/runs.parquet", check=False)
+    assert stopped.returncode != 0
+    assert "selection.json: family 'methods' variant" in stopped.stdout + stopped.stderr
+    assert "not in its current grid" in stopped.stdout + stopped.stderr
+    assert "--forcerun select_tune" in stopped.stdout + stopped.stderr
+    snakemake(workdir, "--cores", "2", "--forcerun", "select_tune", "--", "results/tables/runs.parquet")
+    selection = workdir / "results/tune/methods/selection.json"
+    chosen = json.loads(selection.read_text())["chosen"]
+    assert set(chosen.values()) <= {2.0e-3, 1.0e-2}
+    family = pd.read_parquet(workdir / "results/tables/runs.parquet").query("family == 'methods'")
+    assert len(family) == 2
+    for variant, lr in family[["variant", "cfg.train.lr"]].itertuples(index=False):
+        assert lr == chosen[variant], variant
 
 
 def test_factors_tune_each_variant_around_its_own_value_with_the_same_budget():
