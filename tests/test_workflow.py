@@ -75,7 +75,7 @@ def test_lint_is_clean():
     [
         ((), 36, 45),
         (("--configfile", ".test/config.yaml"), TEST_STUDY_TRAIN_JOBS, TEST_STUDY_RUNS),
-        (("--configfile", "config/paper.yaml"), 369, 438),
+        (("--configfile", "config/paper.yaml"), 374, 443),
         (("--configfile", "config/gpu_memory.yaml"), 33, 33),
         (("--configfile", "config/gpu_smoke.yaml"), 23, 23),
         (("--configfile", "config/instruct.yaml"), 21, 21),
@@ -83,7 +83,7 @@ def test_lint_is_clean():
         (("--configfile", "config/cpu_more.yaml"), 67, 88),
         (("--configfile", "config/cpu_full.yaml"), 9, 18),
         (("--profile", "profiles/workstation-gpu"), 36, 45),
-        (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 369, 438),
+        (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 374, 443),
     ],
     ids=["default", "test", "paper", "gpu-memory", "gpu-smoke", "instruct", "llm", "cpu-more", "cpu-full",
          "workstation-gpu", "slurm"],
