@@ -189,9 +189,10 @@ class Study:
             raise ConfigError(f"{selection_path}: no chosen value for variant {variant!r} of family {family!r} "
                               f"({exc}); run again with `--forcerun select_tune` to select again from the tuning "
                               "runs") from exc
-        for candidate in grid:
-            if isinstance(value, (int, float)) and abs(value - candidate) <= 1e-9 * abs(candidate):
-                return candidate
+        if isinstance(value, (int, float)):
+            for candidate in grid:
+                if abs(value - candidate) <= 1e-9 * abs(candidate):
+                    return candidate
         raise ConfigError(f"{selection_path}: family {family!r} variant {variant!r} was tuned to {value!r}, which is "
                           f"not in its current grid {grid}: the selection was made for an earlier config (Snakemake "
                           "re-selects on a grid change only through its .snakemake metadata). Run again with "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -172,8 +173,6 @@ def test_tuning_through_the_workflow_then_the_family_runs_at_the_chosen_values(t
 def test_a_stale_selection_is_named_and_forcerun_selects_again(tmp_path):
     """A selection of another grid (a copied results folder: no Snakemake metadata to re-run it) stops the
     workflow naming the file and the way out; `--forcerun select_tune` then selects again at the new values."""
-    import shutil
-
     workdir = tmp_path / "stale"
     path = mini_study(workdir, seeds=[0])
     config = yaml.safe_load(path.read_text())

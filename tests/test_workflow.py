@@ -126,8 +126,6 @@ def test_families_sharing_a_config_train_it_once_and_renaming_retrains_nothing(t
 def test_an_edited_variant_is_relabelled_without_snakemake_metadata(tmp_path):
     """A copied results folder (or lost .snakemake metadata) must not keep the record of a config since edited:
     Snakemake alone sees the new training's missing file as an intermediate and reruns nothing."""
-    import shutil
-
     from reliability_helpers import jobs_run, mini_study
     from reliability_helpers import snakemake as run_in
 
