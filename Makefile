@@ -58,6 +58,6 @@ bench: setup
 bench-peer: setup
 	$(RUN) python benchmarks/bench_peer.py --seeds 3 --epochs 3 --threads 2 --out results/benchmarks/peer.json
 
-## The converged reference (config/cpu_full.yaml: tuned learning rates, full data, 3 epochs); its tables are committed.
+## The converged reference (config/cpu_full.yaml: tuned learning rates, full data, 5 epochs); its tables are committed.
 reference: setup
 	$(RUN) snakemake --cores all --configfile config/cpu_full.yaml
