@@ -267,11 +267,18 @@ def test_a_variant_that_expects_no_learning_reads_as_expected(tmp_path):
 
 
 def test_converged_reference_section_says_which_differences_hold(tmp_path):
+    from dataclasses import replace
+
+    from synthetic import FAMILIES
+
     ours = tmp_path / "ours"
     converged = tmp_path / "converged"
-    for folder, full_effect in ((ours, 0.05), (converged, 0.015)):
-        runs, metrics = make_tables(("methods",), n_seeds=3, effects={("methods", "full"): full_effect,
-                                                                      ("methods", "last_layers"): -0.10})
+    # The reference also runs a variant this study does not (as config/cpu_full.yaml runs lora_kaiming).
+    with_kaiming = replace(FAMILIES["methods"], variants=(*FAMILIES["methods"].variants, "lora_kaiming"))
+    for folder, family, full_effect in ((ours, "methods", 0.05), (converged, with_kaiming, 0.015)):
+        runs, metrics = make_tables((family,), n_seeds=3, n_epochs=5,
+                                    effects={("methods", "full"): full_effect, ("methods", "last_layers"): -0.10,
+                                             ("methods", "lora_kaiming"): 0.016})
         folder.mkdir()
         runs.to_parquet(folder / "runs.parquet")
         metrics.to_parquet(folder / "metrics.parquet")
@@ -280,12 +287,32 @@ def test_converged_reference_section_says_which_differences_hold(tmp_path):
         pd.read_parquet(ours / "tests.parquet"),
         pd.read_parquet(converged / "tests.parquet"), "methods")}
     assert rows[formatting.md_text("last_layers")]["holds"] == "yes" and rows["full"]["holds"] == "**no**"
+    assert rows[formatting.md_text("lora_kaiming")]["ours"] == "not in this study"
+    assert rows[formatting.md_text("lora_kaiming")]["reference"].startswith("+")  # planted +1.6 points
     md = render.build_report(ours, tmp_path / "figures", tmp_path / "paper",
                              reference={"tables": str(converged), "family": "methods"})["markdown"].read_text()
     assert "## This study vs the converged reference" in md and "| full | lora |" in md
+    # The reference's setting comes from its own runs table, not from the template.
+    assert "5 epochs" in md and "3 epochs" not in md.split("## This study vs the converged reference")[1][:600]
+    assert f"| {formatting.md_text('lora_kaiming')} | lora | not in this study |" in md
     with pytest.raises(FileNotFoundError, match="converged_reference"):
         render.build_report(ours, tmp_path / "figures", tmp_path / "paper",
                             reference={"tables": str(tmp_path / "nowhere"), "family": "methods"})
+
+
+def test_a_difference_that_holds_only_inside_a_wide_converged_ci_says_how_far_off_it_is():
+    def tests(diff, low, high):
+        return pd.DataFrame([{"family": "methods", "metric": "accuracy", "split": "test", "variant": "full",
+                              "baseline": "lora", "diff": diff, "diff_ci_low": low, "diff_ci_high": high,
+                              "n_pairs": 3, "n_variant": 3}])
+
+    # The default study against the 5-epoch reference: +5.1 here, +2.7 [-0.5, +5.9] there.
+    (row,) = converged_rows(tests(0.051, 0.031, 0.072), tests(0.027, -0.005, 0.059), "methods")
+    assert row["holds"] == "yes, inside the converged CI (size off by +2.4 points)" and row["gap"] == "+2.40"
+    (row,) = converged_rows(tests(0.040, 0.02, 0.06), tests(0.027, -0.005, 0.059), "methods")
+    assert row["holds"] == "yes"
+    (row,) = converged_rows(tests(0.070, 0.05, 0.09), tests(0.027, -0.005, 0.059), "methods")
+    assert row["holds"] == "**no**"
 
 
 def test_memory_time_shows_ours_over_peft_in_the_table_and_the_figure(tmp_path):

@@ -18,6 +18,8 @@ def converged_rows(tests: pd.DataFrame, reference_tests: pd.DataFrame, family: s
 
     A difference *holds* when it lies within ``HOLDS_WITHIN`` (2 points) of the converged one or inside the
     converged difference's 95 % CI: then the short study gives the answer that training to convergence gives.
+    One that holds only by the CI says how far its size is off. Variants only the reference ran follow, so the
+    reader sees what else convergence answered (e.g. another LoRA init).
     """
     def primary(frame: pd.DataFrame) -> pd.DataFrame:
         keep = (frame["family"] == family) & (frame["metric"] == PRIMARY_METRIC) & (frame["split"] == PRIMARY_SPLIT)
@@ -37,9 +39,42 @@ def converged_rows(tests: pd.DataFrame, reference_tests: pd.DataFrame, family: s
             holds = abs(gap) <= HOLDS_WITHIN or bool(inside)
             row.update(reference=points_ci(ref["diff"], ref["diff_ci_low"], ref["diff_ci_high"]),
                        n_reference=f"{int(ref['n_pairs'] or ref['n_variant'])}", gap=fmt_points(gap),
-                       holds="yes" if holds else "**no**")
+                       holds=_holds_text(holds, gap))
         rows.append(row)
+    for variant, ref in converged.iterrows():
+        if variant not in ours.index:
+            rows.append({"variant": md_text(variant), "baseline": md_text(ref["baseline"]), "ours": "not in this study",
+                         "n": "–", "reference": points_ci(ref["diff"], ref["diff_ci_low"], ref["diff_ci_high"]),
+                         "gap": "–", "holds": "–"})
     return rows
+
+
+def _holds_text(holds: bool, gap: float) -> str:
+    """'yes' / '**no**'; a difference that holds only by lying inside a wide converged CI says how far off it is."""
+    if not holds:
+        return "**no**"
+    if abs(gap) > HOLDS_WITHIN:
+        return f"yes, inside the converged CI (size off by {fmt_points(gap, 1)} points)"
+    return "yes"
+
+
+def reference_setting(runs: pd.DataFrame, family: str) -> str:
+    """How the reference's runs of ``family`` trained, read from its runs table (epochs, training examples, batch,
+    and which setting a tuning family chose on validation)."""
+    tuned = sorted({key for key in runs.loc[runs["tunes"] == family, "tune_key"].dropna()}) if {
+        "tunes", "tune_key"} <= set(runs) else []
+    runs = runs[runs["family"] == family] if "family" in runs else runs.iloc[0:0]
+
+    def values(column: str, unit: str) -> str | None:
+        if column not in runs or runs[column].dropna().empty:
+            return None
+        found = sorted({int(v) for v in runs[column].dropna()})
+        return f"{' / '.join(str(v) for v in found)} {unit}"
+
+    parts = [values("cfg.train.epochs", "epochs"), values("data.size.train", "training examples"),
+             values("cfg.train.batch_size", "per batch")]
+    parts += [f"{key} tuned on validation" for key in tuned]
+    return ", ".join(part for part in parts if part) or "setting not recorded"
 
 
 def converged_section(tables: dict, reference: dict | None) -> dict | None:
@@ -50,4 +85,8 @@ def converged_section(tables: dict, reference: dict | None) -> dict | None:
         raise FileNotFoundError(f"{path} is missing: the study names a converged reference (converged_reference) "
                                 "whose tables are not there; run its config (make reference) or remove the key")
     rows = converged_rows(tables["tests"], pd.read_parquet(path), reference["family"])
-    return {"family": md_text(reference["family"]), "tables": md_text(reference["tables"]), "rows": rows}
+    runs_path = path.with_name("runs.parquet")
+    setting = reference_setting(pd.read_parquet(runs_path), reference["family"]) if runs_path.exists() else \
+        "setting not recorded"
+    return {"family": md_text(reference["family"]), "tables": md_text(reference["tables"]),
+            "setting": md_text(setting), "rows": rows}
