@@ -69,7 +69,7 @@ def reference_setting(runs: pd.DataFrame, family: str) -> str:
         if column not in runs or runs[column].dropna().empty:
             return None
         found = sorted({int(v) for v in runs[column].dropna()})
-        return f"{' / '.join(str(v) for v in found)} {unit}"
+        return f"{' / '.join(f'{v:,}' for v in found)} {unit}"
 
     parts = [values("cfg.train.epochs", "epochs"), values("data.size.train", "training examples"),
              values("cfg.train.batch_size", "per batch")]
