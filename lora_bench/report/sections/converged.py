@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_bench.analysis.columns import cfg
 from lora_bench.report.formatting import fmt_points, md_text, points_ci
 from lora_bench.report.sections.common import PRIMARY_METRIC, PRIMARY_SPLIT
 
@@ -25,11 +26,13 @@ def converged_rows(tests: pd.DataFrame, reference_tests: pd.DataFrame, family: s
         keep = (frame["family"] == family) & (frame["metric"] == PRIMARY_METRIC) & (frame["split"] == PRIMARY_SPLIT)
         return frame[keep].set_index("variant")
 
+    def diff_ci(test: pd.Series) -> str:
+        return points_ci(test["diff"], test["diff_ci_low"], test["diff_ci_high"])
+
     ours, converged = primary(tests), primary(reference_tests)
     rows = []
     for variant, test in ours.iterrows():
-        row = {"variant": md_text(variant), "baseline": md_text(test["baseline"]),
-               "ours": points_ci(test["diff"], test["diff_ci_low"], test["diff_ci_high"]),
+        row = {"variant": md_text(variant), "baseline": md_text(test["baseline"]), "ours": diff_ci(test),
                "n": f"{int(test['n_pairs'] or test['n_variant'])}", "reference": "not in the reference",
                "gap": "–", "holds": "–"}
         if variant in converged.index and converged.loc[variant, "baseline"] == test["baseline"]:
@@ -37,15 +40,14 @@ def converged_rows(tests: pd.DataFrame, reference_tests: pd.DataFrame, family: s
             gap = test["diff"] - ref["diff"]
             inside = ref["diff_ci_low"] <= test["diff"] <= ref["diff_ci_high"]
             holds = abs(gap) <= HOLDS_WITHIN or bool(inside)
-            row.update(reference=points_ci(ref["diff"], ref["diff_ci_low"], ref["diff_ci_high"]),
+            row.update(reference=diff_ci(ref),
                        n_reference=f"{int(ref['n_pairs'] or ref['n_variant'])}", gap=fmt_points(gap),
                        holds=_holds_text(holds, gap))
         rows.append(row)
     for variant, ref in converged.iterrows():
         if variant not in ours.index:
             rows.append({"variant": md_text(variant), "baseline": md_text(ref["baseline"]), "ours": "not in this study",
-                         "n": "–", "reference": points_ci(ref["diff"], ref["diff_ci_low"], ref["diff_ci_high"]),
-                         "gap": "–", "holds": "–"})
+                         "n": "–", "reference": diff_ci(ref), "gap": "–", "holds": "–"})
     return rows
 
 
@@ -71,8 +73,8 @@ def reference_setting(runs: pd.DataFrame, family: str) -> str:
         found = sorted({int(v) for v in runs[column].dropna()})
         return f"{' / '.join(f'{v:,}' for v in found)} {unit}"
 
-    parts = [values("cfg.train.epochs", "epochs"), values("data.size.train", "training examples"),
-             values("cfg.train.batch_size", "per batch")]
+    parts = [values(cfg("train.epochs"), "epochs"), values("data.size.train", "training examples"),
+             values(cfg("train.batch_size"), "per batch")]
     parts += [f"{key} tuned on validation" for key in tuned]
     return ", ".join(part for part in parts if part) or "setting not recorded"
 
