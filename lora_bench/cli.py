@@ -239,10 +239,10 @@ def cmd_run_config(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from lora_bench.study import study_from_dict
+    from lora_bench.study import load_study_config, study_from_dict
 
     for path in args.paths:
-        raw = load_yaml(path)
+        raw = load_study_config(path)
         if isinstance(raw, dict) and "families" in raw:
             study = study_from_dict(raw, source=path)
             for family, variant, seed in study.runs():

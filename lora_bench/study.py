@@ -469,7 +469,43 @@ def _gpu_ids(value, source: str = "<dict>") -> tuple[int, ...]:
     return ids
 
 
+def resolve_base_from(raw: dict, folder: str | Path, source: str = "<dict>", _seen: tuple = ()) -> dict:
+    """The study with its ``base_from`` resolved: that study file's ``base`` (followed through its own
+    ``base_from``), with this study's ``base`` merged over it, and ``base_from`` removed.
+
+    Why: a study that runs new families on another study's base run should name that base, not copy it, so
+    the two cannot drift apart unnoticed. Only ``base`` is inherited: families, seeds and folders stay each
+    study's own. The path is relative to the folder of the file that names it.
+    """
+    if not isinstance(raw, dict) or "base_from" not in raw:
+        return raw
+    reference = raw["base_from"]
+    if not isinstance(reference, str) or not reference:
+        raise ConfigError(f"{source}: base_from must be the path of a study file, got {reference!r}")
+    parent_path = (Path(folder) / reference).resolve()
+    if parent_path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, parent_path))
+        raise ConfigError(f"{source}: base_from forms a cycle: {chain}")
+    if not parent_path.is_file():
+        raise ConfigError(f"{source}: base_from {reference!r} does not exist (looked for {parent_path})")
+    parent = resolve_base_from(load_yaml(parent_path), parent_path.parent, str(parent_path), (*_seen, parent_path))
+    if not isinstance(parent, dict) or not isinstance(parent.get("base"), dict):
+        raise ConfigError(f"{source}: base_from {reference!r} has no `base` block to start from")
+    resolved = {key: value for key, value in raw.items() if key != "base_from"}
+    resolved["base"] = deep_merge(parent["base"], raw.get("base") or {})
+    return resolved
+
+
+def load_study_config(path: str | Path) -> dict:
+    """A study file as a dict, its ``base_from`` resolved (see ``resolve_base_from``)."""
+    path = Path(path)
+    return resolve_base_from(load_yaml(path), path.resolve().parent, str(path), (path.resolve(),))
+
+
 def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
+    if isinstance(raw, dict) and "base_from" in raw:
+        # Relative to its file, which a dict does not know: load_study_config resolves it.
+        raise ConfigError(f"{source}: base_from is not resolved; load the study with load_study_config")
     cfg = validate(raw, "study", source)
     if "seed" in cfg["base"]:
         raise ConfigError(f"{source}: base.seed is not allowed; seeds come from the `seeds` list")
@@ -529,4 +565,4 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
 
 
 def load_study(path: str | Path) -> Study:
-    return study_from_dict(load_yaml(path), source=str(path))
+    return study_from_dict(load_study_config(path), source=str(path))

@@ -87,3 +87,75 @@ def test_grid_generates_named_variants_and_a_new_family_needs_no_code():
     assert sorted(family.variants) == ["rank2-alpha4", "rank4-alpha4"]
     assert study.run_config("my_new_family", "rank4-alpha4", 1).method.lora.rank == 4
     assert len(study.runs()) == 4
+
+
+MINI_STUDY = """
+name: {name}
+{base_from}
+base:
+  model: {{source: random, name: tiny-bert}}
+  data: {{source: synthetic, max_length: 16}}
+  train: {{epochs: {epochs}, lr: 1.0e-3}}
+families:
+  methods:
+    baseline: lora
+    variants: {{lora: {{}}}}
+"""
+
+
+def _write_study(path: Path, name: str, epochs: int, base_from: str = "") -> Path:
+    path.write_text(MINI_STUDY.format(name=name, epochs=epochs, base_from=base_from))
+    return path
+
+
+def test_base_from_merges_the_named_studys_base_under_its_own(tmp_path):
+    parent = _write_study(tmp_path / "parent.yaml", "parent", 3)
+    (tmp_path / "sub").mkdir()
+    # Relative to the naming file's folder; only the keys it sets change.
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("name: child\nbase_from: ../parent.yaml\nbase: {train: {epochs: 2}}\n"
+                     "families: {methods: {baseline: lora, variants: {lora: {}}}}\n")
+    parent_run = load_study(parent).run_config("methods", "lora", 0).to_dict()
+    child_run = load_study(child).run_config("methods", "lora", 0).to_dict()
+    assert child_run["train"]["epochs"] == 2 and parent_run["train"]["epochs"] == 3
+    child_run["train"]["epochs"] = 3
+    assert child_run == parent_run
+    assert load_study(child).name == "child"  # only the base is inherited
+
+
+def test_base_from_follows_chains_and_names_cycles_and_missing_files(tmp_path):
+    _write_study(tmp_path / "a.yaml", "a", 4)
+    _write_study(tmp_path / "b.yaml", "b", 3, "base_from: a.yaml")
+    (tmp_path / "c.yaml").write_text("base_from: b.yaml\nfamilies: {m: {baseline: lora, variants: {lora: {}}}}\n")
+    run = load_study(tmp_path / "c.yaml").run_config("m", "lora", 0).to_dict()
+    assert run["train"]["epochs"] == 3 and run["model"]["name"] == "tiny-bert"
+
+    _write_study(tmp_path / "x.yaml", "x", 1, "base_from: y.yaml")
+    _write_study(tmp_path / "y.yaml", "y", 1, "base_from: x.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_study(tmp_path / "x.yaml")
+    _write_study(tmp_path / "lost.yaml", "lost", 1, "base_from: nowhere.yaml")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml.*does not exist"):
+        load_study(tmp_path / "lost.yaml")
+    (tmp_path / "nobase.yaml").write_text("families: {m: {baseline: lora, variants: {lora: {}}}}\n")
+    _write_study(tmp_path / "orphan.yaml", "orphan", 1, "base_from: nobase.yaml")
+    with pytest.raises(ConfigError, match="no `base` block"):
+        load_study(tmp_path / "orphan.yaml")
+    with pytest.raises(ConfigError, match="base_from is not resolved"):
+        study_from_dict({"base_from": "a.yaml", "families": {}})
+
+
+def test_studies_on_the_default_base_differ_from_it_only_where_they_say():
+    """cpu_more and cpu_variants name the default study's base instead of copying it (their tables were
+    measured at 2 epochs): every other key of their runs' base is the default study's."""
+    from lora_bench.config import load_yaml
+
+    default = load_study(ROOT / "config/config.yaml").run_config("methods", "lora", 0).to_dict()
+    for name, family, variant in [("cpu_more", "coverage", "query+value"), ("cpu_variants", "lora_variants", "lora")]:
+        own = load_yaml(ROOT / f"config/{name}.yaml")
+        assert own["base_from"] == "config.yaml"
+        run = load_study(ROOT / f"config/{name}.yaml").run_config(family, variant, 0).to_dict()
+        assert run["train"]["epochs"] == 2
+        for key in ("model", "data"):
+            assert run[key] == default[key], (name, key)
+        assert run["method"]["lora"] == default["method"]["lora"]

@@ -2,17 +2,25 @@
 import json
 import os
 import shlex
+from pathlib import Path
 
 from snakemake.utils import validate
 
 from lora_bench.config import load_yaml
 from lora_bench.run.record import labelled_from
-from lora_bench.study import study_from_dict
+from lora_bench.study import resolve_base_from, study_from_dict
 
 # Snakemake's YAML reader keeps the last of two equal keys (two variants of one name would silently be
 # one); lora_bench's reader refuses them, naming the key and line.
-for configfile_path in workflow.overwrite_configfiles or []:
-    load_yaml(configfile_path)
+configfiles = [(path, load_yaml(path)) for path in workflow.overwrite_configfiles or []]
+# A study may start from another study file's base (lora_bench.study.resolve_base_from), named relative to the
+# file that names it: resolved before validation, so everything below sees one plain study.
+if "base_from" in config:
+    naming = [path for path, raw in configfiles if "base_from" in (raw or {})]
+    folder = Path(naming[-1]).resolve().parent if naming else Path("config").resolve()
+    resolved = resolve_base_from(dict(config), folder, "snakemake config")
+    config.clear()
+    config.update(resolved)
 validate(config, "../schemas/study.schema.yaml", set_default=True)
 # The library resolves every run now, so a bad variant stops the workflow before any job starts.
 STUDY = study_from_dict(config, source="snakemake config")
