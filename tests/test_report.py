@@ -334,3 +334,20 @@ def test_memory_time_shows_ours_over_peft_in_the_table_and_the_figure(tmp_path):
     assert "| Ours | peft | Memory ours/peft (95% CI) |" in section
     assert "| lora | lora-peft | 0.80× (0.80× to 0.80×) | 0.80× (0.80× to 0.80×) | 1.25× (1.25× to 1.25×) |" in section
     assert not re.search(r"\bnan\b", md, flags=re.IGNORECASE)
+
+
+def test_cost_phrase_tells_equal_bytes_from_identical_different_ones_and_from_an_untestable_time():
+    from lora_bench.report.sections.common import ratio_phrase
+
+    what = "uses {ratio} the memory of **{baseline}**"
+    base = {"ratio": 1.0, "p_value": float("nan"), "p_holm": float("nan"), "exact": False, "significant": False,
+            "test": "paired t", "diff": 0.0, "diff_ci_low": 0.0, "diff_ci_high": 0.0,
+            "note": "the paired differences have zero variance: t test undefined"}
+    equal = ratio_phrase({**base, "unit": "bytes"}, what, "lora")
+    assert equal.startswith("uses exactly 1.00×") and "no difference" in equal and "not tested" not in equal
+    differ = ratio_phrase({**base, "unit": "bytes", "ratio": 0.6, "diff": -5.0, "diff_ci_low": -5.0,
+                           "diff_ci_high": -5.0, "exact": True, "significant": True}, what, "lora")
+    assert differ.startswith("uses exactly 0.60×") and "identical in every run of both" in differ
+    # A measured time that happens to tie is still reported as untested, not as exact.
+    timed = ratio_phrase({**base, "unit": "s"}, what, "lora")
+    assert "not tested" in timed and "exactly" not in timed

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from lora_bench.analysis.columns import cfg
-from lora_bench.analysis.compare import baseline_variant
+from lora_bench.analysis.compare import EXACT_UNITS, baseline_variant
 from lora_bench.analysis.cost import (
     COST_SUMMARY_COLUMNS,
     as_text,
@@ -111,10 +111,13 @@ def ratio_phrase(test, what: str, baseline: str, label: str = "") -> str | None:
     if test is None or not finite(test.get("ratio")):
         return None
     exact = is_exact(test)
-    lead = what.format(ratio=("exactly " if exact else "") + fmt_ratio(test["ratio"]), baseline=baseline)
+    # Counted bytes equal in every seed pair: the same value, not an untestable one.
+    same = (not exact and test.get("unit") in EXACT_UNITS and test.get("diff") == 0
+            and test.get("diff_ci_low") == 0 and test.get("diff_ci_high") == 0)
+    lead = what.format(ratio=("exactly " if exact or same else "") + fmt_ratio(test["ratio"]), baseline=baseline)
     details = [label] if label else []
-    if exact:
-        details.append("identical in every run of both")
+    if exact or same:
+        details.append("identical in every run of both" if exact else "equal in every seed pair: no difference")
         return f"{lead} ({'; '.join(details)})"
     if not finite(test["p_value"]):
         details.append(f"not tested: {md_text(test['note']) or 'no p-value'}")
