@@ -351,3 +351,7 @@ def test_cost_phrase_tells_equal_bytes_from_identical_different_ones_and_from_an
     # A measured time that happens to tie is still reported as untested, not as exact.
     timed = ratio_phrase({**base, "unit": "s"}, what, "lora")
     assert "not tested" in timed and "exactly" not in timed
+    from lora_bench.report.sections.common import ratio_cells
+
+    assert ratio_cells({**base, "unit": "bytes"}) == ("1.00× (equal)", "equal")
+    assert ratio_cells({**base, "unit": "s"})[1] == "–"

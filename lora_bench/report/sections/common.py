@@ -95,6 +95,13 @@ def is_exact(test) -> bool:
     return bool(test.get("exact", False)) if test is not None else False
 
 
+def is_equal_count(test) -> bool:
+    """Whether a counted quantity (bytes, parameters) was equal in every seed pair: the same value, which a t
+    test cannot take (zero variance) and needs no test, rather than an untested difference."""
+    return (test is not None and not is_exact(test) and test.get("unit") in EXACT_UNITS
+            and test.get("diff") == 0 and test.get("diff_ci_low") == 0 and test.get("diff_ci_high") == 0)
+
+
 def ratio_cells(test) -> tuple[str, str]:
     """(ratio with its 95 % interval, Holm p) of a cost comparison, for the table."""
     if test is None:
@@ -102,6 +109,8 @@ def ratio_cells(test) -> tuple[str, str]:
     ratio = fmt_ratio(test.get("ratio"))
     if is_exact(test):
         return f"{ratio} (exact)", "exact"
+    if is_equal_count(test):
+        return f"{ratio} (equal)", "equal"
     interval = fmt_interval(test.get("ratio_ci_low"), test.get("ratio_ci_high"), fmt_ratio)
     return (f"{ratio} {interval}" if interval != "–" else ratio), fmt_p(test["p_holm"])
 
@@ -110,10 +119,7 @@ def ratio_phrase(test, what: str, baseline: str, label: str = "") -> str | None:
     """'uses 0.60× the memory of **lora** (...)' and the like, with the evidence; None without a test row."""
     if test is None or not finite(test.get("ratio")):
         return None
-    exact = is_exact(test)
-    # Counted bytes equal in every seed pair: the same value, not an untestable one.
-    same = (not exact and test.get("unit") in EXACT_UNITS and test.get("diff") == 0
-            and test.get("diff_ci_low") == 0 and test.get("diff_ci_high") == 0)
+    exact, same = is_exact(test), is_equal_count(test)
     lead = what.format(ratio=("exactly " if exact or same else "") + fmt_ratio(test["ratio"]), baseline=baseline)
     details = [label] if label else []
     if exact or same:
