@@ -423,3 +423,24 @@ def test_instruct_claims_pair_variants_by_their_configs():
     assert claims.loc["data_quality", "support"] == "not shown"  # constant differences: no t test possible
     assert (claims["p_holm"].dropna() >= claims["p_value"].dropna()).all()
     assert claims.loc["epochs", "support"] == "supported" and claims.loc["epochs", "n_pairs"] == 4
+
+
+def test_the_epochs_claim_uses_a_variant_that_tested_every_epoch():
+    """A 2-epoch baseline that tests once (at the selected epoch) cannot give epoch 2 vs epoch 1: the claim
+    takes the epochs variant that tested after every epoch, and the baseline when it is the one that did."""
+    from lora_bench.analysis.claims import instruct_pairs
+
+    def runs(baseline_tests_each: bool) -> pd.DataFrame:
+        rows = [{"family": "ins", "family_kind": "instruct", "variant": "lora", "seed": 0, "is_baseline": True,
+                 "status": "ok", "cfg.train.epochs": 2, "cfg.train.test_every_epoch": baseline_tests_each},
+                {"family": "ins", "family_kind": "instruct", "variant": "epochs3", "seed": 0, "is_baseline": False,
+                 "status": "ok", "cfg.train.epochs": 3, "cfg.train.test_every_epoch": True}]
+        return pd.DataFrame(rows)
+
+    assert instruct_pairs(runs(False), "ins")["epochs"][0] == ("epochs3", 1)
+    only_baseline = runs(True)
+    only_baseline.loc[1, "cfg.train.test_every_epoch"] = False
+    assert instruct_pairs(only_baseline, "ins")["epochs"][0] == ("lora", 1)
+    neither = runs(False)
+    neither.loc[1, "cfg.train.test_every_epoch"] = False
+    assert "epochs" not in instruct_pairs(neither, "ins")

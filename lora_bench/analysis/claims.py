@@ -54,6 +54,14 @@ def _targets(settings: dict) -> set[str]:
     return set(str(settings.get(cfg("method.lora.targets")) or "").split("+")) - {""}
 
 
+def _tests_every_epoch(settings: dict) -> bool:
+    """``train.test_every_epoch`` of a variant (true when the column is absent: the run schema's default)."""
+    value = settings.get(cfg("train.test_every_epoch"), True)
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return str(value).lower() not in ("false", "0")
+
+
 def _same_method(a: dict, b: dict) -> bool:
     return a.get(cfg("method.name")) == b.get(cfg("method.name"))
 
@@ -65,9 +73,12 @@ def instruct_pairs(runs: pd.DataFrame, family: str) -> dict[str, tuple]:
     baseline, _ = baseline_variant(runs, family)
     base = settings.get(baseline, {})
     pairs: dict[str, tuple] = {}
-    multi_epoch = [v for v, c in settings.items() if _number(c.get(cfg("train.epochs")), 1) >= 2]
+    # Epoch 2 against epoch 1 needs test accuracy after each: a variant that tests every epoch, the longest
+    # such run first (an epochs variant beside a multi-epoch baseline that tests once), then the baseline.
+    multi_epoch = [v for v, c in settings.items() if _number(c.get(cfg("train.epochs")), 1) >= 2
+                   and _tests_every_epoch(c)]
     if multi_epoch:
-        variant = baseline if baseline in multi_epoch else multi_epoch[0]
+        variant = max(multi_epoch, key=lambda v: (_number(settings[v].get(cfg("train.epochs")), 1), v == baseline))
         pairs["epochs"] = ((variant, 1), (variant, 2), "epoch")
     noisy = [v for v, c in settings.items() if _number(c.get(cfg("instruct.noise_fraction")), 0.0) > 0]
     # On the Hub profile the real thing: LIMA (1k curated) against the Alpaca baseline (50k).
