@@ -290,14 +290,19 @@ def test_readme_example_study_and_pattern_snippet_validate():
     from pathlib import Path
 
     from lora_bench.config import parse_yaml
-    from lora_bench.study import study_from_dict
+    from lora_bench.study import resolve_base_from, study_from_dict
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
     section = readme.split("## Run the study on your own data and model")[1].split("\n## ")[0]
     blocks = [b.split("```")[0] for b in section.split("```yaml\n")[1:]]
     study = study_from_dict(parse_yaml(blocks[0]), "README.md")
     assert study.run_config("methods", "lora", 0).data.label_column == "queue"
-    snippet = RunConfig.from_dict(parse_yaml(blocks[1]), "README.md").method
+    # The base_from example, as if it sat beside config/config.yaml.
+    more = study_from_dict(resolve_base_from(parse_yaml(blocks[1]), root / "config", "README.md"), "README.md")
+    run = more.run_config("dropout", "p0.1", 0)
+    assert run.train.epochs == 2 and run.method.lora.dropout == 0.1 and run.model.name == "minilm-l6"
+    snippet = RunConfig.from_dict(parse_yaml(blocks[2]), "README.md").method
     assert snippet.lora.target_patterns and snippet.head_patterns
 
 
