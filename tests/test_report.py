@@ -337,7 +337,7 @@ def test_memory_time_shows_ours_over_peft_in_the_table_and_the_figure(tmp_path):
 
 
 def test_cost_phrase_tells_equal_bytes_from_identical_different_ones_and_from_an_untestable_time():
-    from lora_bench.report.sections.common import ratio_phrase
+    from lora_bench.report.sections.common import ratio_cells, ratio_phrase
 
     what = "uses {ratio} the memory of **{baseline}**"
     base = {"ratio": 1.0, "p_value": float("nan"), "p_holm": float("nan"), "exact": False, "significant": False,
@@ -351,7 +351,5 @@ def test_cost_phrase_tells_equal_bytes_from_identical_different_ones_and_from_an
     # A measured time that happens to tie is still reported as untested, not as exact.
     timed = ratio_phrase({**base, "unit": "s"}, what, "lora")
     assert "not tested" in timed and "exactly" not in timed
-    from lora_bench.report.sections.common import ratio_cells
-
     assert ratio_cells({**base, "unit": "bytes"}) == ("1.00× (equal)", "equal")
     assert ratio_cells({**base, "unit": "s"})[1] == "–"
