@@ -444,3 +444,33 @@ def test_the_epochs_claim_uses_a_variant_that_tested_every_epoch():
     neither = runs(False)
     neither.loc[1, "cfg.train.test_every_epoch"] = False
     assert "epochs" not in instruct_pairs(neither, "ins")
+
+
+def test_per_epoch_report_shows_only_variants_tested_after_every_epoch():
+    """A baseline that tests once has one test value per seed, at whichever epoch its validation picked; listed
+    per epoch (or drawn as a line) it would read as a curve with n = 1-2. Only the epochs variant has a curve."""
+    from lora_bench.report import figures
+    from lora_bench.report.sections.instruct import instruct_section
+
+    runs, metrics = [], []
+    for variant, epochs, every in (("lora", 2, False), ("epochs3", 3, True)):
+        for seed in range(3):
+            label = {"family": "ins", "family_kind": "instruct", "variant": variant, "seed": seed,
+                     "is_baseline": variant == "lora", "status": "ok"}
+            runs.append({**label, "cfg.method.name": "lora", "cfg.train.epochs": epochs,
+                         "cfg.train.test_every_epoch": every})
+            row = {**label, "metric": "accuracy", "split": "test", "unit": "fraction", "higher_is_better": True}
+            tested = range(1, epochs + 1) if every else [1 + seed % 2]  # test-once: the selected epoch only
+            metrics += [{**row, "stage": "epoch", "epoch": e, "value": 0.6 + 0.05 * e + 0.01 * seed} for e in tested]
+            metrics.append({**row, "stage": "zero_shot", "epoch": 0, "value": 0.55})
+            metrics.append({**row, "stage": "final", "epoch": max(tested), "value": 0.7 + 0.01 * seed})
+    runs, metrics = pd.DataFrame(runs), pd.DataFrame(metrics)
+    summary = pd.DataFrame(columns=["family", "variant", "metric", "split", "stage", "mean", "ci_low", "ci_high"])
+    part = instruct_section("ins", {"runs": runs, "summary": summary, "metrics": metrics})
+    listed = {(row["variant"], row["epoch"]) for row in part["epoch_rows"]}
+    assert listed == {("epochs3", "0 (zero-shot)"), ("epochs3", "1"), ("epochs3", "2"), ("epochs3", "3")}
+    assert all(row["n"] == "3" for row in part["epoch_rows"])
+    figure = figures.plot_instruct(runs, metrics, "ins")
+    right = figure.axes[1]
+    assert [line.get_label() for line in right.get_lines()] == ["epochs3"]
+    figures.plt.close(figure)

@@ -62,6 +62,16 @@ def _tests_every_epoch(settings: dict) -> bool:
     return str(value).lower() not in ("false", "0")
 
 
+def epoch_curve_variants(runs: pd.DataFrame, family: str) -> list[str]:
+    """Variants of ``family`` with a test-accuracy curve over epochs: two epochs or more, tested after each.
+
+    A variant that tests once (``train.test_every_epoch: false``) has one test value, at the epoch validation
+    selects, so its seeds would scatter over epochs 1..n with one or two values each: not a curve.
+    """
+    settings = _variant_settings(runs, family)
+    return [v for v, c in settings.items() if _number(c.get(cfg("train.epochs")), 1) >= 2 and _tests_every_epoch(c)]
+
+
 def _same_method(a: dict, b: dict) -> bool:
     return a.get(cfg("method.name")) == b.get(cfg("method.name"))
 
@@ -75,8 +85,7 @@ def instruct_pairs(runs: pd.DataFrame, family: str) -> dict[str, tuple]:
     pairs: dict[str, tuple] = {}
     # Epoch 2 against epoch 1 needs test accuracy after each: a variant that tests every epoch, the longest
     # such run first (an epochs variant beside a multi-epoch baseline that tests once), then the baseline.
-    multi_epoch = [v for v, c in settings.items() if _number(c.get(cfg("train.epochs")), 1) >= 2
-                   and _tests_every_epoch(c)]
+    multi_epoch = epoch_curve_variants(runs, family)
     if multi_epoch:
         variant = max(multi_epoch, key=lambda v: (_number(settings[v].get(cfg("train.epochs")), 1), v == baseline))
         pairs["epochs"] = ((variant, 1), (variant, 2), "epoch")

@@ -28,6 +28,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lora_bench.analysis import cost, tuning, variance  # noqa: E402
+from lora_bench.analysis.claims import epoch_curve_variants  # noqa: E402
 from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.summary import family_order, select_values, summarize, summarize_epochs  # noqa: E402
 from lora_bench.atomic import replace_atomically  # noqa: E402
@@ -552,7 +553,13 @@ def plot_instruct(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "inst
         summary = per_epoch_with_zero_shot(family_metrics, metric, "test")
         factor = 100 if metric == "accuracy" else 1
         colors = dict(zip(variants, sns.color_palette(PALETTE, len(variants)), strict=True))
-        for variant in variants:
+        # A variant tested once (at the epoch validation selects) has no curve: its seeds' single values would
+        # scatter over epochs and read as one. Its result is in the left panel.
+        curves = set(epoch_curve_variants(runs, family))
+        if not curves:
+            right.text(0.5, 0.5, "no variant was tested after every epoch", ha="center", va="center",
+                       transform=right.transAxes)
+        for variant in (v for v in variants if v in curves):
             part = summary[summary["variant"] == variant].sort_values("epoch") if len(summary) else summary
             if part.empty:
                 continue
@@ -566,7 +573,8 @@ def plot_instruct(runs: pd.DataFrame, metrics: pd.DataFrame, family: str = "inst
         right.set_ylabel(f"test {metric}{' (%)' if metric == 'accuracy' else ' (nats per response token)'}")
         right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         right.set_title(f"test {metric} per epoch — mean, 95% band")
-        right.legend(title="variant", fontsize=7)
+        if curves:
+            right.legend(title="variant", fontsize=7)
         fig.suptitle(f"{family}: instruction finetuning")
         fig.tight_layout()
     return fig

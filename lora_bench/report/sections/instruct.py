@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lora_bench.analysis.claims import INSTRUCT_CLAIMS, instruct_claims
+from lora_bench.analysis.claims import INSTRUCT_CLAIMS, epoch_curve_variants, instruct_claims
 from lora_bench.report import figures
 from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_percent, fmt_points, fmt_signed, md_text
 from lora_bench.report.sections.common import SectionPart
@@ -48,8 +48,11 @@ def instruct_section(family: str, tables: dict) -> dict:
         })
     epoch_rows = []
     per_epoch = figures.per_epoch_with_zero_shot(metrics[metrics["family"] == family], "accuracy", "test")
-    multi = [v for v in figures.variant_order(runs, family)
-             if len(per_epoch) and (per_epoch[per_epoch["variant"] == v]["epoch"].astype(int) >= 2).any()]
+    # Only variants tested after every epoch: the others' one test value sits at whichever epoch each seed's
+    # validation picked, which would read as a (misleading) curve with n = 1 or 2 per epoch.
+    curves = set(epoch_curve_variants(runs, family))
+    multi = [v for v in figures.variant_order(runs, family) if v in curves and len(per_epoch)
+             and (per_epoch[per_epoch["variant"] == v]["epoch"].astype(int) >= 2).any()]
     for variant in multi:
         part = per_epoch[per_epoch["variant"] == variant].sort_values("epoch")
         for s in part.itertuples():
