@@ -43,6 +43,7 @@ ci-workflow: setup
 	$(RUN) snakemake -n --configfile config/instruct.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/llm.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/cpu_more.yaml > /dev/null
+	$(RUN) snakemake -n --configfile config/cpu_more3.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/cpu_variants.yaml > /dev/null
 	$(RUN) snakemake -n --configfile config/cpu_full.yaml > /dev/null
 	$(RUN) snakemake -n --profile profiles/workstation-gpu > /dev/null

@@ -81,12 +81,13 @@ def test_lint_is_clean():
         (("--configfile", "config/instruct.yaml"), 21, 42),
         (("--configfile", "config/llm.yaml"), 24, 24),
         (("--configfile", "config/cpu_more.yaml"), 70, 108),
+        (("--configfile", "config/cpu_more3.yaml"), 30, 56),
         (("--configfile", "config/cpu_variants.yaml"), 20, 35),
         (("--configfile", "config/cpu_full.yaml"), 16, 28),
         (("--profile", "profiles/workstation-gpu"), 36, 45),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 374, 443),
     ],
-    ids=["default", "test", "paper", "gpu-memory", "gpu-smoke", "instruct", "llm", "cpu-more", "cpu-variants",
+    ids=["default", "test", "paper", "gpu-memory", "gpu-smoke", "instruct", "llm", "cpu-more", "cpu-more3", "cpu-variants",
          "cpu-full", "workstation-gpu", "slurm"],
 )
 def test_dry_run_of_every_config_and_profile(args, train_jobs, runs, clean_checkout):
