@@ -423,6 +423,9 @@ def test_instruct_claims_pair_variants_by_their_configs():
     assert claims.loc["data_quality", "support"] == "not shown"  # constant differences: no t test possible
     assert (claims["p_holm"].dropna() >= claims["p_value"].dropna()).all()
     assert claims.loc["epochs", "support"] == "supported" and claims.loc["epochs", "n_pairs"] == 4
+    # What each claim's test could find: positive where the paired differences vary, undefined where they do not.
+    assert 0 < claims.loc["epochs", "detectable_diff"] < 0.03
+    assert np.isnan(claims.loc["data_quality", "detectable_diff"])
 
 
 def test_the_epochs_claim_uses_a_variant_that_tested_every_epoch():

@@ -83,6 +83,11 @@ def test_claims_and_verdicts(built):
     assert "**last\\_layers** is worse than **lora**:" in md
     assert "No significant difference between" in md
     assert re.search(r"Holm p (=|<) [0-9.<]", md)
+    # Every null result says what it rules out, and only null results do.
+    for sentence in re.findall(r"[^\n]*No significant difference between[^\n]*", md):
+        assert re.search(r"it finds \d+\.\d points or more with 80% power", sentence), sentence
+    beats = re.findall(r"[^\n]* beats [^\n]*", md)
+    assert beats and not any("with 80% power" in sentence for sentence in beats)
 
 
 def test_reference_section_is_honest_about_settings(built):

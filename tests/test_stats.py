@@ -99,6 +99,45 @@ def test_unpaired_path_is_also_taken_by_synthetic_tables():
     assert tests.loc["last_layers", "paired"]
 
 
+def test_detectable_difference_has_the_stated_power():
+    """Planted at the detectable difference, a paired t test at alpha 0.05 rejects in about 80 % of repeats; it
+    equals statsmodels' solved effect size times the spread, paired (n - 1 df) and unpaired (2n - 2 df)."""
+    from statsmodels.stats.power import TTestIndPower, TTestPower
+
+    from lora_bench.analysis.summary import detectable_difference
+
+    for n in (2, 3, 5, 12, 400):  # 2: one degree of freedom, where scipy's noncentral t gives NaN
+        assert detectable_difference(0.02 / math.sqrt(n), n - 1) == pytest.approx(
+            0.02 * TTestPower().solve_power(nobs=n, alpha=0.05, power=0.8), rel=1e-6)
+    assert detectable_difference(0.02 * math.sqrt(2 / 4), 6) == pytest.approx(
+        0.02 * TTestIndPower().solve_power(nobs1=4, alpha=0.05, power=0.8), rel=1e-6)
+    n, sd = 4, 0.03
+    delta = detectable_difference(sd / math.sqrt(n), n - 1)
+    rng = np.random.default_rng(7)
+    differences = delta + sd * rng.standard_normal((20_000, n))
+    rejected = scipy_stats.ttest_1samp(differences, 0.0, axis=1).pvalue < 0.05
+    assert rejected.mean() == pytest.approx(0.8, abs=0.015)
+    for undefined in ((0.0, 3), (math.nan, 3), (0.01, 0), (0.01, math.inf)):
+        assert math.isnan(detectable_difference(*undefined))
+
+
+def test_comparisons_state_what_a_null_result_rules_out():
+    runs, metrics = _tables_from_values({"base": BASE, "better": VARIANT})
+    row = compare.compare_to_baseline(metrics, runs).iloc[0]
+    differences = np.array(list(VARIANT.values())) - np.array(list(BASE.values()))
+    from lora_bench.analysis.summary import detectable_difference
+
+    assert row["detectable_diff"] == pytest.approx(detectable_difference(
+        np.std(differences, ddof=1) / math.sqrt(5), 4))
+    shifted = {seed + 100: value for seed, value in VARIANT.items()}
+    runs, metrics = _tables_from_values({"base": BASE, "other": shifted})
+    unpaired = compare.compare_to_baseline(metrics, runs).iloc[0]
+    # Welch: wider than the paired design on the same values (the seed effect is no longer removed).
+    assert unpaired["detectable_diff"] > row["detectable_diff"] > 0
+    runs, metrics = _tables_from_values({"base": BASE, "same": dict(BASE)})
+    assert math.isnan(compare.compare_to_baseline(metrics, runs).iloc[0]["detectable_diff"])  # zero variance
+
+
 def test_holm_matches_statsmodels():
     p = np.random.default_rng(1).uniform(0, 0.2, 7)
     assert compare.holm_adjust(p) == pytest.approx(multipletests(p, method="holm")[1])

@@ -87,8 +87,8 @@ def test_lint_is_clean():
         (("--profile", "profiles/workstation-gpu"), 36, 45),
         (("--profile", "profiles/slurm", "--configfile", "config/paper.yaml"), 374, 443),
     ],
-    ids=["default", "test", "paper", "gpu-memory", "gpu-smoke", "instruct", "llm", "cpu-more", "cpu-more3", "cpu-variants",
-         "cpu-full", "workstation-gpu", "slurm"],
+    ids=["default", "test", "paper", "gpu-memory", "gpu-smoke", "instruct", "llm", "cpu-more", "cpu-more3",
+         "cpu-variants", "cpu-full", "workstation-gpu", "slurm"],
 )
 def test_dry_run_of_every_config_and_profile(args, train_jobs, runs, clean_checkout):
     result = snakemake("-n", *args, cwd=clean_checkout)

@@ -29,7 +29,7 @@ INSTRUCT_CLAIMS: tuple[tuple[str, str], ...] = (
 ALL_LINEAR = {"query", "key", "value", "projection", "mlp"}
 CLAIM_COLUMNS = ["family", "claim", "statement", "comparison", "metric", "split", "stage", "better", "worse",
                  "unit", "higher_is_better", "n_pairs", "paired", "mean_better", "mean_worse", "diff",
-                 "diff_ci_low", "diff_ci_high", "test", "p_value", "p_holm", "support", "note"]
+                 "diff_ci_low", "diff_ci_high", "detectable_diff", "test", "p_value", "p_holm", "support", "note"]
 
 
 def _kind(runs: pd.DataFrame, family: str) -> str:
@@ -163,7 +163,8 @@ def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                 "n_pairs": comparison["n_pairs"], "paired": comparison["paired"],
                 "mean_better": comparison["mean_variant"], "mean_worse": comparison["mean_baseline"],
                 "diff": comparison["diff"], "diff_ci_low": comparison["diff_ci_low"],
-                "diff_ci_high": comparison["diff_ci_high"], "test": comparison["test"],
+                "diff_ci_high": comparison["diff_ci_high"], "detectable_diff": comparison["detectable_diff"],
+                "test": comparison["test"],
                 "p_value": comparison["p_value"], "note": comparison.get("note", ""),
             })
         if not family_rows:

@@ -44,6 +44,8 @@ mean_variant,          means over the runs used (the common seeds when paired, s
 mean_baseline          ``diff == mean_variant - mean_baseline``)
 diff                   variant minus baseline, in the metric's unit (accuracy: fraction, 0.01 = 1 point)
 diff_ci_low/high       95 % t interval of the mean difference (paired or Welch)
+detectable_diff        the smallest difference the same test (its standard error and df, alpha 0.05 before
+                       Holm) finds with power 0.8 (``summary.detectable_difference``): what an n.s. rules out
 ratio                  ``mean_variant / mean_baseline`` (NaN when the baseline mean is 0)
 ratio_ci_low/high      95 % Fieller interval of the ratio (paired or Welch; see "Ratios" above)
 effect_size            Cohen's d_z (paired) or d (unpaired); ``effect_size_kind`` names it
@@ -81,6 +83,7 @@ from lora_bench.analysis.summary import (
     CONFIDENCE,
     NUMERICAL_ERRORS,
     by_seed,
+    detectable_difference,
     family_order,
     metric_meta,
     select_values,
@@ -92,10 +95,10 @@ EXACT_UNITS = ("bytes", "count")
 TESTS_COLUMNS = [
     "family", "family_kind", "metric", "split", "stage", "variant", "baseline", "unit", "higher_is_better",
     "n_variant", "n_baseline", "n_pairs", "paired", "mean_variant", "mean_baseline", "diff", "diff_ci_low",
-    "diff_ci_high", "ratio", "ratio_ci_low", "ratio_ci_high", "effect_size", "effect_size_kind", "effect_ci_low",
-    "effect_ci_high", "test", "p_value", "p_holm", "nonparametric_test", "p_nonparametric", "p_nonparametric_holm",
-    "exact", "significant", "direction", "verdict", "untrained_variant", "untrained_baseline", "convergence",
-    "note",
+    "diff_ci_high", "detectable_diff", "ratio", "ratio_ci_low", "ratio_ci_high", "effect_size", "effect_size_kind",
+    "effect_ci_low", "effect_ci_high", "test", "p_value", "p_holm", "nonparametric_test", "p_nonparametric",
+    "p_nonparametric_holm", "exact", "significant", "direction", "verdict", "untrained_variant", "untrained_baseline",
+    "convergence", "note",
 ]  # fmt: skip
 
 
@@ -245,6 +248,7 @@ def _nan_comparison() -> dict:
         "diff": math.nan,
         "diff_ci_low": math.nan,
         "diff_ci_high": math.nan,
+        "detectable_diff": math.nan,
         "ratio": math.nan,
         "ratio_ci_low": math.nan,
         "ratio_ci_high": math.nan,
@@ -328,6 +332,8 @@ def _paired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result: d
         result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
     else:
         _t_test(lambda: stats.ttest_rel(v, b), result, notes)
+        n = len(differences)
+        result["detectable_diff"] = detectable_difference(float(np.std(differences, ddof=1)) / math.sqrt(n), n - 1)
     if np.all(differences == 0):
         result["p_nonparametric"] = 1.0  # identical results: no evidence of any difference
     else:
@@ -358,12 +364,20 @@ def _unpaired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result:
         result["diff_ci_low"] = result["diff_ci_high"] = result["diff"]
     else:
         _t_test(lambda: stats.ttest_ind(v, b, equal_var=False), result, notes)
+        result["detectable_diff"] = detectable_difference(*_welch_se_df(v, b))
     try:
         result["p_nonparametric"] = float(stats.mannwhitneyu(v, b, alternative="two-sided").pvalue)
     except NUMERICAL_ERRORS as error:
         notes.append(f"Mann-Whitney U test failed ({type(error).__name__})")
     result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_d(v, b)
     return ratio_interval(v, b, paired=False)
+
+
+def _welch_se_df(v: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Standard error of the difference of two means and its Welch-Satterthwaite degrees of freedom."""
+    a, c = np.var(v, ddof=1) / len(v), np.var(b, ddof=1) / len(b)
+    denominator = a**2 / (len(v) - 1) + c**2 / (len(b) - 1)
+    return math.sqrt(a + c), ((a + c) ** 2 / denominator if denominator > 0 else math.nan)
 
 
 def holm_adjust(p_values: np.ndarray) -> np.ndarray:

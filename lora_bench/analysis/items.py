@@ -72,8 +72,8 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from lora_bench.analysis.compare import holm
-from lora_bench.analysis.power import ONE_POINT, TARGET_POWER, seeds_needed_noted
-from lora_bench.analysis.summary import ALPHA, CONFIDENCE, family_order
+from lora_bench.analysis.power import ONE_POINT, seeds_needed_noted
+from lora_bench.analysis.summary import ALPHA, CONFIDENCE, TARGET_POWER, detectable_difference, family_order
 from lora_bench.atomic import write_named_tables
 from lora_bench.study import kind_spec
 
@@ -85,7 +85,8 @@ ITEM_TEST = "crossed items x seeds t"
 
 ITEM_TESTS_COLUMNS = [
     "family", "family_kind", "metric", "split", "variant", "baseline", "n_seeds", "n_items", "n_strata", "design",
-    "mean_variant", "mean_baseline", "diff", "diff_ci_low", "diff_ci_high", "se", "df", "test", "p_value", "p_holm",
+    "mean_variant", "mean_baseline", "diff", "diff_ci_low", "diff_ci_high", "detectable_diff", "se", "df", "test",
+    "p_value", "p_holm",
     "significant", "direction", "verdict", "sd_seed", "sd_item", "sd_residual", "n_discordant", "note",
 ]  # fmt: skip
 ITEM_PAIRS_COLUMNS = [
@@ -155,7 +156,8 @@ def combine_strata(fits: list[dict]) -> dict:
 
 
 def t_result(fit: dict) -> dict:
-    """Difference, its 95 % t interval, standard error, df and two-sided p of a (combined) fit."""
+    """Difference, its 95 % t interval, standard error, df, two-sided p and the smallest difference detected
+    with power 0.8 (``detectable_diff``) of a (combined) fit."""
     mean, var, df = float(fit["mean"]), float(fit["var"]), float(fit["df"])
     if not (var > 0 and np.isfinite(df)):
         return {"diff": mean, "diff_ci_low": mean if var == 0 else math.nan,
@@ -164,7 +166,8 @@ def t_result(fit: dict) -> dict:
     se = math.sqrt(var)
     half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * se
     return {"diff": mean, "diff_ci_low": mean - half, "diff_ci_high": mean + half, "se": se, "df": df,
-            "p_value": float(2 * scipy_stats.t.sf(abs(mean) / se, df))}
+            "p_value": float(2 * scipy_stats.t.sf(abs(mean) / se, df)),
+            "detectable_diff": detectable_difference(se, df)}
 
 
 def seeds_needed(s2_seed: float, s2_item: float, s2_resid: float, m: int, delta: float = ONE_POINT,

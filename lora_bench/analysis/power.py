@@ -17,6 +17,7 @@ from lora_bench.analysis.compare import baseline_variant
 from lora_bench.analysis.summary import (
     ALPHA,
     NUMERICAL_ERRORS,
+    TARGET_POWER,
     by_seed,
     family_order,
     metric_meta,
@@ -27,7 +28,6 @@ from lora_bench.study import kind_spec
 
 # One accuracy point: the smallest difference the reference write-ups discuss.
 ONE_POINT = 0.01
-TARGET_POWER = 0.8
 
 
 def seeds_needed_noted(effect_size: float, paired: bool) -> tuple[float, str]:

@@ -22,6 +22,8 @@ hand. This module holds what the others share: the selection of rows, the consta
   (``ci_method`` in the summary) names the failure; the rest of the row and of the tables are written.
 
 ``prediction_interval`` gives the range of one further run, the fair yardstick for a published single run.
+``detectable_difference`` gives the smallest difference a test of this standard error and df would find with
+power 0.8: what a "no significant difference" rules out.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, special, stats
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
+# The power at which a design's smallest detectable difference is stated (and seeds needed are planned).
+TARGET_POWER = 0.8
 BOOTSTRAP_RESAMPLES = 4999
 # A fixed seed makes the bootstrap intervals, and so the committed tables, reproducible.
 BOOTSTRAP_SEED = 20240607
@@ -42,6 +46,41 @@ BOOTSTRAP_SEED = 20240607
 # without a sign change, an overflow). Each is caught at the one computation that raises it and becomes NaN
 # with a note on that row; anything else is a bug and propagates.
 NUMERICAL_ERRORS = (np.linalg.LinAlgError, ValueError, FloatingPointError, ZeroDivisionError, OverflowError)
+
+
+# Gauss-Legendre nodes for the power integral of ``detectable_difference`` (256: exact to 1e-9 for any df).
+_POWER_NODES, _POWER_WEIGHTS = np.polynomial.legendre.leggauss(256)
+
+
+def detectable_difference(se: float, df: float, alpha: float = ALPHA, power: float = TARGET_POWER) -> float:
+    """Smallest true difference a two-sided t test (level ``alpha``, before any multiplicity correction) with
+    this standard error and degrees of freedom detects with probability ``power``; NaN when undefined.
+
+    Exact under the t model (the noncentral t, not the normal shortcut, which with 2 degrees of freedom
+    understates it by half). A "no significant difference" then reads: differences this large would probably
+    have been found; smaller ones may exist. It uses the observed standard error, so it is itself an estimate.
+    The power is integrated over the spread's chi distribution by quadrature rather than taken from
+    ``scipy.stats.nct``, which returns NaN for 1 degree of freedom (two seeds).
+    """
+    if not (np.isfinite(se) and se > 0 and np.isfinite(df) and df > 0):
+        return math.nan
+    critical = float(stats.t.ppf(1 - alpha / 2, df))
+    # T = (Z + noncentrality) / S with S = sqrt(chi2_df / df); integrate over S, whose mass lies in [low, high].
+    low, high = stats.chi.ppf([1e-12, 1 - 1e-12], df) / math.sqrt(df)
+    spread = low + (high - low) * (_POWER_NODES + 1) / 2
+    weights = _POWER_WEIGHTS * (high - low) / 2 * stats.chi.pdf(spread * math.sqrt(df), df) * math.sqrt(df)
+
+    def shortfall(noncentrality: float) -> float:
+        rejects = special.ndtr(noncentrality - critical * spread) + special.ndtr(-noncentrality - critical * spread)
+        return float(weights @ rejects) - power
+
+    try:
+        upper = critical + 4.0  # power rises with the noncentrality: widen until it brackets the target
+        while shortfall(upper) < 0:
+            upper *= 2
+        return float(optimize.brentq(shortfall, 0.0, upper, xtol=1e-10) * se)
+    except (*NUMERICAL_ERRORS, RuntimeError):  # RuntimeError: brentq did not converge
+        return math.nan
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lora_bench.analysis.summary import ALPHA
+from lora_bench.analysis.summary import ALPHA, TARGET_POWER
 from lora_bench.report.formatting import finite, fmt_p, fmt_percent, fmt_points, fmt_signed, md_text, p_phrase
 from lora_bench.report.sections.common import PRIMARY_SPLIT
 
@@ -57,6 +57,7 @@ def _claim_numbers(test: pd.Series) -> str:
     elif test["verdict"] == "worse":
         sentence = f"{variant} is worse than {baseline}: {number(test['diff'])}{unit_word} ({evidence_text})."
     else:
+        evidence_text += detectable_phrase(test.get("detectable_diff"), accuracy, unit_word)
         sentence = (
             f"No significant difference between {variant} and {baseline}: "
             f"{number(test['diff'])}{unit_word} ({evidence_text})."
@@ -70,6 +71,14 @@ def _claim_numbers(test: pd.Series) -> str:
     if test["note"]:
         sentence += f" Note: {md_text(test['note'])}."
     return sentence
+
+
+def detectable_phrase(detectable, accuracy: bool, unit_word: str = " points") -> str:
+    """'; it finds 3.3 points or more with 80% power': what a non-significant test rules out (empty if unknown)."""
+    if not finite(detectable):
+        return ""
+    size = f"{float(detectable) * 100:.1f}" if accuracy else f"{float(detectable):.3g}"
+    return f"; it finds {size}{unit_word} or more with {TARGET_POWER:.0%} power"
 
 
 def _rank_test_powerless(test: pd.Series) -> bool:
@@ -111,6 +120,7 @@ def _item_claim(test: pd.Series, item: pd.Series) -> str:
     elif item["verdict"] == "worse":
         sentence = f"{variant} is worse than {baseline}: {fmt_points(item['diff'])} points ({evidence})."
     else:
+        evidence += detectable_phrase(item.get("detectable_diff"), accuracy=True)
         sentence = (f"No significant difference between {variant} and {baseline}: {fmt_points(item['diff'])} points "
                     f"({evidence}).")
     if finite(test["p_value"]):

@@ -66,10 +66,12 @@ def instruct_section(family: str, tables: dict) -> dict:
         number = fmt_points if accuracy else (lambda x: fmt_signed(x, 3))
         diff = f"{number(c.diff)} {fmt_interval(c.diff_ci_low, c.diff_ci_high, number)}" if finite(c.diff) else "–"
         n = f"{int(c.n_pairs)} pairs" if c.paired else (f"{int(c.n_pairs)} common seeds" if c.n_pairs else "–")
+        detectable = (f"{c.detectable_diff * 100:.1f}" if accuracy else f"{c.detectable_diff:.3g}") \
+            if finite(c.detectable_diff) else "–"
         claims.append({"statement": md_text(c.statement), "comparison": md_text(c.comparison),
                        "metric": (f"test {c.metric}" if c.metric != "lm_eval" else "LM harness mean")
                        + (" (points)" if accuracy else " (nats)"),
-                       "n": n, "diff": diff, "p": fmt_p(c.p_holm),
+                       "n": n, "diff": diff, "detectable": detectable, "p": fmt_p(c.p_holm),
                        "verdict": SUPPORT_WORDS.get(c.support, c.support) if finite(c.p_value)
                        else f"not tested: {md_text(c.note) or 'no p-value'}"})
     tested = {c["statement"] for c in claims}
