@@ -308,6 +308,7 @@ def cmd_collect(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    from lora_bench.analysis.claims import run_claims
     from lora_bench.analysis.items import run_item_stats
     from lora_bench.analysis.stats import run_stats
     from lora_bench.analysis.tables import check_tables
@@ -323,6 +324,7 @@ def cmd_stats(args) -> int:
     write_tuning_table(tables / "runs.parquet", tables / "metrics.parquet", args.out_dir or tables)
     # After run_stats: adds the item-level seeds to its seed_consistency table.
     run_item_stats(tables, args.out_dir or tables)
+    run_claims(tables, args.out_dir or tables)
     return 0
 
 

@@ -28,8 +28,9 @@ LAYERS = {
     "run.train": 5,
     # analysis: the tidy tables read from records, then statistics
     "analysis.tables": 6, "analysis.columns": 1,
-    "analysis.summary": 7, "analysis.compare": 8, "analysis.power": 9, "analysis.cost": 9, "analysis.claims": 9,
+    "analysis.summary": 7, "analysis.compare": 8, "analysis.power": 9, "analysis.cost": 9,
     "analysis.stats": 10, "analysis.variance": 10, "analysis.tuning": 10, "analysis.items": 10,
+    "analysis.claims": 10.5,  # tests the reference claims by seeds and, where predictions exist, by items
     "report.figures": 11, "report.formatting": 11,
     # the report's sections: shared parts, then one module per section, then the per-family dispatch
     "report.sections.common": 12,

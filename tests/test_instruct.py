@@ -452,6 +452,7 @@ def test_the_epochs_claim_uses_a_variant_that_tested_every_epoch():
 def test_per_epoch_report_shows_only_variants_tested_after_every_epoch():
     """A baseline that tests once has one test value per seed, at whichever epoch its validation picked; listed
     per epoch (or drawn as a line) it would read as a curve with n = 1-2. Only the epochs variant has a curve."""
+    from lora_bench.analysis.claims import instruct_claims
     from lora_bench.report import figures
     from lora_bench.report.sections.instruct import instruct_section
 
@@ -469,7 +470,8 @@ def test_per_epoch_report_shows_only_variants_tested_after_every_epoch():
             metrics.append({**row, "stage": "final", "epoch": max(tested), "value": 0.7 + 0.01 * seed})
     runs, metrics = pd.DataFrame(runs), pd.DataFrame(metrics)
     summary = pd.DataFrame(columns=["family", "variant", "metric", "split", "stage", "mean", "ci_low", "ci_high"])
-    part = instruct_section("ins", {"runs": runs, "summary": summary, "metrics": metrics})
+    claims = instruct_claims(metrics, runs)
+    part = instruct_section("ins", {"runs": runs, "summary": summary, "metrics": metrics, "claims": claims})
     listed = {(row["variant"], row["epoch"]) for row in part["epoch_rows"]}
     assert listed == {("epochs3", "0 (zero-shot)"), ("epochs3", "1"), ("epochs3", "2"), ("epochs3", "3")}
     assert all(row["n"] == "3" for row in part["epoch_rows"])
@@ -477,3 +479,74 @@ def test_per_epoch_report_shows_only_variants_tested_after_every_epoch():
     right = figure.axes[1]
     assert [line.get_label() for line in right.get_lines()] == ["epochs3"]
     figures.plt.close(figure)
+
+
+def _sgd_claim_tables(effect: float, items_n: int = 400, seeds: int = 3):
+    """An instruct family whose SGD-cosine variant is planted ``effect`` (logit) better than SGD-constant on every
+    test question: runs, final test accuracy per run, and the per-question predictions behind it."""
+    rng = np.random.default_rng(11)
+    difficulty = rng.normal(1.0, 1.5, items_n)
+    variants = {"lora": ("adamw", "cosine", 0.0), "sgd-constant": ("sgd", "constant", 0.0),
+                "sgd-cosine": ("sgd", "cosine", effect)}
+    runs, metrics, predictions = [], [], []
+    for variant, (optimizer, schedule, shift) in variants.items():
+        for seed in range(seeds):
+            label = {"family": "ins", "family_kind": "instruct", "variant": variant, "seed": seed,
+                     "is_baseline": variant == "lora", "status": "ok"}
+            run_id = f"ins/{variant}/{seed}"
+            runs.append({**label, "run_id": run_id, "setting": variant, "trained": True,
+                         "cfg.method.name": "lora", "cfg.train.optimizer": optimizer, "cfg.train.schedule": schedule,
+                         "cfg.train.epochs": 1, "cfg.method.lora.targets": "query+value"})
+            correct = rng.random(items_n) < 1 / (1 + np.exp(-(difficulty + shift + rng.normal(0, 1.0, items_n))))
+            metrics.append({**label, "metric": "accuracy", "split": "test", "stage": "final", "epoch": 1,
+                            "value": float(correct.mean()), "unit": "fraction", "higher_is_better": True})
+            predictions.append(pd.DataFrame({
+                "run_id": run_id, "family": "ins", "family_kind": "instruct", "variant": variant, "setting": variant,
+                "seed": seed, "data_seed": 0, "train_seed": seed, "is_baseline": variant == "lora",
+                "data_key": "pang_lee:sentences", "split": "test", "epoch": 1, "example_id": np.arange(items_n),
+                "gold": 1, "predicted": correct.astype(int), "correct": correct}))
+    return pd.DataFrame(runs), pd.DataFrame(metrics), pd.concat(predictions, ignore_index=True)
+
+
+def test_claims_between_variants_use_every_question_and_say_when_runs_did_not_converge():
+    """With the runs' predictions a claim between two variants is tested on questions x seeds (the questions are a
+    sample too), which then carries the verdict; a run that did not converge makes the verdict inconclusive,
+    whatever the test said, and the table keeps what the test alone said."""
+    from lora_bench.analysis.claims import instruct_claims
+    from lora_bench.analysis.items import ITEM_TEST
+
+    runs, metrics, predictions = _sgd_claim_tables(effect=1.0)
+    seed_only = instruct_claims(metrics, runs).set_index("claim").loc["cosine_sgd"]
+    assert seed_only["verdict_test"] == "paired t" and np.isnan(seed_only["item_p_value"])
+    claim = instruct_claims(metrics, runs, predictions).set_index("claim").loc["cosine_sgd"]
+    assert claim["verdict_test"] == ITEM_TEST and claim["item_design"] == "3 seeds x 400 items"
+    assert claim["item_p_value"] < 0.05 and claim["support"] == "supported" and claim["convergence"] == "trained"
+    assert claim["item_diff"] == pytest.approx(claim["diff"])  # same runs, same questions: the same difference
+    assert claim["item_diff_ci_low"] < claim["item_diff"] < claim["item_diff_ci_high"]
+    assert 0 < claim["item_detectable_diff"] < 0.5
+
+    runs.loc[(runs["variant"] == "sgd-cosine") & (runs["seed"] == 0), "trained"] = False
+    claim = instruct_claims(metrics, runs, predictions).set_index("claim").loc["cosine_sgd"]
+    assert claim["support"] == "inconclusive" and claim["test_support"] == "supported"
+    assert claim["untrained_better"] == 1 and claim["untrained_worse"] == 0
+
+    runs, metrics, predictions = _sgd_claim_tables(effect=0.0)
+    assert instruct_claims(metrics, runs, predictions).set_index("claim").loc["cosine_sgd", "support"] == "not shown"
+
+
+def test_report_reads_the_claims_table_and_names_its_absence(tmp_path):
+    """The report reads the claims from the tables (the stats step writes them); a study with an instruct family
+    whose claims table is missing is a named error, not a section that says every claim was untestable."""
+    from lora_bench.analysis.claims import run_claims
+    from lora_bench.report.render import _read_tables
+
+    runs, metrics, predictions = _sgd_claim_tables(effect=1.0)
+    for name, frame in (("runs", runs), ("metrics", metrics), ("predictions", predictions)):
+        frame.to_parquet(tmp_path / f"{name}.parquet")
+    for name in ("tests", "summary", "seed_consistency"):
+        pd.DataFrame({"family": []}).to_parquet(tmp_path / f"{name}.parquet")
+    with pytest.raises(FileNotFoundError, match="claims.parquet is missing.*lora_bench stats"):
+        _read_tables(tmp_path)
+    run_claims(tmp_path, tmp_path)
+    claims = _read_tables(tmp_path)["claims"]
+    assert claims.set_index("claim").loc["cosine_sgd", "support"] == "supported"

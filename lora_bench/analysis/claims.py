@@ -2,19 +2,25 @@
 
 Each claim compares two conditions of one family, found from the runs' resolved configs (``cfg.*`` columns) rather
 than from variant names, so a study may name its variants freely; ``instruct_claims`` tests each with
-``compare.compare_two`` and Holm's correction over the claims of the family.
+``compare.compare_two`` (paired on seed) and, where the runs kept their predictions, with the crossed items x seeds
+test of ``analysis.items`` too, which then carries the verdict (as it does in the report's findings): the test
+questions are a sample as much as the seeds are. Holm's correction runs over the claims of the family.
+``run_claims`` writes the ``claims`` table (the ``stats`` step), which the report reads.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from lora_bench.analysis.columns import cfg
-from lora_bench.analysis.compare import baseline_variant, compare_two, holm
+from lora_bench.analysis.compare import baseline_variant, compare_two, convergence, holm
+from lora_bench.analysis.items import ITEM_TEST, item_comparison
 from lora_bench.analysis.summary import ALPHA, by_seed, family_order, metric_meta, select_values
+from lora_bench.atomic import write_named_tables
 from lora_bench.study import kind_spec
 
 # (key, the reference's claim, what is compared). Each claim compares two conditions of one instruct family,
@@ -29,7 +35,10 @@ INSTRUCT_CLAIMS: tuple[tuple[str, str], ...] = (
 ALL_LINEAR = {"query", "key", "value", "projection", "mlp"}
 CLAIM_COLUMNS = ["family", "claim", "statement", "comparison", "metric", "split", "stage", "better", "worse",
                  "unit", "higher_is_better", "n_pairs", "paired", "mean_better", "mean_worse", "diff",
-                 "diff_ci_low", "diff_ci_high", "detectable_diff", "test", "p_value", "p_holm", "support", "note"]
+                 "diff_ci_low", "diff_ci_high", "detectable_diff", "test", "p_value", "p_holm", "item_design",
+                 "item_diff", "item_diff_ci_low", "item_diff_ci_high", "item_detectable_diff", "item_p_value",
+                 "verdict_test", "verdict_p_holm", "test_support", "untrained_better", "untrained_worse",
+                 "convergence", "support", "note"]
 
 
 def _kind(runs: pd.DataFrame, family: str) -> str:
@@ -126,11 +135,20 @@ def _condition_name(condition) -> str:
     return f"{condition[0]}@epoch{condition[1]}" if isinstance(condition, tuple) else str(condition)
 
 
-def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame, predictions: pd.DataFrame | None = None
+                    ) -> pd.DataFrame:
     """Each reference-B claim an instruct family can test: the claimed-better condition minus the claimed-worse
-    one on test accuracy (test response loss when there is no closed answer set), paired on seed when possible,
-    Holm-adjusted over the claims of the family. ``support``: ``supported`` (significant in the claimed
-    direction), ``contradicted`` (significant the other way) or ``not shown`` (n.s., or untestable)."""
+    one on test accuracy (test response loss when there is no closed answer set), paired on seed when possible.
+
+    With ``predictions`` (the runs' per-question results), a claim between two variants on test accuracy is also
+    tested by the crossed items x seeds t (``item_*`` columns), which then carries the verdict
+    (``verdict_test``); the epochs claim compares epochs of one run, whose predictions are kept at the selected
+    epoch only, so its verdict stays the seed-level paired t. ``p_holm`` is Holm over the family's seed-level p
+    values, ``verdict_p_holm`` over the p values carrying the verdicts. ``test_support``: ``supported`` (significant
+    in the claimed direction), ``contradicted`` (significant the other way) or ``not shown`` (n.s., or untestable);
+    ``support`` is that, or ``inconclusive`` when a run of either condition did not converge (``convergence``,
+    ``untrained_better`` / ``untrained_worse``: the learning diagnostics, as in the tests table)."""
+    predictions = predictions if predictions is not None else pd.DataFrame()
     rows: list[dict] = []
     families = [f for f in family_order(runs) if kind_spec(_kind(runs, f)).reference_claims] \
         if "family_kind" in runs else []
@@ -166,13 +184,59 @@ def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                 "diff_ci_high": comparison["diff_ci_high"], "detectable_diff": comparison["detectable_diff"],
                 "test": comparison["test"],
                 "p_value": comparison["p_value"], "note": comparison.get("note", ""),
+                **_item_columns(predictions, runs, family, better, worse, claim_metric, claim_split),
+                **_claim_convergence(runs, family, better, worse),
             })
         if not family_rows:
             continue
-        frame = pd.DataFrame(family_rows)
+        frame = pd.DataFrame(family_rows).reindex(columns=CLAIM_COLUMNS)  # item columns present when unused
         frame["p_holm"] = holm(frame["p_value"]).to_numpy()
-        significant = (frame["p_holm"] < ALPHA).fillna(False)
-        as_claimed = np.where(frame["higher_is_better"].astype(bool), frame["diff"] > 0, frame["diff"] < 0)
-        frame["support"] = np.where(significant, np.where(as_claimed, "supported", "contradicted"), "not shown")
+        by_items = frame["item_p_value"].notna()
+        frame["verdict_test"] = np.where(by_items, ITEM_TEST, frame["test"])
+        frame["verdict_p_holm"] = holm(frame["item_p_value"].where(by_items, frame["p_value"])).to_numpy()
+        verdict_diff = frame["item_diff"].where(by_items, frame["diff"])
+        significant = (frame["verdict_p_holm"] < ALPHA).fillna(False)
+        as_claimed = np.where(frame["higher_is_better"].astype(bool), verdict_diff > 0, verdict_diff < 0)
+        frame["test_support"] = np.where(significant, np.where(as_claimed, "supported", "contradicted"), "not shown")
+        # As in the findings: a verdict on runs that did not learn, collapsed, diverged or had not levelled off is no
+        # verdict, whichever way its test went (test_support keeps what the test alone said).
+        frame["support"] = np.where(frame["convergence"] == "inconclusive", "inconclusive", frame["test_support"])
         rows.extend(frame.to_dict("records"))
     return pd.DataFrame(rows).reindex(columns=CLAIM_COLUMNS)
+
+
+def _item_columns(predictions: pd.DataFrame, runs: pd.DataFrame, family: str, better, worse, metric: str,
+                  split: str) -> dict:
+    """The crossed items x seeds test of a claim between two variants on accuracy; empty when there is none."""
+    if metric != "accuracy" or isinstance(better, tuple) or isinstance(worse, tuple) or predictions.empty:
+        return {}
+    item = item_comparison(predictions, runs, family, str(better), str(worse), split)
+    if item is None or not np.isfinite(item["p_value"]):
+        return {}
+    return {"item_design": item["design"], "item_diff": item["diff"], "item_diff_ci_low": item["diff_ci_low"],
+            "item_diff_ci_high": item["diff_ci_high"], "item_detectable_diff": item["detectable_diff"],
+            "item_p_value": item["p_value"]}
+
+
+def _claim_convergence(runs: pd.DataFrame, family: str, better, worse) -> dict:
+    """``compare.convergence`` of the variants behind the two conditions (an epoch condition is its variant's run)."""
+    variant_better = better[0] if isinstance(better, tuple) else better
+    variant_worse = worse[0] if isinstance(worse, tuple) else worse
+    if variant_better == variant_worse:  # epochs of one variant: its runs counted once
+        state = convergence(runs, family, variant_better, None)
+        return {"untrained_better": state["untrained_variant"], "untrained_worse": state["untrained_variant"],
+                "convergence": state["convergence"]}
+    state = convergence(runs, family, variant_better, variant_worse)
+    return {"untrained_better": state["untrained_variant"], "untrained_worse": state["untrained_baseline"],
+            "convergence": state["convergence"]}
+
+
+def run_claims(tables_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Read ``metrics``, ``runs`` and (when present) ``predictions``; write the ``claims`` table (empty, with its
+    columns, when the study has no family testing reference claims). What ``stats`` calls after the item tables."""
+    tables_dir = Path(tables_dir)
+    metrics = pd.read_parquet(tables_dir / "metrics.parquet")
+    runs = pd.read_parquet(tables_dir / "runs.parquet")
+    path = tables_dir / "predictions.parquet"
+    predictions = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    return write_named_tables({"claims": instruct_claims(metrics, runs, predictions)}, out_dir)

@@ -338,6 +338,23 @@ def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT
     return tests
 
 
+def item_comparison(predictions: pd.DataFrame, runs: pd.DataFrame, family: str, a: str, b: str,
+                    split: str = SPLIT) -> dict | None:
+    """The crossed items x seeds test of condition ``a`` minus condition ``b`` of one family, any two of its
+    conditions (``item_tests`` compares each with the baseline; the instruct claims compare other pairs too):
+    ``t_result``'s columns with ``design`` and ``note``; None when the two share no two seeds and examples."""
+    selected = predictions[(predictions["split"] == split) & (predictions["family"] == family)] \
+        if len(predictions) else predictions
+    if selected.empty:
+        return None
+    column, _, _ = _conditions(runs, family)
+    strata = crossed_arrays(selected, column, [a, b])
+    fit, note = _pair_fit(strata, a, b)
+    if fit is None:
+        return None
+    return {**t_result(fit), "design": _design(fit, strata), "note": note}
+
+
 def item_pairs(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT) -> pd.DataFrame:
     """McNemar's exact test for every seed pair (same data seed and train seed) of a condition and its baseline."""
     rows = []

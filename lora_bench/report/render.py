@@ -34,6 +34,7 @@ import markdown
 import pandas as pd
 
 from lora_bench.analysis import items, tuning
+from lora_bench.analysis.claims import CLAIM_COLUMNS
 from lora_bench.analysis.cost import COST_SUMMARY_COLUMNS
 from lora_bench.analysis.power import TARGET_POWER
 from lora_bench.analysis.summary import ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE
@@ -88,6 +89,14 @@ def _read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
     for name, columns in ITEM_TABLES.items():
         path = tables_dir / f"{name}.parquet"
         tables[name] = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=columns)
+    path = tables_dir / "claims.parquet"
+    if path.exists():
+        tables["claims"] = pd.read_parquet(path)
+    elif tables["runs"]["family_kind"].isin(kinds_where(lambda spec: spec.reference_claims)).any():
+        raise FileNotFoundError(f"{path} is missing and the study tests reference claims (an instruct family): "
+                                "run `python -m lora_bench stats` first")
+    else:
+        tables["claims"] = pd.DataFrame(columns=CLAIM_COLUMNS)
     return tables
 
 

@@ -44,6 +44,8 @@ rule stats:
         item_pairs=f"{RESULTS}/tables/item_pairs.parquet",
         item_ranks=f"{RESULTS}/tables/item_ranks.parquet",
         item_summary=f"{RESULTS}/tables/item_summary.parquet",
+        # lora_bench.analysis.claims: reference B's claims on instruct families (empty without them).
+        claims=f"{RESULTS}/tables/claims.parquet",
     log:
         "logs/stats.log",
     conda:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lora_bench.analysis.claims import INSTRUCT_CLAIMS, epoch_curve_variants, instruct_claims
+from lora_bench.analysis.claims import INSTRUCT_CLAIMS, epoch_curve_variants
 from lora_bench.report import figures
 from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_percent, fmt_points, fmt_signed, md_text
 from lora_bench.report.sections.common import SectionPart
@@ -31,6 +31,19 @@ def _ppl_cell(summary, family, variant, stage) -> str:
 
 
 SUPPORT_WORDS = {"supported": "supported", "contradicted": "contradicted", "not shown": "not shown (n.s.)"}
+
+
+def _verdict(claim) -> str:
+    """The claim's verdict; on runs that did not converge, 'inconclusive' with what the test alone said."""
+    if not finite(claim.verdict_p_holm):
+        return f"not tested: {md_text(claim.note) or 'no p-value'}"
+    if claim.support == "inconclusive":
+        counts = [f"{int(n)} run(s) of {md_text(name)}" for n, name in
+                  dict.fromkeys([(claim.untrained_better, claim.better.split("@")[0]),
+                                 (claim.untrained_worse, claim.worse.split("@")[0])]) if n]
+        return (f"**inconclusive**: training did not converge ({' and '.join(counts)}); the test alone: "
+                f"{SUPPORT_WORDS.get(claim.test_support, claim.test_support)}")
+    return SUPPORT_WORDS.get(claim.support, claim.support)
 
 
 def instruct_section(family: str, tables: dict) -> dict:
@@ -61,19 +74,27 @@ def instruct_section(family: str, tables: dict) -> dict:
                                "n": str(int(s.n)), "accuracy": fmt_percent(s.mean),
                                "ci": fmt_interval(s.ci_low, s.ci_high, fmt_percent)})
     claims = []
-    for c in instruct_claims(metrics, runs).query("family == @family").itertuples():
+    for c in tables["claims"].query("family == @family").itertuples():
         accuracy = c.metric in ("accuracy", "lm_eval")
         number = fmt_points if accuracy else (lambda x: fmt_signed(x, 3))
-        diff = f"{number(c.diff)} {fmt_interval(c.diff_ci_low, c.diff_ci_high, number)}" if finite(c.diff) else "–"
-        n = f"{int(c.n_pairs)} pairs" if c.paired else (f"{int(c.n_pairs)} common seeds" if c.n_pairs else "–")
-        detectable = (f"{c.detectable_diff * 100:.1f}" if accuracy else f"{c.detectable_diff:.3g}") \
-            if finite(c.detectable_diff) else "–"
+
+        def size(x, accuracy=accuracy) -> str:
+            return (f"{x * 100:.1f}" if accuracy else f"{x:.3g}") if finite(x) else "–"
+
+        by_items = finite(c.item_p_value)
+        seed_n = f"{int(c.n_pairs)} pairs" if c.paired else (f"{int(c.n_pairs)} common seeds" if c.n_pairs else "–")
+        diff, low, high = (c.item_diff, c.item_diff_ci_low, c.item_diff_ci_high) if by_items \
+            else (c.diff, c.diff_ci_low, c.diff_ci_high)
+        seed_level = (f"{number(c.diff)}, p (Holm) {fmt_p(c.p_holm)}" if finite(c.p_value) and by_items else "")
         claims.append({"statement": md_text(c.statement), "comparison": md_text(c.comparison),
                        "metric": (f"test {c.metric}" if c.metric != "lm_eval" else "LM harness mean")
                        + (" (points)" if accuracy else " (nats)"),
-                       "n": n, "diff": diff, "detectable": detectable, "p": fmt_p(c.p_holm),
-                       "verdict": SUPPORT_WORDS.get(c.support, c.support) if finite(c.p_value)
-                       else f"not tested: {md_text(c.note) or 'no p-value'}"})
+                       "n": md_text(c.item_design) if by_items else seed_n,
+                       "test": "items x seeds" if by_items else md_text(c.test),
+                       "diff": f"{number(diff)} {fmt_interval(low, high, number)}" if finite(diff) else "–",
+                       "detectable": size(c.item_detectable_diff if by_items else c.detectable_diff),
+                       "p": fmt_p(c.verdict_p_holm), "seed_level": seed_level or "–",
+                       "verdict": _verdict(c)})
     tested = {c["statement"] for c in claims}
     missing = [md_text(text) for _, text in INSTRUCT_CLAIMS if md_text(text) not in tested]
     return {"rows": rows, "epoch_rows": epoch_rows, "claims": claims, "untested": missing}
