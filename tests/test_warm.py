@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,24 +127,31 @@ def test_not_wanted_under_fault_injection_inside_a_worker_or_unless_asked(monkey
 
 
 @pytest.mark.skipif(Path("/dev/nvidiactl").exists(), reason="the warm worker is for CPU machines")
-def test_a_forked_training_run_equals_an_in_process_one(tiny_run, tmp_path):
+def test_a_forked_training_run_equals_an_in_process_one(tiny_run, tmp_path, monkeypatch):
     """Same record (metrics, diagnostics, params) by both paths; the forked one says so and counts its set-up
     from its own command's start."""
     config = json.dumps(tiny_run)
+    # A temp folder of its own, so the worker's socket is this test's: a study running from a checkout with the
+    # same package files shares the default socket, and stopping that worker would stop the study's (a socket
+    # path must stay under ~100 bytes, hence not under tmp_path).
+    private = Path(tempfile.mkdtemp(prefix="lbw", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    path = warm.socket_path()
 
     def train(out: Path, warm_flag: str) -> dict:
         subprocess.run([sys.executable, "-m", "lora_bench", "train", "--config-json", config, "--out", str(out)],
-                       cwd=tmp_path, env=_env(LORA_BENCH_WARM=warm_flag), check=True, capture_output=True)
+                       cwd=tmp_path, env=_env(LORA_BENCH_WARM=warm_flag, TMPDIR=str(private)), check=True,
+                       capture_output=True)
         return json.loads(out.read_text())
 
     alone = train(tmp_path / "alone.json", "0")
-    path = warm.socket_path()
     try:
         train(tmp_path / "first.json", "1")  # starts the worker (and runs by itself)
         assert _wait_for(path.exists, 90), "no worker started"
         forked = train(tmp_path / "forked.json", "1")
     finally:
         warm.stop_worker(path)
+        shutil.rmtree(private, ignore_errors=True)
     assert forked["timing"]["warm_worker"] is True and alone["timing"]["warm_worker"] is False
     for section in ("metrics", "diagnostics", "params"):
         assert forked[section] == alone[section], section
