@@ -25,7 +25,8 @@ difference between two settings survives seed-to-seed noise.
   of freedom taken at the estimated ratio (approximate). Unlike the delta method it is not forced to be
   symmetric, and unlike a bootstrap it works with three seeds. When the baseline mean is not clearly
   nonzero the set is unbounded and the interval is NaN, with a note; when neither condition varies
-  across seeds (exact byte counts) the interval is the ratio itself.
+  across seeds (exact byte counts) the interval is the ratio itself. When every value is positive (times,
+  bytes, accuracies) the interval is cut at 0: with 3 noisy seeds the normal model's set can reach below it.
 - **Convergence**: a comparison resting on a run whose training did not converge (``lora_bench.run.diagnostics``)
   is ``inconclusive``; one whose variant declares ``expect: no_learning`` is ``as_expected``.
 
@@ -217,7 +218,12 @@ def ratio_interval(variant: np.ndarray, baseline: np.ndarray, paired: bool) -> t
         # numpy overflows to inf where Python floats raise: the same failure, so the same note.
         return ratio, math.nan, math.nan, "ratio interval not computable (OverflowError)"
     try:
-        return _fieller(ratio, a, c, s_aa, s_cc, s_ac, df)
+        ratio, low, high, note = _fieller(ratio, a, c, s_aa, s_cc, s_ac, df)
+        if np.isfinite(low) and low < 0 and (variant > 0).all() and (baseline > 0).all():
+            # The normal model behind Fieller allows negative means; a ratio of two positive quantities (times,
+            # bytes) cannot be negative, and cutting the set at 0 keeps its coverage.
+            low = 0.0
+        return ratio, low, high, note
     except NUMERICAL_ERRORS as error:
         # Values spanning hundreds of orders of magnitude overflow the quadratic (Python floats raise).
         return ratio, math.nan, math.nan, f"ratio interval not computable ({type(error).__name__})"
