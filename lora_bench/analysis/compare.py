@@ -25,8 +25,8 @@ difference between two settings survives seed-to-seed noise.
   of freedom taken at the estimated ratio (approximate). Unlike the delta method it is not forced to be
   symmetric, and unlike a bootstrap it works with three seeds. When the baseline mean is not clearly
   nonzero the set is unbounded and the interval is NaN, with a note; when neither condition varies
-  across seeds (exact byte counts) the interval is the ratio itself. When every value is positive (times,
-  bytes, accuracies) the interval is cut at 0: with 3 noisy seeds the normal model's set can reach below it.
+  across seeds (exact byte counts) the interval is the ratio itself. For quantities positive by nature (times,
+  bytes: ``POSITIVE_UNITS``) the interval is cut at 0: with 3 noisy seeds the normal model's set can reach below.
 - **Convergence**: a comparison resting on a run whose training did not converge (``lora_bench.run.diagnostics``)
   is ``inconclusive``; one whose variant declares ``expect: no_learning`` is ``as_expected``.
 
@@ -93,6 +93,8 @@ from lora_bench.study import kind_spec
 
 # Units whose values are deterministic by construction, so that identical runs mean an exact value.
 EXACT_UNITS = ("bytes", "count")
+# Units of quantities positive by nature, whose ratio intervals are cut at 0 (not accuracy: its gain can be negative).
+POSITIVE_UNITS = ("s", "1/s", "bytes", "count", "nats", "ratio")
 TESTS_COLUMNS = [
     "family", "family_kind", "metric", "split", "stage", "variant", "baseline", "unit", "higher_is_better",
     "n_variant", "n_baseline", "n_pairs", "paired", "mean_variant", "mean_baseline", "diff", "diff_ci_low",
@@ -173,8 +175,11 @@ def cohens_d(variant: np.ndarray, baseline: np.ndarray) -> tuple[float, float, f
 # Ratios
 
 
-def ratio_interval(variant: np.ndarray, baseline: np.ndarray, paired: bool) -> tuple[float, float, float, str]:
+def ratio_interval(variant: np.ndarray, baseline: np.ndarray, paired: bool,
+                   positive: bool = False) -> tuple[float, float, float, str]:
     """``mean(variant) / mean(baseline)`` with its 95 % Fieller interval: ``(ratio, low, high, note)``.
+
+    ``positive``: both quantities are positive by nature (``POSITIVE_UNITS``), so the interval is cut at 0.
 
     The interval holds every rho for which the t test of ``variant - rho * baseline`` has p >= 0.05:
     paired (arrays aligned by seed), the one-sample t test of ``v_i - rho * b_i`` with n - 1 degrees of
@@ -219,9 +224,9 @@ def ratio_interval(variant: np.ndarray, baseline: np.ndarray, paired: bool) -> t
         return ratio, math.nan, math.nan, "ratio interval not computable (OverflowError)"
     try:
         ratio, low, high, note = _fieller(ratio, a, c, s_aa, s_cc, s_ac, df)
-        if np.isfinite(low) and low < 0 and (variant > 0).all() and (baseline > 0).all():
-            # The normal model behind Fieller allows negative means; a ratio of two positive quantities (times,
-            # bytes) cannot be negative, and cutting the set at 0 keeps its coverage.
+        if positive and np.isfinite(low) and low < 0:
+            # The normal model behind Fieller allows negative means; a ratio of two quantities positive by nature
+            # (times, bytes) cannot be negative, and cutting the set at 0 keeps its coverage.
             low = 0.0
         return ratio, low, high, note
     except NUMERICAL_ERRORS as error:
@@ -281,8 +286,10 @@ def _t_test(run, result: dict, notes: list[str]) -> None:
                       diff_ci_high=float(interval.high))
 
 
-def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
-    """Compare two conditions given as values indexed by seed; paired when they share >= 2 seeds."""
+def compare_two(variant: pd.Series, baseline: pd.Series, positive: bool = False) -> dict:
+    """Compare two conditions given as values indexed by seed; paired when they share >= 2 seeds.
+
+    ``positive``: the values are positive by nature (``POSITIVE_UNITS``): the ratio interval is cut at 0."""
     result = _nan_comparison()
     notes: list[str] = []
     common = variant.index.intersection(baseline.index)
@@ -304,7 +311,7 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
         return result
 
     compare = _paired if len(common) >= 2 else _unpaired
-    ratio = compare(variant, baseline, common, result, notes)
+    ratio = compare(variant, baseline, common, result, notes, positive)
     if np.isfinite(result["effect_size"]) and not (
         np.isfinite(result["effect_ci_low"]) and np.isfinite(result["effect_ci_high"])
     ):
@@ -315,7 +322,8 @@ def compare_two(variant: pd.Series, baseline: pd.Series) -> dict:
     return result
 
 
-def _paired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result: dict, notes: list[str]) -> tuple:
+def _paired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result: dict, notes: list[str],
+            positive: bool = False) -> tuple:
     """The paired tests of ``compare_two`` on the common seeds, into ``result``; returns the ratio interval."""
     v = variant.loc[common].to_numpy()
     b = baseline.loc[common].to_numpy()
@@ -350,10 +358,11 @@ def _paired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result: d
         except NUMERICAL_ERRORS as error:
             notes.append(f"Wilcoxon test failed ({type(error).__name__})")
     result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_dz(differences)
-    return ratio_interval(v, b, paired=True)
+    return ratio_interval(v, b, paired=True, positive=positive)
 
 
-def _unpaired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result: dict, notes: list[str]) -> tuple:
+def _unpaired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result: dict, notes: list[str],
+              positive: bool = False) -> tuple:
     """Welch's and the Mann-Whitney U test of ``compare_two``, into ``result``; returns the ratio interval."""
     v, b = variant.to_numpy(), baseline.to_numpy()
     if len(common):
@@ -376,7 +385,7 @@ def _unpaired(variant: pd.Series, baseline: pd.Series, common: pd.Index, result:
     except NUMERICAL_ERRORS as error:
         notes.append(f"Mann-Whitney U test failed ({type(error).__name__})")
     result["effect_size"], result["effect_ci_low"], result["effect_ci_high"] = cohens_d(v, b)
-    return ratio_interval(v, b, paired=False)
+    return ratio_interval(v, b, paired=False, positive=positive)
 
 
 def _welch_se_df(v: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -542,7 +551,7 @@ def _compare_family(everywhere: pd.DataFrame, runs: pd.DataFrame, family: str, k
             continue
         values = by_seed(selected[selected["variant"] == variant])
         base_values = by_seed(selected[selected["variant"] == baseline]) if baseline else pd.Series(dtype=float)
-        comparison = compare_two(values, base_values) if baseline else _nan_comparison()
+        comparison = compare_two(values, base_values, unit in POSITIVE_UNITS) if baseline else _nan_comparison()
         exact = unit in EXACT_UNITS and _exact_difference(values, base_values)
         notes = [baseline_note, comparison.get("note", "")]
         if exact:
@@ -582,7 +591,7 @@ def _compare_epochs(
         first = by_seed(per_variant[per_variant["epoch"] == 1])
         for epoch in sorted(int(e) for e in per_variant["epoch"].unique() if int(e) != 1):
             later = by_seed(per_variant[per_variant["epoch"] == epoch])
-            comparison = compare_two(later, first)
+            comparison = compare_two(later, first, unit in POSITIVE_UNITS)
             notes = [comparison.get("note", ""), _failed_note(runs, family, variant)]
             comparison.update(
                 family=family,

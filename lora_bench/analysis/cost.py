@@ -145,7 +145,7 @@ def ours_over_peft(metrics: pd.DataFrame, family: str, ours: str, peft: str, met
     rows = select_values(metrics[metrics["family"] == family], metric, "none")
     mine, theirs = by_seed(rows[rows["variant"] == ours]), by_seed(rows[rows["variant"] == peft])
     paired = len(mine) > 1 and list(mine.index) == list(theirs.index)
-    ratio, low, high, _ = ratio_interval(mine.to_numpy(), theirs.to_numpy(), paired)
+    ratio, low, high, _ = ratio_interval(mine.to_numpy(), theirs.to_numpy(), paired, positive=True)  # costs
     return ratio, low, high
 
 
