@@ -1,4 +1,5 @@
-"""The one atomic writer: every file the suite writes (records, tables, checkpoints, caches, figures, the report).
+"""The one atomic writer: every file the suite writes (records, tables, checkpoints, caches, figures, the report),
+and every folder it publishes whole (the tokenized caches: ``atomic_folder``).
 
 A file appears complete or not at all: the content goes to a temporary file beside the target, is fsynced and
 renamed over it in one step, so a reader (Snakemake, a browser reloading the report, a colleague's script)
@@ -15,6 +16,7 @@ import contextlib
 import errno
 import glob
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -59,7 +61,7 @@ def temporary_prefix(path: Path) -> str:
 
 
 def remove_stale_temporaries(path: str | Path) -> None:
-    """Delete temporary files of ``path`` left by writers on this machine that were killed (process gone)."""
+    """Delete temporary files (and folders) of ``path`` left by writers on this machine that were killed."""
     path = Path(path)
     host = _host_tag()
     for tmp in path.parent.glob(glob.escape(f".{path.name}.{host}-") + "*.tmp"):
@@ -69,7 +71,10 @@ def remove_stale_temporaries(path: str | Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         except OSError:
             pass
 
@@ -93,6 +98,33 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` for the block to fill; when the block succeeds it is renamed to
+    ``path`` in one step, so parallel jobs never see half a folder. For caches whose content is a function of
+    their name: when another writer published ``path`` first, theirs is kept (it is identical) and ours removed.
+    A failure removes the temporary folder and leaves ``path`` as it was. ``path`` must not be on another
+    filesystem than its parent folder (it never is: the temporary folder is created beside it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp"))
+    try:
+        yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it private (0700), useless on a shared cluster
+        try:
+            os.rename(temporary, path)
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not path.is_dir():
+                raise
+            shutil.rmtree(temporary, ignore_errors=True)  # another job published the same cache first
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
         raise
 
 

