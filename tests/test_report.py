@@ -256,7 +256,7 @@ def test_a_comparison_with_a_run_that_did_not_learn_is_inconclusive_not_a_findin
     md = render.build_report(tables, tmp_path / "figures", tmp_path / "paper")["markdown"].read_text()
     findings = md.split("**Main findings**")[1].split("\n\n## ")[0] if "**Main findings**" in md else ""
     assert "**full**" not in findings
-    assert "1 comparison is inconclusive: training did not" in md
+    assert "1 comparison is inconclusive: training did not" in md and "it is not a finding" in md
     # The one significant comparison is inconclusive: the summary must not call it "not significant".
     assert "**No finding**: 1 comparison was" in md and "was significant** after Holm" not in md
     assert "**Inconclusive: training did not converge** (1 run(s) of full" in md
