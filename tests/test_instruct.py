@@ -475,6 +475,9 @@ def test_per_epoch_report_shows_only_variants_tested_after_every_epoch():
     listed = {(row["variant"], row["epoch"]) for row in part["epoch_rows"]}
     assert listed == {("epochs3", "0 (zero-shot)"), ("epochs3", "1"), ("epochs3", "2"), ("epochs3", "3")}
     assert all(row["n"] == "3" for row in part["epoch_rows"])
+    # Epoch 2 minus epoch 1 is the same in every seed: no interval to show, and no test.
+    epochs_claim = next(c for c in part["claims"] if "epoch1" in c["comparison"])
+    assert epochs_claim["diff"].endswith("(equal in every pair)") and epochs_claim["verdict"].startswith("not tested")
     figure = figures.plot_instruct(runs, metrics, "ins")
     right = figure.axes[1]
     assert [line.get_label() for line in right.get_lines()] == ["epochs3"]

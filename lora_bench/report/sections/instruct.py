@@ -33,6 +33,15 @@ def _ppl_cell(summary, family, variant, stage) -> str:
 SUPPORT_WORDS = {"supported": "supported", "contradicted": "contradicted", "not shown": "not shown (n.s.)"}
 
 
+def _difference(diff, low, high, number) -> str:
+    """'+5.56 [−15.72, +26.84]'; a difference equal in every seed pair has no interval to show."""
+    if not finite(diff):
+        return "–"
+    if low == high == diff:
+        return f"{number(diff)} (equal in every pair)"
+    return f"{number(diff)} {fmt_interval(low, high, number)}"
+
+
 def _verdict(claim) -> str:
     """The claim's verdict; on runs that did not converge, 'inconclusive' with what the test alone said."""
     if not finite(claim.verdict_p_holm):
@@ -91,7 +100,7 @@ def instruct_section(family: str, tables: dict) -> dict:
                        + (" (points)" if accuracy else " (nats)"),
                        "n": md_text(c.item_design) if by_items else seed_n,
                        "test": "items x seeds" if by_items else md_text(c.test),
-                       "diff": f"{number(diff)} {fmt_interval(low, high, number)}" if finite(diff) else "–",
+                       "diff": _difference(diff, low, high, number),
                        "detectable": size(c.item_detectable_diff if by_items else c.detectable_diff),
                        "p": fmt_p(c.verdict_p_holm), "seed_level": seed_level or "–",
                        "verdict": _verdict(c)})
