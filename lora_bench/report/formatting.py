@@ -48,6 +48,14 @@ def fmt_signed(x, digits: int = 2) -> str:
     return f"{float(x):+.{digits}f}".replace("-", "−") if finite(x) else "–"
 
 
+def fmt_size(x, accuracy: bool) -> str:
+    """An unsigned size of a difference (e.g. the smallest detectable one): points with one decimal for accuracy
+    (0.0327 -> '3.3'), three significant digits in the metric's own unit otherwise."""
+    if not finite(x):
+        return "–"
+    return f"{float(x) * 100:.1f}" if accuracy else f"{float(x):.3g}"
+
+
 def fmt_count(n) -> str:
     return f"{int(round(float(n))):,}" if finite(n) else "–"
 

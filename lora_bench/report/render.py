@@ -74,30 +74,28 @@ def _read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
             )
             raise FileNotFoundError(f"{path} is missing; the report reads only tables: run `{hint}` first")
         tables[name] = pd.read_parquet(path)
-    path = tables_dir / "cost_summary.parquet"
-    if path.exists():
-        tables["cost_summary"] = pd.read_parquet(path)
-    elif tables["runs"]["family_kind"].isin(kinds_where(lambda spec: spec.cost_only)).any():
-        raise FileNotFoundError(
-            f"{path} is missing and the study has a memory_time family: run `python -m lora_bench stats` first"
-        )
-    else:
-        tables["cost_summary"] = pd.DataFrame(columns=COST_SUMMARY_COLUMNS)
+    tables["cost_summary"] = _table_a_kind_needs(tables_dir / "cost_summary.parquet", COST_SUMMARY_COLUMNS, tables,
+                                                 lambda spec: spec.cost_only, "has a memory_time family")
     read_trust_tables(tables_dir, tables)
     path = tables_dir / "tuning.parquet"
     tables["tuning"] = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=tuning.TUNING_COLUMNS)
     for name, columns in ITEM_TABLES.items():
         path = tables_dir / f"{name}.parquet"
         tables[name] = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=columns)
-    path = tables_dir / "claims.parquet"
-    if path.exists():
-        tables["claims"] = pd.read_parquet(path)
-    elif tables["runs"]["family_kind"].isin(kinds_where(lambda spec: spec.reference_claims)).any():
-        raise FileNotFoundError(f"{path} is missing and the study tests reference claims (an instruct family): "
-                                "run `python -m lora_bench stats` first")
-    else:
-        tables["claims"] = pd.DataFrame(columns=CLAIM_COLUMNS)
+    tables["claims"] = _table_a_kind_needs(tables_dir / "claims.parquet", CLAIM_COLUMNS, tables,
+                                           lambda spec: spec.reference_claims,
+                                           "tests reference claims (an instruct family)")
     return tables
+
+
+def _table_a_kind_needs(path: Path, columns: list[str], tables: dict, needed_by, what: str) -> pd.DataFrame:
+    """A table of ``stats`` that only some family kinds need (``needed_by(KindSpec)``): read it; missing, it is an
+    error naming the command when the study has such a family ("the study <what>"), else empty with ``columns``."""
+    if path.exists():
+        return pd.read_parquet(path)
+    if tables["runs"]["family_kind"].isin(kinds_where(needed_by)).any():
+        raise FileNotFoundError(f"{path} is missing and the study {what}: run `python -m lora_bench stats` first")
+    return pd.DataFrame(columns=columns)
 
 
 def _environment() -> jinja2.Environment:

@@ -7,7 +7,16 @@ from __future__ import annotations
 import pandas as pd
 
 from lora_bench.analysis.summary import ALPHA, TARGET_POWER
-from lora_bench.report.formatting import finite, fmt_p, fmt_percent, fmt_points, fmt_signed, md_text, p_phrase
+from lora_bench.report.formatting import (
+    finite,
+    fmt_p,
+    fmt_percent,
+    fmt_points,
+    fmt_signed,
+    fmt_size,
+    md_text,
+    p_phrase,
+)
 from lora_bench.report.sections.common import PRIMARY_SPLIT
 
 
@@ -77,8 +86,7 @@ def detectable_phrase(detectable, accuracy: bool, unit_word: str = " points") ->
     """'; it finds 3.3 points or more with 80% power': what a non-significant test rules out (empty if unknown)."""
     if not finite(detectable):
         return ""
-    size = f"{float(detectable) * 100:.1f}" if accuracy else f"{float(detectable):.3g}"
-    return f"; it finds {size}{unit_word} or more with {TARGET_POWER:.0%} power"
+    return f"; it finds {fmt_size(detectable, accuracy)}{unit_word} or more with {TARGET_POWER:.0%} power"
 
 
 def _rank_test_powerless(test: pd.Series) -> bool:

@@ -7,7 +7,16 @@ import pandas as pd
 
 from lora_bench.analysis.claims import INSTRUCT_CLAIMS, epoch_curve_variants
 from lora_bench.report import figures
-from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_percent, fmt_points, fmt_signed, md_text
+from lora_bench.report.formatting import (
+    finite,
+    fmt_interval,
+    fmt_p,
+    fmt_percent,
+    fmt_points,
+    fmt_signed,
+    fmt_size,
+    md_text,
+)
 from lora_bench.report.sections.common import SectionPart
 
 
@@ -86,10 +95,6 @@ def instruct_section(family: str, tables: dict) -> dict:
     for c in tables["claims"].query("family == @family").itertuples():
         accuracy = c.metric in ("accuracy", "lm_eval")
         number = fmt_points if accuracy else (lambda x: fmt_signed(x, 3))
-
-        def size(x, accuracy=accuracy) -> str:
-            return (f"{x * 100:.1f}" if accuracy else f"{x:.3g}") if finite(x) else "–"
-
         by_items = finite(c.item_p_value)
         seed_n = f"{int(c.n_pairs)} pairs" if c.paired else (f"{int(c.n_pairs)} common seeds" if c.n_pairs else "–")
         diff, low, high = (c.item_diff, c.item_diff_ci_low, c.item_diff_ci_high) if by_items \
@@ -101,7 +106,7 @@ def instruct_section(family: str, tables: dict) -> dict:
                        "n": md_text(c.item_design) if by_items else seed_n,
                        "test": "items x seeds" if by_items else md_text(c.test),
                        "diff": _difference(diff, low, high, number),
-                       "detectable": size(c.item_detectable_diff if by_items else c.detectable_diff),
+                       "detectable": fmt_size(c.item_detectable_diff if by_items else c.detectable_diff, accuracy),
                        "p": fmt_p(c.verdict_p_holm), "seed_level": seed_level or "–",
                        "verdict": _verdict(c)})
     tested = {c["statement"] for c in claims}
