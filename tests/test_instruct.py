@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -245,12 +246,57 @@ def test_gguf_file_loads(tmp_path):
     assert model(torch.tensor([ids])).logits.shape[-1] == 8
 
 
+def test_gguf_conversion_is_cached_and_gives_the_same_model(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from lora_bench.run import causal_lm
+
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_llama_gguf(gguf, path)
+    spec, cache = ModelConfig("local", str(path), "float32"), tmp_path / "cache"
+    direct = load_causal_lm(spec)
+    conversions = []
+    real = causal_lm._from_pretrained
+
+    def counting(where, gguf_file, *rest):
+        if gguf_file:
+            conversions.append(gguf_file)
+        return real(where, gguf_file, *rest)
+
+    monkeypatch.setattr(causal_lm, "_from_pretrained", counting)
+    first, second = load_causal_lm(spec, cache_dir=cache), load_causal_lm(spec, cache_dir=cache)
+    tokenizer = causal_lm.load_causal_tokenizer(spec, cache_dir=cache)
+    assert conversions == ["tiny.gguf"]  # converted once; the second model and the tokenizer read the folder
+    folder = Path(first.info["gguf_cache"])
+    assert folder.parent == cache / "gguf" and second.info["gguf_cache"] == str(folder)
+    assert first.info["gguf"] == direct.info["gguf"]
+    expected = direct.model.state_dict()
+    for loaded in (first, second):
+        got = loaded.model.state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    texts = ["ab c", "bcab", "a b c"]
+    for candidate in (first.tokenizer, tokenizer):
+        assert candidate(texts)["input_ids"] == direct.tokenizer(texts)["input_ids"]
+        assert candidate.pad_token_id == direct.tokenizer.pad_token_id
+    ids = torch.tensor([direct.tokenizer("abc", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(first.model(ids).logits, direct.model(ids).logits)
+    # Another dtype or another file content is another conversion; the first one stays.
+    load_causal_lm(ModelConfig("local", str(path), "bfloat16"), cache_dir=cache)
+    _TINY_SEED[0] = 1
+    _write_tiny_llama_gguf(gguf, path)
+    changed = load_causal_lm(spec, cache_dir=cache)
+    assert conversions == ["tiny.gguf"] * 3 and len(list((cache / "gguf").iterdir())) == 3 and folder.is_dir()
+    torch.testing.assert_close(changed.model.model.layers[0].self_attn.v_proj.weight,
+                               torch.from_numpy(_TINY_WEIGHTS["blk.0.attn_v.weight"]))
+
+
 _TINY_WEIGHTS: dict[str, np.ndarray] = {}
+_TINY_SEED = [0]
 
 
 def _write_tiny_llama_gguf(gguf, path) -> None:
     """A 1-layer Llama with an 8-token BPE vocabulary, every tensor F32 (so the values can be compared)."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(_TINY_SEED[0])
     hidden, ffn, vocab = 8, 16, 8
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(32)
@@ -535,6 +581,57 @@ def test_claims_between_variants_use_every_question_and_say_when_runs_did_not_co
 
     runs, metrics, predictions = _sgd_claim_tables(effect=0.0)
     assert instruct_claims(metrics, runs, predictions).set_index("claim").loc["cosine_sgd", "support"] == "not shown"
+
+
+def _epoch_claim_tables(effect: float, items_n: int = 400, seeds: int = 3):
+    """An instruct family whose epochs variant answers each test question ``effect`` (logit) better after epoch 1
+    than after epoch 2: runs, per-epoch and final test accuracy, and the per-question predictions of both stages."""
+    rng = np.random.default_rng(5)
+    difficulty = rng.normal(1.0, 1.5, items_n)
+    runs, metrics, predictions = [], [], []
+    for variant, epochs in (("lora", 1), ("epochs3", 3)):
+        for seed in range(seeds):
+            label = {"family": "ins", "family_kind": "instruct", "variant": variant, "seed": seed,
+                     "is_baseline": variant == "lora", "status": "ok"}
+            run_id = f"ins/{variant}/{seed}"
+            runs.append({**label, "run_id": run_id, "setting": variant, "trained": True, "cfg.method.name": "lora",
+                         "cfg.train.optimizer": "adamw", "cfg.train.schedule": "constant", "cfg.train.epochs": epochs,
+                         "cfg.train.test_every_epoch": variant == "epochs3", "cfg.method.lora.targets": "query+value"})
+            seed_shift = rng.normal(0, 0.3)
+            for epoch in range(1, epochs + 1):
+                shift = seed_shift + (effect if epoch == 1 else 0.0)
+                correct = rng.random(items_n) < 1 / (1 + np.exp(-(difficulty + shift + rng.normal(0, 1.0, items_n))))
+                stages = ["final"] if epochs == 1 else ["epoch"] + (["final"] if epoch == epochs else [])
+                for stage in stages:
+                    metrics.append({**label, "metric": "accuracy", "split": "test", "stage": stage, "epoch": epoch,
+                                    "value": float(correct.mean()), "unit": "fraction", "higher_is_better": True})
+                    predictions.append(pd.DataFrame({
+                        "run_id": run_id, "family": "ins", "family_kind": "instruct", "variant": variant,
+                        "setting": variant, "seed": seed, "data_seed": 0, "train_seed": seed,
+                        "is_baseline": variant == "lora", "data_key": "pang_lee:sentences", "split": "test",
+                        "epoch": epoch, "stage": stage, "example_id": np.arange(items_n), "gold": 1,
+                        "predicted": correct.astype(int), "correct": correct}))
+    return pd.DataFrame(runs), pd.DataFrame(metrics), pd.concat(predictions, ignore_index=True)
+
+
+def test_the_epochs_claim_compares_the_two_epochs_question_by_question():
+    """The runs that tested after every epoch kept each epoch's answers, so epoch 1 against epoch 2 is tested on
+    questions x seeds like the claims between variants: a planted difference is found, none is not."""
+    from lora_bench.analysis.claims import instruct_claims
+    from lora_bench.analysis.items import ITEM_TEST
+
+    runs, metrics, predictions = _epoch_claim_tables(effect=0.8)
+    claim = instruct_claims(metrics, runs, predictions).set_index("claim").loc["epochs"]
+    assert claim["comparison"] == "epochs3@epoch1 vs epochs3@epoch2"
+    assert claim["verdict_test"] == ITEM_TEST and claim["item_design"] == "3 seeds x 400 items"
+    assert claim["item_diff"] == pytest.approx(claim["diff"]) and claim["item_diff"] > 0
+    assert claim["item_p_value"] < 0.05 and claim["support"] == "supported"
+    # Without the per-epoch answers (records from before they were kept) it stays the seed-level paired t.
+    legacy = predictions[predictions["stage"] == "final"]
+    assert instruct_claims(metrics, runs, legacy).set_index("claim").loc["epochs", "verdict_test"] == "paired t"
+    runs, metrics, predictions = _epoch_claim_tables(effect=0.0)
+    claim = instruct_claims(metrics, runs, predictions).set_index("claim").loc["epochs"]
+    assert claim["verdict_test"] == ITEM_TEST and claim["support"] == "not shown"
 
 
 def test_report_reads_the_claims_table_and_names_its_absence(tmp_path):

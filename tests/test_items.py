@@ -106,6 +106,40 @@ def test_runs_keep_predictions_with_stable_ids_and_collect_them(tiny_run, tmp_pa
     assert "2 seeds x" in text and "## Rank uncertainty (item level)" in text
 
 
+def test_runs_that_test_every_epoch_keep_each_epochs_test_predictions(tiny_run, tmp_path):
+    """A run tested after every epoch keeps each epoch's test outcomes (so epochs of one run compare question by
+    question); the predictions table holds them as stage ``epoch``, and the item tables read only stage ``final``."""
+    every = run_training(RunConfig.from_dict({**tiny_run, "train": {**tiny_run["train"], "test_every_epoch": True}}))
+    section, by_epoch = every.predictions, {e["epoch"]: e for e in every.metrics["epochs"]}
+    assert sorted(section["epochs"]) == ["1", "2"]
+    for epoch, splits in section["epochs"].items():
+        assert list(splits) == ["test"]
+        assert decode_block(splits["test"])["correct"].mean() == pytest.approx(by_epoch[int(epoch)]["test_accuracy"])
+    assert section["epochs"][str(section["epoch"])]["test"] == section["splits"]["test"]
+    once = run_training(RunConfig.from_dict({**tiny_run, "train": {**tiny_run["train"], "test_every_epoch": False}}))
+    assert "epochs" not in once.predictions and set(once.predictions["splits"]) == {"validation", "test"}
+
+    run = {"family": "fam", "family_kind": "instruct", "variant": "a", "seed": 0, "is_baseline": True,
+           "data_seed": 0, "train_seed": 0}
+    path = tmp_path / "a0.json"
+    path.write_text(json.dumps(_record(run, every)))
+    runs, metrics, predictions = collect_all([path])
+    write_tables(runs, metrics, tmp_path / "tables", predictions)
+    n_test = len(decode_block(section["splits"]["test"])["example_id"])
+    n_validation = len(decode_block(section["splits"]["validation"])["example_id"])
+    epoch_rows = items.read_predictions(tmp_path / "tables", "epoch")
+    assert epoch_rows.groupby("epoch")["split"].agg(lambda s: (len(s), set(s))).to_dict() == {
+        1: (n_test, {"test"}), 2: (n_test, {"test"})}
+    final = items.read_predictions(tmp_path / "tables")
+    assert len(final) == n_test + n_validation and set(final["epoch"]) == {section["epoch"]}
+    assert len(items.read_predictions(tmp_path / "tables", None)) == len(final) + 2 * n_test
+    # A table from before the stage column: every row is the selected epoch's.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    final.drop(columns="stage").to_parquet(legacy / "predictions.parquet")
+    assert len(items.read_predictions(legacy)) == len(final) and items.read_predictions(legacy, "epoch").empty
+
+
 def _planted_predictions(effect: float, seeds: int = 3, items_n: int = 400, variants=("base", "v"),
                          data_seeds=(0,), seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(seed)

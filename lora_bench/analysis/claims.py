@@ -18,7 +18,7 @@ import pandas as pd
 
 from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.compare import baseline_variant, compare_two, convergence, holm
-from lora_bench.analysis.items import ITEM_TEST, item_comparison
+from lora_bench.analysis.items import ITEM_TEST, item_comparison, read_predictions, stage_rows
 from lora_bench.analysis.summary import ALPHA, by_seed, family_order, metric_meta, select_values
 from lora_bench.atomic import write_named_tables
 from lora_bench.study import kind_spec
@@ -140,10 +140,11 @@ def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame, predictions: pd.D
     """Each reference-B claim an instruct family can test: the claimed-better condition minus the claimed-worse
     one on test accuracy (test response loss when there is no closed answer set), paired on seed when possible.
 
-    With ``predictions`` (the runs' per-question results), a claim between two variants on test accuracy is also
-    tested by the crossed items x seeds t (``item_*`` columns), which then carries the verdict
-    (``verdict_test``); the epochs claim compares epochs of one run, whose predictions are kept at the selected
-    epoch only, so its verdict stays the seed-level paired t. ``p_holm`` is Holm over the family's seed-level p
+    With ``predictions`` (the runs' per-question results), a claim on test accuracy is also tested by the crossed
+    items x seeds t (``item_*`` columns), which then carries the verdict (``verdict_test``): two variants on
+    their selected epochs' predictions (stage ``final``), two epochs of one variant on the test predictions its
+    runs kept after every epoch (stage ``epoch``; runs recorded before those were kept stay with the seed-level
+    paired t). ``p_holm`` is Holm over the family's seed-level p
     values, ``verdict_p_holm`` over the p values carrying the verdicts. ``test_support``: ``supported`` (significant
     in the claimed direction), ``contradicted`` (significant the other way) or ``not shown`` (n.s., or untestable);
     ``support`` is that, or ``inconclusive`` when a run of either condition did not converge (``convergence``,
@@ -207,10 +208,20 @@ def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame, predictions: pd.D
 
 def _item_columns(predictions: pd.DataFrame, runs: pd.DataFrame, family: str, better, worse, metric: str,
                   split: str) -> dict:
-    """The crossed items x seeds test of a claim between two variants on accuracy; empty when there is none."""
-    if metric != "accuracy" or isinstance(better, tuple) or isinstance(worse, tuple) or predictions.empty:
+    """The crossed items x seeds test of a claim on accuracy: between two variants on the selected epochs'
+    predictions, or between two epochs of one variant on the test predictions kept after each epoch; empty
+    when there is none (another metric, or runs that kept no such predictions)."""
+    if metric != "accuracy" or predictions.empty or isinstance(better, tuple) != isinstance(worse, tuple):
         return {}
-    item = item_comparison(predictions, runs, family, str(better), str(worse), split)
+    if isinstance(better, tuple):
+        rows = stage_rows(predictions, "epoch")
+        conditions = {_condition_name(c): c for c in (better, worse)}
+        rows = pd.concat([rows[(rows["variant"] == variant) & (rows["epoch"] == epoch)].assign(condition=name)
+                          for name, (variant, epoch) in conditions.items()])
+        item = item_comparison(rows, runs, family, _condition_name(better), _condition_name(worse), split,
+                               column="condition")
+    else:
+        item = item_comparison(stage_rows(predictions, "final"), runs, family, str(better), str(worse), split)
     if item is None or not np.isfinite(item["p_value"]):
         return {}
     return {"item_design": item["design"], "item_diff": item["diff"], "item_diff_ci_low": item["diff_ci_low"],
@@ -237,6 +248,5 @@ def run_claims(tables_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     tables_dir = Path(tables_dir)
     metrics = pd.read_parquet(tables_dir / "metrics.parquet")
     runs = pd.read_parquet(tables_dir / "runs.parquet")
-    path = tables_dir / "predictions.parquet"
-    predictions = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    predictions = read_predictions(tables_dir, stage=None)
     return write_named_tables({"claims": instruct_claims(metrics, runs, predictions)}, out_dir)

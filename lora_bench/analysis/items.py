@@ -282,7 +282,7 @@ def _design(fit: dict | None, strata: list[dict]) -> str:
 
 def _families(runs: pd.DataFrame) -> list[tuple[str, str]]:
     """(family, kind) of the families compared item by item (``KindSpec.item_level``): not epochs families, which
-    compare epochs of one variant (predictions are kept at the selected epoch only), tune families, which only
+    compare epochs of one variant (the item tables compare the selected epochs' predictions), tune families, which only
     choose a value, nor memory_time families, which measure cost."""
     return [(f, str(runs.loc[runs["family"] == f, "family_kind"].iloc[0])) for f in family_order(runs)
             if kind_spec(str(runs.loc[runs["family"] == f, "family_kind"].iloc[0])).item_level]
@@ -339,15 +339,17 @@ def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT
 
 
 def item_comparison(predictions: pd.DataFrame, runs: pd.DataFrame, family: str, a: str, b: str,
-                    split: str = SPLIT) -> dict | None:
+                    split: str = SPLIT, column: str | None = None) -> dict | None:
     """The crossed items x seeds test of condition ``a`` minus condition ``b`` of one family, any two of its
     conditions (``item_tests`` compares each with the baseline; the instruct claims compare other pairs too):
-    ``t_result``'s columns with ``design`` and ``note``; None when the two share no two seeds and examples."""
+    ``t_result``'s columns with ``design`` and ``note``; None when the two share no two seeds and examples.
+    ``column`` names the conditions (default: the family's, ``variant`` or ``setting``); the epochs of one run
+    are compared through a column naming each epoch."""
     selected = predictions[(predictions["split"] == split) & (predictions["family"] == family)] \
         if len(predictions) else predictions
     if selected.empty:
         return None
-    column, _, _ = _conditions(runs, family)
+    column = column or _conditions(runs, family)[0]
     strata = crossed_arrays(selected, column, [a, b])
     fit, note = _pair_fit(strata, a, b)
     if fit is None:
@@ -587,6 +589,22 @@ def calibrate(replicates: int = 2000, seeds: tuple[int, ...] = (3, 5), items: in
 # Files
 
 
+def stage_rows(predictions: pd.DataFrame, stage: str | None = "final") -> pd.DataFrame:
+    """The rows of ``stage`` of a predictions table: ``final``, the selected epoch's (one row per run x split x
+    example, what every item table compares), or ``epoch``, the test rows after each epoch of runs that tested
+    after every epoch; None keeps all. Tables from before the stage column hold only the selected epoch's rows."""
+    if stage is None or predictions.empty:
+        return predictions
+    stages = predictions["stage"] if "stage" in predictions else pd.Series("final", index=predictions.index)
+    return predictions[stages == stage]
+
+
+def read_predictions(tables_dir: str | Path, stage: str | None = "final") -> pd.DataFrame:
+    """The ``predictions`` table of ``tables_dir`` (empty when the study kept none), its rows of ``stage``."""
+    path = Path(tables_dir) / "predictions.parquet"
+    return stage_rows(pd.read_parquet(path) if path.exists() else pd.DataFrame(), stage)
+
+
 def run_item_stats(tables_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Read ``predictions`` and ``runs`` (and ``seed_consistency``), write the item tables; what ``stats`` calls.
 
@@ -595,8 +613,7 @@ def run_item_stats(tables_dir: str | Path, out_dir: str | Path) -> dict[str, Pat
     """
     tables_dir, out_dir = Path(tables_dir), Path(out_dir)
     runs = pd.read_parquet(tables_dir / "runs.parquet")
-    path = tables_dir / "predictions.parquet"
-    predictions = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    predictions = read_predictions(tables_dir)
     if predictions.empty:
         tables = {"item_tests": pd.DataFrame(columns=ITEM_TESTS_COLUMNS),
                   "item_pairs": pd.DataFrame(columns=ITEM_PAIRS_COLUMNS),

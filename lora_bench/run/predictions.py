@@ -27,6 +27,8 @@ ITEMS_KEY = "items"
 ITEMS_SUFFIX = f"_{ITEMS_KEY}"
 ENCODING = "base64 little-endian"
 KEPT_SPLITS = ("validation", "test")
+# The split kept after every epoch (``predictions.epochs``) by runs that test after every epoch.
+EPOCH_SPLIT = "test"
 # Column -> dtype. ``gold_logp``: log-probability of the gold label among the label set (classification: the
 # softmax of the head; closed-answer instruct: the candidates' log-likelihoods normalised over the answer set).
 # ``gold_loglik``: instruct only, the summed token log-likelihood of the gold answer after the prompt.
@@ -71,12 +73,20 @@ def take_items(epoch_record: dict) -> dict[str, dict]:
     return {key[: -len(ITEMS_SUFFIX)]: epoch_record.pop(key) for key in keys}
 
 
-def predictions_section(epoch: int, splits: dict[str, dict]) -> dict:
-    """The record's ``predictions``: the selected epoch's blocks (empty when the task kept none)."""
+def predictions_section(epoch: int, splits: dict[str, dict], by_epoch: dict[int, dict[str, dict]] | None = None
+                        ) -> dict:
+    """The record's ``predictions``: the selected epoch's blocks (empty when the task kept none), and under
+    ``epochs`` the test block of every epoch that evaluated test, when two or more did (``train.test_every_epoch``):
+    so two epochs of one run can be compared question by question, not only by their accuracies."""
     splits = {name: splits[name] for name in KEPT_SPLITS if name in splits}  # not train (eval_train)
     if not splits:
         return {}
-    return {"epoch": epoch, "encoding": ENCODING, "dtypes": dict(COLUMNS), "splits": splits}
+    section = {"epoch": epoch, "encoding": ENCODING, "dtypes": dict(COLUMNS), "splits": splits}
+    tested = {str(e): {EPOCH_SPLIT: blocks[EPOCH_SPLIT]} for e, blocks in sorted((by_epoch or {}).items())
+              if EPOCH_SPLIT in blocks}
+    if len(tested) >= 2:
+        section["epochs"] = tested
+    return section
 
 
 def dataset_example_ids(dataset) -> np.ndarray | None:

@@ -547,7 +547,8 @@ def collect_result(run: Setup, progress: Progress, started: float) -> RunResult:
     """The run's record sections: the selected epoch's metrics, diagnostics, parameters, memory, timing, serving."""
     cfg, task, model, epochs = run.cfg, run.task, run.model, progress.epochs
     trained = progress.trained
-    items = {record["epoch"]: take_items(record) for record in epochs}  # only the selected epoch's are kept
+    # The selected epoch's blocks are kept, and the test blocks of every epoch of a run that tested after each.
+    items = {record["epoch"]: take_items(record) for record in epochs}
     best = max(trained, key=task.select) if cfg.train.evaluate else trained[-1]
     final = {k: v for k, v in best.items() if k != "epoch"}
     final.update(task.after_training(model))
@@ -572,5 +573,5 @@ def collect_result(run: Setup, progress: Progress, started: float) -> RunResult:
         method_info=run.method_info,
         device=device_name,
         notes=progress.notes,
-        predictions=predictions_section(best["epoch"], items[best["epoch"]]),
+        predictions=predictions_section(best["epoch"], items[best["epoch"]], items),
     )

@@ -192,13 +192,14 @@ class InstructTask:
 
     @staticmethod
     def prepare_data(cfg: RunConfig) -> tuple[dict, dict]:
-        tokenizer = load_causal_tokenizer(cfg.model)
+        tokenizer = load_causal_tokenizer(cfg.model, cfg.data.cache_dir)
         splits, info = prepare_instruct_splits(cfg.data, cfg.instruct, tokenizer, _tokenizer_id(cfg.model))
         return splits, describe_instruct_splits(splits, info)
 
     def load(self):
         splits, data_info = self.prepare_data(self.cfg)
-        loaded = load_causal_lm(self.cfg.model, self.device, defer=builds_layer_by_layer(self.cfg.method))
+        loaded = load_causal_lm(self.cfg.model, self.device, defer=builds_layer_by_layer(self.cfg.method),
+                                cache_dir=self.cfg.data.cache_dir)
         limit = getattr(loaded.model.config, "max_position_embeddings", None)
         if limit is not None and self.cfg.data.max_length > limit:
             raise ConfigError(f"{self.cfg.source}: data.max_length {self.cfg.data.max_length} is longer than model "
