@@ -267,7 +267,8 @@ def cmd_prepare_data(args) -> int:
     from lora_bench.study import load_study
 
     _quiet_libraries()
-    specs = json.loads(args.specs_json) if args.specs_json else load_study(args.study).data_preparations()
+    specs = (json.loads(args.specs_json) if args.specs_json
+             else list(load_study(args.study).data_preparations().values()))
     failures = []
     for spec in specs:
         cfg = RunConfig.from_dict(spec, source="prepare-data")

@@ -226,24 +226,18 @@ class Study:
             configs.setdefault(config_key(cfg), cfg)
         return configs
 
-    def data_preparations(self) -> list[dict]:
-        """The distinct (data, model) pairs whose data must be fetched and tokenized, as partial run configs.
+    def data_preparations(self) -> dict[str, dict]:
+        """Data key -> spec (``data_spec``) of every distinct data the study's trainings read, sweep re-runs
+        included: each is fetched and tokenized once, by its own workflow job.
 
-        Only these, not the whole study, decide whether data preparation re-runs: a new learning
+        Only the spec, not the whole run config, decides whether data preparation re-runs: a new learning
         rate must not re-prepare data. Synthetic token ids are generated in the run itself.
         """
-        specs: list[dict] = []
-        for family, variant, seed in self.runs():
-            cfg = self.run_config(family, variant, seed).to_dict()
-            spec = {"data": cfg["data"], "model": cfg["model"]}
-            if "task" in cfg:  # instruction data depends on the prompt settings too
-                spec.update(task=cfg["task"], instruct=cfg["instruct"])
-            sweep = self.families[family].sweep
-            # A sweep's possible re-runs too: they differ from its configurations only in the data seed.
-            rerun_seeds = sweep["rerun_data_seeds"] if sweep else []
-            for candidate in [spec] + [deep_merge(spec, {"data": {"split_seed": d}}) for d in rerun_seeds]:
-                if cfg["data"]["source"] != "synthetic" and candidate not in specs:
-                    specs.append(candidate)
+        specs: dict[str, dict] = {}
+        for resolved in self.trained_configs().values():
+            spec = data_spec(resolved)
+            if spec is not None:
+                specs.setdefault(data_key(spec), spec)
         return specs
 
     def labels(self, family: str, variant: str, seed: int) -> dict:
@@ -288,6 +282,28 @@ class Study:
 
 # Train settings that never change a run's numbers: runs that differ only in these are the same run.
 NUMBER_NEUTRAL_TRAIN_KEYS = ("progress", "checkpoint")
+
+
+def data_spec(resolved: dict) -> dict | None:
+    """What a run's prepared (fetched, tokenized) data depends on, as a partial run config: its data and model
+    (the tokenizer), and for instruction data the task and prompt settings too; None for synthetic data."""
+    if resolved["data"]["source"] == "synthetic":
+        return None
+    spec = {"data": resolved["data"], "model": resolved["model"]}
+    if "task" in resolved:
+        spec.update(task=resolved["task"], instruct=resolved["instruct"])
+    return spec
+
+
+def data_key(spec: dict) -> str:
+    """16 hex digits naming a data spec: the workflow's preparation job and marker of that data.
+
+    One marker per spec, not one for the whole study: a study that gains a family on new data then prepares
+    only that data, and no existing marker is rewritten. (A single study-wide marker had to be re-made whenever
+    the study's data changed, and Snakemake 9 then ran only that preparation and reported the study done,
+    leaving every new run for a second invocation: snakemake/snakemake#4166.)
+    """
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def config_key(resolved: dict) -> str:

@@ -455,7 +455,7 @@ def test_data_seeds_cross_train_seeds_and_keep_other_families_unchanged():
     labels = study.labels("var", "lora-data3", 0)
     assert labels["setting"] == "lora" and labels["data_seed"] == 3 and labels["train_seed"] == 0
     assert labels["is_baseline"] and "sweep_stage" not in labels
-    assert {spec["data"]["split_seed"] for spec in study.data_preparations()} == {7, 3, 4}
+    assert {spec["data"]["split_seed"] for spec in study.data_preparations().values()} == {7, 3, 4}
 
 
 def test_sweep_reruns_are_resolved_up_front_and_listed_from_a_selection():
@@ -469,7 +469,7 @@ def test_sweep_reruns_are_resolved_up_front_and_listed_from_a_selection():
     assert study.labels("sweep", "rank8-data3", 2)["sweep_stage"] == "rerun"
     labels = study.labels("sweep", "rank4", 0)
     assert (labels["sweep_stage"], labels["setting"], labels["data_seed"]) == ("sweep", "rank4", 7)
-    assert {spec["data"]["split_seed"] for spec in study.data_preparations()} == {7, 1, 2, 3}
+    assert {spec["data"]["split_seed"] for spec in study.data_preparations().values()} == {7, 1, 2, 3}
     with pytest.raises(ConfigError, match="no configuration"):
         study.rerun_runs("sweep", ["rank16"])
 
@@ -570,7 +570,8 @@ def test_checkpoint_expands_to_the_rerun_jobs(tmp_path):
     # The sweep stage "ran" (records written by hand), so only the selection and what follows remain.
     study = study_from_dict(config)
     (tmp_path / "results/data").mkdir(parents=True)
-    (tmp_path / "results/data/prepared.done").write_text("done\n")
+    for key in study.data_preparations():
+        (tmp_path / f"results/data/{key}.done").write_text("done\n")
     for i, (family, variant, seed) in enumerate(study.runs()):
         _record(tmp_path / f"results/runs/{family}/{variant}/seed{seed}.json", study.labels(family, variant, seed),
                 study.run_config(family, variant, seed).to_dict(), 0.6 + 0.01 * i, 0.6)

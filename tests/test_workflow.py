@@ -125,6 +125,28 @@ def test_families_sharing_a_config_train_it_once_and_renaming_retrains_nothing(t
     assert "train" not in renamed and renamed["label_run"] == 2
 
 
+def test_a_family_on_new_data_is_prepared_and_trained_in_one_invocation(tmp_path):
+    """A study that gains a family on data it has not prepared yet: one invocation prepares only that data and
+    trains only the new runs. (With one study-wide data marker, Snakemake 9 re-made the marker, reported the study
+    done and left every new run to a second invocation: snakemake/snakemake#4166.)"""
+    from reliability_helpers import jobs_run, mini_study
+    from reliability_helpers import snakemake as run_in
+
+    workdir = tmp_path / "grow"
+    path = mini_study(workdir)
+    assert jobs_run(run_in(workdir, "--cores", "2", "results/tables/runs.parquet"))["prepare_data"] == 1
+    config = yaml.safe_load(path.read_text())
+    # Data seed 0 is the methods family's data (and lora-data0 its lora runs); data seed 1 is new.
+    config["families"]["variance"] = {"kind": "variance", "baseline": "lora", "seeds": [0, 1], "data_seeds": [0, 1],
+                                      "variants": {"lora": {}}}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    grown = jobs_run(run_in(workdir, "--cores", "2", "results/tables/runs.parquet"))
+    assert grown == {"prepare_data": 1, "train": 2, "label_run": 4, "collect": 1}
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
+    assert len(runs) == 8 and (runs["status"] == "ok").all()
+    assert "Nothing to be done" in run_in(workdir, "-n", "results/tables/runs.parquet").stdout
+
+
 def test_an_edited_variant_is_relabelled_without_snakemake_metadata(tmp_path):
     """A copied results folder (or lost .snakemake metadata) must not keep the record of a config since edited:
     Snakemake alone sees the new training's missing file as an intermediate and reruns nothing."""

@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 from lora_bench.config import load_yaml
 from lora_bench.run.record import labelled_from
-from lora_bench.study import resolve_base_from, study_from_dict
+from lora_bench.study import data_key, data_spec, resolve_base_from, study_from_dict
 
 # Snakemake's YAML reader keeps the last of two equal keys (two variants of one name would silently be
 # one); lora_bench's reader refuses them, naming the key and line.
@@ -33,6 +33,8 @@ os.environ.setdefault("LORA_BENCH_WARM", "1")
 
 # What the study trains, by config key (lora_bench.study.config_key): one training job per distinct config.
 TRAINED = STUDY.trained_configs()
+# The data those trainings read, by data key (lora_bench.study.data_key): one preparation job per distinct data.
+DATA_SPECS = STUDY.data_preparations()
 
 
 wildcard_constraints:
@@ -40,6 +42,7 @@ wildcard_constraints:
     variant=r"[A-Za-z0-9_.+-]+",
     seed=r"\d+",
     key=r"[0-9a-f]{16}",
+    data_key=r"[0-9a-f]{16}",
 
 
 def run_record_paths():
@@ -144,8 +147,16 @@ def gpu_flag():
     return f"--gpu-ids {','.join(map(str, STUDY.gpu_ids))}" if STUDY.gpu_ids else ""
 
 
-def data_specs_json():
-    return json.dumps(STUDY.data_preparations(), sort_keys=True)
+def data_spec_json(wildcards):
+    return json.dumps([DATA_SPECS[wildcards.data_key]], sort_keys=True)
+
+
+def prepared_data(wildcards):
+    """The marker of the data a training reads (none for synthetic data), as ancient: preparing data again
+    (e.g. after a change of the preparation command) must not re-train finished runs; a run re-trains when its
+    own resolved config (params.cfg) changes."""
+    spec = data_spec(TRAINED[wildcards.key])
+    return [] if spec is None else ancient(f"{RESULTS}/data/{data_key(spec)}.done")
 
 
 def converged_reference_tests():

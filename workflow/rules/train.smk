@@ -1,25 +1,24 @@
-# Data preparation, one training job per distinct resolved config (named by its key), and one labelled
-# record per (family, variant, seed): runs that share a config share its training.
+# Data preparation, one job per distinct data (named by its data key), one training job per distinct resolved
+# config (named by its key), and one labelled record per (family, variant, seed): runs that share a config share
+# its training.
 
 
 rule prepare_data:
     output:
-        touch(f"{RESULTS}/data/prepared.done"),
+        touch(f"{RESULTS}/data/{{data_key}}.done"),
     log:
-        "logs/prepare_data.log",
+        "logs/prepare_data/{data_key}.log",
     conda:
         "../../envs/lora-bench.yaml"
     params:
-        specs=data_specs_json(),
+        specs=data_spec_json,
     shell:
         "python -m lora_bench prepare-data --specs-json {params.specs:q} > {log:q} 2>&1"
 
 
 rule train:
     input:
-        # ancient: re-preparing data (e.g. after a new family) must not re-train finished runs; a run
-        # re-trains when its own resolved config (params.cfg) changes.
-        ancient(f"{RESULTS}/data/prepared.done"),
+        prepared_data,
     output:
         f"{RESULTS}/trained/{{key}}.json",
     log:
