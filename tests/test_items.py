@@ -163,6 +163,50 @@ def _planted_predictions(effect: float, seeds: int = 3, items_n: int = 400, vari
     return pd.concat(rows, ignore_index=True), pd.DataFrame(runs)
 
 
+def _planted_epochs(effect: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An epochs family (one variant, 3 seeds) whose test answers after epochs 1, 2, 3 improve by ``effect`` (logit)
+    per epoch: the per-epoch rows (stage ``epoch``) and the selected epoch's (stage ``final``, epoch 3)."""
+    planted, _ = _planted_predictions(effect, variants=("1", "2", "3"))
+    epochs = planted.assign(family_kind="epochs", epoch=planted["variant"].astype(int), variant="lora",
+                            setting="lora", is_baseline=True, stage="epoch",
+                            run_id=planted["run_id"].str.replace(r"^fam/\d/", "fam/lora/", regex=True))
+    predictions = pd.concat([epochs, epochs[epochs["epoch"] == 3].assign(stage="final")], ignore_index=True)
+    runs = pd.DataFrame([{"run_id": f"fam/lora/d0s{seed}", "family": "fam", "family_kind": "epochs",
+                          "variant": "lora", "setting": "lora", "is_baseline": True, "status": "ok", "seed": seed}
+                         for seed in range(3)])
+    return predictions, runs
+
+
+def test_epochs_families_compare_each_epoch_with_the_first_question_by_question():
+    """With the answers kept after every epoch, an epochs family's tests (epoch k vs epoch 1 of the same runs, as
+    in the seed-level tests table) are item-level too; without them there is no item-level test to claim."""
+    predictions, runs = _planted_epochs(1.0)
+    tests = items.item_tests(predictions, runs).set_index("variant")
+    assert list(tests.index) == ["lora@epoch2", "lora@epoch3"] and (tests["baseline"] == "lora@epoch1").all()
+    assert (tests["design"] == "3 seeds x 400 items").all() and (tests["verdict"] == "better").all()
+    assert tests.loc["lora@epoch3", "diff"] > tests.loc["lora@epoch2", "diff"] > 0
+    pairs = items.item_pairs(predictions, runs)
+    assert set(pairs["variant"]) == {"lora@epoch2", "lora@epoch3"} and len(pairs) == 6
+    assert items.item_tests(predictions[predictions["stage"] == "final"], runs).empty
+    flat, runs = _planted_epochs(0.0)
+    assert (items.item_tests(flat, runs)["verdict"] == "n.s.").all()
+
+
+def test_epochs_table_shows_the_question_level_test_beside_the_seed_level_one():
+    from lora_bench.report.sections.epochs import epoch_rows
+
+    predictions, runs = _planted_epochs(1.0)
+    item = items.item_tests(predictions, runs)
+    summary = pd.DataFrame([{"family": "fam", "stage": "epoch", "metric": "accuracy", "variant": "lora",
+                             "split": split, "epoch": epoch, "n": 3, "mean": 0.7, "ci_low": 0.6, "ci_high": 0.8}
+                            for epoch in (1, 2, 3) for split in ("validation", "test")])
+    tests = pd.DataFrame(columns=["family", "metric", "split", "variant"])
+    assert [row["items"] for row in epoch_rows("fam", runs, summary, tests)] == ["", "–", "–"]
+    cells = [row["items"] for row in epoch_rows("fam", runs, summary, tests, item)]
+    epoch3 = item.set_index("variant").loc["lora@epoch3"]
+    assert cells[0] == "" and cells[2].startswith(f"+{100 * epoch3['diff']:.2f} [") and cells[2].endswith("(better)")
+
+
 def test_planted_effect_is_found_and_none_is_not():
     predictions, runs = _planted_predictions(1.0)
     found = items.item_tests(predictions, runs)

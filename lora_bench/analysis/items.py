@@ -281,25 +281,48 @@ def _design(fit: dict | None, strata: list[dict]) -> str:
 
 
 def _families(runs: pd.DataFrame) -> list[tuple[str, str]]:
-    """(family, kind) of the families compared item by item (``KindSpec.item_level``): not epochs families, which
-    compare epochs of one variant (the item tables compare the selected epochs' predictions), tune families, which only
-    choose a value, nor memory_time families, which measure cost."""
-    return [(f, str(runs.loc[runs["family"] == f, "family_kind"].iloc[0])) for f in family_order(runs)
-            if kind_spec(str(runs.loc[runs["family"] == f, "family_kind"].iloc[0])).item_level]
+    """(family, kind) of the families whose variants are compared item by item (``KindSpec.item_level``): not
+    epochs families, which compare epochs of one variant (``_epoch_pairs``), tune families, which only choose a
+    value, nor memory_time families, which measure cost."""
+    return [(f, _kind(runs, f)) for f in family_order(runs) if kind_spec(_kind(runs, f)).item_level]
+
+
+def _kind(runs: pd.DataFrame, family: str) -> str:
+    return str(runs.loc[runs["family"] == family, "family_kind"].iloc[0])
 
 
 def _pairs_with_baseline(predictions: pd.DataFrame, runs: pd.DataFrame, split: str):
     """(family, kind, condition column, condition, baseline, the family's predictions on ``split``) for every
-    condition of an item-level family that has a baseline and predictions."""
+    condition of an item-level family that has a baseline and predictions (the selected epochs', stage
+    ``final``), and every epoch after the first of an epochs family against its first (stage ``epoch``)."""
     selected = predictions[predictions["split"] == split]
+    final = stage_rows(selected, "final")
     for family, kind in _families(runs):
         column, conditions, baseline = _conditions(runs, family)
-        family_predictions = selected[selected["family"] == family]
+        family_predictions = final[final["family"] == family]
         if baseline is None or family_predictions.empty:
             continue
         for variant in conditions:
             if variant != baseline:
                 yield family, kind, column, variant, baseline, family_predictions
+    for family in family_order(runs):
+        if kind_spec(_kind(runs, family)).epoch_tests:
+            yield from _epoch_pairs(stage_rows(selected, "epoch"), runs, family)
+
+
+def _epoch_pairs(epoch_predictions: pd.DataFrame, runs: pd.DataFrame, family: str):
+    """Each later epoch of each variant of an epochs family against its epoch 1, on the test answers its runs
+    kept after every epoch; conditions are named ``<variant>@epoch<k>`` as in the seed-level tests table."""
+    rows = epoch_predictions[epoch_predictions["family"] == family]
+    if rows.empty:
+        return
+    rows = rows.assign(condition=rows["variant"].astype(str) + "@epoch" + rows["epoch"].astype(int).astype(str))
+    for variant in dict.fromkeys(runs.loc[runs["family"] == family, "variant"].astype(str)):
+        epochs = sorted(int(e) for e in rows.loc[rows["variant"] == variant, "epoch"].unique())
+        if 1 not in epochs:
+            continue
+        for epoch in (e for e in epochs if e != 1):
+            yield family, _kind(runs, family), "condition", f"{variant}@epoch{epoch}", f"{variant}@epoch1", rows
 
 
 def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT) -> pd.DataFrame:
@@ -613,15 +636,16 @@ def run_item_stats(tables_dir: str | Path, out_dir: str | Path) -> dict[str, Pat
     """
     tables_dir, out_dir = Path(tables_dir), Path(out_dir)
     runs = pd.read_parquet(tables_dir / "runs.parquet")
-    predictions = read_predictions(tables_dir)
+    predictions = read_predictions(tables_dir, stage=None)  # the epochs families' tests read stage "epoch"
     if predictions.empty:
         tables = {"item_tests": pd.DataFrame(columns=ITEM_TESTS_COLUMNS),
                   "item_pairs": pd.DataFrame(columns=ITEM_PAIRS_COLUMNS),
                   "item_ranks": pd.DataFrame(columns=ITEM_RANKS_COLUMNS),
                   "item_summary": pd.DataFrame(columns=ITEM_SUMMARY_COLUMNS)}
     else:
+        final = stage_rows(predictions, "final")
         tables = {"item_tests": item_tests(predictions, runs), "item_pairs": item_pairs(predictions, runs),
-                  "item_ranks": item_ranks(predictions, runs), "item_summary": item_summary(predictions, runs)}
+                  "item_ranks": item_ranks(final, runs), "item_summary": item_summary(final, runs)}
     seed_path = out_dir / "seed_consistency.parquet"
     if seed_path.exists():
         tables["seed_consistency"] = with_item_seeds(pd.read_parquet(seed_path), tables["item_tests"])
