@@ -263,8 +263,9 @@ def cmd_fetch_data(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
+    from lora_bench.atomic import write_text
     from lora_bench.run.tasks import TASKS
-    from lora_bench.study import load_study
+    from lora_bench.study import data_key, load_study
 
     _quiet_libraries()
     specs = (json.loads(args.specs_json) if args.specs_json
@@ -279,8 +280,10 @@ def cmd_prepare_data(args) -> int:
             print(f"lora-bench: could not prepare {failures[-1]}", file=sys.stderr)
             continue
         print(f"{cfg.data.source}:{cfg.data.name} x {cfg.model.name}: {info['sizes']} -> {info['cache']}")
-    if failures and len(failures) == len(specs):
-        # Nothing could train: stop the study here, before any training, with the reasons above.
+        if args.markers:  # what the workflow's prepare_data job leaves, so a results folder can be marked by hand
+            write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"), Path(args.markers) / f"{data_key(spec)}.done")
+    if failures and len(failures) == len(specs) and not args.keep_failed:
+        # Nothing could train: stop here, before any training, with the reasons above.
         raise ConfigError(f"no data could be prepared ({len(failures)} of {len(specs)} failed); see above")
     # Otherwise the runs of a failed (data, model) pair fail on their own and are recorded as failed runs.
     if args.done:
@@ -452,7 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_source = prepare.add_mutually_exclusive_group(required=True)
     prepare_source.add_argument("--study", help="study config YAML")
     prepare_source.add_argument("--specs-json", help="JSON list of {data, model} partial run configs")
-    prepare.add_argument("--done", help="file to touch when finished (a workflow marker)")
+    prepare.add_argument("--done", help="file to touch when finished")
+    prepare.add_argument("--keep-failed", action="store_true",
+                         help="exit 0 even when no data could be prepared: its runs fail on their own, recorded "
+                              "(the workflow's per-data jobs, so one bad pair does not stop the others)")
+    prepare.add_argument("--markers", help="folder to write each prepared data's workflow marker in "
+                                           "(<data key>.done, as the prepare_data rule does), e.g. results/data")
     prepare.set_defaults(func=cmd_prepare_data)
 
     collect = sub.add_parser("collect", help="run records -> tidy tables")

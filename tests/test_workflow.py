@@ -147,6 +147,40 @@ def test_a_family_on_new_data_is_prepared_and_trained_in_one_invocation(tmp_path
     assert "Nothing to be done" in run_in(workdir, "-n", "results/tables/runs.parquet").stdout
 
 
+def test_prepare_data_cli_writes_the_markers_the_workflow_reads(tmp_path):
+    """`prepare-data --study ... --markers results/data` leaves what the prepare_data jobs leave, so a results
+    folder whose markers are missing (one from before per-data markers) keeps its trainings."""
+    from reliability_helpers import jobs_run, mini_study, trained_path
+    from reliability_helpers import snakemake as run_in
+
+    from lora_bench.cli import main
+    from lora_bench.study import load_study
+
+    workdir = tmp_path / "marked"
+    path = mini_study(workdir)
+    run_in(workdir, "--cores", "2", "results/tables/runs.parquet")
+    markers = workdir / "results/data"
+    keys = set(load_study(path).data_preparations())
+    assert {p.name for p in markers.glob("*.done")} == {f"{k}.done" for k in keys}
+    for marker in markers.glob("*.done"):
+        marker.unlink()
+    # One run to train again: without markers its data's preparation runs first, and Snakemake re-trains every
+    # finished run that reads that data too...
+    (workdir / "results" / trained_path(path, "methods", "lora", 0)).unlink()
+    (workdir / "results/runs/methods/lora/seed0.json").unlink()
+    record = "results/runs/methods/lora/seed0.json"
+    assert jobs_run(run_in(workdir, "-n", record, "results/tables/runs.parquet"))["train"] == 4
+    cwd = Path.cwd()
+    try:
+        os.chdir(workdir)  # the study's data paths are relative to its folder
+        assert main(["prepare-data", "--study", str(path), "--markers", str(markers)]) == 0
+    finally:
+        os.chdir(cwd)
+    # ...with the markers written by the CLI, only that run.
+    assert {p.name for p in markers.glob("*.done")} == {f"{k}.done" for k in keys}
+    assert jobs_run(run_in(workdir, "-n", record, "results/tables/runs.parquet"))["train"] == 1
+
+
 def test_an_edited_variant_is_relabelled_without_snakemake_metadata(tmp_path):
     """A copied results folder (or lost .snakemake metadata) must not keep the record of a config since edited:
     Snakemake alone sees the new training's missing file as an intermediate and reruns nothing."""

@@ -13,7 +13,9 @@ rule prepare_data:
     params:
         specs=data_spec_json,
     shell:
-        "python -m lora_bench prepare-data --specs-json {params.specs:q} > {log:q} 2>&1"
+        # --keep-failed: data that cannot be prepared fails its runs, which are recorded (failures are data),
+        # instead of stopping the study's other data.
+        "python -m lora_bench prepare-data --keep-failed --specs-json {params.specs:q} > {log:q} 2>&1"
 
 
 rule train:
