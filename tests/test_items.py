@@ -193,6 +193,9 @@ def test_epochs_families_compare_each_epoch_with_the_first_question_by_question(
 
 
 def test_epochs_table_shows_the_question_level_test_beside_the_seed_level_one():
+    from types import SimpleNamespace
+
+    from lora_bench.report.render import _environment
     from lora_bench.report.sections.epochs import epoch_rows
 
     predictions, runs = _planted_epochs(1.0)
@@ -201,10 +204,17 @@ def test_epochs_table_shows_the_question_level_test_beside_the_seed_level_one():
                              "split": split, "epoch": epoch, "n": 3, "mean": 0.7, "ci_low": 0.6, "ci_high": 0.8}
                             for epoch in (1, 2, 3) for split in ("validation", "test")])
     tests = pd.DataFrame(columns=["family", "metric", "split", "variant"])
-    assert [row["items"] for row in epoch_rows("fam", runs, summary, tests)] == ["", "–", "–"]
-    cells = [row["items"] for row in epoch_rows("fam", runs, summary, tests, item)]
+    assert [row["by_questions"] for row in epoch_rows("fam", runs, summary, tests)] == ["", "–", "–"]
+    rows = epoch_rows("fam", runs, summary, tests, item)
+    cells = [row["by_questions"] for row in rows]
     epoch3 = item.set_index("variant").loc["lora@epoch3"]
     assert cells[0] == "" and cells[2].startswith(f"+{100 * epoch3['diff']:.2f} [") and cells[2].endswith("(better)")
+    # The rendered table carries the cells (one column more than without them), not a template artefact.
+    part = SimpleNamespace(data={"final_rows": [], "epoch_rows": rows, "by_items": True})
+    text = _environment().get_template("epochs.md.j2").render(part=part, confidence=95)
+    table = [line for line in text.splitlines() if line.startswith("| lora |")]
+    assert len(table) == 3 and table[2].endswith(f"| {cells[2]} |") and "built-in" not in text
+    assert all(line.count("|") == 10 for line in text.splitlines() if line.startswith("| Variant | Epoch"))
 
 
 def test_planted_effect_is_found_and_none_is_not():

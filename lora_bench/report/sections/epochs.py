@@ -49,7 +49,8 @@ def epoch_rows(family: str, runs: pd.DataFrame, summary: pd.DataFrame, tests: pd
                     cells[split] = "–"
             cells.setdefault("n", "0")
             key = f"{variant}@epoch{epoch}"
-            cells["items"] = "" if epoch == 1 else _item_cell(by_items, key)
+            # Not "items": Jinja would read row.items as the dict method.
+            cells["by_questions"] = "" if epoch == 1 else _item_cell(by_items, key)
             if epoch == 1:
                 cells.update(diff="reference", p="", verdict="")
             elif key in epoch_tests.index:
@@ -73,7 +74,7 @@ def epochs_section(family: str, tables: dict) -> dict:
     runs, summary, tests = tables["runs"], tables["summary"], tables["tests"]
     rows = epoch_rows(family, runs, summary, tests, tables.get("item_tests"))
     return {"final_rows": condition_rows(family, runs, summary, tests.iloc[0:0]), "epoch_rows": rows,
-            "by_items": any(row["items"] not in ("", "–") for row in rows)}
+            "by_items": any(row["by_questions"] not in ("", "–") for row in rows)}
 
 
 PART = SectionPart("epochs.md.j2", epochs_section)
