@@ -226,15 +226,16 @@ class Study:
             configs.setdefault(config_key(cfg), cfg)
         return configs
 
-    def data_preparations(self) -> dict[str, dict]:
+    def data_preparations(self, trained: dict[str, dict] | None = None) -> dict[str, dict]:
         """Data key -> spec (``data_spec``) of every distinct data the study's trainings read, sweep re-runs
         included: each is fetched and tokenized once, by its own workflow job.
 
         Only the spec, not the whole run config, decides whether data preparation re-runs: a new learning
         rate must not re-prepare data. Synthetic token ids are generated in the run itself.
+        ``trained``: ``trained_configs()`` when the caller already has it (the workflow resolves every run once).
         """
         specs: dict[str, dict] = {}
-        for resolved in self.trained_configs().values():
+        for resolved in (trained if trained is not None else self.trained_configs()).values():
             spec = data_spec(resolved)
             if spec is not None:
                 specs.setdefault(data_key(spec), spec)

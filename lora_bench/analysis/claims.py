@@ -18,7 +18,15 @@ import pandas as pd
 
 from lora_bench.analysis.columns import cfg
 from lora_bench.analysis.compare import baseline_variant, compare_two, convergence, holm
-from lora_bench.analysis.items import ITEM_TEST, item_comparison, read_predictions, stage_rows
+from lora_bench.analysis.items import (
+    EPOCH_CONDITION,
+    ITEM_TEST,
+    epoch_condition,
+    epoch_conditions,
+    item_comparison,
+    read_predictions,
+    stage_rows,
+)
 from lora_bench.analysis.summary import ALPHA, by_seed, family_order, metric_meta, select_values
 from lora_bench.atomic import write_named_tables
 from lora_bench.study import kind_spec
@@ -132,7 +140,7 @@ def _condition_values(rows: pd.DataFrame, condition) -> pd.Series:
 
 
 def _condition_name(condition) -> str:
-    return f"{condition[0]}@epoch{condition[1]}" if isinstance(condition, tuple) else str(condition)
+    return epoch_condition(*condition) if isinstance(condition, tuple) else str(condition)
 
 
 def instruct_claims(metrics: pd.DataFrame, runs: pd.DataFrame, predictions: pd.DataFrame | None = None
@@ -214,12 +222,8 @@ def _item_columns(predictions: pd.DataFrame, runs: pd.DataFrame, family: str, be
     if metric != "accuracy" or predictions.empty or isinstance(better, tuple) != isinstance(worse, tuple):
         return {}
     if isinstance(better, tuple):
-        rows = stage_rows(predictions, "epoch")
-        conditions = {_condition_name(c): c for c in (better, worse)}
-        rows = pd.concat([rows[(rows["variant"] == variant) & (rows["epoch"] == epoch)].assign(condition=name)
-                          for name, (variant, epoch) in conditions.items()])
-        item = item_comparison(rows, runs, family, _condition_name(better), _condition_name(worse), split,
-                               column="condition")
+        item = item_comparison(epoch_conditions(stage_rows(predictions, "epoch")), runs, family,
+                               _condition_name(better), _condition_name(worse), split, column=EPOCH_CONDITION)
     else:
         item = item_comparison(stage_rows(predictions, "final"), runs, family, str(better), str(worse), split)
     if item is None or not np.isfinite(item["p_value"]):

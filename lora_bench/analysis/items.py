@@ -305,24 +305,41 @@ def _pairs_with_baseline(predictions: pd.DataFrame, runs: pd.DataFrame, split: s
         for variant in conditions:
             if variant != baseline:
                 yield family, kind, column, variant, baseline, family_predictions
+    by_epoch = stage_rows(selected, "epoch")
     for family in family_order(runs):
-        if kind_spec(_kind(runs, family)).epoch_tests:
-            yield from _epoch_pairs(stage_rows(selected, "epoch"), runs, family)
+        kind = _kind(runs, family)
+        if kind_spec(kind).epoch_tests:
+            yield from _epoch_pairs(by_epoch, runs, family, kind)
 
 
-def _epoch_pairs(epoch_predictions: pd.DataFrame, runs: pd.DataFrame, family: str):
+EPOCH_CONDITION = "condition"
+
+
+def epoch_condition(variant: str, epoch: int) -> str:
+    """``<variant>@epoch<k>``: an epoch of a variant as a condition, named as in the seed-level tests table."""
+    return f"{variant}@epoch{epoch}"
+
+
+def epoch_conditions(epoch_predictions: pd.DataFrame) -> pd.DataFrame:
+    """Stage-``epoch`` predictions with each (variant, epoch) as a condition of its own (column
+    ``EPOCH_CONDITION``), so ``crossed_arrays`` and ``item_comparison`` compare epochs of the same runs."""
+    names = epoch_predictions["variant"].astype(str) + "@epoch" + epoch_predictions["epoch"].astype(int).astype(str)
+    return epoch_predictions.assign(**{EPOCH_CONDITION: names})
+
+
+def _epoch_pairs(epoch_predictions: pd.DataFrame, runs: pd.DataFrame, family: str, kind: str):
     """Each later epoch of each variant of an epochs family against its epoch 1, on the test answers its runs
-    kept after every epoch; conditions are named ``<variant>@epoch<k>`` as in the seed-level tests table."""
+    kept after every epoch."""
     rows = epoch_predictions[epoch_predictions["family"] == family]
     if rows.empty:
         return
-    rows = rows.assign(condition=rows["variant"].astype(str) + "@epoch" + rows["epoch"].astype(int).astype(str))
+    rows = epoch_conditions(rows)
     for variant in dict.fromkeys(runs.loc[runs["family"] == family, "variant"].astype(str)):
         epochs = sorted(int(e) for e in rows.loc[rows["variant"] == variant, "epoch"].unique())
         if 1 not in epochs:
             continue
         for epoch in (e for e in epochs if e != 1):
-            yield family, _kind(runs, family), "condition", f"{variant}@epoch{epoch}", f"{variant}@epoch1", rows
+            yield family, kind, EPOCH_CONDITION, epoch_condition(variant, epoch), epoch_condition(variant, 1), rows
 
 
 def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -109,6 +110,17 @@ GGUF_CACHE_VERSION = 1
 GGUF_SUMMARY_FILE = "gguf.json"
 
 
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's content, once per process for a given size and modification time: a run reads the
+    tokenizer and then the model through ``converted_gguf``, and hashing a GGUF takes a tenth of a second or more."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def converted_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Path:
     """The folder holding the GGUF file ``path`` converted to transformers' format at ``dtype`` (config, weights
     as safetensors, tokenizer, the file's ``gguf_summary``); converted and published whole on first use.
@@ -121,11 +133,9 @@ def converted_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Pat
     import transformers
     from safetensors.torch import save_model
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    key = hashlib.sha256(json.dumps({"file": digest.hexdigest(), "dtype": str(dtype), "version": GGUF_CACHE_VERSION,
+    stat = path.stat()
+    key = hashlib.sha256(json.dumps({"file": _file_digest(str(path), stat.st_size, stat.st_mtime_ns),
+                                     "dtype": str(dtype), "version": GGUF_CACHE_VERSION,
                                      "transformers": transformers.__version__}).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "gguf" / f"{path.stem}-{key}"
     if folder.is_dir():  # published whole by atomic_folder, so present means complete

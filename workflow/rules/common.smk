@@ -34,7 +34,7 @@ os.environ.setdefault("LORA_BENCH_WARM", "1")
 # What the study trains, by config key (lora_bench.study.config_key): one training job per distinct config.
 TRAINED = STUDY.trained_configs()
 # The data those trainings read, by data key (lora_bench.study.data_key): one preparation job per distinct data.
-DATA_SPECS = STUDY.data_preparations()
+DATA_SPECS = STUDY.data_preparations(TRAINED)
 
 
 wildcard_constraints:
