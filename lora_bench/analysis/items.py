@@ -267,6 +267,15 @@ def _pair_fit(strata: list[dict], a: str, b: str) -> tuple[dict | None, str]:
     return (combine_strata(fits) if fits else None), "; ".join(notes)
 
 
+def _crossed_pair(predictions: pd.DataFrame, column: str, a: str, b: str) -> tuple[list[dict], dict | None, str]:
+    """The strata of conditions ``a`` and ``b`` and their pooled crossed fit (None when no stratum has two
+    shared seeds), with a note on the strata left out: the one computation behind ``item_tests`` and
+    ``item_comparison``."""
+    strata = crossed_arrays(predictions, column, [a, b])
+    fit, note = _pair_fit(strata, a, b)
+    return strata, fit, note
+
+
 def _design(fit: dict | None, strata: list[dict]) -> str:
     if fit is None:
         return ""
@@ -346,8 +355,7 @@ def item_tests(predictions: pd.DataFrame, runs: pd.DataFrame, split: str = SPLIT
     """Every condition against its family's baseline by the crossed test (one row each; Holm within family)."""
     rows = []
     for family, kind, column, variant, baseline, family_predictions in _pairs_with_baseline(predictions, runs, split):
-        strata = crossed_arrays(family_predictions, column, [variant, baseline])
-        fit, note = _pair_fit(strata, variant, baseline)
+        strata, fit, note = _crossed_pair(family_predictions, column, variant, baseline)
         row = {"family": family, "family_kind": kind, "metric": "accuracy", "split": split, "variant": variant,
                "baseline": baseline, "test": ITEM_TEST, "n_strata": 0, "n_seeds": 0, "n_items": 0}
         if fit is None:
@@ -390,8 +398,7 @@ def item_comparison(predictions: pd.DataFrame, runs: pd.DataFrame, family: str, 
     if selected.empty:
         return None
     column = column or _conditions(runs, family)[0]
-    strata = crossed_arrays(selected, column, [a, b])
-    fit, note = _pair_fit(strata, a, b)
+    strata, fit, note = _crossed_pair(selected, column, a, b)
     if fit is None:
         return None
     return {**t_result(fit), "design": _design(fit, strata), "note": note}
