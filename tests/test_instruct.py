@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +290,39 @@ def test_gguf_conversion_is_cached_and_gives_the_same_model(tmp_path, monkeypatc
     assert conversions == ["tiny.gguf"] * 3 and len(list((cache / "gguf").iterdir())) == 3 and folder.is_dir()
     torch.testing.assert_close(changed.model.model.layers[0].self_attn.v_proj.weight,
                                torch.from_numpy(_TINY_WEIGHTS["blk.0.attn_v.weight"]))
+
+
+def test_prune_cache_removes_only_conversions_no_run_can_read(tmp_path, capsys, monkeypatch):
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from lora_bench.cli import main
+    from lora_bench.run import causal_lm
+
+    path, cache = tmp_path / "tiny.gguf", tmp_path / "cache"
+    _write_tiny_llama_gguf(gguf, path)
+    spec = ModelConfig("local", str(path), "float32")
+    replaced = Path(load_causal_lm(spec, cache_dir=cache).info["gguf_cache"])
+    monkeypatch.setattr(sys.modules[__name__], "_TINY_SEED", [_TINY_SEED[0] + 1])  # the file is replaced
+    _write_tiny_llama_gguf(gguf, path)
+    current = Path(load_causal_lm(spec, cache_dir=cache).info["gguf_cache"])
+    other_dtype = Path(load_causal_lm(ModelConfig("local", str(path), "bfloat16"), cache_dir=cache).info["gguf_cache"])
+    # A conversion by another transformers version, and one from before folders recorded their key.
+    old_version = other_dtype.with_name(other_dtype.name + "-old")
+    shutil.copytree(other_dtype, old_version)
+    key = json.loads((old_version / causal_lm.GGUF_KEY_FILE).read_text())
+    (old_version / causal_lm.GGUF_KEY_FILE).write_text(json.dumps({**key, "transformers": "0.0.1"}))
+    unkeyed = shutil.copytree(other_dtype, other_dtype.with_name("tiny-unkeyed"))
+    (unkeyed / causal_lm.GGUF_KEY_FILE).unlink()
+
+    reasons = dict(causal_lm.stale_gguf_conversions(cache))
+    assert set(reasons) == {replaced, old_version, unkeyed}
+    assert "has changed" in reasons[replaced] and "transformers 0.0.1" in reasons[old_version]
+    assert main(["prune-cache", "--cache-dir", str(cache), "--dry-run"]) == 0
+    assert all(folder.is_dir() for folder in reasons) and capsys.readouterr().out.count("would remove") == 3
+    assert main(["prune-cache", "--cache-dir", str(cache)]) == 0
+    assert sorted((cache / "gguf").iterdir()) == sorted([other_dtype, current])
+    assert causal_lm.stale_gguf_conversions(cache) == []
+    # What is left still loads without converting again.
+    assert load_causal_lm(spec, cache_dir=cache).info["gguf_cache"] == str(current)
 
 
 _TINY_WEIGHTS: dict[str, np.ndarray] = {}

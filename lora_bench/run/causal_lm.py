@@ -108,6 +108,7 @@ def _from_pretrained(where: str, gguf_file: str | None, dtype, label: str, pretr
 
 GGUF_CACHE_VERSION = 1
 GGUF_SUMMARY_FILE = "gguf.json"
+GGUF_KEY_FILE = "key.json"  # what the folder's key hashes, and the file it came from: lets stale ones be found
 
 
 @functools.lru_cache(maxsize=8)
@@ -134,9 +135,9 @@ def converted_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Pat
     from safetensors.torch import save_model
 
     stat = path.stat()
-    key = hashlib.sha256(json.dumps({"file": _file_digest(str(path), stat.st_size, stat.st_mtime_ns),
-                                     "dtype": str(dtype), "version": GGUF_CACHE_VERSION,
-                                     "transformers": transformers.__version__}).encode()).hexdigest()[:16]
+    parts = {"file": _file_digest(str(path), stat.st_size, stat.st_mtime_ns), "dtype": str(dtype),
+             "version": GGUF_CACHE_VERSION, "transformers": transformers.__version__}
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "gguf" / f"{path.stem}-{key}"
     if folder.is_dir():  # published whole by atomic_folder, so present means complete
         return folder
@@ -150,7 +151,42 @@ def converted_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Pat
         save_model(loaded.model, str(temporary / "model.safetensors"))
         loaded.tokenizer.save_pretrained(temporary)
         (temporary / GGUF_SUMMARY_FILE).write_text(json.dumps(gguf_summary(path)), encoding="utf-8")
+        (temporary / GGUF_KEY_FILE).write_text(json.dumps({**parts, "source": str(path.resolve())}), encoding="utf-8")
     return folder
+
+
+def stale_gguf_conversions(cache_dir: str | Path) -> list[tuple[Path, str]]:
+    """The converted-GGUF folders under ``<cache_dir>/gguf`` that no run of this environment can read again,
+    each with the reason: made by another transformers version or cache version, its GGUF file replaced or
+    gone, or made before folders recorded their key. Each holds a whole model (about 540 MB for SmolLM2-135M
+    in float32) and a new transformers version leaves the old one behind, so ``prune-cache`` removes them; a
+    conversion still needed is simply made again on next use."""
+    import transformers
+
+    root = Path(cache_dir) / "gguf"
+    stale = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not folder.is_dir() or folder.name.endswith(".tmp"):  # atomic_folder's temporaries clean themselves
+            continue
+        try:
+            parts = json.loads((folder / GGUF_KEY_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            stale.append((folder, f"no readable {GGUF_KEY_FILE} (made before conversions recorded their key)"))
+            continue
+        source = Path(parts.get("source", ""))
+        if parts.get("version") != GGUF_CACHE_VERSION:
+            reason = f"cache version {parts.get('version')} (now {GGUF_CACHE_VERSION})"
+        elif parts.get("transformers") != transformers.__version__:
+            reason = f"made by transformers {parts.get('transformers')} (now {transformers.__version__})"
+        elif not source.is_file():
+            reason = f"its GGUF file {source} is gone"
+        else:
+            stat = source.stat()
+            same = _file_digest(str(source), stat.st_size, stat.st_mtime_ns) == parts.get("file")
+            reason = "" if same else f"its GGUF file {source} has changed"
+        if reason:
+            stale.append((folder, reason))
+    return stale
 
 
 def _from_gguf(path: Path, dtype, label: str, device=None, cache_dir=None) -> LoadedModel:
