@@ -332,7 +332,8 @@ def epoch_condition(variant: str, epoch: int) -> str:
 def epoch_conditions(epoch_predictions: pd.DataFrame) -> pd.DataFrame:
     """Stage-``epoch`` predictions with each (variant, epoch) as a condition of its own (column
     ``EPOCH_CONDITION``), so ``crossed_arrays`` and ``item_comparison`` compare epochs of the same runs."""
-    names = epoch_predictions["variant"].astype(str) + "@epoch" + epoch_predictions["epoch"].astype(int).astype(str)
+    names = [epoch_condition(variant, epoch) for variant, epoch in
+             zip(epoch_predictions["variant"].astype(str), epoch_predictions["epoch"].astype(int))]
     return epoch_predictions.assign(**{EPOCH_CONDITION: names})
 
 

@@ -122,6 +122,12 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def _content_digest(path: Path) -> str:
+    """``_file_digest`` of ``path`` as it is now (a replaced file has another size or modification time)."""
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def converted_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Path:
     """The folder holding the GGUF file ``path`` converted to transformers' format at ``dtype`` (config, weights
     as safetensors, tokenizer, the file's ``gguf_summary``); converted and published whole on first use.
@@ -134,8 +140,7 @@ def converted_gguf(path: Path, dtype: torch.dtype, cache_dir: str | Path) -> Pat
     import transformers
     from safetensors.torch import save_model
 
-    stat = path.stat()
-    parts = {"file": _file_digest(str(path), stat.st_size, stat.st_mtime_ns), "dtype": str(dtype),
+    parts = {"file": _content_digest(path), "dtype": str(dtype),
              "version": GGUF_CACHE_VERSION, "transformers": transformers.__version__}
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "gguf" / f"{path.stem}-{key}"
@@ -181,9 +186,7 @@ def stale_gguf_conversions(cache_dir: str | Path) -> list[tuple[Path, str]]:
         elif not source.is_file():
             reason = f"its GGUF file {source} is gone"
         else:
-            stat = source.stat()
-            same = _file_digest(str(source), stat.st_size, stat.st_mtime_ns) == parts.get("file")
-            reason = "" if same else f"its GGUF file {source} has changed"
+            reason = "" if _content_digest(source) == parts.get("file") else f"its GGUF file {source} has changed"
         if reason:
             stale.append((folder, reason))
     return stale

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from lora_bench.analysis.items import epoch_condition
 from lora_bench.report import figures
 from lora_bench.report.formatting import (
     finite,
@@ -48,7 +49,7 @@ def epoch_rows(family: str, runs: pd.DataFrame, summary: pd.DataFrame, tests: pd
                 else:
                     cells[split] = "–"
             cells.setdefault("n", "0")
-            key = f"{variant}@epoch{epoch}"
+            key = epoch_condition(variant, epoch)
             # Not "items": Jinja would read row.items as the dict method.
             cells["by_questions"] = "" if epoch == 1 else _item_cell(by_items, key)
             if epoch == 1:
