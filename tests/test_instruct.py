@@ -530,6 +530,44 @@ def test_the_epochs_claim_uses_a_variant_that_tested_every_epoch():
     assert "epochs" not in instruct_pairs(neither, "ins")
 
 
+def test_the_epochs_claim_prefers_separate_one_and_two_epoch_runs_that_differ_in_nothing_else():
+    """The reference compared a run of one epoch with a run of two, each with its whole schedule: when a family has
+    such a pair (rates may differ, each tuned) the claim reads the one-epoch run after epoch 1 against the two-epoch
+    run after epoch 2, not epochs 1 and 2 of one longer run; a pair that differs in anything else is no such pair."""
+    from lora_bench.analysis.claims import instruct_claims, instruct_pairs
+
+    base = {"family": "ins", "family_kind": "instruct", "status": "ok", "cfg.method.name": "lora",
+            "cfg.train.test_every_epoch": True, "cfg.data.max_examples.train": 288, "cfg.train.schedule": "cosine"}
+    rows = [{**base, "variant": "lora", "is_baseline": True, "cfg.train.epochs": 3, "cfg.train.test_every_epoch": False,
+             "cfg.data.max_examples.train": 96, "cfg.train.lr": 5e-4},
+            {**base, "variant": "epochs3", "is_baseline": False, "cfg.train.epochs": 3, "cfg.train.lr": 1e-3},
+            {**base, "variant": "epochs1", "is_baseline": False, "cfg.train.epochs": 1, "cfg.train.lr": 1.5e-3},
+            {**base, "variant": "epochs2", "is_baseline": False, "cfg.train.epochs": 2, "cfg.train.lr": 5e-4}]
+    runs = pd.DataFrame([{**row, "seed": seed, "cfg.seed": seed} for row in rows for seed in range(3)])
+    assert instruct_pairs(runs, "ins")["epochs"] == (("epochs1", 1), ("epochs2", 2), "epoch")
+
+    # Read at epoch 2 of the two-epoch runs, whichever epoch their validation selected: a planted drop is found.
+    metrics = []
+    for row in runs.to_dict("records"):
+        label = {k: row[k] for k in ("family", "family_kind", "variant", "seed", "is_baseline", "status")}
+        metric = {**label, "metric": "accuracy", "split": "test", "unit": "fraction", "higher_is_better": True}
+        for epoch in range(1, int(row["cfg.train.epochs"]) + 1):
+            value = 0.8 + 0.01 * row["seed"] - (0.05 + 0.003 * row["seed"] if row["variant"] == "epochs2"
+                                                 and epoch == 2 else 0.0)
+            metrics.append({**metric, "stage": "epoch", "epoch": epoch, "value": value})
+        metrics.append({**metric, "stage": "final", "epoch": 1, "value": 0.8 + 0.01 * row["seed"]})
+    claim = instruct_claims(pd.DataFrame(metrics), runs).set_index("claim").loc["epochs"]
+    assert claim["comparison"] == "epochs1@epoch1 vs epochs2@epoch2"
+    assert claim["diff"] == pytest.approx(0.053) and claim["test_support"] == "supported"
+
+    for key, other in (("cfg.data.max_examples.train", 96), ("cfg.train.schedule", "constant"),
+                       ("cfg.train.test_every_epoch", False)):
+        changed = runs.copy()
+        changed.loc[changed["variant"] == "epochs2", key] = other
+        # Not alike: back to epochs 1 and 2 of the run that tested every epoch.
+        assert instruct_pairs(changed, "ins")["epochs"][:2] == (("epochs3", 1), ("epochs3", 2)), key
+
+
 def test_per_epoch_report_shows_only_variants_tested_after_every_epoch():
     """A baseline that tests once has one test value per seed, at whichever epoch its validation picked; listed
     per epoch (or drawn as a line) it would read as a curve with n = 1-2. Only the epochs variant has a curve."""

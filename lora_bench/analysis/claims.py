@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lora_bench.analysis.columns import cfg
+from lora_bench.analysis.columns import PREFIX, cfg
 from lora_bench.analysis.compare import baseline_variant, compare_two, convergence, holm
 from lora_bench.analysis.items import (
     EPOCH_CONDITION,
@@ -89,6 +89,41 @@ def epoch_curve_variants(runs: pd.DataFrame, family: str) -> list[str]:
     return [v for v, c in settings.items() if _number(c.get(cfg("train.epochs")), 1) >= 2 and _tests_every_epoch(c)]
 
 
+# What may differ between the one- and the two-epoch runs of the epochs claim: the epochs, the tuned learning rate,
+# and the seed of the run the settings were read from.
+EPOCHS_CLAIM_FREE = ("train.epochs", "train.lr", "seed")
+
+
+def _same_value(a, b) -> bool:
+    """Equal config values, a missing one (None or NaN: the column absent from one variant's records) equal only to
+    another missing one."""
+    def missing(value) -> bool:
+        return value is None or (isinstance(value, float) and math.isnan(value))
+    return missing(a) == missing(b) and (missing(a) or str(a) == str(b))
+
+
+def one_and_two_epoch_runs(runs: pd.DataFrame, family: str) -> tuple[str, str] | None:
+    """The variants of ``family`` that train one and two epochs over the same data and are otherwise alike (the
+    learning rate may differ: each is tuned for its own budget), both testing after every epoch; None if absent.
+
+    The reference's claim is about two separate runs, each with its whole schedule: one pass over the
+    instructions against two passes. Epochs 1 and 2 of one longer run are not that (after epoch 1 a decaying
+    rate has not decayed and a constant one never does), so these variants, when a family has them, are what
+    the epochs claim compares; the two-epoch run is read after its second epoch, whichever epoch validation
+    would have selected, because the claim is about training twice as long."""
+    settings = _variant_settings(runs, family)
+    tested = [v for v, c in settings.items() if _tests_every_epoch(c)]
+    ones = [v for v in tested if _number(settings[v].get(cfg("train.epochs")), 1) == 1]
+    twos = [v for v in tested if _number(settings[v].get(cfg("train.epochs")), 1) == 2]
+    free = {cfg(key) for key in EPOCHS_CLAIM_FREE}
+    for one in ones:
+        for two in twos:
+            keys = {k for k in (*settings[one], *settings[two]) if k.startswith(PREFIX)} - free
+            if all(_same_value(settings[one].get(k), settings[two].get(k)) for k in keys):
+                return one, two
+    return None
+
+
 def _same_method(a: dict, b: dict) -> bool:
     return a.get(cfg("method.name")) == b.get(cfg("method.name"))
 
@@ -100,10 +135,14 @@ def instruct_pairs(runs: pd.DataFrame, family: str) -> dict[str, tuple]:
     baseline, _ = baseline_variant(runs, family)
     base = settings.get(baseline, {})
     pairs: dict[str, tuple] = {}
-    # Epoch 2 against epoch 1 needs test accuracy after each: a variant that tests every epoch, the longest
-    # such run first (an epochs variant beside a multi-epoch baseline that tests once), then the baseline.
+    separate = one_and_two_epoch_runs(runs, family)
     multi_epoch = epoch_curve_variants(runs, family)
-    if multi_epoch:
+    if separate:
+        one, two = separate
+        pairs["epochs"] = ((one, 1), (two, 2), "epoch")
+    elif multi_epoch:
+        # Else epoch 2 against epoch 1 of one run that tests every epoch, the longest such run first (an epochs
+        # variant beside a multi-epoch baseline that tests once), then the baseline.
         variant = max(multi_epoch, key=lambda v: (_number(settings[v].get(cfg("train.epochs")), 1), v == baseline))
         pairs["epochs"] = ((variant, 1), (variant, 2), "epoch")
     noisy = [v for v, c in settings.items() if _number(c.get(cfg("instruct.noise_fraction")), 0.0) > 0]
