@@ -135,12 +135,10 @@ def instruct_pairs(runs: pd.DataFrame, family: str) -> dict[str, tuple]:
     baseline, _ = baseline_variant(runs, family)
     base = settings.get(baseline, {})
     pairs: dict[str, tuple] = {}
-    separate = one_and_two_epoch_runs(runs, family)
-    multi_epoch = epoch_curve_variants(runs, family)
-    if separate:
+    if separate := one_and_two_epoch_runs(runs, family):
         one, two = separate
         pairs["epochs"] = ((one, 1), (two, 2), "epoch")
-    elif multi_epoch:
+    elif multi_epoch := epoch_curve_variants(runs, family):
         # Else epoch 2 against epoch 1 of one run that tests every epoch, the longest such run first (an epochs
         # variant beside a multi-epoch baseline that tests once), then the baseline.
         variant = max(multi_epoch, key=lambda v: (_number(settings[v].get(cfg("train.epochs")), 1), v == baseline))
