@@ -32,6 +32,14 @@ from lora_bench.run.methods import builds_layer_by_layer
 from lora_bench.run.predictions import ITEMS_KEY, dataset_example_ids, item_block
 from lora_bench.run.tasks.base import Autocast
 
+# transformers 5 renamed the key/value cache from ``past_key_values`` to ``cache`` (argument and output; the old
+# argument is a deprecated alias until 5.40, and warns on every call), 4.x knows only the old name.
+try:
+    from transformers.modeling_outputs import CausalLMOutputWithPast as _Outputs
+    CACHE_KEYWORD = "cache" if "cache" in _Outputs.__dataclass_fields__ else "past_key_values"
+except ImportError:  # pragma: no cover - transformers is a dependency
+    CACHE_KEYWORD = "past_key_values"
+
 # ----------------------------------------------------------------------------------------------------
 # Loss and scoring
 
@@ -102,7 +110,7 @@ def score_candidates(model: nn.Module, prompts: list[list[int]], candidates: lis
             first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                           logits_to_keep=1)
         first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)  # [b, V]
-        cache = first.past_key_values
+        cache = getattr(first, CACHE_KEYWORD)
         cache.batch_repeat_interleave(k)
         flat = [c for row in cands for c in row]
         lc = max(len(c) for c in flat)
@@ -117,7 +125,7 @@ def score_candidates(model: nn.Module, prompts: list[list[int]], candidates: lis
         cont = cont.to(device)
         with autocast():
             second = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_positions,
-                           past_key_values=cache, use_cache=False)
+                           use_cache=False, **{CACHE_KEYWORD: cache})
         logp = torch.log_softmax(second.logits.float(), -1)  # position j predicts token j + 1
         scores = first_logp.repeat_interleave(k, 0).gather(1, cont[:, :1]).squeeze(1)
         if lc > 1:
