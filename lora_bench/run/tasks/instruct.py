@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lora_bench.atomic import replace_atomically
 from lora_bench.config import ConfigError, MethodConfig, ModelConfig, RunConfig
@@ -34,11 +35,7 @@ from lora_bench.run.tasks.base import Autocast
 
 # transformers 5 renamed the key/value cache from ``past_key_values`` to ``cache`` (argument and output; the old
 # argument is a deprecated alias until 5.40, and warns on every call), 4.x knows only the old name.
-try:
-    from transformers.modeling_outputs import CausalLMOutputWithPast as _Outputs
-    CACHE_KEYWORD = "cache" if "cache" in _Outputs.__dataclass_fields__ else "past_key_values"
-except ImportError:  # pragma: no cover - transformers is a dependency
-    CACHE_KEYWORD = "past_key_values"
+CACHE_KEYWORD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # ----------------------------------------------------------------------------------------------------
 # Loss and scoring
