@@ -24,3 +24,4 @@ rule all:
     input:
         final_targets(),
         rerun_record_paths,
+        tune_extension_record_paths,

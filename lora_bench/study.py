@@ -124,8 +124,9 @@ class Family:
     # Families with data_seeds and sweeps (their re-runs too): variant -> (setting = the variant before
     # expansion or the re-run's configuration, data seed).
     settings: dict = field(default_factory=dict)
-    # Sweep families: the `sweep` block (top_k, rerun_seeds, rerun_data_seeds) and every possible re-run
-    # variant (<config>-data<d>) -> partial run config.
+    # Sweep families: the `sweep` block (top_k, rerun_seeds, rerun_data_seeds). ``rerun_variants``: the variants
+    # that run only when a checkpoint asks for them, -> partial run config: a sweep's every possible re-run
+    # (<config>-data<d>), a tuning family's every possible grid extension (tune.extend).
     sweep: dict | None = None
     rerun_variants: dict = field(default_factory=dict)
     # variant -> what its runs are expected to show (`expect: no_learning`): the report reads their flags so.
@@ -206,6 +207,34 @@ class Study:
         """
         return config_key(self.run_config(family, variant, seed, tuned_value).to_dict())
 
+    def tuning_runs(self, family: str, rounds: list[str | Path] | tuple = ()) -> list[tuple[str, str, int]]:
+        """The (tuning family, tuning variant, seed) runs a tuned family's selection is made from after the given
+        extension rounds: its base grid, plus, per round, one value beyond the end of a variant's values tried so
+        far where that round's selection chose that end (``chosen_edge``; see ``tune.extend`` in the schema).
+
+        ``rounds``: the selection JSON files of rounds 0, 1, ... (each made from the runs of the rounds before).
+        A round can add no value past the ``extend`` steps its grid was planned with (``tune["grids"]``), so
+        every run named here has a config the workflow knows up front.
+        """
+        fam = self.families[family]
+        tune = fam.tune
+        tried = {variant: list(tune["base_grids"][variant]) for variant in fam.variants}
+        for path in rounds:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    edges = json.load(handle)["chosen_edge"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{path}: not a tuning selection with chosen_edge ({exc}); run again with "
+                                  "`--forcerun tune_round` to select again from the tuning runs") from exc
+            for variant, edge in edges.items():
+                if variant in tried and edge in ("low", "high"):
+                    beyond = _next_beyond(tune["grids"][variant], tried[variant], edge)
+                    if beyond is not None:
+                        tried[variant].append(beyond)
+        tuning = self.families[tune["family"]]
+        return [(tuning.name, _tuning_variant(variant, tune["key"], value), seed)
+                for variant, values in tried.items() for value in values for seed in tuning.seeds]
+
     def tuned_families(self) -> list[str]:
         """Families with a `tune` block (their runs wait for the selection of their tuning family)."""
         return [f.name for f in self.families.values() if f.is_tuned]
@@ -217,7 +246,10 @@ class Study:
         """
         runs = self.runs() + [(f.name, v, s) for f in self.families.values() if f.sweep
                               for v in f.rerun_variants for s in f.sweep["rerun_seeds"]]
-        # A tuned family's runs with every value of its grid: which one is used is known only after tuning.
+        # A tuning family's possible grid extensions, and a tuned family's runs with every value of its grid
+        # (extensions included): which are run and which value is used is known only after tuning.
+        runs += [(f.name, v, s) for f in self.families.values() if f.kind == TUNE_KIND
+                 for v in f.rerun_variants for s in f.seeds]
         runs += [(f.name, v, s, value) for f in map(self.families.get, self.tuned_families())
                  for v in f.variants for s in f.seeds for value in f.tune["grids"][v]]
         configs: dict[str, dict] = {}
@@ -440,24 +472,62 @@ def _tune_families(family: Family, tune: dict, source: str, families: dict) -> t
     reused = sorted(set(seeds) & set(family.seeds))
     if reused:
         raise ConfigError(f"{where}: tune.seeds {reused} are also the family's seeds; tuning needs fresh seeds")
-    last = tune["key"].rsplit(".", 1)[-1]
-    grids = {variant: _tune_grid(tune, partial, f"{where} [variant {variant}]")
-             for variant, partial in family.variants.items()}
-    variants, settings, values = {}, {}, {}
+    extend = int(tune.get("extend") or 0)
+    base_grids = {variant: _tune_grid(tune, partial, f"{where} [variant {variant}]")
+                  for variant, partial in family.variants.items()}
+    extensions = {variant: _tune_extensions(grid, extend, f"{where} [variant {variant}]")
+                  for variant, grid in base_grids.items()}
+    # Every value a variant may run: the base grid first (its order kept, so a study without `extend` keeps
+    # the grids, hence the workflow parameters, it always had), then the possible extensions.
+    grids = {variant: [*grid, *extensions[variant]] for variant, grid in base_grids.items()}
+    variants, extension_variants, settings, values = {}, {}, {}, {}
     for variant, partial in family.variants.items():
         for value in grids[variant]:
-            tuning_variant = f"{variant}-{last}{_format_value(value)}"
-            variants[tuning_variant] = deep_merge(_set_dotted(partial, tune["key"], value),
-                                                  {"train": {"evaluate_test": False}})
+            tuning_variant = _tuning_variant(variant, tune["key"], value)
+            into = variants if value in base_grids[variant] else extension_variants
+            into[tuning_variant] = deep_merge(_set_dotted(partial, tune["key"], value),
+                                              {"train": {"evaluate_test": False}})
             settings[tuning_variant] = (variant, _base_data_seed(partial))
             values[tuning_variant] = value
-    baseline = f"{family.baseline}-{last}{_format_value(grids[family.baseline][0])}"
+    baseline = _tuning_variant(family.baseline, tune["key"], grids[family.baseline][0])
     tuning = Family(name, TUNE_KIND, f"Tuning of {tune['key']} for family {family.name} (validation only).",
-                    baseline, seeds, variants, settings, tune={**tune, "of": family.name, "variant_values": values})
+                    baseline, seeds, variants, settings, rerun_variants=extension_variants,
+                    tune={**tune, "of": family.name, "variant_values": values})
     tuned = Family(family.name, family.kind, family.description, family.baseline, family.seeds, family.variants,
                    family.settings, family.sweep, family.rerun_variants, family.expectations,
-                   tune={**tune, "family": name, "grids": grids})
+                   tune={**tune, "extend": extend, "family": name, "grids": grids, "base_grids": base_grids})
     return tuned, tuning
+
+
+def _tuning_variant(variant: str, key: str, value) -> str:
+    """The tuning family's variant that runs ``variant`` at ``value`` of the tuned key, e.g. lora-lr0.0003."""
+    return f"{variant}-{key.rsplit('.', 1)[-1]}{_format_value(value)}"
+
+
+def _tune_extensions(grid: list[float], extend: int, where: str) -> list[float]:
+    """The values ``tune.extend`` may add beyond each end of a variant's grid: up to ``extend`` geometric steps
+    below its smallest and above its largest value, each step the ratio of the grid's two values at that end
+    (a 0.3 / 1 / 3 grid goes on to 0.09 and 9). Geometric, because the keys tuned this way (learning rates)
+    act on a log scale; 12 significant digits, as the grid itself."""
+    if not extend:
+        return []
+    ordered = sorted(grid)
+    if len(ordered) < 2 or ordered[0] <= 0:
+        raise ConfigError(f"{where}: tune.extend steps geometrically beyond the grid's ends, so it needs at least "
+                          f"two positive values; the grid is {grid}")
+    low_step, high_step = ordered[0] / ordered[1], ordered[-1] / ordered[-2]
+    lows = [float(f"{ordered[0] * low_step ** k:.12g}") for k in range(1, extend + 1)]
+    highs = [float(f"{ordered[-1] * high_step ** k:.12g}") for k in range(1, extend + 1)]
+    return [*lows, *highs]
+
+
+def _next_beyond(grid: list[float], tried: list[float], edge: str) -> float | None:
+    """The value of ``grid`` next beyond the ``edge`` ("low" / "high") end of ``tried``; None when none is left."""
+    if edge == "high":
+        beyond = [v for v in grid if v > max(tried)]
+        return min(beyond) if beyond else None
+    beyond = [v for v in grid if v < min(tried)]
+    return max(beyond) if beyond else None
 
 
 def _tune_grid(tune: dict, partial: dict, where: str) -> list[float]:
@@ -577,7 +647,7 @@ def study_from_dict(raw: dict, source: str = "<dict>") -> Study:
         for variant in family.variants:
             study.run_config(family.name, variant, family.seeds[0])
         for variant in itertools.islice(family.rerun_variants, 1):
-            study.run_config(family.name, variant, family.sweep["rerun_seeds"][0])
+            study.run_config(family.name, variant, (family.sweep["rerun_seeds"] if family.sweep else family.seeds)[0])
     return study
 
 

@@ -154,7 +154,7 @@ def test_tuning_through_the_workflow_then_the_family_runs_at_the_chosen_values(t
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     done = snakemake(workdir, "--cores", "2", "results/tables/tuning.parquet")
     jobs = jobs_run(done)
-    assert jobs["select_tune"] == 1
+    assert jobs["select_tune"] == 1 and "tune_round" not in jobs  # no extension rounds without tune.extend
     selection_file = json.loads((workdir / "results/tune/methods/selection.json").read_text())
     chosen = selection_file["chosen"]
     assert set(chosen) == {"lora", "last_layers"} and set(chosen.values()) <= {1.0e-3, 3.0e-2}
@@ -209,3 +209,89 @@ def test_factors_tune_each_variant_around_its_own_value_with_the_same_budget():
         "full-lr0.00015", "full-lr1.5e-05", "full-lr5e-05", "lora-lr0.0003", "lora-lr0.001", "lora-lr0.003"]
     with pytest.raises(ConfigError, match="not both or neither"):
         _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "factors": [1, 2]})
+
+
+def test_extend_plans_geometric_steps_beyond_each_end_but_runs_only_the_base_grid():
+    study = _study({"key": "train.lr", "factors": [0.3, 1, 3], "seeds": [100], "extend": 2})
+    tune = study.families["methods"].tune
+    assert tune["base_grids"]["lora"] == [3.0e-4, 1.0e-3, 3.0e-3]
+    # The base grid first, in its own order, then the steps below and above it (0.3 / 1 / 3: x0.3 and x3).
+    assert tune["grids"]["lora"] == [3.0e-4, 1.0e-3, 3.0e-3, 9.0e-5, 2.7e-5, 9.0e-3, 2.7e-2]
+    tuning = study.families["methods_tune"]
+    assert sorted(tuning.variants) == ["full-lr0.0003", "full-lr0.001", "full-lr0.003",
+                                       "lora-lr0.0003", "lora-lr0.001", "lora-lr0.003"]
+    assert sorted(tuning.rerun_variants) == sorted(f"{v}-lr{x}" for v in ("full", "lora")
+                                                   for x in ("9e-05", "2.7e-05", "0.009", "0.027"))
+    # Only the base grid is a run of the study (a target); every extension is a known config, ready if asked.
+    assert {(f, v) for f, v, _ in study.runs() if f == "methods_tune"} == {("methods_tune", v) for v in tuning.variants}
+    assert study.run_key("methods_tune", "lora-lr0.027", 100) in study.trained_configs()
+    assert study.run_config("methods_tune", "lora-lr0.027", 100).train.evaluate_test is False
+    assert study.labels("methods_tune", "lora-lr0.027", 100)["tune_value"] == 0.027
+    assert study.run_key("methods", "lora", 1, 0.027) in study.trained_configs()
+    # Without extend nothing changes: the grids are the base grids and no variant waits for a round.
+    plain = _study({"key": "train.lr", "factors": [0.3, 1, 3], "seeds": [100]})
+    assert plain.families["methods"].tune["grids"]["lora"] == [3.0e-4, 1.0e-3, 3.0e-3]
+    assert not plain.families["methods_tune"].rerun_variants
+    with pytest.raises(ConfigError, match="needs at least two positive values"):
+        _study({"key": "train.lr", "values": [0, 1.0e-3], "seeds": [100], "extend": 1})
+
+
+def test_each_extension_round_adds_one_value_beyond_the_end_its_selection_chose(tmp_path):
+    study = _study({"key": "train.lr", "factors": [0.3, 1, 3], "seeds": [100, 101], "extend": 2})
+
+    def round_file(name, edges):
+        path = tmp_path / name
+        path.write_text(json.dumps({"chosen_edge": edges}))
+        return path
+
+    def tried(*rounds):
+        runs = study.tuning_runs("methods", rounds)
+        assert {seed for _, _, seed in runs} == {100, 101}
+        return sorted({variant for _, variant, _ in runs})
+
+    base = tried()
+    assert base == sorted(study.families["methods_tune"].variants)
+    first = round_file("round0.json", {"lora": "high", "full": "low"})
+    assert set(tried(first)) - set(base) == {"lora-lr0.009", "full-lr9e-05"}
+    # A rate chosen at the new end goes one step further; one chosen inside its values stops there.
+    second = round_file("round1.json", {"lora": "high", "full": ""})
+    assert set(tried(first, second)) - set(base) == {"lora-lr0.009", "lora-lr0.027", "full-lr9e-05"}
+    # Past the planned extend steps there is nothing left to add: never a run the workflow cannot name.
+    third = round_file("round2.json", {"lora": "high", "full": "low"})
+    assert set(tried(first, second, third)) - set(base) == {"lora-lr0.009", "lora-lr0.027", "full-lr9e-05",
+                                                            "full-lr2.7e-05"}
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ConfigError, match="broken.json: not a tuning selection"):
+        study.tuning_runs("methods", [broken])
+
+
+def test_the_workflow_extends_a_grid_only_where_its_best_value_sits_at_an_end(tmp_path):
+    """Planted: tiny LoRA learns this data in 8 epochs at 3e-2 but not at 3e-3 (chosen at the high end), while
+    last-layers learns at neither (a tie: no edge). Round 0 asks for LoRA's next step, 0.3, and nothing else;
+    the final selection is made from all three LoRA values and the family runs at it."""
+    workdir = tmp_path / "extend"
+    path = mini_study(workdir, seeds=[0])
+    config = yaml.safe_load(path.read_text())
+    config["base"]["train"]["epochs"] = 8
+    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [3.0e-3, 3.0e-2], "seeds": [100],
+                                             "extend": 1}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = snakemake(workdir, "--cores", "2", "results/tables/tuning.parquet")
+    jobs = jobs_run(done)
+    assert jobs["tune_round"] == 1 and jobs["select_tune"] == 1
+    round0 = json.loads((workdir / "results/tune/methods/round0.json").read_text())
+    assert round0["chosen"]["lora"] == 3.0e-2 and round0["chosen_edge"] == {"lora": "high", "last_layers": ""}
+    tuning_runs = workdir / "results/runs/methods_tune"
+    assert sorted(p.name for p in tuning_runs.iterdir()) == [
+        "last_layers-lr0.003", "last_layers-lr0.03", "lora-lr0.003", "lora-lr0.03", "lora-lr0.3"]
+    final = json.loads((workdir / "results/tune/methods/selection.json").read_text())
+    assert set(final["scores"]["lora"]) == {"0.003", "0.03", "0.3"}
+    table = pd.read_parquet(workdir / "results/tables/tuning.parquet")
+    assert sorted(table.loc[table["setting"] == "lora", "value"]) == [3.0e-3, 3.0e-2, 0.3]
+    assert table.loc[table["chosen"], "value"].tolist() == [final["chosen"][s] for s in table.loc[table["chosen"],
+                                                                                                  "setting"]]
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
+    assert (runs["family"] == "methods_tune").sum() == 5
+    for variant, lr in runs.query("family == 'methods'")[["variant", "cfg.train.lr"]].itertuples(index=False):
+        assert lr == final["chosen"][variant], variant

@@ -5,6 +5,7 @@ rule collect:
     input:
         run_record_paths(),
         rerun_record_paths,
+        tune_extension_record_paths,
     output:
         runs=f"{RESULTS}/tables/runs.parquet",
         metrics=f"{RESULTS}/tables/metrics.parquet",

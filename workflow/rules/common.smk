@@ -43,6 +43,7 @@ wildcard_constraints:
     seed=r"\d+",
     key=r"[0-9a-f]{16}",
     data_key=r"[0-9a-f]{16}",
+    round=r"\d+",
 
 
 def run_record_paths():
@@ -116,19 +117,56 @@ def stale_label_marker(wildcards):
     return [marker]
 
 
-def tuning_record_paths(wildcards):
-    """The records a tuned family's selection is made from: its tuning family's runs."""
-    tuning = STUDY.families[STUDY.families[wildcards.family].tune["family"]]
-    return [
-        record_path(tuning.name, v, s) for v in tuning.variants for s in tuning.seeds
+def tried_tuning_records(family, rounds):
+    """The tuning records of a tuned family after ``rounds`` extension rounds (tune.extend): the base grid's,
+    plus the values each round's selection (the tune_round checkpoint) asked for beyond a grid's end.
+    """
+    selections = [
+        checkpoints.tune_round.get(family=family, round=r).output[0]
+        for r in range(rounds)
     ]
+    return [record_path(*run) for run in STUDY.tuning_runs(family, selections)]
+
+
+def tuning_round_records(wildcards):
+    """The records round k's selection is made from: those of every round before it."""
+    return tried_tuning_records(wildcards.family, int(wildcards.round))
+
+
+def tuning_record_paths(wildcards):
+    """The records a tuned family's final selection is made from: its tuning runs after every extension round."""
+    return tried_tuning_records(
+        wildcards.family, STUDY.families[wildcards.family].tune["extend"]
+    )
+
+
+def tune_extension_record_paths(wildcards=None):
+    """The tuning records beyond the base grids that the extension rounds asked for (none without
+    tune.extend): known only once those rounds' checkpoints ran, hence an input function of its own.
+    """
+    static = set(run_record_paths())
+    paths = []
+    for family in STUDY.tuned_families():
+        if STUDY.families[family].tune["extend"]:
+            paths += [
+                path
+                for path in tried_tuning_records(
+                    family, STUDY.families[family].tune["extend"]
+                )
+                if path not in static
+            ]
+    return paths
 
 
 def tune_json(wildcards):
-    """The family's tune block with each variant's grid: a params value, so only a change of it re-selects."""
+    """The family's tune block with each variant's grid: a params value, so only a change of it re-selects
+    (``extend`` only when set, so that studies without it keep their parameters)."""
     tune = STUDY.families[wildcards.family].tune
     keys = ("key", "values", "factors", "grids", "seeds", "metric")
-    return json.dumps({k: tune[k] for k in keys if k in tune}, sort_keys=True)
+    block = {k: tune[k] for k in keys if k in tune}
+    if tune["extend"]:
+        block["extend"] = tune["extend"]
+    return json.dumps(block, sort_keys=True)
 
 
 def run_config_json(wildcards):

@@ -1,6 +1,28 @@
 # Tuned families pick each variant's value (e.g. its learning rate) from validation-only tuning runs: which
 # runs the family then trains depends on those results, so the selection is a checkpoint (common.smk:
-# trained_record reads it).
+# trained_record reads it). With tune.extend, each round's selection first asks for one more value beyond an end
+# of a grid where the chosen value sits at that end (common.smk: tried_tuning_records): rounds are checkpoints
+# too, each made from the records of the rounds before it, and selection.json from those of every round.
+
+SELECT_TUNE = (
+    "python -m lora_bench select-tune --family {wildcards.family} --tune-json {params.tune:q}"
+    " --records {input:q} --out {output:q} > {log:q} 2>&1"
+)
+
+
+checkpoint tune_round:
+    input:
+        tuning_round_records,
+    output:
+        f"{RESULTS}/tune/{{family}}/round{{round}}.json",
+    log:
+        "logs/tune_round/{family}/round{round}.log",
+    conda:
+        "../../envs/lora-bench.yaml"
+    params:
+        tune=tune_json,
+    shell:
+        SELECT_TUNE
 
 
 checkpoint select_tune:
@@ -15,5 +37,4 @@ checkpoint select_tune:
     params:
         tune=tune_json,
     shell:
-        "python -m lora_bench select-tune --family {wildcards.family} --tune-json {params.tune:q}"
-        " --records {input:q} --out {output:q} > {log:q} 2>&1"
+        SELECT_TUNE
