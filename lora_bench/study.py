@@ -285,6 +285,8 @@ class Study:
         if fam.kind == TUNE_KIND:
             labels.update(setting=fam.settings[variant][0], tunes=fam.tune["of"], tune_key=fam.tune["key"],
                           tune_value=fam.tune["variant_values"][variant], tune_metric=fam.tune["metric"])
+            if variant in fam.rerun_variants:  # only then: the base grid's runs keep the labels they had
+                labels["tune_extension"] = True
         elif variant in fam.settings:
             setting, data_seed = fam.settings[variant]
             labels.update(setting=setting, data_seed=data_seed, train_seed=seed)

@@ -277,7 +277,7 @@ def test_the_workflow_extends_a_grid_only_where_its_best_value_sits_at_an_end(tm
     config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [3.0e-3, 3.0e-2], "seeds": [100],
                                              "extend": 1}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    done = snakemake(workdir, "--cores", "2", "results/tables/tuning.parquet")
+    done = snakemake(workdir, "--cores", "2", "paper/report.md")
     jobs = jobs_run(done)
     assert jobs["tune_round"] == 1 and jobs["select_tune"] == 1
     round0 = json.loads((workdir / "results/tune/methods/round0.json").read_text())
@@ -289,6 +289,10 @@ def test_the_workflow_extends_a_grid_only_where_its_best_value_sits_at_an_end(tm
     assert set(final["scores"]["lora"]) == {"0.003", "0.03", "0.3"}
     table = pd.read_parquet(workdir / "results/tables/tuning.parquet")
     assert sorted(table.loc[table["setting"] == "lora", "value"]) == [3.0e-3, 3.0e-2, 0.3]
+    assert table.loc[table["extension"], ["setting", "value"]].values.tolist() == [["lora", 0.3]]
+    report = (workdir / "paper/report.md").read_text()
+    assert "plus 1 value(s) beyond a grid's end where the value chosen sat there (tune.extend: lora 0.3)" in report
+    assert "| lora | 0.3 (extension) |" in report
     assert table.loc[table["chosen"], "value"].tolist() == [final["chosen"][s] for s in table.loc[table["chosen"],
                                                                                                   "setting"]]
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")

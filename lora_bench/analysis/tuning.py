@@ -15,7 +15,8 @@ selection as JSON (``results/tune/<family>/selection.json``) and the family's ru
 the value next to it, says only that the best value is there *or beyond*: the variant may be further from its
 own best rate than the others. ``chosen_edge`` ("low" / "high", empty inside the grid or on a flat end) marks it
 in the table and the selection, and the report's findings state it beside every comparison of that variant, so
-the grid can be widened in that direction.
+the grid can be widened in that direction; ``tune.extend`` does so round by round (``extension``: a value beyond
+the base grid, run because a round's selection chose that end).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from lora_bench.study import TUNE_KIND
 
 # The tune block's metric -> (metric, split) of the tidy metrics table.
 TUNE_METRICS = {"validation_accuracy": ("accuracy", "validation"), "validation_macro_f1": ("macro_f1", "validation")}
-TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "metric", "n_runs", "n_failed", "mean",
-                  "std", "chosen", "chosen_edge", "optimizer_steps", "epochs"]
+TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "extension", "metric", "n_runs", "n_failed",
+                  "mean", "std", "chosen", "chosen_edge", "optimizer_steps", "epochs"]
 
 
 def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str, metric: str) -> pd.DataFrame:
@@ -46,11 +47,13 @@ def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str,
     rows = []
     for (setting, value), group in family_runs.groupby(["setting", "tune_value"], sort=False):
         values = scores.loc[(scores["setting"] == setting) & (scores["tune_value"] == value), "value"]
-        rows.append({"setting": setting, "value": float(value), "n_runs": len(group),
+        # Records of tables made before tune.extend lack the column: a value of a base grid.
+        extension = "tune_extension" in group and bool(group["tune_extension"].fillna(False).astype(bool).any())
+        rows.append({"setting": setting, "value": float(value), "extension": extension, "n_runs": len(group),
                      "n_failed": int((group["status"] != "ok").sum()),
                      "mean": float(values.mean()) if len(values) else math.nan,
                      "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan})
-    return pd.DataFrame(rows, columns=["setting", "value", "n_runs", "n_failed", "mean", "std"])
+    return pd.DataFrame(rows, columns=["setting", "value", "extension", "n_runs", "n_failed", "mean", "std"])
 
 
 def select_tuned(scores: pd.DataFrame) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pandas as pd
+
 from lora_bench.report.formatting import finite, fmt_percent, md_text
 from lora_bench.report.sections.common import SectionPart
 
@@ -16,14 +18,22 @@ def tune_section(family: str, tables: dict) -> dict | None:
         return None
     runs = tables["runs"]
     family_runs = runs[runs["family"] == family]
-    rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}", "n": int(r.n_runs - r.n_failed),
-             "score": fmt_percent(r.mean), "chosen": _chosen_mark(r)} for r in part.itertuples()]
+    # Tables made before tune.extend have no extension column: every value is of the base grid.
+    extension = (part["extension"].fillna(False).astype(bool) if "extension" in part
+                 else pd.Series(False, index=part.index))
+    rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}{' (extension)' if beyond else ''}",
+             "n": int(r.n_runs - r.n_failed), "score": fmt_percent(r.mean), "chosen": _chosen_mark(r)}
+            for r, beyond in zip(part.itertuples(), extension)]
     epochs = part["epochs"].iloc[0]
-    n_variants = part["setting"].nunique()
-    budget = (f"{len(part) // max(1, n_variants)} values x {n_variants} variants x "
-              f"{int(family_runs['seed'].nunique())} tuning seed(s) = {len(family_runs)} runs"
-              f"{f' of {int(epochs)} epoch(s)' if finite(epochs) else ''}, the same for every variant; validation "
-              "split only (the test split was not evaluated)")
+    base = part[~extension]
+    n_variants, seeds = base["setting"].nunique(), int(family_runs["seed"].nunique())
+    extended = part[extension]
+    beyond = (f", plus {len(extended)} value(s) beyond a grid's end where the value chosen sat there (tune.extend: "
+              + ", ".join(f"{md_text(r.setting)} {r.value:g}" for r in extended.itertuples()) + ")"
+              if len(extended) else "")
+    budget = (f"{len(base) // max(1, n_variants)} values x {n_variants} variants x {seeds} tuning seed(s){beyond}"
+              f" = {len(family_runs)} runs{f' of {int(epochs)} epoch(s)' if finite(epochs) else ''}, the same budget "
+              "per run for every variant; validation split only (the test split was not evaluated)")
     return {"tuned": md_text(part["family"].iloc[0]), "key": md_text(part["key"].iloc[0]),
             "metric": md_text(part["metric"].iloc[0]), "rows": rows, "budget": budget}
 
