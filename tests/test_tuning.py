@@ -75,6 +75,10 @@ def test_a_value_chosen_at_an_end_of_its_grid_is_flagged_in_table_selection_and_
     assert "may lie above" in caveats[1] and "lora" not in caveats[1].split(";")[0].split("'s")[0]
     inside = pd.Series({"variant": "lora", "baseline": "lora"})
     assert _tuning_caveat({"tuning": table}, "m", inside) == ""
+    # Still at the end after tune.extend widened that end: the caveat says how far the grid was widened.
+    widened = table.assign(extension=(table["setting"] == "last_layers") & (table["value"] == VALUES[-1]))
+    assert "largest value of its grid (widened by 1 step(s) of tune.extend)" in _tuning_caveat(
+        {"tuning": widened}, "m", tests.iloc[1])
     # A flat end (the smallest value ties its neighbour and wins by the tie rule) is not an edge.
     flat = pd.DataFrame({"setting": "a", "value": [3e-3, 1e-2, 3e-2], "mean": [0.715, 0.715, 0.6975]})
     assert chosen_edges(flat, {"a": 3e-3}) == {"a": ""}

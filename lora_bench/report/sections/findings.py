@@ -155,9 +155,11 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
         row, neighbour = chosen.iloc[0], grid.iloc[1] if edge == "low" else grid.iloc[-2]
         scores = (f"validation {fmt_percent(row['mean'])} % vs {fmt_percent(neighbour['mean'])} % at "
                   f"{neighbour['value']:g}")
+        extended = int(grid["extension"].fillna(False).astype(bool).sum()) if "extension" in grid else 0
+        widened = f" (widened by {extended} step(s) of tune.extend)" if extended else ""
         caveats.append(f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}, {scores}) is the "
-                       f"{'smallest' if edge == 'low' else 'largest'} value of its grid, so its best value may lie "
-                       f"{'below' if edge == 'low' else 'above'} it")
+                       f"{'smallest' if edge == 'low' else 'largest'} value of its grid{widened}, so its best value "
+                       f"may lie {'below' if edge == 'low' else 'above'} it")
     return f" Tuning caveat: {'; '.join(caveats)}." if caveats else ""
 
 
