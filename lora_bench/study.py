@@ -510,7 +510,8 @@ def _tune_extensions(grid: list[float], extend: int, where: str) -> list[float]:
     """The values ``tune.extend`` may add beyond each end of a variant's grid: up to ``extend`` geometric steps
     below its smallest and above its largest value, each step the ratio of the grid's two values at that end
     (a 0.3 / 1 / 3 grid goes on to 0.09 and 9). Geometric, because the keys tuned this way (learning rates)
-    act on a log scale; 12 significant digits, as the grid itself."""
+    act on a log scale; 3 significant digits, so that a 0.1 ... 10 grid's 1/3 step reads 0.00167 in run names,
+    not 0.00166666666667."""
     if not extend:
         return []
     ordered = sorted(grid)
@@ -518,8 +519,8 @@ def _tune_extensions(grid: list[float], extend: int, where: str) -> list[float]:
         raise ConfigError(f"{where}: tune.extend steps geometrically beyond the grid's ends, so it needs at least "
                           f"two positive values; the grid is {grid}")
     low_step, high_step = ordered[0] / ordered[1], ordered[-1] / ordered[-2]
-    lows = [float(f"{ordered[0] * low_step ** k:.12g}") for k in range(1, extend + 1)]
-    highs = [float(f"{ordered[-1] * high_step ** k:.12g}") for k in range(1, extend + 1)]
+    lows = [float(f"{ordered[0] * low_step ** k:.3g}") for k in range(1, extend + 1)]
+    highs = [float(f"{ordered[-1] * high_step ** k:.3g}") for k in range(1, extend + 1)]
     return [*lows, *highs]
 
 

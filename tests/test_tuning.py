@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -272,18 +273,25 @@ def test_each_extension_round_adds_one_value_beyond_the_end_its_selection_chose(
 
 def test_the_workflow_extends_a_grid_only_where_its_best_value_sits_at_an_end(tmp_path):
     """Planted: tiny LoRA learns this data in 8 epochs at 3e-2 but not at 3e-3 (chosen at the high end), while
-    last-layers learns at neither (a tie: no edge). Round 0 asks for LoRA's next step, 0.3, and nothing else;
-    the final selection is made from all three LoRA values and the family runs at it."""
+    last-layers learns at neither (a tie: no edge). The study, two tuned families alike, first runs without
+    tune.extend; adding it to the same results makes round 0 ask for LoRA's next step, 0.3, and nothing else, and
+    both families' selections, which already existed, are made again from all three LoRA values (Snakemake
+    otherwise takes an existing checkpoint output as it is: the second family's was never made again); the
+    families run at them."""
     workdir = tmp_path / "extend"
     path = mini_study(workdir, seeds=[0])
     config = yaml.safe_load(path.read_text())
     config["base"]["train"]["epochs"] = 8
-    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [3.0e-3, 3.0e-2], "seeds": [100],
-                                             "extend": 1}
+    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [3.0e-3, 3.0e-2], "seeds": [100]}
+    config["families"]["again"] = copy.deepcopy(config["families"]["methods"])  # same configs: trained once
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    done = snakemake(workdir, "--cores", "2", "paper/report.md")
-    jobs = jobs_run(done)
-    assert jobs["tune_round"] == 1 and jobs["select_tune"] == 1
+    snakemake(workdir, "--cores", "2")
+    assert not (workdir / "results/tune/methods/round0.json").exists()
+    for family in ("methods", "again"):
+        config["families"][family]["tune"]["extend"] = 1
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    jobs = jobs_run(snakemake(workdir, "--cores", "2"))
+    assert jobs["tune_round"] >= 1 and jobs["select_tune"] >= 1
     round0 = json.loads((workdir / "results/tune/methods/round0.json").read_text())
     assert round0["chosen"]["lora"] == 3.0e-2 and round0["chosen_edge"] == {"lora": "high", "last_layers": ""}
     tuning_runs = workdir / "results/runs/methods_tune"
@@ -291,15 +299,21 @@ def test_the_workflow_extends_a_grid_only_where_its_best_value_sits_at_an_end(tm
         "last_layers-lr0.003", "last_layers-lr0.03", "lora-lr0.003", "lora-lr0.03", "lora-lr0.3"]
     final = json.loads((workdir / "results/tune/methods/selection.json").read_text())
     assert set(final["scores"]["lora"]) == {"0.003", "0.03", "0.3"}
+    again = json.loads((workdir / "results/tune/again/selection.json").read_text())
+    assert again["scores"] == final["scores"] and again["chosen"] == final["chosen"]
     table = pd.read_parquet(workdir / "results/tables/tuning.parquet")
+    table = table[table["family"] == "methods"]
     assert sorted(table.loc[table["setting"] == "lora", "value"]) == [3.0e-3, 3.0e-2, 0.3]
     assert table.loc[table["extension"], ["setting", "value"]].values.tolist() == [["lora", 0.3]]
+    assert table.loc[table["chosen"], "value"].tolist() == [final["chosen"][s] for s in table.loc[table["chosen"],
+                                                                                                  "setting"]]
     report = (workdir / "paper/report.md").read_text()
     assert "plus 1 value(s) beyond a grid's end where the value chosen sat there (tune.extend: lora 0.3)" in report
     assert "| lora | 0.3 (extension) |" in report
-    assert table.loc[table["chosen"], "value"].tolist() == [final["chosen"][s] for s in table.loc[table["chosen"],
-                                                                                                  "setting"]]
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
-    assert (runs["family"] == "methods_tune").sum() == 5
-    for variant, lr in runs.query("family == 'methods'")[["variant", "cfg.train.lr"]].itertuples(index=False):
+    assert (runs["family"] == "methods_tune").sum() == 5 and (runs["family"] == "again_tune").sum() == 5
+    for variant, lr in runs.query("family in ['methods', 'again']")[["variant", "cfg.train.lr"]].itertuples(
+            index=False):
         assert lr == final["chosen"][variant], variant
+    # Nothing left to do: the rounds and the selection are up to date.
+    assert not jobs_run(snakemake(workdir, "--cores", "2", "-n"))

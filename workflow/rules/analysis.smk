@@ -3,9 +3,9 @@
 
 rule collect:
     input:
-        run_record_paths(),
-        rerun_record_paths,
-        tune_extension_record_paths,
+        records=collected_record_paths,
+        # Not read: every selection is up to date before the tables are (common.smk: selection_paths).
+        selections=selection_paths(),
     output:
         runs=f"{RESULTS}/tables/runs.parquet",
         metrics=f"{RESULTS}/tables/metrics.parquet",
@@ -20,7 +20,7 @@ rule collect:
     params:
         tables=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "python -m lora_bench collect --records {input:q} --out-dir {params.tables:q} > {log:q} 2>&1"
+        "python -m lora_bench collect --records {input.records:q} --out-dir {params.tables:q} > {log:q} 2>&1"
 
 
 rule stats:

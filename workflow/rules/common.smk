@@ -158,6 +158,15 @@ def tune_extension_record_paths(wildcards=None):
     return paths
 
 
+def collected_record_paths(wildcards):
+    """Every run record the tables are made from: the study's runs, sweep re-runs and tuning extensions."""
+    return [
+        *run_record_paths(),
+        *rerun_record_paths(),
+        *tune_extension_record_paths(),
+    ]
+
+
 def tune_json(wildcards):
     """The family's tune block with each variant's grid: a params value, so only a change of it re-selects
     (``extend`` only when set, so that studies without it keep their parameters)."""
@@ -214,11 +223,31 @@ def figure_paths():
     return [f"{RESULTS}/figures/{family}.png" for family in STUDY.families]
 
 
+def selection_paths():
+    """Every checkpoint's output: each sweep's and tuned family's selection, and each tune.extend round.
+
+    Targets themselves, because Snakemake puts a checkpoint in the DAG only when its output is missing or some
+    target needs it: an existing selection read through ``checkpoints.<rule>.get()`` is otherwise taken as it is,
+    and one made from fewer runs or another grid (tune.extend added, a tuning record re-trained) would never be
+    made again. As a target, its new or newer inputs and changed parameters re-run it, and the runs derived from
+    it wait for it.
+    """
+    paths = [
+        f"{RESULTS}/sweep/{family}/selection.json" for family in STUDY.sweep_families()
+    ]
+    for family in STUDY.tuned_families():
+        rounds = range(STUDY.families[family].tune["extend"])
+        paths += [f"{RESULTS}/tune/{family}/round{r}.json" for r in rounds]
+        paths.append(f"{RESULTS}/tune/{family}/selection.json")
+    return paths
+
+
 def final_targets():
     # Run records are targets themselves: Snakemake would otherwise accept a deleted record as long as
     # the tables built from it are newer, and never re-train that run (sweep re-runs: rerun_record_paths).
     return [
         *run_record_paths(),
+        *selection_paths(),
         f"{RESULTS}/tables/tests.parquet",
         *figure_paths(),
         f"{REPORT}/report.md",
