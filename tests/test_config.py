@@ -148,7 +148,8 @@ def test_base_from_follows_chains_and_names_cycles_and_missing_files(tmp_path):
 def test_studies_on_the_default_base_differ_from_it_only_where_they_say():
     """cpu_more and cpu_variants name the default study's base instead of copying it (their tables were
     measured at 2 epochs): every other key of their runs' base is the default study's. cpu_more3 repeats two of
-    cpu_more's families on that base as it is now, differing from it only in the learning rate."""
+    cpu_more's families on that base as it is now, differing from it only in the learning rate (and in widening a
+    tuning grid whose choice sits at an end, tune.extend, which cpu_more's tables predate)."""
     from lora_bench.config import load_yaml
 
     default = load_study(ROOT / "config/config.yaml").run_config("methods", "lora", 0).to_dict()
@@ -165,7 +166,11 @@ def test_studies_on_the_default_base_differ_from_it_only_where_they_say():
     more = load_study(ROOT / "config/cpu_more.yaml")
     for family in ("rank_alpha", "coverage"):
         assert more3.families[family].variants.keys() == more.families[family].variants.keys()
-        assert more3.families[family].tune == more.families[family].tune
+        widened, plain = more3.families[family].tune, more.families[family].tune
+        assert (widened["extend"], plain["extend"]) == (1, 0)
+        assert widened["base_grids"] == plain["grids"]
+        same = {k: v for k, v in widened.items() if k not in ("extend", "grids", "base_grids")}
+        assert same == {k: v for k, v in plain.items() if k not in ("extend", "grids", "base_grids")}
     run = more3.run_config("coverage", "query+value", 0).to_dict()
     assert run["train"].pop("lr") == 3.0e-4
     default["train"].pop("lr")
