@@ -521,6 +521,10 @@ def _tune_extensions(grid: list[float], extend: int, where: str) -> list[float]:
     low_step, high_step = ordered[0] / ordered[1], ordered[-1] / ordered[-2]
     lows = [float(f"{ordered[0] * low_step ** k:.3g}") for k in range(1, extend + 1)]
     highs = [float(f"{ordered[-1] * high_step ** k:.3g}") for k in range(1, extend + 1)]
+    downwards, upwards = [ordered[0], *lows], [ordered[-1], *highs]
+    if downwards != sorted(set(downwards), reverse=True) or upwards != sorted(set(upwards)):
+        raise ConfigError(f"{where}: tune.extend's steps beyond the grid {grid} round to values it already has "
+                          f"({lows} below, {highs} above, at 3 significant digits); space its ends further apart")
     return [*lows, *highs]
 
 

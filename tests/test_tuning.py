@@ -239,6 +239,8 @@ def test_extend_plans_geometric_steps_beyond_each_end_but_runs_only_the_base_gri
     assert not plain.families["methods_tune"].rerun_variants
     with pytest.raises(ConfigError, match="needs at least two positive values"):
         _study({"key": "train.lr", "values": [0, 1.0e-3], "seeds": [100], "extend": 1})
+    with pytest.raises(ConfigError, match="round to values it already has"):
+        _study({"key": "train.lr", "values": [1.0e-3, 1.001e-3], "seeds": [100], "extend": 1})
 
 
 def test_each_extension_round_adds_one_value_beyond_the_end_its_selection_chose(tmp_path):
