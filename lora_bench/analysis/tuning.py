@@ -37,6 +37,15 @@ TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "extensi
                   "mean", "std", "chosen", "chosen_edge", "optimizer_steps", "epochs"]
 
 
+def flags(frame: pd.DataFrame, column: str) -> pd.Series:
+    """``column`` of ``frame`` as booleans, False where missing and where the column is absent: records and
+    tables made before ``tune.extend`` have no ``tune_extension`` / ``extension`` column, and every value of
+    theirs is of a base grid."""
+    if column not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame[column].fillna(False).astype(bool)
+
+
 def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str, metric: str) -> pd.DataFrame:
     """One row per (variant = setting, value) of a tuning family: runs, failures, mean and sd of ``metric``."""
     name, split = TUNE_METRICS[metric]
@@ -47,9 +56,8 @@ def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str,
     rows = []
     for (setting, value), group in family_runs.groupby(["setting", "tune_value"], sort=False):
         values = scores.loc[(scores["setting"] == setting) & (scores["tune_value"] == value), "value"]
-        # Records of tables made before tune.extend lack the column: a value of a base grid.
-        extension = "tune_extension" in group and bool(group["tune_extension"].fillna(False).astype(bool).any())
-        rows.append({"setting": setting, "value": float(value), "extension": extension, "n_runs": len(group),
+        rows.append({"setting": setting, "value": float(value), "extension": bool(flags(group, "tune_extension").any()),
+                     "n_runs": len(group),
                      "n_failed": int((group["status"] != "ok").sum()),
                      "mean": float(values.mean()) if len(values) else math.nan,
                      "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan})

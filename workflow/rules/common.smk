@@ -145,17 +145,12 @@ def tune_extension_record_paths(wildcards=None):
     tune.extend): known only once those rounds' checkpoints ran, hence an input function of its own.
     """
     static = set(run_record_paths())
-    paths = []
-    for family in STUDY.tuned_families():
-        if STUDY.families[family].tune["extend"]:
-            paths += [
-                path
-                for path in tried_tuning_records(
-                    family, STUDY.families[family].tune["extend"]
-                )
-                if path not in static
-            ]
-    return paths
+    tried = [
+        path
+        for family in STUDY.tuned_families()
+        for path in tried_tuning_records(family, STUDY.families[family].tune["extend"])
+    ]
+    return [path for path in tried if path not in static]
 
 
 def collected_record_paths(wildcards):
@@ -232,13 +227,11 @@ def selection_paths():
     made again. As a target, its new or newer inputs and changed parameters re-run it, and the runs derived from
     it wait for it.
     """
-    paths = [
-        f"{RESULTS}/sweep/{family}/selection.json" for family in STUDY.sweep_families()
-    ]
+    paths = expand(rules.select_sweep.output[0], family=STUDY.sweep_families())
     for family in STUDY.tuned_families():
         rounds = range(STUDY.families[family].tune["extend"])
-        paths += [f"{RESULTS}/tune/{family}/round{r}.json" for r in rounds]
-        paths.append(f"{RESULTS}/tune/{family}/selection.json")
+        paths += expand(rules.tune_round.output[0], family=family, round=rounds)
+        paths += expand(rules.select_tune.output[0], family=family)
     return paths
 
 

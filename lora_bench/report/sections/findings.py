@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lora_bench.analysis.summary import ALPHA, TARGET_POWER
+from lora_bench.analysis.tuning import flags
 from lora_bench.report.formatting import (
     finite,
     fmt_p,
@@ -155,7 +156,7 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
         row, neighbour = chosen.iloc[0], grid.iloc[1] if edge == "low" else grid.iloc[-2]
         scores = (f"validation {fmt_percent(row['mean'])} % vs {fmt_percent(neighbour['mean'])} % at "
                   f"{neighbour['value']:g}")
-        extended = int(grid["extension"].fillna(False).astype(bool).sum()) if "extension" in grid else 0
+        extended = int(flags(grid, "extension").sum())
         widened = f" (widened by {extended} step(s) of tune.extend)" if extended else ""
         caveats.append(f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}, {scores}) is the "
                        f"{'smallest' if edge == 'low' else 'largest'} value of its grid{widened}, so its best value "

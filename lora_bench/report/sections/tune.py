@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import pandas as pd
-
+from lora_bench.analysis.tuning import flags
 from lora_bench.report.formatting import finite, fmt_percent, md_text
 from lora_bench.report.sections.common import SectionPart
 
@@ -18,9 +17,7 @@ def tune_section(family: str, tables: dict) -> dict | None:
         return None
     runs = tables["runs"]
     family_runs = runs[runs["family"] == family]
-    # Tables made before tune.extend have no extension column: every value is of the base grid.
-    extension = (part["extension"].fillna(False).astype(bool) if "extension" in part
-                 else pd.Series(False, index=part.index))
+    extension = flags(part, "extension")
     rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}{' (extension)' if beyond else ''}",
              "n": int(r.n_runs - r.n_failed), "score": fmt_percent(r.mean), "chosen": _chosen_mark(r)}
             for r, beyond in zip(part.itertuples(), extension)]
