@@ -284,7 +284,8 @@ class Study:
             labels["expect"] = expected
         if fam.kind == TUNE_KIND:
             labels.update(setting=fam.settings[variant][0], tunes=fam.tune["of"], tune_key=fam.tune["key"],
-                          tune_value=fam.tune["variant_values"][variant], tune_metric=fam.tune["metric"])
+                          tune_value=fam.tune["variant_values"][variant], tune_metric=fam.tune["metric"],
+                          tune_tie_break=fam.tune["tie_break"])
             if variant in fam.rerun_variants:  # only then: the base grid's runs keep the labels they had
                 labels["tune_extension"] = True
         elif variant in fam.settings:

@@ -13,9 +13,17 @@ import pytest
 import yaml
 from reliability_helpers import jobs_run, mini_study, snakemake
 
-from lora_bench.analysis.tuning import chosen_edges, select_tuned, selection, tuning_scores, tuning_table
+from lora_bench.analysis.tuning import (
+    TIE_BREAKS,
+    chosen_edges,
+    select_tuned,
+    selection,
+    tuning_scores,
+    tuning_table,
+)
 from lora_bench.config import ConfigError, RunConfig
 from lora_bench.report.sections.findings import _tuning_caveat
+from lora_bench.report.sections.tune import tune_section
 from lora_bench.run.tasks import ClassificationTask
 from lora_bench.run.train import run_training
 from lora_bench.study import study_from_dict
@@ -86,10 +94,22 @@ def test_a_value_chosen_at_an_end_of_its_grid_is_flagged_in_table_selection_and_
     assert chosen_edges(flat.assign(mean=[0.72, 0.715, 0.6975]), {"a": 3e-3}) == {"a": "low"}
 
 
-def test_ties_go_to_the_smaller_value_and_failed_values_cannot_win():
-    scores = pd.DataFrame({"setting": ["a"] * 3 + ["b"] * 2, "value": [3e-4, 1e-3, 3e-3, 1e-3, 3e-3],
-                           "n_runs": 1, "n_failed": 0, "mean": [0.8, 0.9, 0.9, math.nan, 0.7], "std": math.nan})
-    assert select_tuned(scores) == {"a": 1e-3, "b": 3e-3}
+def test_a_tie_goes_to_the_lower_validation_loss_or_by_rule_to_the_smaller_value_and_failed_values_never_win():
+    scores = pd.DataFrame({"setting": ["a"] * 3 + ["b"] * 2 + ["c"] * 2 + ["d"] * 2,
+                           "value": [3e-4, 1e-3, 3e-3, 1e-3, 3e-3, 1e-3, 3e-3, 1e-3, 3e-3],
+                           "n_runs": 1, "n_failed": 0,
+                           # b: a failed value; c: a tied value without a loss; d: equal up to float rounding
+                           "mean": [0.9, 0.9, 0.8, math.nan, 0.7, 0.9, 0.9, 0.1 + 0.2, 0.3], "std": math.nan,
+                           "loss": [0.30, 0.20, 0.10, math.nan, 0.5, math.nan, 0.25, 0.4, 0.3]})
+    assert select_tuned(scores, "loss") == {"a": 1e-3, "b": 3e-3, "c": 3e-3, "d": 3e-3}
+    assert select_tuned(scores, "smaller") == {"a": 3e-4, "b": 3e-3, "c": 1e-3, "d": 1e-3}
+    # Without any loss (an older table), the loss rule falls back to the smaller value.
+    assert select_tuned(scores.drop(columns="loss"), "loss") == select_tuned(scores, "smaller")
+    assert select_tuned(scores.assign(loss=math.nan), "loss") == select_tuned(scores, "smaller")
+    with pytest.raises(ValueError, match=r"unknown tune.tie_break 'median'; known: \['loss', 'smaller'\]"):
+        select_tuned(scores, "median")
+    # A tie at an end is not an edge, whichever value the tie-break chose.
+    assert chosen_edges(scores, {"a": 1e-3, "c": 3e-3, "d": 3e-3}) == {"a": "", "b": "", "c": "", "d": ""}
     runs, metrics = _tuning_frames({"lora": 1.0e-3}, failed={("lora", 1.0e-3)}, noise=0)
     assert selection(runs, metrics, "m", {"key": "train.lr", "values": VALUES, "seeds": [100, 101],
                                           "metric": "validation_accuracy"})["chosen"]["lora"] in (3.0e-4, 3.0e-3)
@@ -97,6 +117,82 @@ def test_ties_go_to_the_smaller_value_and_failed_values_cannot_win():
     with pytest.raises(ValueError, match="no tuning run of variant"):
         selection(runs, metrics.iloc[0:0], "m", {"key": "train.lr", "values": VALUES, "seeds": [100],
                                                    "metric": "validation_accuracy"})
+
+
+def _tied_frames(tie_break: str | None, loss_stage: str = "epoch"):
+    """Two tuning values of one variant with the same validation accuracy on both seeds; the larger one has
+    the lower validation loss at the selected epoch (epoch 2) but the higher one at epoch 1. ``loss_stage``:
+    where the loss is recorded ("epoch": a classifier's per-epoch rows; "final": a causal LM's final block)."""
+    runs, metrics = [], []
+    for value, losses in ((1e-3, {1: 0.40, 2: 0.35}), (3e-3, {1: 0.50, 2: 0.30}), (1e-2, {1: 0.6, 2: 0.6})):
+        for seed in (100, 101):
+            run_id = f"m_tune/lora-lr{value:g}/seed{seed}"
+            runs.append({"run_id": run_id, "family": "m_tune", "family_kind": "tune", "variant": f"lora-lr{value:g}",
+                         "seed": seed, "setting": "lora", "status": "ok", "tunes": "m", "tune_key": "train.lr",
+                         "tune_value": value, "tune_metric": "validation_accuracy", "cfg.train.epochs": 2,
+                         "cfg.train.max_steps": None, **({"tune_tie_break": tie_break} if tie_break else {})})
+            row = {"run_id": run_id, "family": "m_tune", "variant": f"lora-lr{value:g}", "setting": "lora",
+                   "seed": seed, "status": "ok", "split": "validation", "unit": "fraction", "higher_is_better": True}
+            metrics.append({**row, "metric": "accuracy", "epoch": 2, "stage": "final",
+                            "value": 0.5 if value == 1e-2 else 0.75 + 0.05 * (seed - 100)})
+            for epoch, loss in losses.items():
+                if loss_stage == "epoch" or epoch == 2:
+                    metrics.append({**row, "metric": "loss", "epoch": epoch,
+                                    "stage": loss_stage if epoch == 2 else "epoch", "value": loss})
+    metrics = pd.DataFrame(metrics)
+    metrics["epoch"] = metrics["epoch"].astype("Int64")
+    return pd.DataFrame(runs), metrics
+
+
+@pytest.mark.parametrize("loss_stage", ["epoch", "final"])
+def test_the_tie_break_reads_each_runs_validation_loss_at_its_selected_epoch(loss_stage):
+    runs, metrics = _tied_frames("loss", loss_stage)
+    scores = tuning_scores(runs, metrics, "m_tune", "validation_accuracy").set_index("value")
+    assert scores["loss"].to_dict() == pytest.approx({1e-3: 0.35, 3e-3: 0.30, 1e-2: 0.6})
+    tune = {"key": "train.lr", "values": [1e-3, 3e-3, 1e-2], "seeds": [100, 101], "metric": "validation_accuracy"}
+    chosen = selection(runs, metrics, "m", {**tune, "tie_break": "loss"})
+    assert chosen["chosen"] == {"lora": 3e-3} and chosen["tied"] == {"lora": [1e-3, 3e-3]}
+    assert chosen["rule"].endswith("ties to the lower mean validation loss at the selected epochs")
+    assert chosen["losses"]["lora"]["0.003"] == pytest.approx(0.30)
+    assert selection(runs, metrics, "m", {**tune, "tie_break": "smaller"})["chosen"] == {"lora": 1e-3}
+    # A tune block without tie_break (a --tune-json selection) uses the default, the loss.
+    assert selection(runs, metrics, "m", tune)["chosen"] == {"lora": 3e-3}
+
+
+def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it():
+    runs, metrics = _tied_frames("loss")
+    table = tuning_table(runs, metrics)
+    assert table.set_index("value")["tied"].to_dict() == {1e-3: True, 3e-3: True, 1e-2: False}
+    assert table.loc[table["chosen"], "value"].tolist() == [3e-3] and (table["tie_break"] == "loss").all()
+    section = tune_section("m_tune", {"tuning": table, "runs": runs})
+    assert section["tie_break"] == "the lower mean validation loss at the selected epochs"
+    marks = {row["value"]: row["chosen"] for row in section["rows"]}
+    assert marks["0.003"] == ("**chosen** (tied with 0.001; broken by the lower mean validation loss at the "
+                              "selected epochs)") and marks["0.001"] == ""
+    assert {row["value"]: row["loss"] for row in section["rows"]}["0.003"] == "0.3000"
+    caveat = _tuning_caveat({"tuning": table}, "m", pd.Series({"variant": "lora", "baseline": "full"}))
+    assert ("lora's tuned train.lr (0.003) tied 0.001 at validation 77.50 % and was chosen by the lower mean "
+            "validation loss") in caveat
+    # Records made before tune.tie_break carry no label: they were selected by the smaller value, and the
+    # table says so rather than re-selecting them by a rule they were not run under.
+    legacy, legacy_metrics = _tied_frames(None)
+    old = tuning_table(legacy, legacy_metrics)
+    assert old.loc[old["chosen"], "value"].tolist() == [1e-3] and (old["tie_break"] == "smaller").all()
+    assert "chosen by the smaller value" in _tuning_caveat(
+        {"tuning": old}, "m", pd.Series({"variant": "lora", "baseline": "full"}))
+
+
+def test_tie_break_is_a_label_of_the_tuning_runs_never_part_of_what_they_train():
+    for_loss = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100]})
+    for_smaller = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100], "tie_break": "smaller"})
+    assert for_loss.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "loss"  # the schema default
+    assert for_smaller.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "smaller"
+    assert set(for_loss.trained_configs()) == set(for_smaller.trained_configs())
+    with pytest.raises(ConfigError, match="tie_break"):
+        _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100], "tie_break": "median"})
+    schema = yaml.safe_load(open("lora_bench/schemas/study.schema.yaml").read())
+    tune_schema = schema["properties"]["families"]["additionalProperties"]["properties"]["tune"]
+    assert sorted(tune_schema["properties"]["tie_break"]["enum"]) == sorted(TIE_BREAKS)
 
 
 def test_a_tuning_run_never_evaluates_the_test_split(tiny_run, monkeypatch):

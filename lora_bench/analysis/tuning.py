@@ -5,9 +5,13 @@ A method compared at one hand-picked learning rate may only be further from its 
 the same tuning seeds, with the same epochs and steps, scored on the **validation split only** (tuning runs do
 not evaluate the test split at all), and then compares the variants on its own seeds, each at its chosen value.
 
-``select_tuned`` picks, per variant, the value with the highest mean validation score over the tuning seeds;
-ties go to the smaller value (for a learning rate: the gentler setting). Failed tuning runs count as missing;
-a value none of whose runs finished cannot be chosen. The workflow's ``select_tune`` checkpoint writes the
+``select_tuned`` picks, per variant, the value with the highest mean validation score over the tuning seeds.
+Accuracy on a few hundred (or, for an LLM, a few dozen) validation answers ties often, and a tie is then broken
+by ``tune.tie_break`` (``TIE_BREAKS``): ``loss`` (the default) prefers the lower mean validation loss at the
+selected epochs, a continuous score of the same runs on the same split, so a rate that has not yet converged
+loses a tie to one that has; ``smaller`` takes the smaller value (the rule before tie_break existed, and what
+records without a ``tune_tie_break`` label were selected by). Failed tuning runs count as missing; a value none
+of whose runs finished cannot be chosen. The workflow's ``select_tune`` checkpoint writes the
 selection as JSON (``results/tune/<family>/selection.json``) and the family's runs are derived from it.
 ``tuning_table`` is the tidy table of every (family, variant, value) score the report and figure read.
 
@@ -22,6 +26,7 @@ the base grid, run because a round's selection chose that end).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -34,7 +39,38 @@ from lora_bench.study import TUNE_KIND
 # The tune block's metric -> (metric, split) of the tidy metrics table.
 TUNE_METRICS = {"validation_accuracy": ("accuracy", "validation"), "validation_macro_f1": ("macro_f1", "validation")}
 TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "extension", "metric", "n_runs", "n_failed",
-                  "mean", "std", "chosen", "chosen_edge", "optimizer_steps", "epochs"]
+                  "mean", "std", "loss", "tied", "chosen", "chosen_edge", "tie_break", "optimizer_steps", "epochs"]
+
+
+@dataclass(frozen=True)
+class TieBreak:
+    """How values with the same best mean score are ordered: ascending ``column`` of the scores (NaN last), then
+    the smaller value; ``column`` None: the smaller value only."""
+
+    description: str
+    column: str | None
+
+
+TIE_BREAKS = {
+    "loss": TieBreak("the lower mean validation loss at the selected epochs", "loss"),
+    "smaller": TieBreak("the smaller value", None),
+}
+DEFAULT_TIE_BREAK = "loss"
+# Records made before tune.tie_break existed carry no tune_tie_break label; they were selected by this rule.
+LEGACY_TIE_BREAK = "smaller"
+
+
+def tie_break_spec(name: str) -> TieBreak:
+    """The registered tie-break ``name``; a clear error naming the known ones otherwise."""
+    if name not in TIE_BREAKS:
+        raise ValueError(f"unknown tune.tie_break {name!r}; known: {sorted(TIE_BREAKS)}")
+    return TIE_BREAKS[name]
+
+
+def _tied(a: float, b: float) -> bool:
+    """Equal mean scores: means over the same number of seeds of per-answer fractions may differ only by the
+    order of a float sum."""
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def flags(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -47,25 +83,52 @@ def flags(frame: pd.DataFrame, column: str) -> pd.Series:
 
 
 def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str, metric: str) -> pd.DataFrame:
-    """One row per (variant = setting, value) of a tuning family: runs, failures, mean and sd of ``metric``."""
+    """One row per (variant = setting, value) of a tuning family: runs, failures, mean and sd of ``metric``, and
+    the mean validation loss at the epochs that score comes from (NaN where the runs logged none)."""
     name, split = TUNE_METRICS[metric]
     family_runs = runs[runs["family"] == tuning_family]
     scores = select_values(metrics, name, split, "final")
     scores = scores[scores["family"] == tuning_family].merge(
         family_runs[["run_id", "tune_value"]], on="run_id", how="left")
+    scores = scores.assign(loss=_selected_epoch_loss(metrics, scores))
     rows = []
     for (setting, value), group in family_runs.groupby(["setting", "tune_value"], sort=False):
-        values = scores.loc[(scores["setting"] == setting) & (scores["tune_value"] == value), "value"]
+        scored = scores[(scores["setting"] == setting) & (scores["tune_value"] == value)]
+        values, losses = scored["value"], scored["loss"]
         rows.append({"setting": setting, "value": float(value), "extension": bool(flags(group, "tune_extension").any()),
                      "n_runs": len(group),
                      "n_failed": int((group["status"] != "ok").sum()),
                      "mean": float(values.mean()) if len(values) else math.nan,
-                     "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan})
-    return pd.DataFrame(rows, columns=["setting", "value", "extension", "n_runs", "n_failed", "mean", "std"])
+                     "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                     # Only where every scored run has one: a mean over fewer runs would not compare like for like.
+                     "loss": float(losses.mean()) if len(losses) and losses.notna().all() else math.nan})
+    return pd.DataFrame(rows, columns=["setting", "value", "extension", "n_runs", "n_failed", "mean", "std", "loss"])
 
 
-def select_tuned(scores: pd.DataFrame) -> dict[str, float]:
-    """Variant -> the value with the best mean score; ties to the smaller value; None if no value finished."""
+def _selected_epoch_loss(metrics: pd.DataFrame, scores: pd.DataFrame) -> pd.Series:
+    """Per score row, the run's validation loss at the epoch the score was taken from (its ``epoch``): a causal LM
+    records it in its final block, a classifier in its per-epoch rows."""
+    losses = metrics[(metrics["metric"] == "loss") & (metrics["split"] == "validation")
+                     & metrics["stage"].isin(["final", "epoch"])]
+    losses = losses.drop_duplicates(["run_id", "epoch"])[["run_id", "epoch", "value"]]
+    merged = scores[["run_id", "epoch"]].merge(losses.rename(columns={"value": "loss"}), on=["run_id", "epoch"],
+                                               how="left")
+    return pd.Series(merged["loss"].to_numpy(dtype=float), index=scores.index)
+
+
+def tied_values(scores: pd.DataFrame) -> dict[str, list[float]]:
+    """Variant -> the values (ascending) whose mean score ties the best; one value where nothing ties."""
+    tied = {}
+    for setting, group in scores.groupby("setting", sort=False):
+        finished = group[group["mean"].notna()]
+        best = finished["mean"].max() if len(finished) else math.nan
+        tied[setting] = sorted(float(r.value) for r in finished.itertuples() if _tied(r.mean, best))
+    return tied
+
+
+def select_tuned(scores: pd.DataFrame, tie_break: str = DEFAULT_TIE_BREAK) -> dict[str, float]:
+    """Variant -> the value with the best mean score, a tie broken by ``tie_break``; None if no value finished."""
+    rule = tie_break_spec(tie_break)
     chosen = {}
     for setting, group in scores.groupby("setting", sort=False):
         finished = group[group["mean"].notna()]
@@ -73,21 +136,25 @@ def select_tuned(scores: pd.DataFrame) -> dict[str, float]:
             chosen[setting] = None
             continue
         best = finished["mean"].max()
-        chosen[setting] = float(finished.loc[finished["mean"] == best, "value"].min())
+        tied = finished[[_tied(mean, best) for mean in finished["mean"]]]
+        order = [rule.column, "value"] if rule.column and rule.column in tied else ["value"]
+        chosen[setting] = float(tied.sort_values(order, na_position="last")["value"].iloc[0])
     return chosen
 
 
 def chosen_edges(scores: pd.DataFrame, chosen: dict) -> dict[str, str]:
     """Variant -> "low" / "high" when its chosen value is the smallest / largest of its grid and scored better
     than its neighbour (the curve still rises towards that end), else "". A tie with the neighbour is not an
-    edge: the smaller of tied values is chosen by rule, and a flat curve says nothing about what lies beyond."""
+    edge, whichever way the tie-break went: a flat top says nothing about what lies beyond it (and extending
+    every flat chance-level curve would spend runs on variants that learn at no rate tried)."""
     edges = {}
     for setting, group in scores.groupby("setting", sort=False):
         curve = group.dropna(subset=["mean"]).sort_values("value")
         value, edge = chosen.get(setting), ""
         if value is not None and len(curve) >= 2:
             for end, at, neighbour in (("low", 0, 1), ("high", -1, -2)):
-                if curve["value"].iloc[at] == value and curve["mean"].iloc[at] > curve["mean"].iloc[neighbour]:
+                score, beside = curve["mean"].iloc[at], curve["mean"].iloc[neighbour]
+                if curve["value"].iloc[at] == value and score > beside and not _tied(score, beside):
                     edge = end
         edges[setting] = edge
     return edges
@@ -97,7 +164,8 @@ def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict
     """The JSON the workflow derives a tuned family's runs from: chosen value per variant, scores, budget."""
     tuning_family = f"{family}_tune"
     scores = tuning_scores(runs, metrics, tuning_family, tune["metric"])
-    chosen = select_tuned(scores)
+    tie_break = tune.get("tie_break") or DEFAULT_TIE_BREAK
+    chosen = select_tuned(scores, tie_break)
     missing = sorted(v for v, value in chosen.items() if value is None)
     if missing:
         raise ValueError(f"tuning of family {family!r}: no tuning run of variant(s) {missing} finished, so no "
@@ -105,9 +173,12 @@ def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict
     return {
         "family": family, "tuning_family": tuning_family, "key": tune["key"], "grids": tune.get("grids") or {},
         "seeds": list(tune["seeds"]), "metric": tune["metric"],
-        "rule": "highest mean validation score over the tuning seeds; ties to the smaller value",
-        "chosen": chosen, "chosen_edge": chosen_edges(scores, chosen),
+        "rule": f"highest mean validation score over the tuning seeds; ties to {tie_break_spec(tie_break).description}",
+        "tie_break": tie_break, "chosen": chosen, "chosen_edge": chosen_edges(scores, chosen),
+        "tied": {s: values for s, values in tied_values(scores).items() if len(values) > 1},
         "scores": {s: {str(r.value): r.mean for r in g.itertuples()} for s, g in scores.groupby("setting", sort=False)},
+        "losses": {s: {str(r.value): None if math.isnan(r.loss) else r.loss for r in g.itertuples()}
+                   for s, g in scores.groupby("setting", sort=False)},
     }
 
 
@@ -120,10 +191,15 @@ def tuning_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         family_runs = tuning[tuning["family"] == tuning_family]
         first = family_runs.iloc[0]
         metric = str(first.get("tune_metric") or "validation_accuracy")
+        labelled = first.get("tune_tie_break")
+        tie_break = labelled if isinstance(labelled, str) and labelled else LEGACY_TIE_BREAK
         scores = tuning_scores(runs, metrics, tuning_family, metric)
-        chosen = select_tuned(scores)
+        chosen = select_tuned(scores, tie_break)
+        tied = tied_values(scores)
+        scores["tied"] = [len(tied[r.setting]) > 1 and r.value in tied[r.setting] for r in scores.itertuples()]
         scores["chosen"] = [chosen.get(r.setting) == r.value for r in scores.itertuples()]
         scores["chosen_edge"] = scores["setting"].map(chosen_edges(scores, chosen))
+        scores["tie_break"] = tie_break
         scores["family"], scores["tuning_family"] = first.get("tunes", ""), tuning_family
         scores["key"], scores["metric"] = first.get("tune_key", ""), metric
         scores["optimizer_steps"] = _single(family_runs, cfg("train.max_steps"))

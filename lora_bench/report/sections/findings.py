@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lora_bench.analysis.summary import ALPHA, TARGET_POWER
-from lora_bench.analysis.tuning import flags
+from lora_bench.analysis.tuning import LEGACY_TIE_BREAK, flags, tie_break_spec
 from lora_bench.report.formatting import (
     finite,
     fmt_p,
@@ -150,6 +150,9 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
     for side in (test["variant"], test["baseline"]):
         grid = family_rows[family_rows["setting"] == side].sort_values("value")
         chosen = grid[grid["chosen"].astype(bool)]
+        tie = _tie_caveat(side, grid, chosen)
+        if tie:
+            caveats.append(tie)
         edge = chosen["chosen_edge"].iloc[0] if len(chosen) else ""
         if edge not in ("low", "high"):
             continue
@@ -162,6 +165,19 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
                        f"{'smallest' if edge == 'low' else 'largest'} value of its grid{widened}, so its best value "
                        f"may lie {'below' if edge == 'low' else 'above'} it")
     return f" Tuning caveat: {'; '.join(caveats)}." if caveats else ""
+
+
+def _tie_caveat(side: str, grid: pd.DataFrame, chosen: pd.DataFrame) -> str:
+    """Where the chosen value tied others on the validation score: which, and the rule that decided."""
+    if chosen.empty or not flags(chosen, "tied").iloc[0]:
+        return ""
+    row = chosen.iloc[0]
+    others = grid[flags(grid, "tied") & (grid["value"] != row["value"])]
+    named = row.get("tie_break") if isinstance(row.get("tie_break"), str) and row.get("tie_break") else None
+    rule = tie_break_spec(named or LEGACY_TIE_BREAK).description
+    return (f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}) tied "
+            f"{', '.join(f'{v:g}' for v in others['value'])} at validation {fmt_percent(row['mean'])} % and was "
+            f"chosen by {rule}")
 
 
 def family_claims(tables: dict, family: str, primary_tests: pd.DataFrame) -> list[dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_bench.analysis.tuning import flags
+from lora_bench.analysis.tuning import LEGACY_TIE_BREAK, flags, tie_break_spec
 from lora_bench.report.formatting import finite, fmt_percent, md_text
 from lora_bench.report.sections.common import SectionPart
 
@@ -18,8 +18,11 @@ def tune_section(family: str, tables: dict) -> dict | None:
     runs = tables["runs"]
     family_runs = runs[runs["family"] == family]
     extension = flags(part, "extension")
+    rule = _tie_break(part)
     rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}{' (extension)' if beyond else ''}",
-             "n": int(r.n_runs - r.n_failed), "score": fmt_percent(r.mean), "chosen": _chosen_mark(r)}
+             "n": int(r.n_runs - r.n_failed), "score": fmt_percent(r.mean),
+             "loss": f"{r.loss:.4f}" if finite(getattr(r, "loss", None)) else "–",
+             "chosen": _chosen_mark(r, part, rule)}
             for r, beyond in zip(part.itertuples(), extension)]
     epochs = part["epochs"].iloc[0]
     base = part[~extension]
@@ -32,17 +35,32 @@ def tune_section(family: str, tables: dict) -> dict | None:
               f" = {len(family_runs)} runs{f' of {int(epochs)} epoch(s)' if finite(epochs) else ''}, the same budget "
               "per run for every variant; validation split only (the test split was not evaluated)")
     return {"tuned": md_text(part["family"].iloc[0]), "key": md_text(part["key"].iloc[0]),
-            "metric": md_text(part["metric"].iloc[0]), "rows": rows, "budget": budget}
+            "metric": md_text(part["metric"].iloc[0]), "rows": rows, "budget": budget,
+            "tie_break": tie_break_spec(rule).description}
 
 
-def _chosen_mark(row) -> str:
-    """"chosen", and where the chosen value is an end of the grid, that the best value may lie beyond it."""
+def _tie_break(part) -> str:
+    """The tuning family's tie-break rule (tables made before the column existed were selected by the legacy one)."""
+    named = part["tie_break"].dropna() if "tie_break" in part else []
+    return str(named.iloc[0]) if len(named) and named.iloc[0] else LEGACY_TIE_BREAK
+
+
+def _chosen_mark(row, part, rule: str) -> str:
+    """"chosen"; which values it tied with, where a tie-break decided; and, where the chosen value is an end of the
+    grid, that the best value may lie beyond it."""
     if not row.chosen:
         return ""
+    notes = []
+    if getattr(row, "tied", False):
+        others = part[(part["setting"] == row.setting) & flags(part, "tied") & (part["value"] != row.value)]
+        notes.append(f"tied with {', '.join(f'{v:g}' for v in others['value'])}; broken by "
+                     f"{tie_break_spec(rule).description}")
     edge = getattr(row, "chosen_edge", "") or ""
     beyond = {"low": "the smallest value tried: the best may be lower",
               "high": "the largest value tried: the best may be higher"}.get(edge)
-    return f"**chosen** ({beyond})" if beyond else "**chosen**"
+    if beyond:
+        notes.append(beyond)
+    return f"**chosen** ({'; '.join(notes)})" if notes else "**chosen**"
 
 
 PART = SectionPart("tune.md.j2", tune_section)
