@@ -155,8 +155,8 @@ def test_the_tie_break_reads_each_runs_validation_loss_at_its_selected_epoch(los
     assert chosen["rule"].endswith("ties to the lower mean validation loss at the selected epochs")
     assert chosen["losses"]["lora"]["0.003"] == pytest.approx(0.30)
     assert selection(runs, metrics, "m", {**tune, "tie_break": "smaller"})["chosen"] == {"lora": 1e-3}
-    # A tune block without tie_break (a --tune-json selection) uses the default, the loss.
-    assert selection(runs, metrics, "m", tune)["chosen"] == {"lora": 3e-3}
+    # A tune block without tie_break (a --tune-json selection) uses the default, the smaller value.
+    assert selection(runs, metrics, "m", tune)["chosen"] == {"lora": 1e-3}
 
 
 def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it():
@@ -183,10 +183,10 @@ def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it()
 
 
 def test_tie_break_is_a_label_of_the_tuning_runs_never_part_of_what_they_train():
-    for_loss = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100]})
-    for_smaller = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100], "tie_break": "smaller"})
-    assert for_loss.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "loss"  # the schema default
-    assert for_smaller.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "smaller"
+    for_smaller = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100]})
+    for_loss = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100], "tie_break": "loss"})
+    assert for_smaller.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "smaller"  # the default
+    assert for_loss.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "loss"
     assert set(for_loss.trained_configs()) == set(for_smaller.trained_configs())
     with pytest.raises(ConfigError, match="tie_break"):
         _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100], "tie_break": "median"})
