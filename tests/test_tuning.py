@@ -170,6 +170,9 @@ def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it()
     assert marks["0.003"] == ("**chosen** (tied with 0.001; broken by the lower mean validation loss at the "
                               "selected epochs)") and marks["0.001"] == ""
     assert {row["value"]: row["loss"] for row in section["rows"]}["0.003"] == "0.3000"
+    # Values read in ascending order per variant, whatever order the table holds them in.
+    assert [row["value"] for row in tune_section("m_tune", {"tuning": table.iloc[::-1], "runs": runs})["rows"]] \
+        == ["0.001", "0.003", "0.01"]
     caveat = _tuning_caveat({"tuning": table}, "m", pd.Series({"variant": "lora", "baseline": "full"}))
     assert ("lora's tuned train.lr (0.003) tied 0.001 at validation 77.50 % and was chosen by the lower mean "
             "validation loss") in caveat

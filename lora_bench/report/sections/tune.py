@@ -15,6 +15,9 @@ def tune_section(family: str, tables: dict) -> dict | None:
     part = table[table["tuning_family"] == family]
     if part.empty:
         return None
+    # Each variant's values in ascending order (extensions were appended after the base grid), variants as run.
+    order = {setting: i for i, setting in enumerate(part["setting"].unique())}
+    part = part.assign(_order=part["setting"].map(order)).sort_values(["_order", "value"], kind="stable")
     runs = tables["runs"]
     family_runs = runs[runs["family"] == family]
     extension = flags(part, "extension")
