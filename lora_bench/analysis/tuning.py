@@ -10,7 +10,7 @@ Accuracy on a few hundred (or, for an LLM, a few dozen) validation answers ties 
 by ``tune.tie_break`` (``TIE_BREAKS``): ``smaller`` (the default) takes the smaller value, the gentler rate;
 ``loss`` prefers the lower mean validation loss at the selected epochs, a continuous score of the same runs. A
 tie on one tuning seed is a sign that the seed cannot tell the values apart; measured here (README "Ties"), the
-lower loss of one seed picked the rate that did worse over the seeds both times (by 1.2 and 10 test points), so
+lower loss of one seed picked the rate that did worse over the seeds all 3 times (by 1.2, 10 and 0.7 points), so
 it is an option, not the default. The table marks every tied value and the report names the rule beside every
 comparison it decided. Failed tuning runs count as missing; a value none
 of whose runs finished cannot be chosen. The workflow's ``select_tune`` checkpoint writes the
