@@ -69,6 +69,17 @@ def tie_break_spec(name: str) -> TieBreak:
     return TIE_BREAKS[name]
 
 
+def tie_break_of(label) -> str:
+    """The tie-break a record label or table cell names; the legacy rule where it is missing, empty or NaN."""
+    return label if isinstance(label, str) and label else LEGACY_TIE_BREAK
+
+
+def tied_with(table: pd.DataFrame, setting: str, value: float) -> list[float]:
+    """The other values of ``setting`` that tuning.parquet flags as tied with ``value`` at the top."""
+    others = table[(table["setting"] == setting) & flags(table, "tied") & (table["value"] != value)]
+    return sorted(float(v) for v in others["value"])
+
+
 def _tied(a: float, b: float) -> bool:
     """Equal mean scores: means over the same number of seeds of per-answer fractions may differ only by the
     order of a float sum."""
@@ -118,14 +129,19 @@ def _selected_epoch_loss(metrics: pd.DataFrame, scores: pd.DataFrame) -> pd.Seri
     return pd.Series(merged["loss"].to_numpy(dtype=float), index=scores.index)
 
 
+def _top(group: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one variant whose mean score ties the best finished one (empty if none finished)."""
+    finished = group[group["mean"].notna()]
+    if finished.empty:
+        return finished
+    best = finished["mean"].max()
+    return finished[[_tied(mean, best) for mean in finished["mean"]]]
+
+
 def tied_values(scores: pd.DataFrame) -> dict[str, list[float]]:
     """Variant -> the values (ascending) whose mean score ties the best; one value where nothing ties."""
-    tied = {}
-    for setting, group in scores.groupby("setting", sort=False):
-        finished = group[group["mean"].notna()]
-        best = finished["mean"].max() if len(finished) else math.nan
-        tied[setting] = sorted(float(r.value) for r in finished.itertuples() if _tied(r.mean, best))
-    return tied
+    return {setting: sorted(float(v) for v in _top(group)["value"])
+            for setting, group in scores.groupby("setting", sort=False)}
 
 
 def select_tuned(scores: pd.DataFrame, tie_break: str = DEFAULT_TIE_BREAK) -> dict[str, float]:
@@ -133,12 +149,10 @@ def select_tuned(scores: pd.DataFrame, tie_break: str = DEFAULT_TIE_BREAK) -> di
     rule = tie_break_spec(tie_break)
     chosen = {}
     for setting, group in scores.groupby("setting", sort=False):
-        finished = group[group["mean"].notna()]
-        if finished.empty:
+        tied = _top(group)
+        if tied.empty:
             chosen[setting] = None
             continue
-        best = finished["mean"].max()
-        tied = finished[[_tied(mean, best) for mean in finished["mean"]]]
         order = [rule.column, "value"] if rule.column and rule.column in tied else ["value"]
         chosen[setting] = float(tied.sort_values(order, na_position="last")["value"].iloc[0])
     return chosen
@@ -193,8 +207,7 @@ def tuning_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         family_runs = tuning[tuning["family"] == tuning_family]
         first = family_runs.iloc[0]
         metric = str(first.get("tune_metric") or "validation_accuracy")
-        labelled = first.get("tune_tie_break")
-        tie_break = labelled if isinstance(labelled, str) and labelled else LEGACY_TIE_BREAK
+        tie_break = tie_break_of(first.get("tune_tie_break"))
         scores = tuning_scores(runs, metrics, tuning_family, metric)
         chosen = select_tuned(scores, tie_break)
         tied = tied_values(scores)

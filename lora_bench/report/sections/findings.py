@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lora_bench.analysis.summary import ALPHA, TARGET_POWER
-from lora_bench.analysis.tuning import LEGACY_TIE_BREAK, flags, tie_break_spec
+from lora_bench.analysis.tuning import flags, tie_break_of, tie_break_spec, tied_with
 from lora_bench.report.formatting import (
     finite,
     fmt_p,
@@ -172,12 +172,10 @@ def _tie_caveat(side: str, grid: pd.DataFrame, chosen: pd.DataFrame) -> str:
     if chosen.empty or not flags(chosen, "tied").iloc[0]:
         return ""
     row = chosen.iloc[0]
-    others = grid[flags(grid, "tied") & (grid["value"] != row["value"])]
-    named = row.get("tie_break") if isinstance(row.get("tie_break"), str) and row.get("tie_break") else None
-    rule = tie_break_spec(named or LEGACY_TIE_BREAK).description
+    rule = tie_break_spec(tie_break_of(row.get("tie_break"))).description
     return (f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}) tied "
-            f"{', '.join(f'{v:g}' for v in others['value'])} at validation {fmt_percent(row['mean'])} % and was "
-            f"chosen by {rule}")
+            f"{', '.join(f'{v:g}' for v in tied_with(grid, side, row['value']))} at validation "
+            f"{fmt_percent(row['mean'])} % and was chosen by {rule}")
 
 
 def family_claims(tables: dict, family: str, primary_tests: pd.DataFrame) -> list[dict]:

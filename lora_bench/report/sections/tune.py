@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_bench.analysis.tuning import LEGACY_TIE_BREAK, flags, tie_break_spec
+from lora_bench.analysis.tuning import flags, tie_break_of, tie_break_spec, tied_with
 from lora_bench.report.formatting import finite, fmt_percent, md_text
 from lora_bench.report.sections.common import SectionPart
 
@@ -21,7 +21,7 @@ def tune_section(family: str, tables: dict) -> dict | None:
     runs = tables["runs"]
     family_runs = runs[runs["family"] == family]
     extension = flags(part, "extension")
-    rule = _tie_break(part)
+    rule = tie_break_of(part["tie_break"].iloc[0] if "tie_break" in part else None)
     rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}{' (extension)' if beyond else ''}",
              "n": int(r.n_runs - r.n_failed), "score": fmt_percent(r.mean),
              "loss": f"{r.loss:.4f}" if finite(getattr(r, "loss", None)) else "–",
@@ -42,12 +42,6 @@ def tune_section(family: str, tables: dict) -> dict | None:
             "tie_break": tie_break_spec(rule).description}
 
 
-def _tie_break(part) -> str:
-    """The tuning family's tie-break rule (tables made before the column existed were selected by the legacy one)."""
-    named = part["tie_break"].dropna() if "tie_break" in part else []
-    return str(named.iloc[0]) if len(named) and named.iloc[0] else LEGACY_TIE_BREAK
-
-
 def _chosen_mark(row, part, rule: str) -> str:
     """"chosen"; which values it tied with, where a tie-break decided; and, where the chosen value is an end of the
     grid, that the best value may lie beyond it."""
@@ -55,8 +49,7 @@ def _chosen_mark(row, part, rule: str) -> str:
         return ""
     notes = []
     if getattr(row, "tied", False):
-        others = part[(part["setting"] == row.setting) & flags(part, "tied") & (part["value"] != row.value)]
-        notes.append(f"tied with {', '.join(f'{v:g}' for v in others['value'])}; broken by "
+        notes.append(f"tied with {', '.join(f'{v:g}' for v in tied_with(part, row.setting, row.value))}; broken by "
                      f"{tie_break_spec(rule).description}")
     edge = getattr(row, "chosen_edge", "") or ""
     beyond = {"low": "the smallest value tried: the best may be lower",
