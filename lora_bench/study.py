@@ -190,10 +190,9 @@ class Study:
             raise ConfigError(f"{selection_path}: no chosen value for variant {variant!r} of family {family!r} "
                               f"({exc}); run again with `--forcerun select_tune` to select again from the tuning "
                               "runs") from exc
-        if isinstance(value, (int, float)):
-            for candidate in grid:
-                if abs(value - candidate) <= 1e-9 * abs(candidate):
-                    return candidate
+        matched = _in_grid(value, grid)
+        if matched is not None:
+            return matched
         raise ConfigError(f"{selection_path}: family {family!r} variant {variant!r} was tuned to {value!r}, which is "
                           f"not in its current grid {grid}: the selection was made for an earlier config (Snakemake "
                           "re-selects on a grid change only through its .snakemake metadata). Run again with "
@@ -207,33 +206,43 @@ class Study:
         """
         return config_key(self.run_config(family, variant, seed, tuned_value).to_dict())
 
-    def tuning_runs(self, family: str, rounds: list[str | Path] | tuple = ()) -> list[tuple[str, str, int]]:
+    def tuning_runs(self, family: str, rounds: list[str | Path] | tuple = (),
+                    ties: str | Path | None = None) -> list[tuple[str, str, int]]:
         """The (tuning family, tuning variant, seed) runs a tuned family's selection is made from after the given
         extension rounds: its base grid, plus, per round, one value beyond the end of a variant's values tried so
         far where that round's selection chose that end (``chosen_edge``; see ``tune.extend`` in the schema).
 
         ``rounds``: the selection JSON files of rounds 0, 1, ... (each made from the runs of the rounds before).
         A round can add no value past the ``extend`` steps its grid was planned with (``tune["grids"]``), so
-        every run named here has a config the workflow knows up front.
+        every run named here has a config the workflow knows up front. ``ties``: the selection made after the
+        last extension round (the tie round, ``tune_rounds``); every value it lists as tied at the top of its
+        variant also runs on each of ``tune.tie_seeds``.
         """
         fam = self.families[family]
         tune = fam.tune
         tried = {variant: list(tune["base_grids"][variant]) for variant in fam.variants}
         for path in rounds:
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    edges = json.load(handle)["chosen_edge"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{path}: not a tuning selection with chosen_edge ({exc}); run again with "
-                                  "`--forcerun tune_round` to select again from the tuning runs") from exc
-            for variant, edge in edges.items():
+            for variant, edge in _read_selection(path, "chosen_edge").items():
                 if variant in tried and edge in ("low", "high"):
                     beyond = _next_beyond(tune["grids"][variant], tried[variant], edge)
                     if beyond is not None:
                         tried[variant].append(beyond)
         tuning = self.families[tune["family"]]
-        return [(tuning.name, _tuning_variant(variant, tune["key"], value), seed)
+        runs = [(tuning.name, _tuning_variant(variant, tune["key"], value), seed)
                 for variant, values in tried.items() for value in values for seed in tuning.seeds]
+        if ties is not None:
+            for variant, values in _read_selection(ties, "tied").items():
+                # Only values this study has tried: a tie round made for an earlier config may name others.
+                matched = [_in_grid(value, tried.get(variant, [])) for value in values]
+                runs += [(tuning.name, _tuning_variant(variant, tune["key"], value), seed)
+                         for value in matched if value is not None for seed in tune["tie_seeds"]]
+        return runs
+
+    def tune_rounds(self, family: str) -> int:
+        """How many ``tune_round`` checkpoints a tuned family's selection waits for: one per ``tune.extend`` step,
+        and, with ``tune.tie_seeds``, the tie round after them (its ``tied`` values run on the tie seeds)."""
+        tune = self.families[family].tune
+        return tune["extend"] + (1 if tune.get("tie_seeds") else 0)
 
     def tuned_families(self) -> list[str]:
         """Families with a `tune` block (their runs wait for the selection of their tuning family)."""
@@ -250,6 +259,9 @@ class Study:
         # (extensions included): which are run and which value is used is known only after tuning.
         runs += [(f.name, v, s) for f in self.families.values() if f.kind == TUNE_KIND
                  for v in f.rerun_variants for s in f.seeds]
+        # ... and every value of its grid on the tie seeds (tune.tie_seeds): which values tie is known only then.
+        runs += [(f.name, v, s) for f in self.families.values() if f.kind == TUNE_KIND
+                 for v in [*f.variants, *f.rerun_variants] for s in f.tune.get("tie_seeds") or ()]
         runs += [(f.name, v, s, value) for f in map(self.families.get, self.tuned_families())
                  for v in f.variants for s in f.seeds for value in f.tune["grids"][v]]
         configs: dict[str, dict] = {}
@@ -288,6 +300,8 @@ class Study:
                           tune_tie_break=fam.tune["tie_break"])
             if variant in fam.rerun_variants:  # only then: the base grid's runs keep the labels they had
                 labels["tune_extension"] = True
+            if seed in (fam.tune.get("tie_seeds") or ()):  # likewise
+                labels["tune_tie_seed"] = True
         elif variant in fam.settings:
             setting, data_seed = fam.settings[variant]
             labels.update(setting=setting, data_seed=data_seed, train_seed=seed)
@@ -475,6 +489,11 @@ def _tune_families(family: Family, tune: dict, source: str, families: dict) -> t
     reused = sorted(set(seeds) & set(family.seeds))
     if reused:
         raise ConfigError(f"{where}: tune.seeds {reused} are also the family's seeds; tuning needs fresh seeds")
+    tie_seeds = tuple(tune.get("tie_seeds") or ())
+    reused = sorted(set(tie_seeds) & (set(seeds) | set(family.seeds)))
+    if reused:
+        raise ConfigError(f"{where}: tune.tie_seeds {reused} are also tune.seeds or the family's seeds; a tie is "
+                          "decided on fresh seeds")
     extend = int(tune.get("extend") or 0)
     base_grids = {variant: _tune_grid(tune, partial, f"{where} [variant {variant}]")
                   for variant, partial in family.variants.items()}
@@ -498,7 +517,8 @@ def _tune_families(family: Family, tune: dict, source: str, families: dict) -> t
                     tune={**tune, "of": family.name, "variant_values": values})
     tuned = Family(family.name, family.kind, family.description, family.baseline, family.seeds, family.variants,
                    family.settings, family.sweep, family.rerun_variants, family.expectations,
-                   tune={**tune, "extend": extend, "family": name, "grids": grids, "base_grids": base_grids})
+                   tune={**tune, "extend": extend, "tie_seeds": list(tie_seeds), "family": name, "grids": grids,
+                         "base_grids": base_grids})
     return tuned, tuning
 
 
@@ -527,6 +547,28 @@ def _tune_extensions(grid: list[float], extend: int, where: str) -> list[float]:
         raise ConfigError(f"{where}: tune.extend's steps beyond the grid {grid} round to values it already has "
                           f"({lows} below, {highs} above, at 3 significant digits); space its ends further apart")
     return [*lows, *highs]
+
+
+def _read_selection(path: str | Path, field_name: str) -> dict:
+    """``field_name`` of a tuning round's selection JSON; a named error saying how to make it again otherwise."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)[field_name]
+        if not isinstance(value, dict):
+            raise TypeError(f"{field_name} is a {type(value).__name__}, not a mapping")
+        return value
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a tuning selection with {field_name} ({exc}); run again with "
+                          "`--forcerun tune_round` to select again from the tuning runs") from exc
+
+
+def _in_grid(value, grid: list[float]) -> float | None:
+    """The value of ``grid`` equal to ``value`` up to a JSON round trip (None if there is none)."""
+    if isinstance(value, (int, float)):
+        for candidate in grid:
+            if abs(value - candidate) <= 1e-9 * abs(candidate):
+                return candidate
+    return None
 
 
 def _next_beyond(grid: list[float], tried: list[float], edge: str) -> float | None:

@@ -174,14 +174,14 @@ def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it()
     assert [row["value"] for row in tune_section("m_tune", {"tuning": table.iloc[::-1], "runs": runs})["rows"]] \
         == ["0.001", "0.003", "0.01"]
     caveat = _tuning_caveat({"tuning": table}, "m", pd.Series({"variant": "lora", "baseline": "full"}))
-    assert ("lora's tuned train.lr (0.003) tied 0.001 at validation 77.50 % and was chosen by the lower mean "
+    assert ("lora's tuned train.lr (0.003, validation 77.50 %) tied with 0.001; broken by the lower mean "
             "validation loss") in caveat
     # Records made before tune.tie_break carry no label: they were selected by the smaller value, and the
     # table says so rather than re-selecting them by a rule they were not run under.
     legacy, legacy_metrics = _tied_frames(None)
     old = tuning_table(legacy, legacy_metrics)
     assert old.loc[old["chosen"], "value"].tolist() == [1e-3] and (old["tie_break"] == "smaller").all()
-    assert "chosen by the smaller value" in _tuning_caveat(
+    assert "tied with 0.003; broken by the smaller value" in _tuning_caveat(
         {"tuning": old}, "m", pd.Series({"variant": "lora", "baseline": "full"}))
 
 
@@ -417,4 +417,154 @@ def test_the_workflow_extends_a_grid_only_where_its_best_value_sits_at_an_end(tm
             index=False):
         assert lr == final["chosen"][variant], variant
     # Nothing left to do: the rounds and the selection are up to date.
+    assert not jobs_run(snakemake(workdir, "--cores", "2", "-n"))
+
+
+def _tie_seed_frames(on_tie_seed: dict[float, float | None]):
+    """One variant, three values on tuning seed 100: 1e-3 and 3e-3 tie at 75 % validation, 1e-2 scores 50 %.
+    ``on_tie_seed``: value -> its validation score on tie seed 200 (None: that run failed); every value has a
+    validation loss, the larger of the tied values the lower one."""
+    runs, metrics = [], []
+    for value, seed, score in [(1e-3, 100, 0.75), (3e-3, 100, 0.75), (1e-2, 100, 0.5),
+                               *((v, 200, s) for v, s in on_tie_seed.items())]:
+        run_id = f"m_tune/lora-lr{value:g}/seed{seed}"
+        runs.append({"run_id": run_id, "family": "m_tune", "family_kind": "tune", "variant": f"lora-lr{value:g}",
+                     "seed": seed, "setting": "lora", "status": "ok" if score is not None else "failed",
+                     "tunes": "m", "tune_key": "train.lr", "tune_value": value, "tune_metric": "validation_accuracy",
+                     "tune_tie_break": "smaller", "tune_tie_seed": seed == 200, "cfg.train.epochs": 2,
+                     "cfg.train.max_steps": None})
+        if score is None:
+            continue
+        row = {"run_id": run_id, "family": "m_tune", "variant": f"lora-lr{value:g}", "setting": "lora",
+               "seed": seed, "status": "ok", "split": "validation", "unit": "fraction", "higher_is_better": True,
+               "epoch": 2}
+        metrics += [{**row, "metric": "accuracy", "stage": "final", "value": score},
+                    {**row, "metric": "loss", "stage": "epoch", "value": 0.4 if value == 1e-3 else 0.3}]
+    metrics = pd.DataFrame(metrics)
+    metrics["epoch"] = metrics["epoch"].astype("Int64")
+    return pd.DataFrame(runs), metrics
+
+
+TIE_TUNE = {"key": "train.lr", "values": [1e-3, 3e-3, 1e-2], "seeds": [100], "metric": "validation_accuracy",
+            "tie_seeds": [200]}
+
+
+def test_tie_seeds_decide_a_tie_by_the_mean_over_the_tuning_and_tie_seeds():
+    runs, metrics = _tie_seed_frames({1e-3: 0.70, 3e-3: 0.80})
+    scores = tuning_scores(runs, metrics, "m_tune", "validation_accuracy").set_index("value")
+    # The comparison across values stays on the tuning seeds, which every value ran on.
+    assert scores["n_runs"].to_dict() == {1e-3: 1, 3e-3: 1, 1e-2: 1}
+    assert scores["mean"].to_dict() == pytest.approx({1e-3: 0.75, 3e-3: 0.75, 1e-2: 0.5})
+    assert scores["n_tie_runs"].to_dict() == {1e-3: 1, 3e-3: 1, 1e-2: 0}
+    assert scores["tie_mean"].loc[[1e-3, 3e-3]].tolist() == pytest.approx([0.725, 0.775])
+    assert math.isnan(scores["tie_mean"].loc[1e-2])
+    chosen = selection(runs, metrics, "m", TIE_TUNE)
+    # The smaller value would have won the tie; the tie seed says otherwise.
+    assert chosen["chosen"] == {"lora": 3e-3} and chosen["tied"] == {"lora": [1e-3, 3e-3]}
+    assert chosen["tie_seeds"] == [200] and chosen["tie_means"] == {"lora": pytest.approx({"0.001": 0.725,
+                                                                                             "0.003": 0.775})}
+    assert "ties to the best mean over the tuning and tie seeds [200], then the smaller value" in chosen["rule"]
+    assert chosen["chosen_edge"] == {"lora": ""}  # a tie is never an edge, whatever decided it
+
+
+def test_a_tie_the_tie_seeds_repeat_goes_to_the_tie_break_and_a_failed_tie_run_cannot_win():
+    runs, metrics = _tie_seed_frames({1e-3: 0.80, 3e-3: 0.80})
+    assert selection(runs, metrics, "m", TIE_TUNE)["chosen"] == {"lora": 1e-3}
+    assert selection(runs, metrics, "m", {**TIE_TUNE, "tie_break": "loss"})["chosen"] == {"lora": 3e-3}
+    runs, metrics = _tie_seed_frames({1e-3: 0.60, 3e-3: None})
+    scores = tuning_scores(runs, metrics, "m_tune", "validation_accuracy").set_index("value")
+    assert scores.loc[3e-3, "n_tie_runs"] == 1 and math.isnan(scores.loc[3e-3, "tie_mean"])
+    assert scores.loc[3e-3, "n_failed"] == 0  # failures on the tie seeds do not count against the tuning seeds
+    assert selection(runs, metrics, "m", TIE_TUNE)["chosen"] == {"lora": 1e-3}
+    # Before the tie round ran (no tie-seed runs yet) the tie-break decides alone.
+    runs, metrics = _tie_seed_frames({})
+    assert selection(runs, metrics, "m", {**TIE_TUNE, "tie_break": "loss"})["chosen"] == {"lora": 3e-3}
+
+
+def test_the_report_says_what_the_tie_seeds_decided():
+    runs, metrics = _tie_seed_frames({1e-3: 0.70, 3e-3: 0.80})
+    table = tuning_table(runs, metrics)
+    row = table.set_index("value")
+    assert row["n_tie_runs"].to_dict() == {1e-3: 1, 3e-3: 1, 1e-2: 0} and row.loc[3e-3, "chosen"]
+    section = tune_section("m_tune", {"tuning": table, "runs": runs})
+    cells = {r["value"]: r for r in section["rows"]}
+    assert cells["0.003"]["chosen"] == ("**chosen** (tied with 0.001 on the tuning seeds; decided by 1 tie seed(s): "
+                                        "77.50 % over the tuning and tie seeds vs 72.50 % at 0.001)")
+    assert cells["0.003"]["score"] == "75.00 (77.50 with 1 tie seed run(s))" and cells["0.01"]["score"] == "50.00"
+    assert cells["0.003"]["n"] == 1  # finished runs on the tuning seeds
+    assert "1 tuning seed(s), plus 2 run(s) of the values tied at the top on 1 tie seed(s)" in section["budget"]
+    assert section["tie_seeds"] == "the best mean over the tuning and tie seeds, then "
+    caveat = _tuning_caveat({"tuning": table}, "m", pd.Series({"variant": "lora", "baseline": "full"}))
+    assert "lora's tuned train.lr (0.003, validation 75.00 %) tied with 0.001 on the tuning seeds; decided by" \
+        in caveat
+    runs, metrics = _tie_seed_frames({1e-3: 0.80, 3e-3: 0.80})
+    again = tune_section("m_tune", {"tuning": tuning_table(runs, metrics), "runs": runs})
+    assert {r["value"]: r["chosen"] for r in again["rows"]}["0.001"] == (
+        "**chosen** (tied with 0.003 on the tuning seeds and again with 1 tie seed(s) (77.50 %); broken by the "
+        "smaller value)")
+
+
+def test_tie_seeds_are_fresh_seeds_labelled_on_their_runs_and_planned_for_every_value(tmp_path):
+    tune = {"key": "train.lr", "factors": [0.3, 1, 3], "seeds": [100], "extend": 1, "tie_seeds": [200, 201]}
+    study = _study(tune)
+    assert study.tune_rounds("methods") == 2  # the extension round, then the tie round
+    assert _study({**tune, "tie_seeds": []}).tune_rounds("methods") == 1
+    tuning = study.families["methods_tune"]
+    # Every value, extensions included, may tie: each is a known config on each tie seed.
+    for variant in [*tuning.variants, *tuning.rerun_variants]:
+        for seed in (200, 201):
+            assert study.run_key("methods_tune", variant, seed) in study.trained_configs()
+    assert study.labels("methods_tune", "lora-lr0.001", 200)["tune_tie_seed"] is True
+    assert "tune_tie_seed" not in study.labels("methods_tune", "lora-lr0.001", 100)  # old records keep their labels
+    # Only the tied values the tie round lists run on the tie seeds (and only values the study has tried).
+    edges = tmp_path / "round0.json"
+    edges.write_text(json.dumps({"chosen_edge": {"lora": "high", "full": ""}}))
+    ties = tmp_path / "round1.json"
+    ties.write_text(json.dumps({"tied": {"lora": [0.003, 0.009], "full": [5.0, 6.0]}}))
+    extra = set(study.tuning_runs("methods", [edges], ties)) - set(study.tuning_runs("methods", [edges]))
+    assert extra == {("methods_tune", f"lora-lr{v}", s) for v in ("0.003", "0.009") for s in (200, 201)}
+    ties.write_text(json.dumps({"tied": ["lora"]}))
+    with pytest.raises(ConfigError, match="round1.json: not a tuning selection with tied"):
+        study.tuning_runs("methods", [edges], ties)
+    for reused in ([100], [1]):
+        with pytest.raises(ConfigError, match=r"tune.tie_seeds \[\d+\] are also tune.seeds or the family's seeds"):
+            _study({**tune, "tie_seeds": reused})
+
+
+def test_adding_tie_seeds_runs_only_the_tied_values_on_them_and_selects_again(tmp_path):
+    """Planted as in the extend test: tiny LoRA learns in 8 epochs at 3e-2 but not at 3e-3, last-layers at
+    neither (a tie at chance). Adding tune.tie_seeds to the finished study makes the tie round list last-layers'
+    two values alone; they train on the tie seed, nothing trained before trains again, and the selection, the
+    tuning table and the report are made again from the tuning and tie seeds."""
+    workdir = tmp_path / "ties"
+    path = mini_study(workdir, seeds=[0])
+    config = yaml.safe_load(path.read_text())
+    config["base"]["train"]["epochs"] = 8
+    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [3.0e-3, 3.0e-2], "seeds": [100]}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(workdir, "--cores", "2")
+    before = json.loads((workdir / "results/tune/methods/selection.json").read_text())
+    assert before["tied"] == {"last_layers": [3.0e-3, 3.0e-2]} and "lora" not in before["tied"]
+    trained = {p.name: p.stat().st_mtime_ns for p in (workdir / "results/trained").glob("*.json")}
+    config["families"]["methods"]["tune"]["tie_seeds"] = [200]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(workdir, "--cores", "2")
+    tie_round = json.loads((workdir / "results/tune/methods/round0.json").read_text())
+    assert tie_round["tied"] == before["tied"]
+    on_tie_seed = sorted(p.parent.name for p in (workdir / "results/runs/methods_tune").glob("*/seed200.json"))
+    assert on_tie_seed == ["last_layers-lr0.003", "last_layers-lr0.03"]
+    now = {p.name: p.stat().st_mtime_ns for p in (workdir / "results/trained").glob("*.json")}
+    assert len(now) == len(trained) + 2 and all(now[name] == mtime for name, mtime in trained.items())
+    final = json.loads((workdir / "results/tune/methods/selection.json").read_text())
+    assert final["tie_seeds"] == [200] and set(final["tie_means"]["last_layers"]) == {"0.003", "0.03"}
+    assert final["chosen"]["lora"] == before["chosen"]["lora"] == 3.0e-2
+    table = pd.read_parquet(workdir / "results/tables/tuning.parquet").set_index(["setting", "value"])
+    assert table["n_runs"].eq(1).all() and table.loc["last_layers", "n_tie_runs"].eq(1).all()
+    assert table.loc["lora", "n_tie_runs"].eq(0).all()
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
+    assert runs.loc[runs["seed"] == 200, "tune_tie_seed"].all() and not runs.loc[runs["seed"] != 200,
+                                                                                  "tune_tie_seed"].any()
+    report = (workdir / "paper/report.md").read_text()
+    assert "plus 2 run(s) of the values tied at the top on 1 tie seed(s) (tune.tie_seeds)" in report
+    assert "tied with " in report and "on the tuning seeds" in report
     assert not jobs_run(snakemake(workdir, "--cores", "2", "-n"))

@@ -6,12 +6,14 @@ the same tuning seeds, with the same epochs and steps, scored on the **validatio
 not evaluate the test split at all), and then compares the variants on its own seeds, each at its chosen value.
 
 ``select_tuned`` picks, per variant, the value with the highest mean validation score over the tuning seeds.
-Accuracy on a few hundred (or, for an LLM, a few dozen) validation answers ties often, and a tie is then broken
-by ``tune.tie_break`` (``TIE_BREAKS``): ``smaller`` (the default) takes the smaller value, the gentler rate;
-``loss`` prefers the lower mean validation loss at the selected epochs, a continuous score of the same runs. A
-tie on one tuning seed is a sign that the seed cannot tell the values apart; measured here (README "Ties"), the
-lower loss of one seed picked the rate that did worse over the seeds all 3 times (by 1.2, 10 and 0.7 points), so
-it is an option, not the default. The table marks every tied value and the report names the rule beside every
+Accuracy on a few hundred (or, for an LLM, a few dozen) validation answers ties often. A tie on one tuning seed
+is a sign that the seed cannot tell the values apart, so with ``tune.tie_seeds`` the tied values (and only
+those) run again on fresh seeds, and the best mean over the tuning and tie seeds together wins. A tie that
+remains (or any tie without tie seeds) is broken by ``tune.tie_break`` (``TIE_BREAKS``): ``smaller`` (the
+default) takes the smaller value, the gentler rate; ``loss`` prefers the lower mean validation loss at the
+selected epochs, a continuous score of the same runs. Measured here (README "Ties"), the lower loss of one seed
+picked the rate that did worse over the seeds all 3 times (by 1.2, 10 and 0.7 points), so it is an option, not
+the default. The table marks every tied value and the report names the rule beside every
 comparison it decided. Failed tuning runs count as missing; a value none
 of whose runs finished cannot be chosen. The workflow's ``select_tune`` checkpoint writes the
 selection as JSON (``results/tune/<family>/selection.json``) and the family's runs are derived from it.
@@ -41,7 +43,10 @@ from lora_bench.study import TUNE_KIND
 # The tune block's metric -> (metric, split) of the tidy metrics table.
 TUNE_METRICS = {"validation_accuracy": ("accuracy", "validation"), "validation_macro_f1": ("macro_f1", "validation")}
 TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "extension", "metric", "n_runs", "n_failed",
-                  "mean", "std", "loss", "tied", "chosen", "chosen_edge", "tie_break", "optimizer_steps", "epochs"]
+                  "mean", "std", "loss", "tied", "n_tie_runs", "tie_mean", "chosen", "chosen_edge", "tie_break",
+                  "optimizer_steps", "epochs"]
+SCORE_COLUMNS = ["setting", "value", "extension", "n_runs", "n_failed", "mean", "std", "loss", "n_tie_runs",
+                 "tie_mean"]
 
 
 @dataclass(frozen=True)
@@ -97,25 +102,34 @@ def flags(frame: pd.DataFrame, column: str) -> pd.Series:
 
 def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str, metric: str) -> pd.DataFrame:
     """One row per (variant = setting, value) of a tuning family: runs, failures, mean and sd of ``metric``, and
-    the mean validation loss at the epochs that score comes from (NaN where the runs logged none)."""
+    the mean validation loss at the epochs that score comes from (NaN where the runs logged none), all over the
+    tuning seeds, so every value of a variant is compared on the same seeds; and, for a value that also ran on
+    the tie seeds (``tune.tie_seeds``), those runs' count and the mean over the tuning and tie seeds together
+    (``tie_mean``: NaN unless every one of its tie runs was scored)."""
     name, split = TUNE_METRICS[metric]
     family_runs = runs[runs["family"] == tuning_family]
+    family_runs = family_runs.assign(_tie_seed=flags(family_runs, "tune_tie_seed"))
     scores = select_values(metrics, name, split, "final")
     scores = scores[scores["family"] == tuning_family].merge(
-        family_runs[["run_id", "tune_value"]], on="run_id", how="left")
+        family_runs[["run_id", "tune_value", "_tie_seed"]], on="run_id", how="left")
     scores = scores.assign(loss=_selected_epoch_loss(metrics, scores))
     rows = []
     for (setting, value), group in family_runs.groupby(["setting", "tune_value"], sort=False):
         scored = scores[(scores["setting"] == setting) & (scores["tune_value"] == value)]
-        values, losses = scored["value"], scored["loss"]
+        base, on_tuning_seeds = group[~group["_tie_seed"]], scored[~scored["_tie_seed"].fillna(False).astype(bool)]
+        values, losses = on_tuning_seeds["value"], on_tuning_seeds["loss"]
+        n_tie = int(group["_tie_seed"].sum())
+        every_tie_run_scored = n_tie and len(scored) - len(on_tuning_seeds) == n_tie
         rows.append({"setting": setting, "value": float(value), "extension": bool(flags(group, "tune_extension").any()),
-                     "n_runs": len(group),
-                     "n_failed": int((group["status"] != "ok").sum()),
+                     "n_runs": len(base),
+                     "n_failed": int((base["status"] != "ok").sum()),
                      "mean": float(values.mean()) if len(values) else math.nan,
                      "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
                      # Only where every scored run has one: a mean over fewer runs would not compare like for like.
-                     "loss": float(losses.mean()) if len(losses) and losses.notna().all() else math.nan})
-    return pd.DataFrame(rows, columns=["setting", "value", "extension", "n_runs", "n_failed", "mean", "std", "loss"])
+                     "loss": float(losses.mean()) if len(losses) and losses.notna().all() else math.nan,
+                     "n_tie_runs": n_tie,
+                     "tie_mean": float(scored["value"].mean()) if every_tie_run_scored else math.nan})
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
 def _selected_epoch_loss(metrics: pd.DataFrame, scores: pd.DataFrame) -> pd.Series:
@@ -129,13 +143,21 @@ def _selected_epoch_loss(metrics: pd.DataFrame, scores: pd.DataFrame) -> pd.Seri
     return pd.Series(merged["loss"].to_numpy(dtype=float), index=scores.index)
 
 
-def _top(group: pd.DataFrame) -> pd.DataFrame:
-    """The rows of one variant whose mean score ties the best finished one (empty if none finished)."""
-    finished = group[group["mean"].notna()]
+def _top(group: pd.DataFrame, column: str = "mean") -> pd.DataFrame:
+    """The rows of one variant whose ``column`` ties the best finished one (empty if none finished)."""
+    finished = group[group[column].notna()]
     if finished.empty:
         return finished
-    best = finished["mean"].max()
-    return finished[[_tied(mean, best) for mean in finished["mean"]]]
+    best = finished[column].max()
+    return finished[[_tied(score, best) for score in finished[column]]]
+
+
+def _decided_on_tie_seeds(tied: pd.DataFrame) -> pd.DataFrame:
+    """Of the values tied on the tuning seeds, those with the best mean over the tuning and tie seeds; all of
+    them where none ran on the tie seeds (a value whose tie runs failed cannot win over one that has them)."""
+    if "tie_mean" not in tied or tied["tie_mean"].isna().all():
+        return tied
+    return _top(tied, "tie_mean")
 
 
 def tied_values(scores: pd.DataFrame) -> dict[str, list[float]]:
@@ -145,11 +167,13 @@ def tied_values(scores: pd.DataFrame) -> dict[str, list[float]]:
 
 
 def select_tuned(scores: pd.DataFrame, tie_break: str = DEFAULT_TIE_BREAK) -> dict[str, float]:
-    """Variant -> the value with the best mean score, a tie broken by ``tie_break``; None if no value finished."""
+    """Variant -> the value with the best mean score on the tuning seeds; among tied values, the best mean over
+    the tuning and tie seeds where they ran on tie seeds, and a tie that remains broken by ``tie_break``; None if
+    no value finished."""
     rule = tie_break_spec(tie_break)
     chosen = {}
     for setting, group in scores.groupby("setting", sort=False):
-        tied = _top(group)
+        tied = _decided_on_tie_seeds(_top(group))
         if tied.empty:
             chosen[setting] = None
             continue
@@ -186,12 +210,20 @@ def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict
     if missing:
         raise ValueError(f"tuning of family {family!r}: no tuning run of variant(s) {missing} finished, so no "
                          f"value of {tune['key']} can be chosen; see the failed runs of family {tuning_family!r}")
+    tie_seeds = list(tune.get("tie_seeds") or [])
+    on_tie_seeds = f"the best mean over the tuning and tie seeds {tie_seeds}, then " if tie_seeds else ""
+    tied = {s: values for s, values in tied_values(scores).items() if len(values) > 1}
     return {
         "family": family, "tuning_family": tuning_family, "key": tune["key"], "grids": tune.get("grids") or {},
         "seeds": list(tune["seeds"]), "metric": tune["metric"],
-        "rule": f"highest mean validation score over the tuning seeds; ties to {tie_break_spec(tie_break).description}",
-        "tie_break": tie_break, "chosen": chosen, "chosen_edge": chosen_edges(scores, chosen),
-        "tied": {s: values for s, values in tied_values(scores).items() if len(values) > 1},
+        "rule": f"highest mean validation score over the tuning seeds; ties to {on_tie_seeds}"
+                f"{tie_break_spec(tie_break).description}",
+        "tie_break": tie_break, "tie_seeds": tie_seeds, "chosen": chosen, "chosen_edge": chosen_edges(scores, chosen),
+        "tied": tied,
+        # Per tied variant, each tied value's mean over the tuning and tie seeds (None: not run on them yet).
+        "tie_means": {s: {str(r.value): None if math.isnan(r.tie_mean) else r.tie_mean
+                          for r in scores[scores["setting"] == s].itertuples() if r.value in values}
+                      for s, values in tied.items()},
         "scores": {s: {str(r.value): r.mean for r in g.itertuples()} for s, g in scores.groupby("setting", sort=False)},
         "losses": {s: {str(r.value): None if math.isnan(r.loss) else r.loss for r in g.itertuples()}
                    for s, g in scores.groupby("setting", sort=False)},

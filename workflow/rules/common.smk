@@ -117,15 +117,27 @@ def stale_label_marker(wildcards):
     return [marker]
 
 
-def tried_tuning_records(family, rounds):
+def tried_tuning_records(family, rounds, ties=False):
     """The tuning records of a tuned family after ``rounds`` extension rounds (tune.extend): the base grid's,
-    plus the values each round's selection (the tune_round checkpoint) asked for beyond a grid's end.
+    plus the values each round's selection (the tune_round checkpoint) asked for beyond a grid's end; with
+    ``ties``, plus the tied values' runs on the tie seeds that the next round (the tie round) asked for.
     """
     selections = [
         checkpoints.tune_round.get(family=family, round=r).output[0]
-        for r in range(rounds)
+        for r in range(rounds + (1 if ties else 0))
     ]
-    return [record_path(*run) for run in STUDY.tuning_runs(family, selections)]
+    ties_from = selections.pop() if ties else None
+    return [
+        record_path(*run)
+        for run in STUDY.tuning_runs(family, selections, ties=ties_from)
+    ]
+
+
+def all_tuning_records(family):
+    """Every tuning record a tuned family's final selection is made from: after every extension round and,
+    with tune.tie_seeds, the tie round."""
+    tune = STUDY.families[family].tune
+    return tried_tuning_records(family, tune["extend"], ties=bool(tune["tie_seeds"]))
 
 
 def tuning_round_records(wildcards):
@@ -134,21 +146,18 @@ def tuning_round_records(wildcards):
 
 
 def tuning_record_paths(wildcards):
-    """The records a tuned family's final selection is made from: its tuning runs after every extension round."""
-    return tried_tuning_records(
-        wildcards.family, STUDY.families[wildcards.family].tune["extend"]
-    )
+    """The records a tuned family's final selection is made from: its tuning runs after every round."""
+    return all_tuning_records(wildcards.family)
 
 
 def tune_extension_record_paths(wildcards=None):
-    """The tuning records beyond the base grids that the extension rounds asked for (none without
-    tune.extend): known only once those rounds' checkpoints ran, hence an input function of its own.
+    """The tuning records beyond the base grids and tuning seeds that the extension and tie rounds asked for
+    (none without tune.extend or tune.tie_seeds): known only once those rounds' checkpoints ran, hence an input
+    function of its own.
     """
     static = set(run_record_paths())
     tried = [
-        path
-        for family in STUDY.tuned_families()
-        for path in tried_tuning_records(family, STUDY.families[family].tune["extend"])
+        path for family in STUDY.tuned_families() for path in all_tuning_records(family)
     ]
     return [path for path in tried if path not in static]
 
@@ -164,12 +173,14 @@ def collected_record_paths(wildcards):
 
 def tune_json(wildcards):
     """The family's tune block with each variant's grid: a params value, so only a change of it re-selects
-    (``extend`` only when set, so that studies without it keep their parameters)."""
+    (``extend`` and ``tie_seeds`` only when set, so that studies without them keep their parameters).
+    """
     tune = STUDY.families[wildcards.family].tune
     keys = ("key", "values", "factors", "grids", "seeds", "metric")
     block = {k: tune[k] for k in keys if k in tune}
-    if tune["extend"]:
-        block["extend"] = tune["extend"]
+    for optional in ("extend", "tie_seeds"):
+        if tune[optional]:
+            block[optional] = tune[optional]
     return json.dumps(block, sort_keys=True)
 
 
@@ -219,7 +230,8 @@ def figure_paths():
 
 
 def selection_paths():
-    """Every checkpoint's output: each sweep's and tuned family's selection, and each tune.extend round.
+    """Every checkpoint's output: each sweep's and tuned family's selection, each tune.extend round and the tie
+    round (tune.tie_seeds).
 
     Targets themselves, because Snakemake puts a checkpoint in the DAG only when its output is missing or some
     target needs it: an existing selection read through ``checkpoints.<rule>.get()`` is otherwise taken as it is,
@@ -229,7 +241,7 @@ def selection_paths():
     """
     paths = expand(rules.select_sweep.output[0], family=STUDY.sweep_families())
     for family in STUDY.tuned_families():
-        rounds = range(STUDY.families[family].tune["extend"])
+        rounds = range(STUDY.tune_rounds(family))
         paths += expand(rules.tune_round.output[0], family=family, round=rounds)
         paths += expand(rules.select_tune.output[0], family=family)
     return paths

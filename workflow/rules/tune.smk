@@ -2,7 +2,9 @@
 # runs the family then trains depends on those results, so the selection is a checkpoint (common.smk:
 # trained_record reads it). With tune.extend, each round's selection first asks for one more value beyond an end
 # of a grid where the chosen value sits at that end (common.smk: tried_tuning_records): rounds are checkpoints
-# too, each made from the records of the rounds before it, and selection.json from those of every round.
+# too, each made from the records of the rounds before it, and selection.json from those of every round. With
+# tune.tie_seeds, one more round (the tie round) lists the values tied at the top, and those alone run again on
+# the tie seeds before selection.json is made.
 
 SELECT_TUNE = (
     "python -m lora_bench select-tune --family {wildcards.family} --tune-json {params.tune:q}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lora_bench.analysis.summary import ALPHA, TARGET_POWER
-from lora_bench.analysis.tuning import flags, tie_break_of, tie_break_spec, tied_with
+from lora_bench.analysis.tuning import flags
 from lora_bench.report.formatting import (
     finite,
     fmt_p,
@@ -18,7 +18,7 @@ from lora_bench.report.formatting import (
     md_text,
     p_phrase,
 )
-from lora_bench.report.sections.common import PRIMARY_SPLIT
+from lora_bench.report.sections.common import PRIMARY_SPLIT, tie_decision
 
 
 def _convergence_prefix(test: pd.Series) -> str:
@@ -168,14 +168,15 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
 
 
 def _tie_caveat(side: str, grid: pd.DataFrame, chosen: pd.DataFrame) -> str:
-    """Where the chosen value tied others on the validation score: which, and the rule that decided."""
-    if chosen.empty or not flags(chosen, "tied").iloc[0]:
+    """Where the chosen value tied others on the validation score: which, and what decided."""
+    if chosen.empty:
         return ""
     row = chosen.iloc[0]
-    rule = tie_break_spec(tie_break_of(row.get("tie_break"))).description
-    return (f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}) tied "
-            f"{', '.join(f'{v:g}' for v in tied_with(grid, side, row['value']))} at validation "
-            f"{fmt_percent(row['mean'])} % and was chosen by {rule}")
+    decision = tie_decision(grid, side, float(row["value"]))
+    if not decision:
+        return ""
+    return (f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}, validation "
+            f"{fmt_percent(row['mean'])} %) {decision}")
 
 
 def family_claims(tables: dict, family: str, primary_tests: pd.DataFrame) -> list[dict]:
