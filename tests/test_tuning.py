@@ -490,7 +490,7 @@ def test_the_report_says_what_the_tie_seeds_decided():
     cells = {r["value"]: r for r in section["rows"]}
     assert cells["0.003"]["chosen"] == ("**chosen** (tied with 0.001 on the tuning seeds; decided by 1 tie seed(s): "
                                         "77.50 % over the tuning and tie seeds vs 72.50 % at 0.001)")
-    assert cells["0.003"]["score"] == "75.00 (77.50 with 1 tie seed run(s))" and cells["0.01"]["score"] == "50.00"
+    assert cells["0.003"]["score"] == "75.00 (77.50 with its 1 tie-seed run(s))" and cells["0.01"]["score"] == "50.00"
     assert cells["0.003"]["n"] == 1  # finished runs on the tuning seeds
     assert "1 tuning seed(s), plus 2 run(s) of the values tied at the top on 1 tie seed(s)" in section["budget"]
     assert section["tie_seeds"] == "the best mean over the tuning and tie seeds, then "

@@ -52,7 +52,7 @@ def _score_cell(row) -> str:
     """The mean on the tuning seeds, and for a value that ran on the tie seeds its mean over both."""
     score = fmt_percent(row.mean)
     if finite(getattr(row, "tie_mean", None)):
-        score += f" ({fmt_percent(row.tie_mean)} with {int(row.n_tie_runs)} tie seed run(s))"
+        score += f" ({fmt_percent(row.tie_mean)} with its {int(row.n_tie_runs)} tie-seed run(s))"
     return score
 
 
