@@ -242,7 +242,7 @@ class Study:
         """How many ``tune_round`` checkpoints a tuned family's selection waits for: one per ``tune.extend`` step,
         and, with ``tune.tie_seeds``, the tie round after them (its ``tied`` values run on the tie seeds)."""
         tune = self.families[family].tune
-        return tune["extend"] + (1 if tune.get("tie_seeds") else 0)
+        return tune["extend"] + (1 if tune["tie_seeds"] else 0)
 
     def tuned_families(self) -> list[str]:
         """Families with a `tune` block (their runs wait for the selection of their tuning family)."""
@@ -261,7 +261,7 @@ class Study:
                  for v in f.rerun_variants for s in f.seeds]
         # ... and every value of its grid on the tie seeds (tune.tie_seeds): which values tie is known only then.
         runs += [(f.name, v, s) for f in self.families.values() if f.kind == TUNE_KIND
-                 for v in [*f.variants, *f.rerun_variants] for s in f.tune.get("tie_seeds") or ()]
+                 for v in [*f.variants, *f.rerun_variants] for s in f.tune["tie_seeds"]]
         runs += [(f.name, v, s, value) for f in map(self.families.get, self.tuned_families())
                  for v in f.variants for s in f.seeds for value in f.tune["grids"][v]]
         configs: dict[str, dict] = {}
@@ -300,7 +300,7 @@ class Study:
                           tune_tie_break=fam.tune["tie_break"])
             if variant in fam.rerun_variants:  # only then: the base grid's runs keep the labels they had
                 labels["tune_extension"] = True
-            if seed in (fam.tune.get("tie_seeds") or ()):  # likewise
+            if seed in fam.tune["tie_seeds"]:  # likewise
                 labels["tune_tie_seed"] = True
         elif variant in fam.settings:
             setting, data_seed = fam.settings[variant]
@@ -514,7 +514,7 @@ def _tune_families(family: Family, tune: dict, source: str, families: dict) -> t
     baseline = _tuning_variant(family.baseline, tune["key"], grids[family.baseline][0])
     tuning = Family(name, TUNE_KIND, f"Tuning of {tune['key']} for family {family.name} (validation only).",
                     baseline, seeds, variants, settings, rerun_variants=extension_variants,
-                    tune={**tune, "of": family.name, "variant_values": values})
+                    tune={**tune, "tie_seeds": list(tie_seeds), "of": family.name, "variant_values": values})
     tuned = Family(family.name, family.kind, family.description, family.baseline, family.seeds, family.variants,
                    family.settings, family.sweep, family.rerun_variants, family.expectations,
                    tune={**tune, "extend": extend, "tie_seeds": list(tie_seeds), "family": name, "grids": grids,

@@ -85,9 +85,9 @@ def tied_with(table: pd.DataFrame, setting: str, value: float) -> list[float]:
     return sorted(float(v) for v in others["value"])
 
 
-def _tied(a: float, b: float) -> bool:
-    """Equal mean scores: means over the same number of seeds of per-answer fractions may differ only by the
-    order of a float sum."""
+def same_score(a: float, b: float) -> bool:
+    """Equal mean scores (over the tuning seeds, or the tuning and tie seeds): means over the same number of
+    seeds of per-answer fractions may differ only by the order of a float sum."""
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
@@ -116,10 +116,10 @@ def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str,
     rows = []
     for (setting, value), group in family_runs.groupby(["setting", "tune_value"], sort=False):
         scored = scores[(scores["setting"] == setting) & (scores["tune_value"] == value)]
-        base, on_tuning_seeds = group[~group["_tie_seed"]], scored[~scored["_tie_seed"].fillna(False).astype(bool)]
+        base, on_tuning_seeds = group[~group["_tie_seed"]], scored[~flags(scored, "_tie_seed")]
         values, losses = on_tuning_seeds["value"], on_tuning_seeds["loss"]
         n_tie = int(group["_tie_seed"].sum())
-        every_tie_run_scored = n_tie and len(scored) - len(on_tuning_seeds) == n_tie
+        every_tie_run_scored = n_tie > 0 and len(scored) - len(on_tuning_seeds) == n_tie
         rows.append({"setting": setting, "value": float(value), "extension": bool(flags(group, "tune_extension").any()),
                      "n_runs": len(base),
                      "n_failed": int((base["status"] != "ok").sum()),
@@ -149,7 +149,7 @@ def _top(group: pd.DataFrame, column: str = "mean") -> pd.DataFrame:
     if finished.empty:
         return finished
     best = finished[column].max()
-    return finished[[_tied(score, best) for score in finished[column]]]
+    return finished[[same_score(score, best) for score in finished[column]]]
 
 
 def _decided_on_tie_seeds(tied: pd.DataFrame) -> pd.DataFrame:
@@ -194,7 +194,7 @@ def chosen_edges(scores: pd.DataFrame, chosen: dict) -> dict[str, str]:
         if value is not None and len(curve) >= 2:
             for end, at, neighbour in (("low", 0, 1), ("high", -1, -2)):
                 score, beside = curve["mean"].iloc[at], curve["mean"].iloc[neighbour]
-                if curve["value"].iloc[at] == value and score > beside and not _tied(score, beside):
+                if curve["value"].iloc[at] == value and score > beside and not same_score(score, beside):
                     edge = end
         edges[setting] = edge
     return edges

@@ -3,7 +3,6 @@ the cost cells (ratios with Fieller intervals) of the memory_time and lora_varia
 
 from __future__ import annotations
 
-import math
 import os
 import urllib.parse
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from lora_bench.analysis.cost import (
     COST_SUMMARY_COLUMNS,
     as_text,
 )
-from lora_bench.analysis.tuning import flags, tie_break_of, tie_break_spec, tied_with
+from lora_bench.analysis.tuning import flags, same_score, tie_break_of, tie_break_spec, tied_with
 from lora_bench.report import figures
 from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_percent, fmt_ratio, md_text, p_phrase
 from lora_bench.study import kind_spec
@@ -181,7 +180,6 @@ def test_cells(test, diff: str) -> dict:
 NOT_TESTED = {"diff": "–", "p": "–", "verdict": "not tested"}
 
 
-
 def tie_decision(grid: pd.DataFrame, setting: str, value: float) -> str:
     """How ``value``, chosen for ``setting`` where it tied others at the top of ``grid`` (one tuning family's
     tuning.parquet rows), won: by its mean over the tuning and tie seeds (``tune.tie_seeds``), or by the
@@ -197,7 +195,7 @@ def tie_decision(grid: pd.DataFrame, setting: str, value: float) -> str:
         return f"tied with {tied}; broken by {rule}"
     their = [rows["tie_mean"].get(v) for v in others]
     seeds = f"{n_tie} tie seed(s)"
-    if any(finite(m) and math.isclose(m, tie_mean, rel_tol=1e-9, abs_tol=1e-12) for m in their):
+    if any(finite(m) and same_score(m, tie_mean) for m in their):
         return (f"tied with {tied} on the tuning seeds and again with {seeds} ({fmt_percent(tie_mean)} %); broken "
                 f"by {rule}")
     versus = ", ".join(f"{fmt_percent(m) if finite(m) else '–'} % at {v:g}" for v, m in zip(others, their))

@@ -61,7 +61,8 @@ def _chosen_mark(row, part) -> str:
     grid, that the best value may lie beyond it."""
     if not row.chosen:
         return ""
-    notes = [note for note in [tie_decision(part, row.setting, row.value)] if note]
+    decision = tie_decision(part, row.setting, row.value)
+    notes = [decision] if decision else []
     edge = getattr(row, "chosen_edge", "") or ""
     beyond = {"low": "the smallest value tried: the best may be lower",
               "high": "the largest value tried: the best may be higher"}.get(edge)
