@@ -94,27 +94,34 @@ def trained_record(wildcards):
 
 
 def stale_label_marker(wildcards):
-    """A fresh marker file that makes a run record be labelled again when it was made from another training
-    than its config now gives (lora_bench.run.record.labelled_from).
+    """A run's marker file, newer than its record when the record was made from another training than its
+    config now gives (lora_bench.run.record.labelled_from), which makes the record be labelled again.
 
     Snakemake sees a changed input only through its .snakemake metadata, which a copied results folder or
     `--rerun-triggers mtime` lacks; and a missing input of a job whose output exists counts as an
     intermediate, not as a reason to run. An input newer than the record does make it run, so the marker is
-    written here, when the DAG is built (label_run removes it).
+    written here, when the DAG is built. It is every run's input, stale or not, and stays: an input that
+    came and went would change the job's set of input files, which Snakemake's metadata takes as a reason to
+    label the run once more on the next invocation. A new marker is dated at the epoch, older than any record.
     """
+    marker = (
+        f"{RESULTS}/stale/{wildcards.family}/{wildcards.variant}/seed{wildcards.seed}"
+    )
     expected = os.path.basename(trained_record(wildcards))
     made_from = labelled_from(
         record_path(wildcards.family, wildcards.variant, wildcards.seed)
     )
-    if made_from in (None, expected):
-        return []
-    marker = (
-        f"{RESULTS}/stale/{wildcards.family}/{wildcards.variant}/seed{wildcards.seed}"
-    )
-    os.makedirs(os.path.dirname(marker), exist_ok=True)
-    with open(marker, "w") as handle:
-        handle.write(f"made from {made_from}; the config now gives {expected}\n")
-    return [marker]
+    stale = made_from not in (None, expected)
+    if stale or not os.path.exists(marker):
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as handle:
+            if stale:
+                handle.write(
+                    f"labelled again: made from {made_from}; the config now gives {expected}\n"
+                )
+        if not stale:
+            os.utime(marker, (0, 0))
+    return marker
 
 
 def tried_tuning_records(family, rounds, ties=False):

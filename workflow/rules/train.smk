@@ -60,4 +60,4 @@ rule label_run:
         labels=run_labels_json,
     shell:
         "python -m lora_bench label --trained {input.trained:q} --label {params.labels:q} --out {output:q}"
-        " > {log:q} 2>&1 && rm -f {input.stale:q}"
+        " > {log:q} 2>&1"
