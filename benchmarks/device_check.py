@@ -7,7 +7,12 @@ three parts of < 64 MiB each, and ``.device/setup.sh`` (run there) installs them
 workflow's rules do, with the same ``python -m lora_bench`` commands: prepare the data once, train every run of
 the study (the 7B memory/time runs one at a time, so their times are not shared; the MiniLM runs ``--parallel`` at
 once: their accuracy does not depend on the sharing), collect, stats. Out: at most 8 files (the device tool's
-limit), the records in one tar file. README "When a GPU is lent" gives the exact call.
+limit), the records in one tar file. README "When a GPU is lent" gives the exact call. Paths (the study, its
+results and data) are read from the working directory, as Snakemake reads them; ``lora_bench`` from this checkout.
+
+A study whose runs hang on a checkpoint (a tuned family's runs use the value its selection chose; a sweep's re-runs
+the configurations it selected) is refused by name: without Snakemake those runs would silently train at the base
+value. gpu_smoke.yaml states its tuned rates instead.
 """
 
 from __future__ import annotations
@@ -25,14 +30,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _lora_bench(*args: str) -> subprocess.CompletedProcess:
+    """``python -m lora_bench ...`` from this checkout, in the working directory."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "lora_bench", *args], capture_output=True, text=True, env=env)
+
+
 def _train(study: str, results: Path, family: str, variant: str, seed: int, log) -> dict:
     out = results / "runs" / family / variant / f"seed{seed}.json"
     if out.is_file():
         return {"run": f"{family}/{variant}/seed{seed}", "status": "kept", "seconds": 0.0}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lora_bench", "train", "--study", study, "--family", family,
-                           "--variant", variant, "--seed", str(seed), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = _lora_bench("train", "--study", study, "--family", family, "--variant", variant, "--seed", str(seed),
+                       "--out", str(out))
     seconds = time.perf_counter() - start
     log.write(f"== {family}/{variant}/seed{seed}: exit {done.returncode}, {seconds:.1f} s\n{done.stderr[-3000:]}\n")
     log.flush()
@@ -52,13 +62,17 @@ def main() -> int:
     from lora_bench.study import load_study
 
     study = load_study(args.study)
-    results = ROOT / study.results_dir
+    hanging = [*study.tuned_families(), *study.sweep_families()]
+    if hanging:
+        parser.error(f"{args.study}: families {hanging} are tuned or sweeps: their runs depend on a selection "
+                     "(a Snakemake checkpoint) that this script does not make; run the study with Snakemake, or "
+                     "state the chosen values in the config (as config/gpu_smoke.yaml does)")
+    results = Path(study.results_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     log = open(out / "log.txt", "w")
-    prep = subprocess.run([sys.executable, "-m", "lora_bench", "prepare-data", "--study", args.study], cwd=ROOT,
-                          capture_output=True, text=True)
+    prep = _lora_bench("prepare-data", "--study", args.study)
     log.write(f"== prepare-data: exit {prep.returncode}\n{prep.stderr[-3000:]}\n")
     runs = list(study.runs())
     serial = set(args.serial_families.split(","))
@@ -69,8 +83,7 @@ def main() -> int:
     tables = results / "tables"
     for command in (["collect", "--records-dir", str(results / "runs"), "--out-dir", str(tables)],
                     ["stats", "--tables", str(tables)]):
-        done = subprocess.run([sys.executable, "-m", "lora_bench", *command], cwd=ROOT, capture_output=True,
-                              text=True)
+        done = _lora_bench(*command)
         log.write(f"== {command[0]}: exit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-3000:]}\n")
     with tarfile.open(out / "records.tar.gz", "w:gz") as tar:
         tar.add(results / "runs", arcname="runs")
