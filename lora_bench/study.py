@@ -298,6 +298,8 @@ class Study:
             labels.update(setting=fam.settings[variant][0], tunes=fam.tune["of"], tune_key=fam.tune["key"],
                           tune_value=fam.tune["variant_values"][variant], tune_metric=fam.tune["metric"],
                           tune_tie_break=fam.tune["tie_break"])
+            if fam.tune["tie_margin"]:  # only then: studies without it keep their labels
+                labels["tune_tie_margin"] = fam.tune["tie_margin"]
             if variant in fam.rerun_variants:  # only then: the base grid's runs keep the labels they had
                 labels["tune_extension"] = True
             if seed in fam.tune["tie_seeds"]:  # likewise

@@ -18,6 +18,7 @@ from lora_bench.analysis.tuning import (
     chosen_edges,
     select_tuned,
     selection,
+    tie_rules,
     tuning_scores,
     tuning_table,
 )
@@ -155,8 +156,13 @@ def test_the_tie_break_reads_each_runs_validation_loss_at_its_selected_epoch(los
     assert chosen["rule"].endswith("ties to the lower mean validation loss at the selected epochs")
     assert chosen["losses"]["lora"]["0.003"] == pytest.approx(0.30)
     assert selection(runs, metrics, "m", {**tune, "tie_break": "smaller"})["chosen"] == {"lora": 1e-3}
-    # A tune block without tie_break (a --tune-json selection) uses the default, the smaller value.
-    assert selection(runs, metrics, "m", tune)["chosen"] == {"lora": 1e-3}
+    # A tune block without tie_break (the workflow's --tune-json) takes the rule the tuning runs are labelled
+    # with, as the tuning table does: the two can never disagree (they did, when the selection used the default).
+    assert selection(runs, metrics, "m", tune)["chosen"] == {"lora": 3e-3}
+    assert selection(runs, metrics, "m", tune)["tie_break"] == "loss"
+    # Records made before tune.tie_break carry no label: the smaller value, the rule they were selected by.
+    legacy, legacy_metrics = _tied_frames(None, loss_stage)
+    assert selection(legacy, legacy_metrics, "m", tune)["chosen"] == {"lora": 1e-3}
 
 
 def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it():
@@ -251,10 +257,14 @@ def test_a_tune_block_adds_a_tuning_family_with_the_same_grid_for_every_variant(
 
 
 def test_tuning_through_the_workflow_then_the_family_runs_at_the_chosen_values(tmp_path):
+    """Through Snakemake, with tie rules that are not the defaults: a tie margin wide enough that every value
+    ties, broken by the lower loss. The selection the family runs are made from, the tuning table and the
+    report then agree on the rule and the value (the selection once ignored a configured tie_break)."""
     workdir = tmp_path / "tuned"
     path = mini_study(workdir)
     config = yaml.safe_load(path.read_text())
-    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [1.0e-3, 3.0e-2], "seeds": [100]}
+    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [1.0e-3, 3.0e-2], "seeds": [100],
+                                             "tie_break": "loss", "tie_margin": 1.0}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     done = snakemake(workdir, "--cores", "2", "results/tables/tuning.parquet")
     jobs = jobs_run(done)
@@ -272,6 +282,12 @@ def test_tuning_through_the_workflow_then_the_family_runs_at_the_chosen_values(t
     assert not (tuning_rows["split"] == "test").any(), "a tuning run evaluated the test split"
     table = pd.read_parquet(workdir / "results/tables/tuning.parquet")
     assert table["chosen"].sum() == 2
+    assert selection_file["tie_break"] == "loss" and selection_file["tie_margin"] == 1.0
+    assert selection_file["tied"] == {"lora": [1.0e-3, 3.0e-2], "last_layers": [1.0e-3, 3.0e-2]}
+    assert table["tied"].all() and (table["tie_break"] == "loss").all() and (table["tie_margin"] == 1.0).all()
+    for setting, rows in table.groupby("setting"):
+        lowest_loss = rows.sort_values("loss")["value"].iloc[0]
+        assert chosen[setting] == lowest_loss == rows.loc[rows["chosen"], "value"].item(), setting
 
 
 def test_a_stale_selection_is_named_and_forcerun_selects_again(tmp_path):
@@ -568,3 +584,72 @@ def test_adding_tie_seeds_runs_only_the_tied_values_on_them_and_selects_again(tm
     assert "plus 2 run(s) of the values tied at the top on 1 tie seed(s) (tune.tie_seeds)" in report
     assert "tied with " in report and "on the tuning seeds" in report
     assert not jobs_run(snakemake(workdir, "--cores", "2", "-n"))
+
+
+def _near_tie_frames(on_tie_seed: dict[float, float] | None = None, margin: float | None = None):
+    """One variant on tuning seed 100: 1e-3 at 75.00 %, 3e-3 one answer of 400 behind (74.75 %), 1e-2 at 50 %;
+    ``on_tie_seed``: value -> its score on tie seed 200; ``margin``: the tune_tie_margin label (None: none)."""
+    runs, metrics = _tie_seed_frames({})
+    scores = {1e-3: 0.75, 3e-3: 0.7475, 1e-2: 0.5}
+    metrics.loc[metrics["metric"] == "accuracy", "value"] = metrics.loc[
+        metrics["metric"] == "accuracy", "run_id"].map(lambda r: scores[float(r.split("lr")[1].split("/")[0])])
+    if on_tie_seed:
+        tied_runs, tied_metrics = _tie_seed_frames(on_tie_seed)
+        runs = tied_runs
+        metrics = pd.concat([metrics, tied_metrics[tied_metrics["seed"] == 200]], ignore_index=True)
+    if margin is not None:
+        runs = runs.assign(tune_tie_margin=margin)
+    return runs, metrics
+
+
+def test_a_tie_margin_sends_a_near_tie_to_the_tie_seeds_like_an_exact_one():
+    """One validation answer apart on one seed is no evidence either way: with tune.tie_margin it is a tie, so
+    the tie round lists it, the tie seeds decide it (their means without a margin), and it is no grid edge."""
+    tune = {"key": "train.lr", "values": [1e-3, 3e-3, 1e-2], "seeds": [100], "metric": "validation_accuracy"}
+    runs, metrics = _near_tie_frames()
+    exact = selection(runs, metrics, "m", tune)
+    assert exact["chosen"] == {"lora": 1e-3} and exact["tied"] == {} and exact["tie_margin"] == 0.0
+    near = selection(runs, metrics, "m", {**tune, "tie_margin": 0.0025})
+    assert near["tied"] == {"lora": [1e-3, 3e-3]} and "ties (within 0.0025 of the best)" in near["rule"]
+    assert near["chosen"] == {"lora": 1e-3}  # the smaller value: here the best on the tuning seed too
+    assert selection(runs, metrics, "m", {**tune, "tie_margin": 0.002})["tied"] == {}  # 0.0025 apart: outside
+    # The tie seed decides: 3e-3 scores 80 % there, 1e-3 70 %; over both seeds 77.4 % vs 72.5 %.
+    runs, metrics = _near_tie_frames({1e-3: 0.70, 3e-3: 0.80}, margin=0.0025)
+    decided = selection(runs, metrics, "m", {**tune, "tie_seeds": [200]})
+    assert decided["chosen"] == {"lora": 3e-3}
+    assert decided["tie_means"] == {"lora": pytest.approx({"0.001": 0.725, "0.003": 0.77375})}
+    # The margin comes from the runs' labels where the tune block does not give it (the workflow's selection).
+    assert tie_rules(runs) == ("smaller", 0.0025)
+    assert selection(runs, metrics, "m", TIE_TUNE)["chosen"] == {"lora": 3e-3}
+    assert tie_rules(runs, {"tie_margin": 0.0}) == ("smaller", 0.0)
+    # A grid end ahead of its neighbour by no more than the margin is a flat end, not an edge.
+    scores = pd.DataFrame({"setting": "lora", "value": [1e-3, 3e-3], "mean": [0.7475, 0.75]})
+    assert chosen_edges(scores, {"lora": 3e-3}) == {"lora": "high"}
+    assert chosen_edges(scores, {"lora": 3e-3}, 0.0025) == {"lora": ""}
+
+
+def test_the_table_and_the_report_name_the_tie_margin():
+    runs, metrics = _near_tie_frames({1e-3: 0.70, 3e-3: 0.80}, margin=0.0025)
+    table = tuning_table(runs, metrics)
+    assert table.set_index("value")["tied"].to_dict() == {1e-3: True, 3e-3: True, 1e-2: False}
+    assert (table["tie_margin"] == 0.0025).all() and table.loc[table["chosen"], "value"].tolist() == [3e-3]
+    section = tune_section("m_tune", {"tuning": table, "runs": runs})
+    assert section["within"] == " (within 0.25 points of the best)"
+    assert {r["value"]: r["chosen"] for r in section["rows"]}["0.003"].startswith(
+        "**chosen** (tied (within the tie margin, 0.25 points) with 0.001 on the tuning seeds; decided by 1 tie "
+        "seed(s)")
+    # Without the label (a study without tie_margin, or records made before it): exact ties only.
+    plain = tuning_table(runs.drop(columns="tune_tie_margin"), metrics)
+    assert not plain["tied"].any() and (plain["tie_margin"] == 0.0).all()
+    assert tune_section("m_tune", {"tuning": plain, "runs": runs})["within"] == ""
+
+
+def test_tie_margin_is_a_label_of_the_tuning_runs_never_part_of_what_they_train():
+    tune = {"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100]}
+    plain, near = _study(tune), _study({**tune, "tie_margin": 0.0025})
+    assert near.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_margin"] == 0.0025
+    assert "tune_tie_margin" not in plain.labels("methods_tune", "lora-lr0.001", 100)  # old records keep labels
+    assert set(near.trained_configs()) == set(plain.trained_configs())
+    for bad in (-0.01, 2):
+        with pytest.raises(ConfigError, match="tie_margin"):
+            _study({**tune, "tie_margin": bad})

@@ -170,7 +170,8 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         # tuning families (kind tune): the family tuned, the key, the value this run used, the selection metric
         **{k: (record.get("run") or {}).get(k, d) for k, d in (("tunes", ""), ("tune_key", ""), ("tune_value", None),
                                                                 ("tune_metric", ""), ("tune_extension", False),
-                                                                ("tune_tie_break", ""), ("tune_tie_seed", False))},
+                                                                ("tune_tie_break", ""), ("tune_tie_margin", None),
+                                                                ("tune_tie_seed", False))},
         **{f"versions.{k}": v for k, v in (env.get("versions") or {}).items()},
         **{f"cfg.{k}": v for k, v in flatten(record.get("config") or {}).items()},
         **{f"data.{k}": v for k, v in (record.get("data") or {}).items() if k in ("origin", "mean_tokens")},

@@ -13,8 +13,10 @@ remains (or any tie without tie seeds) is broken by ``tune.tie_break`` (``TIE_BR
 default) takes the smaller value, the gentler rate; ``loss`` prefers the lower mean validation loss at the
 selected epochs, a continuous score of the same runs. Measured here (README "Ties"), the lower loss of one seed
 picked the rate that did worse over the seeds all 3 times (by 1.2, 10 and 0.7 points), so it is an option, not
-the default. The table marks every tied value and the report names the rule beside every
-comparison it decided. Failed tuning runs count as missing; a value none
+the default. ``tune.tie_margin`` widens what counts as a tie: values whose mean is within the margin of the best
+(e.g. 0.0025, one answer of 400) tie with it, so a near tie, which one tuning seed decides no better than an exact
+one, also goes to the tie seeds (or the tie-break). The table marks every tied value and the report names the rule
+beside every comparison it decided. Failed tuning runs count as missing; a value none
 of whose runs finished cannot be chosen. The workflow's ``select_tune`` checkpoint writes the
 selection as JSON (``results/tune/<family>/selection.json``) and the family's runs are derived from it.
 ``tuning_table`` is the tidy table of every (family, variant, value) score the report and figure read.
@@ -44,7 +46,7 @@ from lora_bench.study import TUNE_KIND
 TUNE_METRICS = {"validation_accuracy": ("accuracy", "validation"), "validation_macro_f1": ("macro_f1", "validation")}
 TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "extension", "metric", "n_runs", "n_failed",
                   "mean", "std", "loss", "tied", "n_tie_runs", "tie_mean", "chosen", "chosen_edge", "tie_break",
-                  "optimizer_steps", "epochs"]
+                  "tie_margin", "optimizer_steps", "epochs"]
 SCORE_COLUMNS = ["setting", "value", "extension", "n_runs", "n_failed", "mean", "std", "loss", "n_tie_runs",
                  "tie_mean"]
 
@@ -79,16 +81,39 @@ def tie_break_of(label) -> str:
     return label if isinstance(label, str) and label else LEGACY_TIE_BREAK
 
 
+def tie_margin_of(label) -> float:
+    """The tie margin a record label or table cell names: 0 (exact ties only) where it is missing or NaN, as in
+    records made before ``tune.tie_margin`` and in studies that do not set it."""
+    try:
+        margin = float(label)
+    except (TypeError, ValueError):
+        return 0.0
+    return margin if math.isfinite(margin) else 0.0
+
+
+def tie_rules(family_runs: pd.DataFrame, tune: dict | None = None) -> tuple[str, float]:
+    """(tie_break, tie_margin) of a tuning family: as ``tune`` gives them (``select-tune --study``), else as its
+    runs are labelled (``tune_tie_break``, ``tune_tie_margin``), the way the workflow's selection and the tuning
+    table both read them: the labels are what a change of the rule re-makes, so the selection, the table and the
+    report can never disagree on the rule."""
+    tune = tune or {}
+    first = family_runs.iloc[0] if len(family_runs) else pd.Series(dtype=object)
+    tie_break = tune.get("tie_break") or tie_break_of(first.get("tune_tie_break"))
+    margin = tie_margin_of(tune["tie_margin"] if "tie_margin" in tune else first.get("tune_tie_margin"))
+    return tie_break, margin
+
+
 def tied_with(table: pd.DataFrame, setting: str, value: float) -> list[float]:
     """The other values of ``setting`` that tuning.parquet flags as tied with ``value`` at the top."""
     others = table[(table["setting"] == setting) & flags(table, "tied") & (table["value"] != value)]
     return sorted(float(v) for v in others["value"])
 
 
-def same_score(a: float, b: float) -> bool:
+def same_score(a: float, b: float, margin: float = 0.0) -> bool:
     """Equal mean scores (over the tuning seeds, or the tuning and tie seeds): means over the same number of
-    seeds of per-answer fractions may differ only by the order of a float sum."""
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    seeds of per-answer fractions may differ only by the order of a float sum. With ``margin`` (tune.tie_margin),
+    scores at most that far apart count as equal too."""
+    return abs(a - b) <= margin + 1e-12 or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def flags(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -143,37 +168,40 @@ def _selected_epoch_loss(metrics: pd.DataFrame, scores: pd.DataFrame) -> pd.Seri
     return pd.Series(merged["loss"].to_numpy(dtype=float), index=scores.index)
 
 
-def _top(group: pd.DataFrame, column: str = "mean") -> pd.DataFrame:
-    """The rows of one variant whose ``column`` ties the best finished one (empty if none finished)."""
+def _top(group: pd.DataFrame, column: str = "mean", margin: float = 0.0) -> pd.DataFrame:
+    """The rows of one variant whose ``column`` ties the best finished one, within ``margin`` (empty if none
+    finished)."""
     finished = group[group[column].notna()]
     if finished.empty:
         return finished
     best = finished[column].max()
-    return finished[[same_score(score, best) for score in finished[column]]]
+    return finished[[same_score(score, best, margin) for score in finished[column]]]
 
 
 def _decided_on_tie_seeds(tied: pd.DataFrame) -> pd.DataFrame:
     """Of the values tied on the tuning seeds, those with the best mean over the tuning and tie seeds; all of
-    them where none ran on the tie seeds (a value whose tie runs failed cannot win over one that has them)."""
+    them where none ran on the tie seeds (a value whose tie runs failed cannot win over one that has them). No
+    margin here: the tie seeds are there to decide, so only an exact tie of their means goes to the tie-break."""
     if "tie_mean" not in tied or tied["tie_mean"].isna().all():
         return tied
     return _top(tied, "tie_mean")
 
 
-def tied_values(scores: pd.DataFrame) -> dict[str, list[float]]:
-    """Variant -> the values (ascending) whose mean score ties the best; one value where nothing ties."""
-    return {setting: sorted(float(v) for v in _top(group)["value"])
+def tied_values(scores: pd.DataFrame, margin: float = 0.0) -> dict[str, list[float]]:
+    """Variant -> the values (ascending) whose mean score ties the best (within ``margin``); one value where
+    nothing ties."""
+    return {setting: sorted(float(v) for v in _top(group, margin=margin)["value"])
             for setting, group in scores.groupby("setting", sort=False)}
 
 
-def select_tuned(scores: pd.DataFrame, tie_break: str = DEFAULT_TIE_BREAK) -> dict[str, float]:
-    """Variant -> the value with the best mean score on the tuning seeds; among tied values, the best mean over
-    the tuning and tie seeds where they ran on tie seeds, and a tie that remains broken by ``tie_break``; None if
-    no value finished."""
+def select_tuned(scores: pd.DataFrame, tie_break: str = DEFAULT_TIE_BREAK, margin: float = 0.0) -> dict[str, float]:
+    """Variant -> the value with the best mean score on the tuning seeds; among tied values (within ``margin``
+    of the best), the best mean over the tuning and tie seeds where they ran on tie seeds, and a tie that
+    remains broken by ``tie_break``; None if no value finished."""
     rule = tie_break_spec(tie_break)
     chosen = {}
     for setting, group in scores.groupby("setting", sort=False):
-        tied = _decided_on_tie_seeds(_top(group))
+        tied = _decided_on_tie_seeds(_top(group, margin=margin))
         if tied.empty:
             chosen[setting] = None
             continue
@@ -182,11 +210,11 @@ def select_tuned(scores: pd.DataFrame, tie_break: str = DEFAULT_TIE_BREAK) -> di
     return chosen
 
 
-def chosen_edges(scores: pd.DataFrame, chosen: dict) -> dict[str, str]:
+def chosen_edges(scores: pd.DataFrame, chosen: dict, margin: float = 0.0) -> dict[str, str]:
     """Variant -> "low" / "high" when its chosen value is the smallest / largest of its grid and scored better
-    than its neighbour (the curve still rises towards that end), else "". A tie with the neighbour is not an
-    edge, whichever way the tie-break went: a flat top says nothing about what lies beyond it (and extending
-    every flat chance-level curve would spend runs on variants that learn at no rate tried)."""
+    than its neighbour (the curve still rises towards that end), else "". A tie with the neighbour (within
+    ``margin``) is not an edge, whichever way the tie-break went: a flat top says nothing about what lies beyond
+    it (and extending every flat chance-level curve would spend runs on variants that learn at no rate tried)."""
     edges = {}
     for setting, group in scores.groupby("setting", sort=False):
         curve = group.dropna(subset=["mean"]).sort_values("value")
@@ -194,7 +222,7 @@ def chosen_edges(scores: pd.DataFrame, chosen: dict) -> dict[str, str]:
         if value is not None and len(curve) >= 2:
             for end, at, neighbour in (("low", 0, 1), ("high", -1, -2)):
                 score, beside = curve["mean"].iloc[at], curve["mean"].iloc[neighbour]
-                if curve["value"].iloc[at] == value and score > beside and not same_score(score, beside):
+                if curve["value"].iloc[at] == value and score > beside and not same_score(score, beside, margin):
                     edge = end
         edges[setting] = edge
     return edges
@@ -204,21 +232,23 @@ def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict
     """The JSON the workflow derives a tuned family's runs from: chosen value per variant, scores, budget."""
     tuning_family = f"{family}_tune"
     scores = tuning_scores(runs, metrics, tuning_family, tune["metric"])
-    tie_break = tune.get("tie_break") or DEFAULT_TIE_BREAK
-    chosen = select_tuned(scores, tie_break)
+    tie_break, margin = tie_rules(runs[runs["family"] == tuning_family], tune)
+    chosen = select_tuned(scores, tie_break, margin)
     missing = sorted(v for v, value in chosen.items() if value is None)
     if missing:
         raise ValueError(f"tuning of family {family!r}: no tuning run of variant(s) {missing} finished, so no "
                          f"value of {tune['key']} can be chosen; see the failed runs of family {tuning_family!r}")
     tie_seeds = list(tune.get("tie_seeds") or [])
     on_tie_seeds = f"the best mean over the tuning and tie seeds {tie_seeds}, then " if tie_seeds else ""
-    tied = {s: values for s, values in tied_values(scores).items() if len(values) > 1}
+    tied = {s: values for s, values in tied_values(scores, margin).items() if len(values) > 1}
+    within = f" (within {margin:g} of the best)" if margin else ""
     return {
         "family": family, "tuning_family": tuning_family, "key": tune["key"], "grids": tune.get("grids") or {},
         "seeds": list(tune["seeds"]), "metric": tune["metric"],
-        "rule": f"highest mean validation score over the tuning seeds; ties to {on_tie_seeds}"
+        "rule": f"highest mean validation score over the tuning seeds; ties{within} to {on_tie_seeds}"
                 f"{tie_break_spec(tie_break).description}",
-        "tie_break": tie_break, "tie_seeds": tie_seeds, "chosen": chosen, "chosen_edge": chosen_edges(scores, chosen),
+        "tie_break": tie_break, "tie_seeds": tie_seeds, "tie_margin": margin, "chosen": chosen,
+        "chosen_edge": chosen_edges(scores, chosen, margin),
         "tied": tied,
         # Per tied variant, each tied value's mean over the tuning and tie seeds (None: not run on them yet).
         "tie_means": {s: {str(r.value): None if math.isnan(r.tie_mean) else r.tie_mean
@@ -239,14 +269,14 @@ def tuning_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         family_runs = tuning[tuning["family"] == tuning_family]
         first = family_runs.iloc[0]
         metric = str(first.get("tune_metric") or "validation_accuracy")
-        tie_break = tie_break_of(first.get("tune_tie_break"))
+        tie_break, margin = tie_rules(family_runs)
         scores = tuning_scores(runs, metrics, tuning_family, metric)
-        chosen = select_tuned(scores, tie_break)
-        tied = tied_values(scores)
+        chosen = select_tuned(scores, tie_break, margin)
+        tied = tied_values(scores, margin)
         scores["tied"] = [len(tied[r.setting]) > 1 and r.value in tied[r.setting] for r in scores.itertuples()]
         scores["chosen"] = [chosen.get(r.setting) == r.value for r in scores.itertuples()]
-        scores["chosen_edge"] = scores["setting"].map(chosen_edges(scores, chosen))
-        scores["tie_break"] = tie_break
+        scores["chosen_edge"] = scores["setting"].map(chosen_edges(scores, chosen, margin))
+        scores["tie_break"], scores["tie_margin"] = tie_break, margin
         scores["family"], scores["tuning_family"] = first.get("tunes", ""), tuning_family
         scores["key"], scores["metric"] = first.get("tune_key", ""), metric
         scores["optimizer_steps"] = _single(family_runs, cfg("train.max_steps"))

@@ -180,7 +180,8 @@ def collected_record_paths(wildcards):
 
 def tune_json(wildcards):
     """The family's tune block with each variant's grid: a params value, so only a change of it re-selects
-    (``extend`` and ``tie_seeds`` only when set, so that studies without them keep their parameters).
+    (``extend`` and ``tie_seeds`` only when set, so that studies without them keep their parameters). The tie
+    rules (tie_break, tie_margin) are labels of the tuning runs, which the selection reads (tuning.tie_rules).
     """
     tune = STUDY.families[wildcards.family].tune
     keys = ("key", "values", "factors", "grids", "seeds", "metric")

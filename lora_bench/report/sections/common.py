@@ -17,7 +17,7 @@ from lora_bench.analysis.cost import (
     COST_SUMMARY_COLUMNS,
     as_text,
 )
-from lora_bench.analysis.tuning import flags, same_score, tie_break_of, tie_break_spec, tied_with
+from lora_bench.analysis.tuning import flags, same_score, tie_break_of, tie_break_spec, tie_margin_of, tied_with
 from lora_bench.report import figures
 from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_percent, fmt_ratio, md_text, p_phrase
 from lora_bench.study import kind_spec
@@ -188,16 +188,18 @@ def tie_decision(grid: pd.DataFrame, setting: str, value: float) -> str:
     if value not in rows.index or not flags(rows, "tied")[value]:
         return ""
     row, others = rows.loc[value], tied_with(grid, setting, value)
-    tied = ", ".join(f"{v:g}" for v in others)
+    margin = tie_margin_of(row.get("tie_margin"))
+    within = f" (within the tie margin, {fmt_percent(margin)} points)" if margin else ""
+    tied = f"{within} with " + ", ".join(f"{v:g}" for v in others)
     rule = tie_break_spec(tie_break_of(row.get("tie_break"))).description
     tie_mean, n_tie = row.get("tie_mean"), int(row.get("n_tie_runs") or 0)
     if not n_tie or not finite(tie_mean):
-        return f"tied with {tied}; broken by {rule}"
+        return f"tied{tied}; broken by {rule}"
     their = [rows["tie_mean"].get(v) for v in others]
     seeds = f"{n_tie} tie seed(s)"
     if any(finite(m) and same_score(m, tie_mean) for m in their):
-        return (f"tied with {tied} on the tuning seeds and again with {seeds} ({fmt_percent(tie_mean)} %); broken "
+        return (f"tied{tied} on the tuning seeds and again with {seeds} ({fmt_percent(tie_mean)} %); broken "
                 f"by {rule}")
     versus = ", ".join(f"{fmt_percent(m) if finite(m) else '–'} % at {v:g}" for v, m in zip(others, their))
-    return (f"tied with {tied} on the tuning seeds; decided by {seeds}: {fmt_percent(tie_mean)} % over the tuning "
+    return (f"tied{tied} on the tuning seeds; decided by {seeds}: {fmt_percent(tie_mean)} % over the tuning "
             f"and tie seeds vs {versus}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_bench.analysis.tuning import flags, tie_break_of, tie_break_spec
+from lora_bench.analysis.tuning import flags, tie_break_of, tie_break_spec, tie_margin_of
 from lora_bench.report.formatting import finite, fmt_percent, md_text
 from lora_bench.report.sections.common import SectionPart, tie_decision
 
@@ -45,7 +45,14 @@ def tune_section(family: str, tables: dict) -> dict | None:
     return {"tuned": md_text(part["family"].iloc[0]), "key": md_text(part["key"].iloc[0]),
             "metric": md_text(part["metric"].iloc[0]), "rows": rows, "budget": budget,
             "tie_break": tie_break_spec(rule).description,
+            "within": _within(part),
             "tie_seeds": "the best mean over the tuning and tie seeds, then " if on_tie_seeds.any() else ""}
+
+
+def _within(part) -> str:
+    """" (within 0.25 points of the best)" where tune.tie_margin widened what ties; empty for exact ties only."""
+    margin = tie_margin_of(part["tie_margin"].iloc[0] if "tie_margin" in part else None)
+    return f" (within {fmt_percent(margin)} points of the best)" if margin else ""
 
 
 def _score_cell(row) -> str:
