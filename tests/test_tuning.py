@@ -653,3 +653,33 @@ def test_tie_margin_is_a_label_of_the_tuning_runs_never_part_of_what_they_train(
     for bad in (-0.01, 2):
         with pytest.raises(ConfigError, match="tie_margin"):
             _study({**tune, "tie_margin": bad})
+
+
+def test_a_changed_tie_round_is_read_fresh_in_the_same_invocation(tmp_path):
+    """Rounds and the selection are chained checkpoints. When an existing tie round is made again with other
+    contents (here: tie_margin widened, so LoRA's values tie too), Snakemake 9 took the old file as current for
+    the selection after it (snakemake/snakemake#3862): the selection ran before the round, without the new
+    tie-seed runs, the family trained at its choice, and a second invocation selected again and left the
+    family's runs to a third. Each round and the selection are inputs of what reads them, so one invocation
+    ends with everything made from the new round, and nothing left to do."""
+    workdir = tmp_path / "chain"
+    path = mini_study(workdir, seeds=[0])
+    config = yaml.safe_load(path.read_text())
+    config["base"]["train"]["epochs"] = 8
+    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [3.0e-3, 3.0e-2], "seeds": [100],
+                                             "extend": 1, "tie_seeds": [200]}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(workdir, "--cores", "2")
+    before = json.loads((workdir / "results/tune/methods/round1.json").read_text())
+    assert set(before["tied"]) == {"last_layers"}
+    config["families"]["methods"]["tune"]["tie_margin"] = 1.0
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(workdir, "--cores", "2")
+    tie_round = json.loads((workdir / "results/tune/methods/round1.json").read_text())
+    final = json.loads((workdir / "results/tune/methods/selection.json").read_text())
+    assert set(tie_round["tied"]) == {"lora", "last_layers"}
+    assert {"0.003", "0.03"} <= set(final["tie_means"]["lora"]) and None not in final["tie_means"]["lora"].values()
+    runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
+    for variant, lr in runs.query("family == 'methods'")[["variant", "cfg.train.lr"]].itertuples(index=False):
+        assert lr == final["chosen"][variant], variant
+    assert not jobs_run(snakemake(workdir, "--cores", "2", "-n"))

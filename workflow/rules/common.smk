@@ -124,15 +124,26 @@ def stale_label_marker(wildcards):
     return marker
 
 
+def round_paths(family, rounds):
+    """The outputs of a tuned family's first ``rounds`` tune_round checkpoints (each read through ``get()``).
+
+    Inputs, besides the records a job reads them for: a checkpoint whose output already exists is otherwise
+    taken as it is by the jobs after it, even when this invocation makes it again (chained checkpoints,
+    snakemake/snakemake#3862): the selection ran before the tie round it reads was made again, from the old one.
+    As an input, the round is made first, and the reading job's inputs are worked out again once it is.
+    """
+    return [
+        checkpoints.tune_round.get(family=family, round=r).output[0]
+        for r in range(rounds)
+    ]
+
+
 def tried_tuning_records(family, rounds, ties=False):
     """The tuning records of a tuned family after ``rounds`` extension rounds (tune.extend): the base grid's,
     plus the values each round's selection (the tune_round checkpoint) asked for beyond a grid's end; with
     ``ties``, plus the tied values' runs on the tie seeds that the next round (the tie round) asked for.
     """
-    selections = [
-        checkpoints.tune_round.get(family=family, round=r).output[0]
-        for r in range(rounds + (1 if ties else 0))
-    ]
+    selections = round_paths(family, rounds + (1 if ties else 0))
     ties_from = selections.pop() if ties else None
     return [
         record_path(*run)
@@ -152,9 +163,28 @@ def tuning_round_records(wildcards):
     return tried_tuning_records(wildcards.family, int(wildcards.round))
 
 
+def earlier_round_paths(wildcards):
+    """The rounds before round k, which list the values (extensions) its records include (see round_paths)."""
+    return round_paths(wildcards.family, int(wildcards.round))
+
+
 def tuning_record_paths(wildcards):
     """The records a tuned family's final selection is made from: its tuning runs after every round."""
     return all_tuning_records(wildcards.family)
+
+
+def all_round_paths(wildcards):
+    """Every round of a tuned family, which the final selection's records are listed from (see round_paths)."""
+    return round_paths(wildcards.family, STUDY.tune_rounds(wildcards.family))
+
+
+def tuned_selection(wildcards):
+    """A tuned family's selection.json for its runs' labelling (trained_record reads it), [] for other families:
+    an input for the reason round_paths gives, so runs wait for a selection this invocation makes again.
+    """
+    if not STUDY.families[wildcards.family].is_tuned:
+        return []
+    return [checkpoints.select_tune.get(family=wildcards.family).output[0]]
 
 
 def tune_extension_record_paths(wildcards=None):

@@ -50,6 +50,8 @@ rule label_run:
     input:
         trained=trained_record,
         stale=stale_label_marker,
+        # Not read by the command: the selection trained_record read (common.smk: tuned_selection).
+        selection=tuned_selection,
     output:
         f"{RESULTS}/runs/{{family}}/{{variant}}/seed{{seed}}.json",
     log:

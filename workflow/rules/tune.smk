@@ -8,13 +8,15 @@
 
 SELECT_TUNE = (
     "python -m lora_bench select-tune --family {wildcards.family} --tune-json {params.tune:q}"
-    " --records {input:q} --out {output:q} > {log:q} 2>&1"
+    " --records {input.records:q} --out {output:q} > {log:q} 2>&1"
 )
 
 
 checkpoint tune_round:
     input:
-        tuning_round_records,
+        records=tuning_round_records,
+        # Not read by the command: what the records were listed from (common.smk: round_paths).
+        rounds=earlier_round_paths,
     output:
         f"{RESULTS}/tune/{{family}}/round{{round}}.json",
     log:
@@ -29,7 +31,9 @@ checkpoint tune_round:
 
 checkpoint select_tune:
     input:
-        tuning_record_paths,
+        records=tuning_record_paths,
+        # Not read by the command: what the records were listed from (common.smk: round_paths).
+        rounds=all_round_paths,
     output:
         f"{RESULTS}/tune/{{family}}/selection.json",
     log:
