@@ -638,6 +638,11 @@ def test_the_table_and_the_report_name_the_tie_margin():
     assert {r["value"]: r["chosen"] for r in section["rows"]}["0.003"].startswith(
         "**chosen** (tied (within the tie margin, 0.25 points) with 0.001 on the tuning seeds; decided by 1 tie "
         "seed(s)")
+    # An exact tie is called one, margin or not.
+    runs, metrics = _tie_seed_frames({1e-3: 0.70, 3e-3: 0.80})
+    exact = tune_section("m_tune", {"tuning": tuning_table(runs.assign(tune_tie_margin=0.0025), metrics), "runs": runs})
+    assert {r["value"]: r["chosen"] for r in exact["rows"]}["0.003"].startswith("**chosen** (tied with 0.001 on the")
+    runs, metrics = _near_tie_frames({1e-3: 0.70, 3e-3: 0.80}, margin=0.0025)
     # Without the label (a study without tie_margin, or records made before it): exact ties only.
     plain = tuning_table(runs.drop(columns="tune_tie_margin"), metrics)
     assert not plain["tied"].any() and (plain["tie_margin"] == 0.0).all()

@@ -189,7 +189,8 @@ def tie_decision(grid: pd.DataFrame, setting: str, value: float) -> str:
         return ""
     row, others = rows.loc[value], tied_with(grid, setting, value)
     margin = tie_margin_of(row.get("tie_margin"))
-    within = f" (within the tie margin, {fmt_percent(margin)} points)" if margin else ""
+    exact = all(same_score(rows["mean"].get(v), row["mean"]) for v in others)
+    within = "" if exact else f" (within the tie margin, {fmt_percent(margin)} points)"
     tied = f"{within} with " + ", ".join(f"{v:g}" for v in others)
     rule = tie_break_spec(tie_break_of(row.get("tie_break"))).description
     tie_mean, n_tie = row.get("tie_mean"), int(row.get("n_tie_runs") or 0)
