@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -384,6 +385,8 @@ def cmd_select_tune(args) -> int:
         raise ConfigError("select-tune: no run records given (--records)")
     runs, metrics = collect(list(args.records))
     chosen = selection(runs, metrics, args.family, tune)
+    if args.stamp:
+        chosen["made_at"] = datetime.now(timezone.utc).isoformat()
     write_json_atomic(chosen, args.out)
     print(f"{args.family}: {chosen['key']} = {chosen['chosen']}", file=sys.stderr)
     return 0
@@ -510,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune_source.add_argument("--tune-json", help="the family's tune block as JSON (what the workflow passes)")
     tune.add_argument("--records", nargs="*", default=[])
     tune.add_argument("--out", required=True)
+    tune.add_argument("--stamp", action="store_true",
+                      help="add made_at (UTC) so the file differs each time it is made: a tune round's readers "
+                           "then always see it made again (workflow/rules/tune.smk)")
     tune.set_defaults(func=cmd_select_tune)
 
     figures = sub.add_parser("figures", help="tables -> figures")

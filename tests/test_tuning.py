@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -687,4 +688,32 @@ def test_a_changed_tie_round_is_read_fresh_in_the_same_invocation(tmp_path):
     runs = pd.read_parquet(workdir / "results/tables/runs.parquet")
     for variant, lr in runs.query("family == 'methods'")[["variant", "cfg.train.lr"]].itertuples(index=False):
         assert lr == final["chosen"][variant], variant
+    assert not jobs_run(snakemake(workdir, "--cores", "2", "-n"))
+
+
+def test_relabelling_every_run_of_a_finished_tuned_study_takes_one_invocation(tmp_path):
+    """Relabelling every run (here `--forcerun label_run`; a change of the label command does the same) makes the
+    tune round again from byte-identical records. Snakemake 9 then judged the selection after it up to date and
+    never revisited the runs waiting on it: they were dropped for that invocation, or, forced, ran with their
+    inputs unresolved and failed. A round written again is a new file (its `made_at`), so the selection runs
+    again and the runs after it are worked out."""
+    workdir = tmp_path / "relabel"
+    path = mini_study(workdir, seeds=[0])
+    config = yaml.safe_load(path.read_text())
+    config["base"]["train"]["epochs"] = 8
+    # A grid whose choices sit inside it (LoRA learns at 3e-2, last layers nowhere): the round asks for nothing.
+    config["families"]["methods"]["tune"] = {"key": "train.lr", "values": [3.0e-3, 3.0e-2, 0.3], "seeds": [100],
+                                             "extend": 1}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(workdir, "--cores", "2")
+    before = json.loads((workdir / "results/tune/methods/selection.json").read_text())
+    assert not any(before["chosen_edge"].values())
+    records = sorted(str(p.relative_to(workdir)) for p in (workdir / "results/runs").rglob("*.json"))
+    forced = snakemake(workdir, "--cores", "2", "--forcerun", "label_run")  # fails if a job fails
+    log = forced.stdout + forced.stderr
+    # What ran (the 'Job stats' table is the plan made before the round ran again).
+    assert sorted(re.findall(r"output: (results/runs/\S+\.json)", log)) == records
+    assert "select_tune:" in log and "rule train:" not in log
+    after = json.loads((workdir / "results/tune/methods/selection.json").read_text())
+    assert after["chosen"] == before["chosen"]
     assert not jobs_run(snakemake(workdir, "--cores", "2", "-n"))
