@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -386,7 +386,7 @@ def cmd_select_tune(args) -> int:
     runs, metrics = collect(list(args.records))
     chosen = selection(runs, metrics, args.family, tune)
     if args.stamp:
-        chosen["made_at"] = datetime.now(timezone.utc).isoformat()
+        chosen["made_at"] = datetime.now(UTC).isoformat()
     write_json_atomic(chosen, args.out)
     print(f"{args.family}: {chosen['key']} = {chosen['chosen']}", file=sys.stderr)
     return 0
