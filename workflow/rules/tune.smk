@@ -33,7 +33,7 @@ checkpoint tune_round:
     params:
         tune=tune_json,
     shell:
-        SELECT_TUNE + " --stamp" + LOGGED
+        f"{SELECT_TUNE} --stamp{LOGGED}"
 
 
 checkpoint select_tune:
@@ -50,4 +50,4 @@ checkpoint select_tune:
     params:
         tune=tune_json,
     shell:
-        SELECT_TUNE + LOGGED
+        f"{SELECT_TUNE}{LOGGED}"
