@@ -24,12 +24,13 @@ $(VENV)/.installed: pyproject.toml
 # A study is done only when a dry run has nothing left to do; if one does, a second pass, then a named failure.
 # The workflow reads its chained checkpoints (tune rounds, then the selection) fresh (workflow/rules/common.smk:
 # round_paths; README "Quick start"), but Snakemake has dropped jobs behind them before (snakemake/snakemake#3862).
+# $(call nothing_left,<snakemake options>): true when a dry run finds nothing to do.
+nothing_left = $(RUN) snakemake -n $(1) 2>&1 | grep -q 'Nothing to be done'
 # $(call finish_study,<snakemake options>)
 define finish_study
 	$(RUN) snakemake --cores all $(1)
-	$(RUN) snakemake -n $(1) 2>&1 | grep -q 'Nothing to be done' || $(RUN) snakemake --cores all $(1)
-	$(RUN) snakemake -n $(1) 2>&1 | grep -q 'Nothing to be done' \
-	  || { echo 'snakemake left jobs to do after two passes: see snakemake -n $(1)' >&2; exit 1; }
+	$(call nothing_left,$(1)) || $(RUN) snakemake --cores all $(1)
+	$(call nothing_left,$(1)) || { echo 'snakemake left jobs to do after two passes: see snakemake -n $(1)' >&2; exit 1; }
 endef
 
 ## Regenerate the embedded-default study end to end: runs -> tables -> tests -> figures -> report.
@@ -62,8 +63,7 @@ ci-workflow: setup
 	rm -rf .test-run && mkdir .test-run
 	$(RUN) snakemake --cores 2 --configfile .test/config.yaml --directory .test-run -s $(abspath Snakefile)
 	test -s .test-run/paper/report.html
-	$(RUN) snakemake -n --configfile .test/config.yaml --directory .test-run -s $(abspath Snakefile) 2>&1 \
-	  | grep -q 'Nothing to be done'
+	$(call nothing_left,--configfile .test/config.yaml --directory .test-run -s $(abspath Snakefile))
 
 bench: setup
 	$(RUN) pytest benchmarks/bench_layers.py --benchmark-json results/benchmarks/layers.json -p no:cacheprovider -m ''

@@ -87,8 +87,7 @@ def trained_record(wildcards):
     """
     family, variant, seed = wildcards.family, wildcards.variant, int(wildcards.seed)
     value = None
-    if STUDY.families[family].is_tuned:
-        selection = checkpoints.select_tune.get(family=family).output[0]
+    for selection in tuned_selection(wildcards):
         value = STUDY.tuned_value(family, variant, selection)
     return f"{RESULTS}/trained/{STUDY.run_key(family, variant, seed, value)}.json"
 
@@ -179,8 +178,9 @@ def all_round_paths(wildcards):
 
 
 def tuned_selection(wildcards):
-    """A tuned family's selection.json for its runs' labelling (trained_record reads it), [] for other families:
-    an input for the reason round_paths gives, so runs wait for a selection this invocation makes again.
+    """A tuned family's selection.json (through the select_tune checkpoint), [] for other families: what
+    trained_record reads, and an input of label_run for the reason round_paths gives, so runs wait for a
+    selection this invocation makes again.
     """
     if not STUDY.families[wildcards.family].is_tuned:
         return []
