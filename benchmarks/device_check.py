@@ -125,16 +125,19 @@ def run_snakemake(study, args, log) -> dict:
     serial_targets = [str(_record_path(results, *run)) for run in runs if run[0] in serial and run not in kept]
     passes = []
 
-    def snakemake_pass(name: str, *options: str) -> subprocess.CompletedProcess:
-        start = time.perf_counter()
-        done = _python(*snakemake, *options, *config)
-        seconds = time.perf_counter() - start
-        passes.append({"pass": name, "exit": done.returncode, "seconds": round(seconds, 1)})
-        log.write(f"== snakemake {name}: exit {done.returncode}, {seconds:.1f} s\n{done.stdout[-20000:]}"
-                  f"{done.stderr[-20000:]}\n")
+    def snakemake_pass(name: str, *options: str) -> int:
+        # Streamed into the log, so a pass cut short by the lease's time limit still says how far it got.
+        log.write(f"== snakemake {name}\n")
         log.flush()
-        print(f"snakemake {name}: exit {done.returncode}, {seconds:.0f} s", flush=True)
-        return done
+        start = time.perf_counter()
+        exit_code = subprocess.run([sys.executable, *snakemake, *options, *config], stdout=log,
+                                   stderr=subprocess.STDOUT, env=_environment()).returncode
+        seconds = time.perf_counter() - start
+        passes.append({"pass": name, "exit": exit_code, "seconds": round(seconds, 1)})
+        log.write(f"== snakemake {name}: exit {exit_code}, {seconds:.1f} s\n")
+        log.flush()
+        print(f"snakemake {name}: exit {exit_code}, {seconds:.0f} s", flush=True)
+        return exit_code
 
     def nothing_left() -> bool:
         done = _python(*snakemake, "-n", *config)
