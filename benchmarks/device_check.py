@@ -32,6 +32,7 @@ import functools
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -77,10 +78,12 @@ def _run_status(results: Path, run: tuple[str, str, int], kept: bool) -> dict:
     return {"run": name, "status": "kept" if kept else record.get("status", "?"), "seconds": seconds}
 
 
-def _train_direct(study: str, results: Path, run: tuple[str, str, int], log) -> dict:
+def _train_direct(study: str, results: Path, run: tuple[str, str, int], log, deadline: float | None) -> dict:
     out = _record_path(results, *run)
     if out.is_file():
         return _run_status(results, run, kept=True)
+    if _past(deadline):
+        return {"run": "/".join([*run[:2], f"seed{run[2]}"]), "status": "not started (deadline)", "seconds": 0.0}
     start = time.perf_counter()
     done = _python("-m", "lora_bench", "train", "--study", study, "--family", run[0], "--variant", run[1],
                    "--seed", str(run[2]), "--out", str(out))
@@ -99,16 +102,25 @@ def run_direct(study, args, log) -> dict:
     log.write(f"== prepare-data: exit {prep.returncode}\n{prep.stderr[-3000:]}\n")
     runs = list(study.runs())
     serial = set(args.serial_families.split(","))
-    timings = [_train_direct(args.study, results, run, log) for run in runs if run[0] in serial]
+    timings = [_train_direct(args.study, results, run, log, args.deadline) for run in runs if run[0] in serial]
     with ThreadPoolExecutor(args.parallel) as pool:
-        timings += list(pool.map(lambda run: _train_direct(args.study, results, run, log),
+        timings += list(pool.map(lambda run: _train_direct(args.study, results, run, log, args.deadline),
                                  [run for run in runs if run[0] not in serial]))
+    _tables(results, log)
+    return {"runs": timings, "cut_at_deadline": any(t["status"] == "not started (deadline)" for t in timings)}
+
+
+def _tables(results: Path, log) -> None:
+    """The collect and stats rules' commands: the tables of whatever records there are."""
     tables = results / "tables"
     for command in (["collect", "--records-dir", str(results / "runs"), "--out-dir", str(tables)],
                     ["stats", "--tables", str(tables)]):
         done = _python("-m", "lora_bench", *command)
         log.write(f"== {command[0]}: exit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-3000:]}\n")
-    return {"runs": timings}
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def run_snakemake(study, args, log) -> dict:
@@ -125,19 +137,38 @@ def run_snakemake(study, args, log) -> dict:
     serial_targets = [str(_record_path(results, *run)) for run in runs if run[0] in serial and run not in kept]
     passes = []
 
-    def snakemake_pass(name: str, *options: str) -> int:
-        # Streamed into the log, so a pass cut short by the lease's time limit still says how far it got.
+    def snakemake_pass(name: str, *options: str) -> None:
+        if _past(args.deadline):
+            passes.append({"pass": name, "exit": None, "seconds": 0.0, "cut_at_deadline": True})
+            return
+        # Streamed into the log, so a pass cut short still says how far it got.
         log.write(f"== snakemake {name}\n")
         log.flush()
         start = time.perf_counter()
-        exit_code = subprocess.run([sys.executable, *snakemake, *options, *config], stdout=log,
-                                   stderr=subprocess.STDOUT, env=_environment()).returncode
+        process = subprocess.Popen([sys.executable, *snakemake, *options, *config], stdout=log,
+                                   stderr=subprocess.STDOUT, env=_environment(), start_new_session=True)
+        cut = False
+        try:
+            process.wait(timeout=None if args.deadline is None else max(args.deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            # The deadline comes before the lease's limit, so that what is done still comes back: Snakemake is
+            # asked to stop (it cancels its running jobs; --rerun-incomplete redoes them on the next call), then
+            # its whole process group is killed if it has not stopped after the grace period.
+            cut = True
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=args.grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
         seconds = time.perf_counter() - start
-        passes.append({"pass": name, "exit": exit_code, "seconds": round(seconds, 1)})
-        log.write(f"== snakemake {name}: exit {exit_code}, {seconds:.1f} s\n")
+        passes.append({"pass": name, "exit": process.returncode, "seconds": round(seconds, 1),
+                       "cut_at_deadline": cut})
+        log.write(f"== snakemake {name}: exit {process.returncode}, {seconds:.1f} s"
+                  f"{', cut at the deadline' if cut else ''}\n")
         log.flush()
-        print(f"snakemake {name}: exit {exit_code}, {seconds:.0f} s", flush=True)
-        return exit_code
+        print(f"snakemake {name}: exit {process.returncode}, {seconds:.0f} s"
+              f"{', cut at the deadline' if cut else ''}", flush=True)
 
     def nothing_left() -> bool:
         done = _python(*snakemake, "-n", *config)
@@ -152,7 +183,11 @@ def run_snakemake(study, args, log) -> dict:
     if left:
         snakemake_pass("again", "--cores", str(args.cores), "--resources", f"gpu={args.parallel}")
         left = not nothing_left()
-    return {"passes": passes, "nothing_left": not left,
+    cut = any(p["cut_at_deadline"] for p in passes)
+    if cut and (results / "runs").is_dir():
+        # The workflow did not reach its tables: make them from the records there are.
+        _tables(results, log)
+    return {"passes": passes, "nothing_left": not left, "cut_at_deadline": cut,
             "runs": [_run_status(results, run, kept=run in kept) for run in runs]}
 
 
@@ -184,7 +219,12 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=3, help="training jobs at once on the GPU (not serial ones)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="Snakemake's --cores")
     parser.add_argument("--serial-families", default="memory_time", help="comma-separated: run one at a time")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="stop starting work this many seconds after the start (set it below the call's time "
+                             "limit): what is done is packed and returned, a rerun goes on from there")
+    parser.add_argument("--grace-s", type=float, default=30.0, help="how long Snakemake may take to stop")
     args = parser.parse_args()
+    args.deadline = None if args.deadline_s is None else time.monotonic() + args.deadline_s
     sys.path.insert(0, str(ROOT))
     from lora_bench.study import load_study
 
@@ -208,10 +248,12 @@ def main() -> int:
     summary["wall_s"] = time.perf_counter() - started
     (out / "timings.json").write_text(json.dumps(summary, indent=1))
     timings = summary["runs"]
+    finished = summary.get("nothing_left", True) and not summary["cut_at_deadline"]
     print(f"{len(timings)} runs in {summary['wall_s']:.0f} s; "
           f"not ok: {[t['run'] for t in timings if t['status'] not in ('ok', 'kept')]}"
+          + ("; cut at the deadline: run again to finish" if summary["cut_at_deadline"] else "")
           + ("" if summary.get("nothing_left", True) else "; snakemake left work to do (see log.txt)"))
-    return 0 if summary.get("nothing_left", True) else 1
+    return 0 if finished else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,40 @@ def test_device_check_runs_the_workflow_through_snakemake_serial_families_first(
     kept = json.loads((tmp_path / "again" / "timings.json").read_text())
     assert {t["status"] for t in kept["runs"]} == {"kept"} and [p["pass"] for p in kept["passes"]] == ["study"]
     assert "lora_bench train" not in (tmp_path / "again" / "log.txt").read_text()
+
+
+
+@pytest.mark.slow
+def test_a_call_cut_at_its_deadline_returns_what_it_has_and_the_next_call_finishes(tmp_path):
+    """--deadline-s comes before the lease's time limit: Snakemake is stopped, the script still writes its
+    timings and log (saying it was cut) and exits 1; a rerun goes on from there and finishes."""
+    workdir = tmp_path / "device"
+    _study_with_memory_time(workdir)
+    start = time.monotonic()
+    cut = _device_check(workdir, "--engine", "snakemake", "--out", str(tmp_path / "cut"), "--deadline-s", "1",
+                        "--grace-s", "60")
+    assert cut.returncode == 1 and "cut at the deadline: run again to finish" in cut.stdout
+    assert time.monotonic() - start < 60
+    timings = json.loads((tmp_path / "cut" / "timings.json").read_text())
+    assert timings["cut_at_deadline"] is True and timings["passes"][0]["cut_at_deadline"] is True
+    assert "cut at the deadline" in (tmp_path / "cut" / "log.txt").read_text()
+    again = _device_check(workdir, "--engine", "snakemake", "--out", str(tmp_path / "again"), "--cores", "2")
+    assert again.returncode == 0 and "not ok: []" in again.stdout, again.stdout[-2000:]
+    finished = json.loads((tmp_path / "again" / "timings.json").read_text())
+    assert finished["cut_at_deadline"] is False and finished["nothing_left"] is True
+    assert _records(tmp_path / "again") == RECORDS
+
+
+
+def test_the_direct_engine_starts_no_run_past_its_deadline(tmp_path):
+    workdir = tmp_path / "device"
+    mini_study(workdir)
+    done = _device_check(workdir, "--engine", "direct", "--out", str(tmp_path / "out"), "--deadline-s", "0")
+    assert done.returncode == 1 and "cut at the deadline" in done.stdout
+    timings = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert timings["cut_at_deadline"] is True
+    assert {t["status"] for t in timings["runs"]} == {"not started (deadline)"}
+    assert not (workdir / "results" / "runs").exists()
 
 
 def test_the_gpu_smoke_study_is_one_device_check_can_run():
