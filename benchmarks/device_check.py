@@ -28,10 +28,12 @@ this checkout.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +53,7 @@ def _environment() -> dict[str, str]:
     only have ``python3``), with this checkout's ``lora_bench`` first on its path. A wrapper script, not a
     symlink: a symlinked venv interpreter would not find its venv."""
     shim = Path(tempfile.mkdtemp(prefix="device-check-bin-"))
+    atexit.register(shutil.rmtree, shim, ignore_errors=True)
     (shim / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (shim / "python").chmod(0o755)
     return {**os.environ,
