@@ -108,7 +108,7 @@ def test_a_tie_goes_to_the_lower_validation_loss_or_by_rule_to_the_smaller_value
     # Without any loss (an older table), the loss rule falls back to the smaller value.
     assert select_tuned(scores.drop(columns="loss"), "loss") == select_tuned(scores, "smaller")
     assert select_tuned(scores.assign(loss=math.nan), "loss") == select_tuned(scores, "smaller")
-    with pytest.raises(ValueError, match=r"unknown tune.tie_break 'median'; known: \['loss', 'smaller'\]"):
+    with pytest.raises(ValueError, match=r"unknown tune.tie_break 'median'; known: \['loss', 'smaller', 'trained'\]"):
         select_tuned(scores, "median")
     # A tie at an end is not an edge, whichever value the tie-break chose.
     assert chosen_edges(scores, {"a": 1e-3, "c": 3e-3, "d": 3e-3}) == {"a": "", "b": "", "c": "", "d": ""}
@@ -166,6 +166,44 @@ def test_the_tie_break_reads_each_runs_validation_loss_at_its_selected_epoch(los
     assert selection(legacy, legacy_metrics, "m", tune)["chosen"] == {"lora": 1e-3}
 
 
+def test_the_default_tie_break_takes_the_value_whose_tuning_runs_trained_then_the_smaller():
+    """``trained`` (the default) differs from ``smaller`` only where the smaller value's tuning runs had not trained
+    (here: still improving, not levelled off) and the larger's had; a value without diagnostics wins nothing."""
+    runs, metrics = _tied_frames("trained")
+    # 1e-3 and 3e-3 tie; 1e-3's runs are still improving at the end of the budget, 3e-3's levelled off.
+    runs["trained"] = pd.Series([value != 1e-3 for value in runs["tune_value"]], dtype=object)
+    scores = tuning_scores(runs, metrics, "m_tune", "validation_accuracy").set_index("value")
+    assert scores["trained"].to_dict() == {1e-3: 0.0, 3e-3: 1.0, 1e-2: 1.0}
+    tune = {"key": "train.lr", "values": [1e-3, 3e-3, 1e-2], "seeds": [100, 101], "metric": "validation_accuracy"}
+    chosen = selection(runs, metrics, "m", tune)
+    assert chosen["chosen"] == {"lora": 3e-3} and chosen["tie_break"] == "trained"
+    assert chosen["rule"].endswith("ties to the value whose tuning runs trained (learned and levelled off), then "
+                                   "the smaller value")
+    assert chosen["trained"]["lora"] == {"0.001": 0.0, "0.003": 1.0, "0.01": 1.0}
+    assert selection(runs, metrics, "m", {**tune, "tie_break": "smaller"})["chosen"] == {"lora": 1e-3}
+    # One of 1e-3's two runs trained: still behind a value both of whose runs did.
+    runs.loc[runs["run_id"] == "m_tune/lora-lr0.001/seed100", "trained"] = True
+    assert selection(runs, metrics, "m", tune)["chosen"] == {"lora": 3e-3}
+    # Both trained: the smaller value, as `smaller` takes it.
+    runs["trained"] = pd.Series(True, index=runs.index, dtype=object)
+    assert selection(runs, metrics, "m", tune)["chosen"] == {"lora": 1e-3}
+    # A run without diagnostics (a record made before them) leaves its value's flag unknown: it loses the tie to
+    # a value whose runs trained, and where no flag is known the smaller value wins.
+    runs.loc[runs["run_id"] == "m_tune/lora-lr0.003/seed101", "trained"] = None
+    assert selection(runs, metrics, "m", tune)["chosen"] == {"lora": 1e-3}
+    assert selection(runs.drop(columns="trained"), metrics, "m", tune)["chosen"] == {"lora": 1e-3}
+    # The table and the report say which values trained.
+    runs["trained"] = pd.Series([value != 1e-3 for value in runs["tune_value"]], dtype=object)
+    runs.loc[runs["run_id"] == "m_tune/lora-lr0.01/seed101", "trained"] = False
+    table = tuning_table(runs, metrics)
+    assert table.loc[table["chosen"], "value"].tolist() == [3e-3] and (table["tie_break"] == "trained").all()
+    section = tune_section("m_tune", {"tuning": table, "runs": runs})
+    assert {row["value"]: row["trained"] for row in section["rows"]} == {"0.001": "no", "0.003": "yes",
+                                                                        "0.01": "partly (50 %)"}
+    assert section["rows"][1]["chosen"] == ("**chosen** (tied with 0.001; broken by the value whose tuning runs "
+                                            "trained (learned and levelled off), then the smaller value)")
+
+
 def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it():
     runs, metrics = _tied_frames("loss")
     table = tuning_table(runs, metrics)
@@ -193,11 +231,11 @@ def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it()
 
 
 def test_tie_break_is_a_label_of_the_tuning_runs_never_part_of_what_they_train():
-    for_smaller = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100]})
+    for_default = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100]})
     for_loss = _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100], "tie_break": "loss"})
-    assert for_smaller.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "smaller"  # the default
+    assert for_default.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "trained"  # the default
     assert for_loss.labels("methods_tune", "lora-lr0.001", 100)["tune_tie_break"] == "loss"
-    assert set(for_loss.trained_configs()) == set(for_smaller.trained_configs())
+    assert set(for_loss.trained_configs()) == set(for_default.trained_configs())
     with pytest.raises(ConfigError, match="tie_break"):
         _study({"key": "train.lr", "values": [1.0e-3, 1.0e-2], "seeds": [100], "tie_break": "median"})
     schema = yaml.safe_load(open("lora_bench/schemas/study.schema.yaml").read())

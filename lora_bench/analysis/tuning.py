@@ -9,11 +9,15 @@ not evaluate the test split at all), and then compares the variants on its own s
 Accuracy on a few hundred (or, for an LLM, a few dozen) validation answers ties often. A tie on one tuning seed
 is a sign that the seed cannot tell the values apart, so with ``tune.tie_seeds`` the tied values (and only
 those) run again on fresh seeds, and the best mean over the tuning and tie seeds together wins. A tie that
-remains (or any tie without tie seeds) is broken by ``tune.tie_break`` (``TIE_BREAKS``): ``smaller`` (the
-default) takes the smaller value, the gentler rate; ``loss`` prefers the lower mean validation loss at the
-selected epochs, a continuous score of the same runs. Measured here (README "Ties"), the lower loss of one seed
-picked the rate that did worse over the seeds all 3 times (by 1.2, 10 and 0.7 points), so it is an option, not
-the default. ``tune.tie_margin`` widens what counts as a tie: values whose mean is within the margin of the best
+remains (or any tie without tie seeds) is broken by ``tune.tie_break`` (``TIE_BREAKS``): ``trained`` (the
+default) takes the value whose tuning runs trained (learned, neither collapsed nor diverged, and levelled off:
+``lora_bench.run.diagnostics``), then the smaller value, the gentler rate; ``smaller`` the smaller value alone;
+``loss`` the lower mean validation loss at the selected epochs, a continuous score of the same runs. ``trained``
+differs from ``smaller`` only where the smaller value's runs had not trained and the larger's had: under a fixed
+step budget a gentler rate that is still improving would run the family's seeds at a rate that does not converge
+in that budget, and their comparisons would be inconclusive. Measured here (README "Ties"), the lower loss of one
+seed picked the rate that did worse over the seeds all 3 times (by 1.2, 10 and 0.7 points), so it is an option,
+not the default. ``tune.tie_margin`` widens what counts as a tie: values whose mean is within the margin of the best
 (e.g. 0.0025, one answer of 400) tie with it, so a near tie, which one tuning seed decides no better than an exact
 one, also goes to the tie seeds (or the tie-break). The table marks every tied value and the report names the rule
 beside every comparison it decided. Failed tuning runs count as missing; a value none
@@ -45,26 +49,29 @@ from lora_bench.study import TUNE_KIND
 # The tune block's metric -> (metric, split) of the tidy metrics table.
 TUNE_METRICS = {"validation_accuracy": ("accuracy", "validation"), "validation_macro_f1": ("macro_f1", "validation")}
 TUNING_COLUMNS = ["family", "tuning_family", "setting", "key", "value", "extension", "metric", "n_runs", "n_failed",
-                  "mean", "std", "loss", "tied", "n_tie_runs", "tie_mean", "chosen", "chosen_edge", "tie_break",
-                  "tie_margin", "optimizer_steps", "epochs"]
-SCORE_COLUMNS = ["setting", "value", "extension", "n_runs", "n_failed", "mean", "std", "loss", "n_tie_runs",
-                 "tie_mean"]
+                  "mean", "std", "loss", "trained", "tied", "n_tie_runs", "tie_mean", "chosen", "chosen_edge",
+                  "tie_break", "tie_margin", "optimizer_steps", "epochs"]
+SCORE_COLUMNS = ["setting", "value", "extension", "n_runs", "n_failed", "mean", "std", "loss", "trained",
+                 "n_tie_runs", "tie_mean"]
 
 
 @dataclass(frozen=True)
 class TieBreak:
-    """How values with the same best mean score are ordered: ascending ``column`` of the scores (NaN last), then
-    the smaller value; ``column`` None: the smaller value only."""
+    """How values with the same best mean score are ordered: ``column`` of the scores (ascending, or descending
+    where ``ascending`` is False; NaN last), then the smaller value; ``column`` None: the smaller value only."""
 
     description: str
     column: str | None
+    ascending: bool = True
 
 
 TIE_BREAKS = {
+    "trained": TieBreak("the value whose tuning runs trained (learned and levelled off), then the smaller value",
+                        "trained", ascending=False),
     "loss": TieBreak("the lower mean validation loss at the selected epochs", "loss"),
     "smaller": TieBreak("the smaller value", None),
 }
-DEFAULT_TIE_BREAK = "smaller"
+DEFAULT_TIE_BREAK = "trained"
 # Records made before tune.tie_break existed carry no tune_tie_break label; they were selected by this rule.
 LEGACY_TIE_BREAK = "smaller"
 
@@ -152,9 +159,20 @@ def tuning_scores(runs: pd.DataFrame, metrics: pd.DataFrame, tuning_family: str,
                      "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
                      # Only where every scored run has one: a mean over fewer runs would not compare like for like.
                      "loss": float(losses.mean()) if len(losses) and losses.notna().all() else math.nan,
+                     "trained": _fraction_trained(group),
                      "n_tie_runs": n_tie,
                      "tie_mean": float(scored["value"].mean()) if every_tie_run_scored else math.nan})
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+def _fraction_trained(runs: pd.DataFrame) -> float:
+    """The fraction of the finished ``runs`` (tuning and tie seeds) whose learning diagnostics say they trained;
+    NaN where one has no diagnostics (records made before them) or none finished, so that no value wins or
+    loses a tie on a flag it does not have."""
+    finished = runs[runs["status"] == "ok"]
+    if "trained" not in finished or finished.empty or finished["trained"].isna().any():
+        return math.nan
+    return float(finished["trained"].astype(bool).mean())
 
 
 def _selected_epoch_loss(metrics: pd.DataFrame, scores: pd.DataFrame) -> pd.Series:
@@ -205,8 +223,9 @@ def select_tuned(scores: pd.DataFrame, tie_break: str = DEFAULT_TIE_BREAK, margi
         if tied.empty:
             chosen[setting] = None
             continue
-        order = [rule.column, "value"] if rule.column and rule.column in tied else ["value"]
-        chosen[setting] = float(tied.sort_values(order, na_position="last")["value"].iloc[0])
+        by_rule = bool(rule.column) and rule.column in tied
+        order, ascending = ([rule.column, "value"], [rule.ascending, True]) if by_rule else (["value"], [True])
+        chosen[setting] = float(tied.sort_values(order, ascending=ascending, na_position="last")["value"].iloc[0])
     return chosen
 
 
@@ -257,6 +276,9 @@ def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict
         "scores": {s: {str(r.value): r.mean for r in g.itertuples()} for s, g in scores.groupby("setting", sort=False)},
         "losses": {s: {str(r.value): None if math.isnan(r.loss) else r.loss for r in g.itertuples()}
                    for s, g in scores.groupby("setting", sort=False)},
+        # Per value, the fraction of its finished tuning (and tie-seed) runs that trained (None: not known).
+        "trained": {s: {str(r.value): None if math.isnan(r.trained) else r.trained for r in g.itertuples()}
+                    for s, g in scores.groupby("setting", sort=False)},
     }
 
 

@@ -25,6 +25,7 @@ def tune_section(family: str, tables: dict) -> dict | None:
     rows = [{"setting": md_text(r.setting), "value": f"{r.value:g}{' (extension)' if beyond else ''}",
              "n": int(r.n_runs - r.n_failed), "score": _score_cell(r),
              "loss": f"{r.loss:.4f}" if finite(getattr(r, "loss", None)) else "–",
+             "trained": _trained_cell(getattr(r, "trained", None)),
              "chosen": _chosen_mark(r, part)}
             for r, beyond in zip(part.itertuples(), extension)]
     epochs = part["epochs"].iloc[0]
@@ -53,6 +54,13 @@ def _within(part) -> str:
     """" (within 0.25 points of the best)" where tune.tie_margin widened what ties; empty for exact ties only."""
     margin = tie_margin_of(part["tie_margin"].iloc[0] if "tie_margin" in part else None)
     return f" (within {fmt_percent(margin)} points of the best)" if margin else ""
+
+
+def _trained_cell(fraction) -> str:
+    """Whether the value's finished tuning runs trained (learned and levelled off); "–" where not known."""
+    if not finite(fraction):
+        return "–"
+    return {1.0: "yes", 0.0: "no"}.get(float(fraction), f"partly ({fmt_percent(fraction, 0)} %)")
 
 
 def _score_cell(row) -> str:
