@@ -202,6 +202,11 @@ def test_the_default_tie_break_takes_the_value_whose_tuning_runs_trained_then_th
                                                                         "0.01": "partly (50 %)"}
     assert section["rows"][1]["chosen"] == ("**chosen** (tied with 0.001; broken by the value whose tuning runs "
                                             "trained (learned and levelled off), then the smaller value)")
+    # Where both trained, the report says the smaller value decided, and why.
+    runs["trained"] = pd.Series(True, index=runs.index, dtype=object)
+    section = tune_section("m_tune", {"tuning": tuning_table(runs, metrics), "runs": runs})
+    assert section["rows"][0]["chosen"] == ("**chosen** (tied with 0.003; broken by the smaller value (their tuning "
+                                            "runs trained alike))")
 
 
 def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it():

@@ -63,12 +63,15 @@ class TieBreak:
     description: str
     column: str | None
     ascending: bool = True
+    # Where ``column`` does not separate the tied values (equal, or unknown for all), the smaller value decides;
+    # the report then says so, with this reason.
+    alike: str = ""
 
 
 TIE_BREAKS = {
     "trained": TieBreak("the value whose tuning runs trained (learned and levelled off), then the smaller value",
-                        "trained", ascending=False),
-    "loss": TieBreak("the lower mean validation loss at the selected epochs", "loss"),
+                        "trained", ascending=False, alike="their tuning runs trained alike"),
+    "loss": TieBreak("the lower mean validation loss at the selected epochs", "loss", alike="equal validation losses"),
     "smaller": TieBreak("the smaller value", None),
 }
 DEFAULT_TIE_BREAK = "trained"
@@ -81,6 +84,19 @@ def tie_break_spec(name: str) -> TieBreak:
     if name not in TIE_BREAKS:
         raise ValueError(f"unknown tune.tie_break {name!r}; known: {sorted(TIE_BREAKS)}")
     return TIE_BREAKS[name]
+
+
+def decided_by(rule: TieBreak, column_values: list) -> str:
+    """What broke a tie under ``rule``, given its column's value for each tied value: the rule, or the smaller
+    value where the column does not separate them (all equal, or all unknown)."""
+    if not rule.column:
+        return rule.description
+    known = [v for v in column_values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if known and len(known) < len(column_values):
+        return rule.description
+    if not known or all(math.isclose(v, known[0]) for v in known):
+        return f"the smaller value ({rule.alike or 'the rule did not separate them'})"
+    return rule.description
 
 
 def tie_break_of(label) -> str:

@@ -17,7 +17,15 @@ from lora_bench.analysis.cost import (
     COST_SUMMARY_COLUMNS,
     as_text,
 )
-from lora_bench.analysis.tuning import flags, same_score, tie_break_of, tie_break_spec, tie_margin_of, tied_with
+from lora_bench.analysis.tuning import (
+    decided_by,
+    flags,
+    same_score,
+    tie_break_of,
+    tie_break_spec,
+    tie_margin_of,
+    tied_with,
+)
 from lora_bench.report import figures
 from lora_bench.report.formatting import finite, fmt_interval, fmt_p, fmt_percent, fmt_ratio, md_text, p_phrase
 from lora_bench.study import kind_spec
@@ -192,7 +200,8 @@ def tie_decision(grid: pd.DataFrame, setting: str, value: float) -> str:
     exact = all(same_score(rows["mean"].get(v), row["mean"]) for v in others)
     within = "" if exact else f" (within the tie margin, {fmt_percent(margin)} points)"
     tied = f"{within} with " + ", ".join(f"{v:g}" for v in others)
-    rule = tie_break_spec(tie_break_of(row.get("tie_break"))).description
+    spec = tie_break_spec(tie_break_of(row.get("tie_break")))
+    rule = decided_by(spec, [rows[spec.column].get(v) if spec.column in rows else None for v in [value, *others]])
     tie_mean, n_tie = row.get("tie_mean"), int(row.get("n_tie_runs") or 0)
     if not n_tie or not finite(tie_mean):
         return f"tied{tied}; broken by {rule}"
