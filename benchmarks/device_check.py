@@ -132,8 +132,10 @@ def run_snakemake(study, args, log) -> dict:
     results = Path(study.results_dir)
     runs = list(study.runs())
     kept = {run for run in runs if _record_path(results, *run).is_file()}
+    # --nolock: this script is the only Snakemake on the folder, and a call the lease's limit killed (or that the
+    # deadline's grace period ran out on) leaves its lock behind, which would stop every later call.
     snakemake = ["-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--scheduler", "greedy", "--keep-going",
-                 "--rerun-incomplete", "--printshellcmds"]
+                 "--rerun-incomplete", "--nolock", "--printshellcmds"]
     # --configfile last: it takes every word after it as a config file, targets included.
     config = ["--configfile", args.study]
     serial = set(args.serial_families.split(","))

@@ -149,6 +149,10 @@ def test_a_call_cut_at_its_deadline_returns_what_it_has_and_the_next_call_finish
     timings = json.loads((tmp_path / "cut" / "timings.json").read_text())
     assert timings["cut_at_deadline"] is True and timings["passes"][0]["cut_at_deadline"] is True
     assert "cut at the deadline" in (tmp_path / "cut" / "log.txt").read_text()
+    # A call killed outright (the lease's limit, or the grace period running out) leaves Snakemake's lock behind.
+    locks = workdir / ".snakemake" / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    (locks / "0.output.lock").write_text("".join(f"results/{name}\n" for name in RECORDS))
     again = _device_check(workdir, "--engine", "snakemake", "--out", str(tmp_path / "again"), "--cores", "2")
     assert again.returncode == 0 and "not ok: []" in again.stdout, again.stdout[-2000:]
     finished = json.loads((tmp_path / "again" / "timings.json").read_text())
