@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import csv
 import functools
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -215,6 +217,28 @@ def _pack(study, out: Path) -> None:
             (out / f"{name}.csv").write_bytes((tables / f"{name}.csv").read_bytes())
 
 
+def _cost_lines(tables: Path) -> list[str]:
+    """The cost summary in a few columns, for the call's printed tail (the files may come back later or not at
+    all): per memory/time variant, memory (GiB), median step (ms) and ours / peft where there is a twin."""
+    path = tables / "cost_summary.csv"
+    if not path.is_file():
+        return []
+
+    def number(row: dict, column: str, scale: float = 1.0, digits: int = 2) -> str:
+        try:
+            return f"{float(row[column]) * scale:.{digits}f}"
+        except (KeyError, TypeError, ValueError):
+            return "-"
+
+    lines = ["variant | memory (GiB) | median step (ms) | memory ours/peft | step ours/peft"]
+    for row in csv.DictReader(io.StringIO(path.read_text())):
+        lines.append(f"{row['family']}/{row['variant']} ({row.get('memory_metric', '')}) | "
+                     f"{number(row, 'memory_mean', 2 ** -30)} | {number(row, 'median_step_time_mean', 1e3, 1)} | "
+                     f"{number(row, 'memory_ours_over_peft', 1, 3)} | "
+                     f"{number(row, 'median_step_time_ours_over_peft', 1, 3)}")
+    return lines if len(lines) > 1 else []
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="config/gpu_smoke.yaml")
@@ -252,6 +276,8 @@ def main() -> int:
     _pack(study, out)
     summary["wall_s"] = time.perf_counter() - started
     (out / "timings.json").write_text(json.dumps(summary, indent=1))
+    for line in _cost_lines(Path(study.results_dir) / "tables"):
+        print(line, flush=True)
     timings = summary["runs"]
     finished = summary.get("nothing_left", True) and not summary["cut_at_deadline"]
     print(f"{len(timings)} runs in {summary['wall_s']:.0f} s; "

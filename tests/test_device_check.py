@@ -109,6 +109,9 @@ def test_device_check_runs_the_workflow_through_snakemake_serial_families_first(
     done = _device_check(workdir, "--engine", "snakemake", "--out", str(out), "--parallel", "2", "--cores", "2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "engine: snakemake" in done.stdout and "10 runs in" in done.stdout and "not ok: []" in done.stdout
+    # The printed tail carries the cost table, in case the files do not come back.
+    assert "variant | memory (GiB) | median step (ms)" in done.stdout
+    assert "memory_time/lora (" in done.stdout and "memory_time/full (" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == OUT_FILES
     tuning = [f"runs/methods_tune/{v}-lr{lr}/seed100.json" for v in ("last_layers", "lora") for lr in (0.001, 0.01)]
     assert _records(out) == sorted([*RECORDS, *tuning])
