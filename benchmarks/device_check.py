@@ -159,8 +159,8 @@ def run_snakemake(study, args, log) -> dict:
             process.wait(timeout=None if args.deadline is None else max(args.deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
             # The deadline comes before the lease's limit, so that what is done still comes back: Snakemake is
-            # asked to stop (it cancels its running jobs; --rerun-incomplete redoes them on the next call), then
-            # its whole process group is killed if it has not stopped after the grace period.
+            # asked to stop (it starts no new job and lets running ones finish), then its whole process group is
+            # killed if it has not stopped after the grace period (--rerun-incomplete redoes a killed job).
             cut = True
             process.send_signal(signal.SIGTERM)
             try:
@@ -186,11 +186,15 @@ def run_snakemake(study, args, log) -> dict:
         # Targets first: --resources, like --configfile, takes every word after it.
         snakemake_pass("serial", *serial_targets, "--cores", str(max(study.threads, 1)), "--resources", "gpu=1")
     snakemake_pass("study", "--cores", str(args.cores), "--resources", f"gpu={args.parallel}")
-    left = not nothing_left()
+    def was_cut() -> bool:
+        return any(p["cut_at_deadline"] for p in passes)
+
+    # After a cut the answer is known (work is left), and the dry run's seconds are better left unspent.
+    left = was_cut() or not nothing_left()
     if left:
         snakemake_pass("again", "--cores", str(args.cores), "--resources", f"gpu={args.parallel}")
-        left = not nothing_left()
-    cut = any(p["cut_at_deadline"] for p in passes)
+        left = was_cut() or not nothing_left()
+    cut = was_cut()
     if cut and (results / "runs").is_dir():
         # The workflow did not reach its tables: make them from the records there are.
         _tables(results, log)
