@@ -207,6 +207,16 @@ def test_the_default_tie_break_takes_the_value_whose_tuning_runs_trained_then_th
     section = tune_section("m_tune", {"tuning": tuning_table(runs, metrics), "runs": runs})
     assert section["rows"][0]["chosen"] == ("**chosen** (tied with 0.003; broken by the smaller value (their tuning "
                                             "runs trained alike))")
+    comparison = pd.Series({"variant": "lora", "baseline": "full"})
+    assert "trained (learned and levelled off)" not in _tuning_caveat({"tuning": tuning_table(runs, metrics)}, "m",
+                                                                      comparison)
+    # Where none of the chosen value's tuning runs trained, every comparison of the variant says the choice was
+    # made on runs still moving at the end of the budget (the tie-break cannot help there).
+    runs["trained"] = pd.Series(False, index=runs.index, dtype=object)
+    caveat = _tuning_caveat({"tuning": tuning_table(runs, metrics)}, "m", comparison)
+    assert ("lora's tuned train.lr (0.001) was chosen on tuning runs of which none trained (learned and levelled "
+            "off), so a longer tuning budget might choose another value") in caveat
+    assert "broken by the smaller value (their tuning runs trained alike)" in caveat
 
 
 def test_the_tuning_table_and_the_report_name_a_tie_and_the_rule_that_broke_it():

@@ -153,6 +153,9 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
         tie = _tie_caveat(side, grid, chosen)
         if tie:
             caveats.append(tie)
+        untrained = _untrained_caveat(side, chosen)
+        if untrained:
+            caveats.append(untrained)
         edge = chosen["chosen_edge"].iloc[0] if len(chosen) else ""
         if edge not in ("low", "high"):
             continue
@@ -165,6 +168,20 @@ def _tuning_caveat(tables: dict, family: str, test: pd.Series) -> str:
                        f"{'smallest' if edge == 'low' else 'largest'} value of its grid{widened}, so its best value "
                        f"may lie {'below' if edge == 'low' else 'above'} it")
     return f" Tuning caveat: {'; '.join(caveats)}." if caveats else ""
+
+
+def _untrained_caveat(side: str, chosen: pd.DataFrame) -> str:
+    """Where the chosen value's own tuning runs had not all trained (learned and levelled off): the choice was
+    made on runs still moving at the end of the budget, so a longer budget could choose another value."""
+    if chosen.empty or "trained" not in chosen:
+        return ""
+    row = chosen.iloc[0]
+    fraction = row["trained"]
+    if not finite(fraction) or fraction >= 1:
+        return ""
+    share = "none" if fraction == 0 else f"{fmt_percent(fraction, 0)} %"
+    return (f"{md_text(side)}'s tuned {md_text(row['key'])} ({row['value']:g}) was chosen on tuning runs of which "
+            f"{share} trained (learned and levelled off), so a longer tuning budget might choose another value")
 
 
 def _tie_caveat(side: str, grid: pd.DataFrame, chosen: pd.DataFrame) -> str:
