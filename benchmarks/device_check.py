@@ -73,9 +73,16 @@ def _record_path(results: Path, family: str, variant: str, seed: int) -> Path:
     return results / "runs" / family / variant / f"seed{seed}.json"
 
 
+NOT_STARTED = "not started (deadline)"
+
+
+def _run_name(run: tuple[str, str, int]) -> str:
+    return f"{run[0]}/{run[1]}/seed{run[2]}"
+
+
 def _run_status(results: Path, run: tuple[str, str, int], kept: bool) -> dict:
     path = _record_path(results, *run)
-    name = "/".join([*run[:2], f"seed{run[2]}"])
+    name = _run_name(run)
     if not path.is_file():
         return {"run": name, "status": "no record", "seconds": 0.0}
     record = json.loads(path.read_text())
@@ -88,12 +95,12 @@ def _train_direct(study: str, results: Path, run: tuple[str, str, int], log, dea
     if out.is_file():
         return _run_status(results, run, kept=True)
     if _past(deadline):
-        return {"run": "/".join([*run[:2], f"seed{run[2]}"]), "status": "not started (deadline)", "seconds": 0.0}
+        return {"run": _run_name(run), "status": NOT_STARTED, "seconds": 0.0}
     start = time.perf_counter()
     done = _python("-m", "lora_bench", "train", "--study", study, "--family", run[0], "--variant", run[1],
                    "--seed", str(run[2]), "--out", str(out))
     seconds = time.perf_counter() - start
-    log.write(f"== {'/'.join(map(str, run))}: exit {done.returncode}, {seconds:.1f} s\n{done.stderr[-3000:]}\n")
+    log.write(f"== {_run_name(run)}: exit {done.returncode}, {seconds:.1f} s\n{done.stderr[-3000:]}\n")
     log.flush()
     status = {**_run_status(results, run, kept=False), "seconds": seconds}
     print(f"{status['run']}: {status['status']}, {seconds:.1f} s", flush=True)
@@ -106,13 +113,13 @@ def run_direct(study, args, log) -> dict:
     prep = _python("-m", "lora_bench", "prepare-data", "--study", args.study)
     log.write(f"== prepare-data: exit {prep.returncode}\n{prep.stderr[-3000:]}\n")
     runs = list(study.runs())
-    serial = set(args.serial_families.split(","))
-    timings = [_train_direct(args.study, results, run, log, args.deadline) for run in runs if run[0] in serial]
+    timings = [_train_direct(args.study, results, run, log, args.deadline)
+               for run in runs if run[0] in args.serial_families]
     with ThreadPoolExecutor(args.parallel) as pool:
         timings += list(pool.map(lambda run: _train_direct(args.study, results, run, log, args.deadline),
-                                 [run for run in runs if run[0] not in serial]))
+                                 [run for run in runs if run[0] not in args.serial_families]))
     _tables(results, log)
-    return {"runs": timings, "cut_at_deadline": any(t["status"] == "not started (deadline)" for t in timings)}
+    return {"runs": timings, "cut_at_deadline": any(t["status"] == NOT_STARTED for t in timings)}
 
 
 def _tables(results: Path, log) -> None:
@@ -140,8 +147,8 @@ def run_snakemake(study, args, log) -> dict:
                  "--rerun-incomplete", "--nolock", "--printshellcmds"]
     # --configfile last: it takes every word after it as a config file, targets included.
     config = ["--configfile", args.study]
-    serial = set(args.serial_families.split(","))
-    serial_targets = [str(_record_path(results, *run)) for run in runs if run[0] in serial and run not in kept]
+    serial_targets = [str(_record_path(results, *run)) for run in runs if run[0] in args.serial_families
+                      and run not in kept]
     passes = []
 
     def snakemake_pass(name: str, *options: str) -> None:
@@ -251,7 +258,8 @@ def main() -> int:
                         help="auto: snakemake where it imports, else direct")
     parser.add_argument("--parallel", type=int, default=3, help="training jobs at once on the GPU (not serial ones)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="Snakemake's --cores")
-    parser.add_argument("--serial-families", default="memory_time", help="comma-separated: run one at a time")
+    parser.add_argument("--serial-families", default={"memory_time"}, type=lambda names: set(names.split(",")),
+                        help="comma-separated: run one at a time")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="stop starting work this many seconds after the start (set it below the call's time "
                              "limit): what is done is packed and returned, a rerun goes on from there")

@@ -60,12 +60,12 @@ def wheels_to_carry(roots: list[str], minus: list[str] = (), drop: list[str] = (
     dropped = {normalize(name) for name in drop}
     # Stop at the image's packages: their versions there come with what they need, which the (maybe newer)
     # versions installed here may not share.
-    stop = dropped | (image - {normalize(root) for root in roots})
+    root_names = {normalize(root) for root in roots}
+    stop = dropped | (image - root_names)
     tree = dependency_tree(roots, python_version, stop=stop)
-    carried_elsewhere = set(dependency_tree(list(minus), python_version, stop=stop)) if minus else set()
-    return {name: version for name, version in sorted(tree.items())
-            if name not in image and name not in carried_elsewhere
-            and not (deps_only and name in {normalize(root) for root in roots})}
+    left_out = image | (set(dependency_tree(list(minus), python_version, stop=stop)) if minus else set()) \
+        | (root_names if deps_only else set())
+    return {name: version for name, version in sorted(tree.items()) if name not in left_out}
 
 
 def main() -> None:

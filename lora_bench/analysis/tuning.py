@@ -290,12 +290,16 @@ def selection(runs: pd.DataFrame, metrics: pd.DataFrame, family: str, tune: dict
                           for r in scores[scores["setting"] == s].itertuples() if r.value in values}
                       for s, values in tied.items()},
         "scores": {s: {str(r.value): r.mean for r in g.itertuples()} for s, g in scores.groupby("setting", sort=False)},
-        "losses": {s: {str(r.value): None if math.isnan(r.loss) else r.loss for r in g.itertuples()}
-                   for s, g in scores.groupby("setting", sort=False)},
+        "losses": _per_value(scores, "loss"),
         # Per value, the fraction of its finished tuning (and tie-seed) runs that trained (None: not known).
-        "trained": {s: {str(r.value): None if math.isnan(r.trained) else r.trained for r in g.itertuples()}
-                    for s, g in scores.groupby("setting", sort=False)},
+        "trained": _per_value(scores, "trained"),
     }
+
+
+def _per_value(scores: pd.DataFrame, column: str) -> dict[str, dict[str, float | None]]:
+    """Variant -> value -> ``column`` of the scores, None where NaN (JSON has no NaN)."""
+    return {setting: {str(value): None if math.isnan(x) else x for value, x in zip(group["value"], group[column])}
+            for setting, group in scores.groupby("setting", sort=False)}
 
 
 def tuning_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
