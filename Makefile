@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup study test test-slow ci-workflow lint bench bench-peer reference clean-results
+.PHONY: setup study test test-slow test-image-versions ci-workflow lint bench bench-peer reference clean-results
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,13 @@ ci-workflow: setup
 	$(RUN) snakemake --cores 2 --configfile .test/config.yaml --directory .test-run -s $(abspath Snakefile)
 	test -s .test-run/paper/report.html
 	$(call nothing_left,--configfile .test/config.yaml --directory .test-run -s $(abspath Snakefile))
+
+## The tests with the GPU image's package versions (benchmarks/device_image_packages.txt: transformers 5.17.0,
+## tokenizers 0.23.2, ...) where this Python can take them, in their own venv; not in CI (about 12 min).
+test-image-versions:
+	$(MAKE) setup VENV=.venv-image
+	.venv-image/bin/python benchmarks/device_wheels.py --install-image-versions
+	$(MAKE) test VENV=.venv-image
 
 bench: setup
 	$(RUN) pytest benchmarks/bench_layers.py --benchmark-json results/benchmarks/layers.json -p no:cacheprovider -m ''

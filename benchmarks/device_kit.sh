@@ -40,6 +40,10 @@ carry .device/part1/whl jsonschema datasets
 # solver of the ILP scheduler) stays behind: device_check.py runs Snakemake's greedy scheduler.
 carry .device/part2/whl lora-bench --deps-only --minus jsonschema datasets --drop pulp
 pip_dl .device/part3/whl --only-binary=:all: "bitsandbytes==${BNB_VERSION:-0.49.2}"
+# device_setup.sh installs with --no-deps (nothing can be fetched there), so a carried wheel, or lora-bench itself,
+# that needs another version of a package the image has would fail only there, on the lease: check them here.
+"$PY" benchmarks/device_wheels.py --python-version "$DEVICE_PYTHON" --check .device/part*/whl \
+  || { echo "device_kit: the wheels above need versions the image does not have" >&2; exit 1; }
 # The Pang & Lee CSVs (fetched here with `python -m lora_bench fetch-data`).
 test -d resources/pang_lee || "$PY" -m lora_bench fetch-data --cache-dir resources
 cp -r resources/pang_lee .device/part1/pang_lee

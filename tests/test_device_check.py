@@ -204,3 +204,54 @@ def test_the_kit_carries_what_lora_bench_needs_beyond_the_image():
     assert not (set(part1) | set(part2)) & (image | {"pulp", "lora-bench"})
     # A package the image lacked would be carried, with what it needs beyond the image.
     assert "pyyaml" in wheels.wheels_to_carry(["lora-bench"], image=image - {"pyyaml"}, deps_only=True)
+
+
+def _fake_wheel(folder: Path, name: str, requires: list[str]) -> Path:
+    import zipfile
+
+    wheel = folder / f"{name}-1.0-py3-none-any.whl"
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0"] + [f"Requires-Dist: {r}" for r in requires]
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(f"{name}-1.0.dist-info/METADATA", "\n".join(lines) + "\n")
+    return wheel
+
+
+def test_the_kit_refuses_a_carried_wheel_that_needs_another_version_than_the_image_has(tmp_path):
+    """The device installs the kit with --no-deps, so a wheel needing a newer huggingface-hub than the image's
+    would fail only on the lease: the kit's check names it. Requirements for another Python, behind an extra or
+    on a package whose image version is unknown are not judged."""
+    wheels = _device_wheels()
+    versions = wheels.image_versions()
+    assert versions["transformers"] == "5.17.0" and versions["huggingface-hub"] == "1.33.0"
+    assert "pandas" in wheels.image_packages() and "pandas" not in versions
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir(), bad.mkdir()
+    _fake_wheel(good, "fine", ["numpy>=1.17", "huggingface-hub<3.0,>=1.31.0", "pandas>=99",
+                               'transformers>=9; python_version < "3.12"', 'tokenizers>=9; extra == "fast"'])
+    _fake_wheel(bad, "needy", ["huggingface_hub>=1.34"])
+    requirements = {path.name: wheels.wheel_requirements(path) for path in [*good.glob("*.whl"), *bad.glob("*.whl")]}
+    assert wheels.unmet_requirements(requirements, versions) == [
+        "needy-1.0-py3-none-any.whl needs huggingface_hub>=1.34; the image has 1.33.0"]
+
+    script = ROOT / "benchmarks" / "device_wheels.py"
+    refused = subprocess.run([sys.executable, script, "--check", good, bad], capture_output=True, text=True)
+    assert refused.returncode == 1 and "needy-1.0-py3-none-any.whl needs huggingface_hub>=1.34" in refused.stderr
+    passed = subprocess.run([sys.executable, script, "--check", good], capture_output=True, text=True)
+    assert passed.returncode == 0, passed.stderr
+
+
+def test_what_the_kit_carries_accepts_the_image_versions_it_will_run_beside():
+    """The packages the kit carries, at the versions installed here (those of its wheels), and lora-bench itself
+    (but for its torch pin, the local CPU build) accept the image's known versions: a `make setup` that brings a
+    datasets needing a newer huggingface-hub than the image's fails here, not on a lease."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
+    wheels = _device_wheels()
+    carried = {**wheels.wheels_to_carry(["jsonschema", "datasets"]),
+               **wheels.wheels_to_carry(["lora-bench"], drop=["pulp"], deps_only=True)}
+    requirements = {name: [Requirement(text) for text in metadata.requires(name) or []] for name in carried}
+    requirements["lora-bench"] = [Requirement(text) for text in metadata.requires("lora-bench") or []
+                                  if wheels.normalize(Requirement(text).name) != "torch"]
+    assert wheels.unmet_requirements(requirements, wheels.image_versions()) == []
