@@ -67,9 +67,10 @@ ci-workflow: setup
 
 ## The tests with the GPU image's package versions (benchmarks/device_image_packages.txt: transformers 5.17.0,
 ## tokenizers 0.23.2, ...) where this Python can take them, in their own venv; not in CI (about 12 min).
+## IMAGE_TORCH=1: the image's torch 2.11 too (PyPI's CUDA build, about 3 GB of downloads; it runs on the CPU).
 test-image-versions:
 	$(MAKE) setup VENV=.venv-image
-	.venv-image/bin/python benchmarks/device_wheels.py --install-image-versions
+	.venv-image/bin/python benchmarks/device_wheels.py --install-image-versions $(if $(IMAGE_TORCH),--with-torch)
 	$(MAKE) test VENV=.venv-image
 
 bench: setup

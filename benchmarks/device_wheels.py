@@ -123,14 +123,15 @@ def unmet_requirements(requirements: dict[str, list[Requirement]], versions: dic
     return unmet
 
 
-# PyPI's torch for Linux is the CUDA build (several GB): the tests keep the local CPU build `make setup` installs.
-NOT_INSTALLED_HERE = {"torch": "PyPI's Linux torch is the CUDA build; the local CPU build stays"}
+# PyPI's torch for Linux is the CUDA build (with its CUDA libraries, about 3 GB; it runs on a CPU too): only on
+# request (--with-torch) does it replace the local CPU build `make setup` installs.
+HEAVY = {"torch": "PyPI's Linux torch is the CUDA build (about 3 GB): --with-torch (IMAGE_TORCH=1) installs it"}
 
 
-def install_image_versions(versions: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+def install_image_versions(versions: dict[str, str] | None = None, heavy: bool = False) -> list[tuple[str, str, str]]:
     """Installs, into the running Python's environment, the image's version of each package installed there
-    (one pip call each, so one that this Python cannot take does not stop the rest), and returns
-    (name, image version, outcome) for each."""
+    (one pip call each, so one that this Python cannot take does not stop the rest; ``heavy``: torch too), and
+    returns (name, image version, outcome) for each."""
     versions = image_versions() if versions is None else versions
     outcomes = []
     for name, version in sorted(versions.items()):
@@ -138,10 +139,10 @@ def install_image_versions(versions: dict[str, str] | None = None) -> list[tuple
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-        if name in NOT_INSTALLED_HERE:
-            outcomes.append((name, version, f"kept at {installed}: {NOT_INSTALLED_HERE[name]}"))
-            continue
-        if installed != version:
+        if installed.split("+")[0] != version:
+            if name in HEAVY and not heavy:
+                outcomes.append((name, version, f"kept at {installed}: {HEAVY[name]}"))
+                continue
             done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                                    f"{name}=={version}"], capture_output=True, text=True)
             if done.returncode != 0:
@@ -163,6 +164,8 @@ def main() -> None:
                         help="instead: check the wheels in DIR against the image's versions; exit 1 if one is unmet")
     parser.add_argument("--install-image-versions", action="store_true",
                         help="instead: install the image's versions into this environment where possible")
+    parser.add_argument("--with-torch", action="store_true",
+                        help="with --install-image-versions: the image's torch too (PyPI's CUDA build, about 3 GB)")
     args = parser.parse_args()
     if args.check:
         # lora-bench itself runs from the checkout there, so its own requirements are checked too, but for its
@@ -176,7 +179,7 @@ def main() -> None:
             print(f"device_wheels: {line}", file=sys.stderr)
         sys.exit(1 if unmet else 0)
     if args.install_image_versions:
-        for name, version, outcome in install_image_versions():
+        for name, version, outcome in install_image_versions(heavy=args.with_torch):
             print(f"{name:<24} image {version:<12} {outcome}")
         return
     if not args.roots:

@@ -255,3 +255,17 @@ def test_what_the_kit_carries_accepts_the_image_versions_it_will_run_beside():
     requirements["lora-bench"] = [Requirement(text) for text in metadata.requires("lora-bench") or []
                                   if wheels.normalize(Requirement(text).name) != "torch"]
     assert wheels.unmet_requirements(requirements, wheels.image_versions()) == []
+
+
+def test_the_image_versions_rehearsal_keeps_the_local_torch_unless_asked_and_skips_what_is_not_installed():
+    """`make test-image-versions` installs the image's versions over those `make setup` chose; torch only on
+    request (PyPI's Linux torch is the 3 GB CUDA build), and never a package the venv does not have. No pip call
+    is made here: each case is decided before one."""
+    import importlib.metadata as metadata
+
+    wheels = _device_wheels()
+    pyyaml = metadata.version("pyyaml")
+    outcomes = wheels.install_image_versions({"torch": "0.0.1", "pyyaml": pyyaml, "no-such-package-here": "1.0"})
+    assert outcomes[0] == ("pyyaml", pyyaml, "as on the image")
+    assert outcomes[1][:2] == ("torch", "0.0.1") and outcomes[1][2].startswith(f"kept at {metadata.version('torch')}")
+    assert len(outcomes) == 2
