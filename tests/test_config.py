@@ -175,3 +175,22 @@ def test_studies_on_the_default_base_differ_from_it_only_where_they_say():
     assert run["train"].pop("lr") == 3.0e-4
     default["train"].pop("lr")
     assert run == default
+
+
+def test_the_192_question_tuning_trains_what_instructs_tuning_trained_but_for_its_validation_set():
+    """config/instruct_tune192.yaml asks whether instruct's tuning picks hold on 4x the validation questions; the
+    answer means that only if each of its tuning runs is instruct's run of the same variant and rate, on the same
+    seed, with nothing changed but the validation set (48 -> 192 questions, the 48 among them)."""
+    ours, theirs = load_study(ROOT / "config" / "instruct_tune192.yaml"), load_study(ROOT / "config" / "instruct.yaml")
+    tuning = ours.families["instruct"].tune["family"]
+    assert tuning == theirs.families["instruct"].tune["family"]
+    family = ours.families[tuning]
+    variants = [*family.variants, *family.rerun_variants]  # the grids, then the values an extension may add
+    assert len(variants) == 25 and family.seeds == theirs.families[tuning].seeds
+    for variant in variants:
+        for seed in ours.families[tuning].seeds:
+            mine, instructs = (study.run_config(tuning, variant, seed).to_dict() for study in (ours, theirs))
+            assert (mine["data"]["max_examples"]["validation"], instructs["data"]["max_examples"]["validation"]) \
+                == (192, 48)
+            mine["data"]["max_examples"]["validation"] = 48
+            assert mine == instructs, variant
