@@ -6,27 +6,20 @@ needed; the real MiniLM settings are only checked to match config/cpu_full.yaml.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import stat
 from pathlib import Path
 
 import pytest
+from benchmark_helpers import load_benchmark
 
 from lora_bench.config import load_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_peer", ROOT / "benchmarks" / "bench_peer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("bench_peer")
 
 
 def _tiny(csv: Path, cache: Path, epochs: int = 1) -> dict:

@@ -9,7 +9,6 @@ the tiny mini study (random tiny BERT, a local CSV), in the study's own folder a
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_helpers import load_benchmark
 from reliability_helpers import mini_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,10 +184,7 @@ def test_the_gpu_smoke_study_is_one_device_check_can_run():
 
 
 def _device_wheels():
-    spec = importlib.util.spec_from_file_location("device_wheels", ROOT / "benchmarks" / "device_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("device_wheels")
 
 
 def test_the_kit_carries_what_lora_bench_needs_beyond_the_image():
