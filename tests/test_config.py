@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -193,4 +194,21 @@ def test_the_192_question_tuning_trains_what_instructs_tuning_trained_but_for_it
             assert (mine["data"]["max_examples"]["validation"], instructs["data"]["max_examples"]["validation"]) \
                 == (192, 48)
             mine["data"]["max_examples"]["validation"] = 48
+            assert mine == instructs, variant
+
+
+def test_the_192_question_picks_study_is_instructs_runs_at_the_rates_that_tuning_chose():
+    """config/instruct_picks192.yaml re-tests instruct's coverage and alpha claims at the rates chosen on 192
+    validation questions: each of its runs must be instruct's run of the same variant and seed but for the learning
+    rate, and that rate must be the committed 192-question selection's (results/tune192)."""
+    ours, theirs = load_study(ROOT / "config" / "instruct_picks192.yaml"), load_study(ROOT / "config" / "instruct.yaml")
+    chosen = json.loads((ROOT / "results/tune192/instruct/tune/instruct/selection.json").read_text())["chosen"]
+    family = ours.families["instruct"]
+    assert set(family.variants) == {"lora", "all-layers", "alpha-r"}
+    assert family.seeds == theirs.families["instruct"].seeds
+    for variant in family.variants:
+        for seed in family.seeds:
+            mine, instructs = (study.run_config("instruct", variant, seed).to_dict() for study in (ours, theirs))
+            assert mine["train"]["lr"] == chosen[variant], variant
+            mine["train"]["lr"] = instructs["train"]["lr"]
             assert mine == instructs, variant
