@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lora_bench.analysis.items import read_predictions
 from lora_bench.run.diagnostics import trained
 from lora_bench.run.predictions import decode_block
 from lora_bench.run.record import read_record, write_json_atomic
@@ -54,7 +55,7 @@ def compare(runs_dir: Path, reference_dir: Path, selection: dict) -> dict:
     the reference's own score and epoch; per variant: the value each selection chose."""
     metrics = pd.read_parquet(reference_dir / "metrics.parquet")
     train_loss = metrics[(metrics.metric == "loss") & (metrics.split == "train") & (metrics.stage == "epoch")]
-    predictions = pd.read_parquet(reference_dir / "predictions.parquet")
+    predictions = read_predictions(reference_dir)  # the selected epoch's rows, which the tuning compares
     predictions = predictions[(predictions.family_kind == "tune") & (predictions.split == "validation")]
     tuning = pd.read_csv(reference_dir / "tuning.csv")
     tuning = tuning[tuning.family == selection["family"]]
