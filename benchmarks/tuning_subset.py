@@ -32,7 +32,8 @@ from lora_bench.run.record import read_record, write_json_atomic
 
 
 def subset_score(record: dict, example_ids, split: str = "validation") -> dict:
-    """A run's accuracy at its selected epoch on the given examples of ``split``, and its per-example outcomes.
+    """A run's accuracy at its selected epoch on the given examples of ``split``, its per-example outcomes, and
+    how many examples of ``split`` the run answered (``n_split``).
 
     Every requested id must be among the run's own predictions: a subset that is not contained in the larger
     set is a different question, named rather than scored on what overlaps."""
@@ -45,7 +46,8 @@ def subset_score(record: dict, example_ids, split: str = "validation") -> dict:
                          f"predictions (first: {missing[:5]})")
     rows = np.array([position[int(i)] for i in wanted], dtype=np.int64)
     correct = block["correct"][rows]
-    return {"n": len(wanted), "accuracy": float(correct.mean()) if len(wanted) else float("nan"),
+    return {"n": len(wanted), "n_split": int(block["example_id"].size),
+            "accuracy": float(correct.mean()) if len(wanted) else float("nan"),
             "epoch": record["predictions"]["epoch"],
             "outcomes": dict(zip((int(i) for i in wanted), (bool(c) for c in correct)))}
 
@@ -82,7 +84,7 @@ def compare(runs_dir: Path, reference_dir: Path, selection: dict) -> dict:
             "validation_by_epoch": {e["epoch"]: e["validation_accuracy"] for e in record["metrics"]["epochs"]
                                     if "validation_accuracy" in e},
             "train_loss_max_rel_diff": max(abs(new_loss[e] - v) / abs(v) for e, v in reference_loss.items()),
-            "n_validation": decode_block(record["predictions"]["splits"]["validation"])["example_id"].size,
+            "n_validation": sub["n_split"],
             "subset_accuracy": sub["accuracy"], "subset_n": sub["n"],
             "reference_epoch": int(reference.epoch.iloc[0]),
             "reference_accuracy": float(reference.correct.mean()),
