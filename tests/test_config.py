@@ -212,3 +212,22 @@ def test_the_192_question_picks_study_is_instructs_runs_at_the_rates_that_tuning
             assert mine["train"]["lr"] == chosen[variant], variant
             mine["train"]["lr"] = instructs["train"]["lr"]
             assert mine == instructs, variant
+
+
+def test_the_five_seed_study_is_cpu_more3s_runs_at_its_committed_rates():
+    """config/cpu_more3_seeds5.yaml asks whether cpu_more3's rank x alpha and coverage verdicts hold on 5 seeds: each
+    of its runs must be cpu_more3's run of the same variant and seed, at the rate cpu_more3's committed selection
+    chose (results/more3/tune), and seeds 0-2 must be cpu_more3's own seeds."""
+    ours, theirs = load_study(ROOT / "config" / "cpu_more3_seeds5.yaml"), load_study(ROOT / "config" / "cpu_more3.yaml")
+    for name in ("rank_alpha", "coverage"):
+        chosen = json.loads((ROOT / f"results/more3/tune/{name}/selection.json").read_text())["chosen"]
+        family, reference = ours.families[name], theirs.families[name]
+        assert set(family.variants) == set(reference.variants) == set(chosen), name
+        assert family.baseline == reference.baseline and family.tune is None, name
+        assert tuple(family.seeds) == (0, 1, 2, 3, 4) and tuple(family.seeds[:3]) == tuple(reference.seeds), name
+        for variant in family.variants:
+            for seed in family.seeds:
+                mine, more3 = (study.run_config(name, variant, seed).to_dict() for study in (ours, theirs))
+                assert mine["train"]["lr"] == chosen[variant], (name, variant)
+                mine["train"]["lr"] = more3["train"]["lr"]
+                assert mine == more3, (name, variant, seed)
