@@ -51,9 +51,9 @@ def _peft_lora(linear: nn.Linear) -> nn.Module:
 
 BUILDERS = {
     "linear": lambda linear: linear,
-    "lora": lambda linear: LinearWithLoRA(linear, RANK, ALPHA),
+    "lora": lambda linear: LinearWithLoRA(linear, rank=RANK, alpha=ALPHA),
     "peft_lora": _peft_lora,
-    "qlora_nf4": lambda linear: LinearNF4WithLoRA(linear, RANK, ALPHA),
+    "qlora_nf4": lambda linear: LinearNF4WithLoRA(linear, rank=RANK, alpha=ALPHA),
 }
 
 
