@@ -358,3 +358,17 @@ def test_cost_phrase_tells_equal_bytes_from_identical_different_ones_and_from_an
     assert "not tested" in timed and "exactly" not in timed
     assert ratio_cells({**base, "unit": "bytes"}) == ("1.00× (equal)", "equal")
     assert ratio_cells({**base, "unit": "s"})[1] == "–"
+
+
+def test_the_setup_table_names_each_cpu_the_runs_ran_on():
+    from synthetic import make_tables
+
+    from lora_bench.report.sections.overview import setup_rows
+
+    runs, _ = make_tables(families=("methods",), n_seeds=2)
+    assert "CPU (torch kernels)" not in dict(setup_rows(runs, {}))  # tables from before the columns
+    runs["cpu_capability"], runs["cpu_id"] = "AVX2", "AuthenticAMD family 25 model 1 stepping 1"
+    runs.loc[runs.index[0], ["cpu_capability", "cpu_id"]] = ["AVX512", "AuthenticAMD family 25 model 17 stepping 1"]
+    rows = dict(setup_rows(runs, {}))
+    assert rows["CPU (torch kernels)"] == ("AuthenticAMD family 25 model 1 stepping 1 (AVX2), "
+                                           "AuthenticAMD family 25 model 17 stepping 1 (AVX512)")

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from lora_bench import SCHEMA_VERSION
 from lora_bench.adapters.lora import count_parameters
@@ -78,6 +79,8 @@ def test_cli_writes_a_complete_record(tiny_run, tmp_path):
     assert record["memory"]["peak_rss"] > 0
     assert set(record["environment"]["versions"]) >= {"torch", "transformers"}
     assert "sha" in record["environment"]["git"] and "dirty" in record["environment"]["git"]
+    hardware = record["environment"]["hardware"]
+    assert hardware["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert not list(out.parent.glob("*.tmp")), "atomic write left a temporary file"
 
 

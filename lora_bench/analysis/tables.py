@@ -140,6 +140,7 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
     labels = _labels(record, path)
     env = record.get("environment") or {}
     git = env.get("git") or {}
+    hardware = env.get("hardware") or {}
     sha = git.get("sha") or ""
     params = record.get("params") or {}
     diagnostics = record.get("diagnostics") or {}
@@ -150,6 +151,9 @@ def record_rows(record: dict, path: Path) -> tuple[dict, list[dict]]:
         "total_params": params.get("total"),
         "wall_time_s": (record.get("timing") or {}).get("wall_time_s"),
         "device": record.get("device") or "",
+        # the CPU that did the arithmetic: another one may round differently (records before 2026-11-29: empty)
+        "cpu_capability": hardware.get("cpu_capability") or "",
+        "cpu_id": hardware.get("cpu_id") or "",
         "git_sha": sha + ("+dirty" if git.get("dirty") else ""),
         "record_path": str(path),
         # the training record this run's record was labelled from: runs with the same name are one computation

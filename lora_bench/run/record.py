@@ -46,6 +46,27 @@ def git_state(cwd: str | Path | None = None) -> dict:
     return {"sha": sha or None, "dirty": dirty if sha else None}
 
 
+def cpu_identity(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+    """The CPU's marketing name and its exact identity (vendor, family, model, stepping), from the first processor
+    of ``/proc/cpuinfo``. The name alone (a virtual machine's "AMD EPYC") says nothing about the generation;
+    family and model do (AMD family 25 model 1 is Zen 3). Empty where the file is absent (macOS, Windows)."""
+    fields = {}
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                if not line.strip():
+                    break  # the first processor's block is enough: they are alike
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {}
+    info = {"cpu_model": fields.get("model name")}
+    if "cpu family" in fields or "model" in fields:
+        info["cpu_id"] = (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+                          f"model {fields.get('model', '?')} stepping {fields.get('stepping', '?')}")
+    return info
+
+
 def hardware() -> dict:
     import torch
 
@@ -57,12 +78,10 @@ def hardware() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
     }
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
-        info["cpu_model"] = model
-    except OSError:
-        pass
+    # Which SIMD kernels torch dispatches to (AVX2, AVX512, ...): the same code, seed and threads may round
+    # differently under another capability or CPU, so a CPU run repeats bit for bit only where both match.
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info.update(cpu_identity())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

@@ -53,6 +53,18 @@ RECIPE_COLUMNS = (
 )
 
 
+def cpu_kinds(runs: pd.DataFrame) -> list[str]:
+    """Each distinct CPU the runs' records name, as "<vendor family model stepping> (<torch kernels>)"; empty for
+    tables without the columns or records from before they existed."""
+    if "cpu_capability" not in runs.columns:
+        return []
+    ids = runs["cpu_id"] if "cpu_id" in runs.columns else pd.Series("", index=runs.index)
+    kinds = {f"{cpu_id or 'unknown CPU'} ({capability})" for cpu_id, capability in zip(ids.fillna(""),
+                                                                                       runs["cpu_capability"].fillna(""))
+             if capability}
+    return sorted(kinds)
+
+
 def setup_rows(runs: pd.DataFrame, meta: dict) -> list[tuple[str, str]]:
     def joined(column: str) -> str:
         values = unique_text(runs, column)
@@ -65,6 +77,9 @@ def setup_rows(runs: pd.DataFrame, meta: dict) -> list[tuple[str, str]]:
         ("Hardware / device", joined("device")),
         ("Git commit", joined("git_sha")),
     ]
+    if cpus := cpu_kinds(runs):
+        # more than one means the runs' arithmetic may differ in rounding, not only in time
+        rows.insert(4, ("CPU (torch kernels)", ", ".join(md_text(c) for c in cpus)))
     # The split sizes the records say were used; the max_examples caps only for records from before sizes.
     sizes = [f"data.size.{split}" for split in ("train", "validation", "test")]
     caps = [cfg(f"data.max_examples.{split}") for split in ("train", "validation", "test")]
