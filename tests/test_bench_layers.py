@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import torch
+from benchmark_helpers import ROOT, load_benchmark
 from torch import nn
-
-from tests.benchmark_helpers import ROOT, load_benchmark
 
 
 def test_every_timed_layer_builds_starts_at_the_base_output_and_trains_only_its_adapter():
