@@ -4,6 +4,7 @@ the layers took a spec)."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -17,8 +18,7 @@ def test_every_timed_layer_builds_starts_at_the_base_output_and_trains_only_its_
     for method, build in bench.BUILDERS.items():
         torch.manual_seed(0)
         linear = nn.Linear(64, 48)
-        reference = nn.Linear(64, 48)
-        reference.load_state_dict(linear.state_dict())
+        reference = copy.deepcopy(linear)
         layer = build(linear)
         x = torch.randn(5, 64, requires_grad=True)
         out = layer(x)
